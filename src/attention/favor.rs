@@ -1,0 +1,168 @@
+//! The exact streaming FAVOR+ state of one head, and the quadratic-time reference it must match.
+//!
+//! Per head the state keeps `M` (running max of the key projections `u`), `A = Σ e_j v_jᵀ`,
+//! `a = Σ e_j` with `e_j = exp(u_j − diag_j − M)`, and `s = Σ v_j`; the token count `n` is the
+//! sequence position. Then `S = r (A + ε 1 sᵀ)`, `z = r (a + ε n 1)` and the output is
+//! `φ(q)ᵀ S / (φ(q)·z + δ Σ φ(q))`: exactly performer-pytorch's attention on the prefix.
+
+use super::features::{kernel_fn_f64, project_f64, FeatureKind, FeatureMap};
+use crate::kernels;
+
+/// Mutable views of one head's state and scratch.
+pub struct HeadState<'s> {
+    /// `A`, m×d row-major.
+    pub a_mat: &'s mut [f32],
+    /// `a`, m.
+    pub a_vec: &'s mut [f32],
+    /// `s`, d.
+    pub v_sum: &'s mut [f32],
+    /// `M`.
+    pub max: &'s mut f32,
+    /// Scratch for the key features, m.
+    pub key_feat: &'s mut [f32],
+    /// Scratch for the query features, m.
+    pub query_feat: &'s mut [f32],
+}
+
+/// Adds key `k` / value `v` to the head's state, then reads out query `q` into `out[..d]`.
+///
+/// `n` is the number of tokens in the state after adding this one; `delta` is δ.
+pub fn step(
+    map: &FeatureMap<'_>,
+    delta: f32,
+    st: HeadState<'_>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
+    let (m, d) = (map.m, map.d);
+    let (q, k, v, out) = (&q[..d], &k[..d], &v[..d], &mut out[..d]);
+    let ek = &mut st.key_feat[..m];
+
+    // Key features, rescaling the state when the running max grows.
+    let mut rescale = 1.0f32;
+    match map.kind {
+        FeatureKind::Softmax { .. } => {
+            map.project(k, ek);
+            let mk = kernels::max(ek);
+            if mk > *st.max {
+                // exp(−inf) = 0 on the first token: the state is empty then anyway.
+                rescale = (*st.max - mk).exp();
+                *st.max = mk;
+            }
+            kernels::exp_shifted(ek, map.diag(k) + *st.max);
+        }
+        FeatureKind::Generalized(f) => {
+            map.project(k, ek);
+            super::features::apply_kernel_fn(f, ek);
+        }
+    }
+
+    // Query features w = φ(q) / r without ε: ε and r are applied in closed form below.
+    let w = &mut st.query_feat[..m];
+    map.query(q, w);
+    let (r, eps) = (map.r(), map.eps());
+    // φ(q)_f = r (w_f + ε)
+    for x in w.iter_mut() {
+        *x = r * (*x + eps);
+    }
+    let phi_sum = kernels::sum(w);
+
+    // One pass over A: update row f, then accumulate its contribution to φ(q)ᵀA.
+    out.fill(0.0);
+    for f in 0..m {
+        let row = &mut st.a_mat[f * d..(f + 1) * d];
+        if rescale == 1.0 {
+            kernels::axpy(ek[f], v, row);
+        } else {
+            kernels::scale_axpy(rescale, ek[f], v, row);
+        }
+        kernels::axpy(w[f], row, out);
+    }
+    if rescale != 1.0 {
+        kernels::scale(rescale, st.a_vec);
+    }
+    kernels::axpy(1.0, ek, st.a_vec);
+    kernels::axpy(1.0, v, st.v_sum);
+
+    // num = r (φᵀA + ε Σφ s);  den = r (φ·a + ε n Σφ) + δ Σφ
+    let num_eps = eps * phi_sum;
+    let den = r * (kernels::dot::<f32>(w, st.a_vec) + eps * n as f32 * phi_sum) + delta * phi_sum;
+    let inv = 1.0 / den;
+    for (o, s) in out.iter_mut().zip(st.v_sum.iter()) {
+        *o = r * (*o + num_eps * s) * inv;
+    }
+}
+
+/// The definition, evaluated directly in f64: for each query position `t`, every key `j ≤ t`
+/// gets features computed with the stabiliser `M_t` of the prefix (quadratic time). Rows of
+/// `q`, `k`, `v` are positions; returns the outputs row by row.
+pub fn reference(
+    map: &FeatureMap<'_>,
+    delta: f32,
+    q: &[Vec<f32>],
+    k: &[Vec<f32>],
+    v: &[Vec<f32>],
+) -> Vec<Vec<f32>> {
+    use rayon::prelude::*;
+    let (m, d) = (map.m, map.d);
+    let c = (d as f64).powf(-0.25);
+    let r = match map.kind {
+        FeatureKind::Softmax { .. } => (m as f64).powf(-0.5),
+        FeatureKind::Generalized(_) => 1.0,
+    };
+    let diag = |x: &[f32]| x.iter().map(|&a| (a as f64).powi(2)).sum::<f64>() * c * c / 2.0;
+    let uk: Vec<Vec<f64>> = k.iter().map(|x| project_f64(map, x)).collect();
+    let key_max: Vec<f64> = uk
+        .iter()
+        .map(|u| u.iter().cloned().fold(f64::NEG_INFINITY, f64::max))
+        .collect();
+    let key_diag: Vec<f64> = k.iter().map(|x| diag(x)).collect();
+
+    (0..q.len())
+        .into_par_iter()
+        .map(|t| {
+            let uq = project_f64(map, &q[t]);
+            let phi_q: Vec<f64> = match map.kind {
+                FeatureKind::Softmax { eps } => {
+                    let mq = uq.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let dq = diag(&q[t]);
+                    uq.iter()
+                        .map(|u| r * ((u - dq - mq).exp() + eps as f64))
+                        .collect()
+                }
+                FeatureKind::Generalized(f) => uq
+                    .iter()
+                    .map(|&u| kernel_fn_f64(f, u) + super::features::GENERALIZED_KERNEL_EPS as f64)
+                    .collect(),
+            };
+            let m_t = key_max[..=t].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let mut num = vec![0f64; d];
+            let mut den = 0f64;
+            for j in 0..=t {
+                let weight: f64 = (0..m)
+                    .map(|f| {
+                        let phi_k = match map.kind {
+                            FeatureKind::Softmax { eps } => {
+                                r * ((uk[j][f] - key_diag[j] - m_t).exp() + eps as f64)
+                            }
+                            FeatureKind::Generalized(g) => {
+                                kernel_fn_f64(g, uk[j][f])
+                                    + super::features::GENERALIZED_KERNEL_EPS as f64
+                            }
+                        };
+                        phi_q[f] * phi_k
+                    })
+                    .sum();
+                for (n, &x) in num.iter_mut().zip(&v[j]) {
+                    *n += weight * x as f64;
+                }
+                den += weight;
+            }
+            den += delta as f64 * phi_q.iter().sum::<f64>();
+            num.iter().map(|x| (x / den) as f32).collect()
+        })
+        .collect()
+}

@@ -1,0 +1,128 @@
+//! Feature maps φ: the positive softmax kernel (FAVOR+) and generalized elementwise kernels.
+//!
+//! Notation of `../shared/favor-math.md`: `d` = head width, `m` = features, `W` the m×d
+//! projection from the checkpoint, `c = d^(−1/4)`, `r = m^(−1/2)`.
+
+use crate::config::KernelFn;
+use crate::kernels::{self, Elem};
+use crate::weights::View;
+use crate::with_view;
+
+/// performer-pytorch's `kernel_epsilon` of `generalized_kernel`, a constant of the library.
+pub const GENERALIZED_KERNEL_EPS: f32 = 0.001;
+
+/// Which feature map a model's global heads use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FeatureKind {
+    /// `φ(x) = r · (exp(c·Wx − c²|x|²/2 − M) + ε)`.
+    Softmax {
+        /// ε (`kernel_eps`).
+        eps: f32,
+    },
+    /// `φ(x) = f(c·Wx) + 0.001`.
+    Generalized(KernelFn),
+}
+
+/// The feature map of one layer: a kind plus the layer's projection matrix.
+#[derive(Debug, Clone, Copy)]
+pub struct FeatureMap<'w> {
+    /// The kind.
+    pub kind: FeatureKind,
+    /// The m×d projection matrix.
+    pub projection: View<'w>,
+    /// Features `m`.
+    pub m: usize,
+    /// Head width `d`.
+    pub d: usize,
+}
+
+impl FeatureMap<'_> {
+    /// `c = d^(−1/4)`, the data normalizer.
+    pub fn c(&self) -> f32 {
+        (self.d as f32).powf(-0.25)
+    }
+
+    /// The overall factor of φ: `r = m^(−1/2)` for softmax features, 1 for generalized ones.
+    pub fn r(&self) -> f32 {
+        match self.kind {
+            FeatureKind::Softmax { .. } => (self.m as f32).powf(-0.5),
+            FeatureKind::Generalized(_) => 1.0,
+        }
+    }
+
+    /// The additive ε inside φ that the state keeps separate (0 for generalized kernels,
+    /// whose constant is folded into the features).
+    pub fn eps(&self) -> f32 {
+        match self.kind {
+            FeatureKind::Softmax { eps } => eps,
+            FeatureKind::Generalized(_) => 0.0,
+        }
+    }
+
+    /// `u = c · W x` into `u[..m]`.
+    pub fn project(&self, x: &[f32], u: &mut [f32]) {
+        let u = &mut u[..self.m];
+        with_view!(self.projection, |w| kernels::matvec(w, &x[..self.d], u));
+        kernels::scale(self.c(), u);
+    }
+
+    /// `c² · |x|² / 2`, the softmax kernel's norm term.
+    pub fn diag(&self, x: &[f32]) -> f32 {
+        let c = self.c();
+        kernels::dot::<f32>(x, x) * c * c * 0.5
+    }
+
+    /// Query features without the outer factor `r` and ε: for the softmax kernel
+    /// `exp(u − diag − max u)`, for generalized kernels `f(u) + 0.001`. `u` holds `c·Wq` and is
+    /// overwritten.
+    pub fn query(&self, q: &[f32], u: &mut [f32]) {
+        self.project(q, u);
+        let u = &mut u[..self.m];
+        match self.kind {
+            FeatureKind::Softmax { .. } => {
+                let shift = self.diag(q) + kernels::max(u);
+                kernels::exp_shifted(u, shift);
+            }
+            FeatureKind::Generalized(f) => apply_kernel_fn(f, u),
+        }
+    }
+}
+
+/// `u = f(u) + 0.001` for a generalized kernel.
+pub fn apply_kernel_fn(f: KernelFn, u: &mut [f32]) {
+    match f {
+        KernelFn::Relu => {
+            for v in u.iter_mut() {
+                *v = v.max(0.0);
+            }
+        }
+        KernelFn::Gelu => kernels::gelu(u),
+    }
+    for v in u.iter_mut() {
+        *v += GENERALIZED_KERNEL_EPS;
+    }
+}
+
+/// The same kernel function in f64 for the reference path.
+pub fn kernel_fn_f64(f: KernelFn, x: f64) -> f64 {
+    match f {
+        KernelFn::Relu => x.max(0.0),
+        KernelFn::Gelu => 0.5 * x * (1.0 + kernels::scalar::erf(x / std::f64::consts::SQRT_2)),
+    }
+}
+
+/// `c · W x` in f64 for the reference path.
+pub fn project_f64(map: &FeatureMap<'_>, x: &[f32]) -> Vec<f64> {
+    let c = (map.d as f64).powf(-0.25);
+    (0..map.m)
+        .map(|f| {
+            let row = map.projection.slice(f * map.d..(f + 1) * map.d);
+            let s: f64 = with_view!(row, |w| w
+                .iter()
+                .zip(x)
+                .map(|(a, b)| a.to_f32() as f64 * *b as f64)
+                .sum());
+            c * s
+        })
+        .collect()
+}

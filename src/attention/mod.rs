@@ -1,0 +1,8 @@
+//! Attention: feature maps, rotary positions and the constant-size streaming FAVOR+ state.
+
+pub mod favor;
+pub mod features;
+pub mod rotary;
+
+pub use features::{FeatureKind, FeatureMap};
+pub use rotary::Sinusoid;

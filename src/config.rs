@@ -1,0 +1,638 @@
+//! Model configuration: performer-pytorch's `PerformerLM` keyword arguments plus runtime keys.
+//!
+//! `config.json` holds the constructor arguments under their performer-pytorch names. A missing
+//! key takes performer-pytorch 1.1.4's default, or, where the tensor shapes determine it, the
+//! value the weights imply ([`Origin::Inferred`]). Unknown keys are an error, and so is an option
+//! the runtime does not implement: never a silently wrong answer.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// Where a resolved config value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Written in `config.json`.
+    Config,
+    /// Absent from `config.json`; determined by the tensor shapes.
+    Inferred,
+    /// Absent from `config.json`; performer-pytorch 1.1.4's (or the runtime's) default.
+    Default,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::Config => "config",
+            Origin::Inferred => "inferred",
+            Origin::Default => "default",
+        })
+    }
+}
+
+/// The elementwise kernel of generalized attention (`kernel_fn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFn {
+    /// `torch.nn.ReLU()`, performer-pytorch's default.
+    Relu,
+    /// `torch.nn.GELU()` (exact, erf-based).
+    Gelu,
+}
+
+impl KernelFn {
+    fn parse(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "relu" => Ok(KernelFn::Relu),
+            "gelu" => Ok(KernelFn::Gelu),
+            other => Err(Error::Unsupported {
+                option: "kernel_fn".into(),
+                reason: format!("`{other}` is not one of the supported kernels: relu, gelu"),
+            }),
+        }
+    }
+
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelFn::Relu => "relu",
+            KernelFn::Gelu => "gelu",
+        }
+    }
+}
+
+/// How token ids map to text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenizerKind {
+    /// One token per byte, vocabulary 256.
+    Byte,
+}
+
+/// How positions enter the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PositionKind {
+    /// Fixed sinusoidal embedding added to the input plus rotary q/k (performer-pytorch default).
+    Rotary,
+    /// A learned absolute embedding table of `max_seq_len` rows.
+    Absolute,
+    /// An axial (factorized) learned embedding.
+    Axial,
+}
+
+/// The fully resolved configuration of a causal `PerformerLM`.
+///
+/// Field names and meanings are those of performer-pytorch 1.1.4. Training-only arguments
+/// (dropouts, `feature_redraw_interval`, `auto_check_redraw`, `ff_chunks`) are accepted in
+/// `config.json` and have no effect on inference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Vocabulary size.
+    pub num_tokens: usize,
+    /// Longest sequence the checkpoint's position tables cover.
+    pub max_seq_len: usize,
+    /// Model width.
+    pub dim: usize,
+    /// Number of layers.
+    pub depth: usize,
+    /// Attention heads per layer (global FAVOR+ heads plus local heads).
+    pub heads: usize,
+    /// Width of one head (`dim_head`, default 64, not `dim / heads`).
+    pub dim_head: usize,
+    /// Number of random features `m` (default `int(dim_head · ln dim_head)`).
+    pub nb_features: usize,
+    /// Local (windowed softmax) heads per layer.
+    pub local_attn_heads: Vec<usize>,
+    /// Window of the local heads.
+    pub local_window_size: usize,
+    /// Must be true: the runtime decodes causally.
+    pub causal: bool,
+    /// Feed-forward expansion factor.
+    pub ff_mult: usize,
+    /// Gated feed-forward (GEGLU).
+    pub ff_glu: bool,
+    /// Generalized attention with `kernel_fn` instead of the softmax kernel.
+    pub generalized_attention: bool,
+    /// The generalized-attention kernel.
+    pub kernel_fn: KernelFn,
+    /// ScaleNorm instead of LayerNorm in the blocks.
+    pub use_scalenorm: bool,
+    /// ReZero instead of a pre-norm in the blocks.
+    pub use_rezero: bool,
+    /// Logits use the token embedding transposed.
+    pub tie_embed: bool,
+    /// Rotary q/k positions (plus the fixed sinusoidal input embedding).
+    pub rotary_position_emb: bool,
+    /// Axial learned position embedding (when not rotary).
+    pub axial_position_emb: bool,
+    /// Shape of the axial embedding.
+    pub axial_position_shape: Option<(usize, usize)>,
+    /// Half the features of each block input come from the previous position.
+    pub shift_tokens: bool,
+    /// Biases on q, k, v projections.
+    pub qkv_bias: bool,
+    /// Bias on the attention output projection.
+    pub attn_out_bias: bool,
+    /// Softmax/exp feature maps without a random projection.
+    pub no_projection: bool,
+    /// ε of the softmax feature map (runtime key, default 1e-4).
+    pub kernel_eps: f32,
+    /// δ of the causal denominator (runtime key, default 1e-6).
+    pub denominator_eps: f32,
+    /// Tokenizer (runtime key, default byte-level).
+    pub tokenizer: TokenizerKind,
+    /// Where each key's value came from, for `performer info`.
+    pub origins: BTreeMap<&'static str, Origin>,
+}
+
+/// Every key `config.json` may hold. performer-pytorch's constructor arguments first.
+pub const KNOWN_KEYS: &[&str] = &[
+    "num_tokens",
+    "max_seq_len",
+    "dim",
+    "depth",
+    "heads",
+    "dim_head",
+    "local_attn_heads",
+    "local_window_size",
+    "causal",
+    "ff_mult",
+    "nb_features",
+    "feature_redraw_interval",
+    "reversible",
+    "ff_chunks",
+    "ff_glu",
+    "emb_dropout",
+    "ff_dropout",
+    "attn_dropout",
+    "generalized_attention",
+    "kernel_fn",
+    "use_scalenorm",
+    "use_rezero",
+    "cross_attend",
+    "no_projection",
+    "tie_embed",
+    "rotary_position_emb",
+    "axial_position_emb",
+    "axial_position_shape",
+    "auto_check_redraw",
+    "qkv_bias",
+    "attn_out_bias",
+    "shift_tokens",
+    // runtime keys
+    "kernel_eps",
+    "denominator_eps",
+    "tokenizer",
+];
+
+/// Facts the tensor shapes determine, used to fill keys `config.json` leaves out and to catch
+/// contradictions. Each is `None` when the checkpoint does not determine it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Inferred {
+    /// Rows of `token_emb.weight`.
+    pub num_tokens: Option<usize>,
+    /// Columns of `token_emb.weight`.
+    pub dim: Option<usize>,
+    /// Number of `performer.net.layers.{L}` blocks.
+    pub depth: Option<usize>,
+    /// Columns of the first projection matrix (or width of the rotary table).
+    pub dim_head: Option<usize>,
+    /// Rows of the first projection matrix.
+    pub nb_features: Option<usize>,
+    /// Rows of `to_q.weight` divided by `dim_head`.
+    pub heads: Option<usize>,
+    /// Rows of the position table.
+    pub max_seq_len: Option<usize>,
+    /// `layer_pos_emb.emb` is present.
+    pub rotary_position_emb: Option<bool>,
+    /// `pos_emb.weights.0` is present.
+    pub axial_position_emb: Option<bool>,
+    /// `to_out.weight` is absent.
+    pub tie_embed: Option<bool>,
+    /// `to_q.bias` is present.
+    pub qkv_bias: Option<bool>,
+    /// The attention `to_out.bias` is present.
+    pub attn_out_bias: Option<bool>,
+    /// `w1` has twice the rows `w2` has columns.
+    pub ff_glu: Option<bool>,
+    /// Columns of `w2` divided by `dim`.
+    pub ff_mult: Option<usize>,
+    /// Blocks carry a ScaleNorm gain of shape `[1]`.
+    pub use_scalenorm: Option<bool>,
+    /// Blocks carry a scalar ReZero gain.
+    pub use_rezero: Option<bool>,
+    /// Blocks nest one module deeper (`PreShiftTokens`).
+    pub shift_tokens: Option<bool>,
+}
+
+fn get_usize(map: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .and_then(|x| usize::try_from(x).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                Error::Config(format!("`{key}` must be a non-negative integer, found {v}"))
+            }),
+    }
+}
+
+fn get_bool(map: &Map<String, Value>, key: &str) -> Result<Option<bool>> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(Error::Config(format!("`{key}` must be true or false, found {v}"))),
+    }
+}
+
+fn get_f32(map: &Map<String, Value>, key: &str) -> Result<Option<f32>> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_f64() {
+            Some(x) if x.is_finite() && x >= 0.0 => Ok(Some(x as f32)),
+            _ => Err(Error::Config(format!(
+                "`{key}` must be a finite non-negative number, found {v}"
+            ))),
+        },
+    }
+}
+
+/// Resolves one key: the config's value, else the inferred one, else the default; a config value
+/// that contradicts an inferred one is an error naming both.
+struct Resolver<'a> {
+    origins: BTreeMap<&'static str, Origin>,
+    map: &'a Map<String, Value>,
+}
+
+impl Resolver<'_> {
+    fn pick<T: PartialEq + fmt::Debug + Copy>(
+        &mut self,
+        key: &'static str,
+        given: Option<T>,
+        inferred: Option<T>,
+        default: Option<T>,
+    ) -> Result<T> {
+        match (given, inferred) {
+            (Some(g), Some(i)) if g != i => Err(Error::ConfigMismatch {
+                key: key.into(),
+                config: format!("{g:?}"),
+                weights: format!("{i:?}"),
+            }),
+            (Some(g), _) => {
+                self.origins.insert(key, Origin::Config);
+                Ok(g)
+            }
+            (None, Some(i)) => {
+                self.origins.insert(key, Origin::Inferred);
+                Ok(i)
+            }
+            (None, None) => match default {
+                Some(d) => {
+                    self.origins.insert(key, Origin::Default);
+                    Ok(d)
+                }
+                None => Err(Error::Config(format!(
+                    "`{key}` is required: it has no default and the weights do not determine it"
+                ))),
+            },
+        }
+    }
+
+    fn usize(
+        &mut self,
+        key: &'static str,
+        inferred: Option<usize>,
+        default: Option<usize>,
+    ) -> Result<usize> {
+        let given = get_usize(self.map, key)?;
+        self.pick(key, given, inferred, default)
+    }
+
+    fn bool(&mut self, key: &'static str, inferred: Option<bool>, default: bool) -> Result<bool> {
+        let given = get_bool(self.map, key)?;
+        self.pick(key, given, inferred, Some(default))
+    }
+}
+
+impl Config {
+    /// Parses `config.json` text and resolves it against what the weights imply.
+    ///
+    /// Use [`Inferred::default()`] when no weights are at hand: then every required key
+    /// (`num_tokens`, `max_seq_len`, `dim`, `depth`, `heads`) must be present.
+    ///
+    /// ```
+    /// use performer::config::{Config, Inferred};
+    /// let json = r#"{"num_tokens": 256, "max_seq_len": 128, "dim": 64, "depth": 2,
+    ///               "heads": 2, "dim_head": 32, "causal": true}"#;
+    /// let config = Config::from_json(json, &Inferred::default()).unwrap();
+    /// assert_eq!(config.nb_features, 110); // int(32 · ln 32), performer-pytorch's default
+    /// assert!(Config::from_json(r#"{"dimm": 3}"#, &Inferred::default()).is_err());
+    /// ```
+    pub fn from_json(text: &str, inferred: &Inferred) -> Result<Self> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| Error::Config(format!("invalid JSON: {e}")))?;
+        let Value::Object(map) = value else {
+            return Err(Error::Config("the top level must be a JSON object".into()));
+        };
+        Self::from_map(&map, inferred)
+    }
+
+    /// Resolves a config from the weights alone (no `config.json`): every key the tensors
+    /// determine is inferred, everything else takes its default, and `causal` is assumed.
+    pub fn from_inferred(inferred: &Inferred) -> Result<Self> {
+        let mut map = Map::new();
+        map.insert("causal".into(), Value::Bool(true));
+        let mut config = Self::from_map(&map, inferred)?;
+        config.origins.insert("causal", Origin::Default);
+        Ok(config)
+    }
+
+    fn from_map(map: &Map<String, Value>, inf: &Inferred) -> Result<Self> {
+        if let Some(key) = map.keys().find(|k| !KNOWN_KEYS.contains(&k.as_str())) {
+            return Err(Error::UnknownConfigKey { key: key.clone() });
+        }
+        let mut r = Resolver {
+            origins: BTreeMap::new(),
+            map,
+        };
+        let num_tokens = r.usize("num_tokens", inf.num_tokens, None)?;
+        let max_seq_len = r.usize("max_seq_len", inf.max_seq_len, None)?;
+        let dim = r.usize("dim", inf.dim, None)?;
+        let depth = r.usize("depth", inf.depth, None)?;
+        let dim_head = r.usize("dim_head", inf.dim_head, Some(64))?;
+        let heads = r.usize("heads", inf.heads, None)?;
+        let default_features = (dim_head as f64 * (dim_head as f64).ln()) as usize;
+        let no_projection = r.bool("no_projection", None, false)?;
+        // With no_projection the checkpoint still carries an (unused) projection matrix.
+        let nb_features = r.usize("nb_features", inf.nb_features, Some(default_features))?;
+        let local_window_size = r.usize("local_window_size", None, Some(256))?;
+        let causal = r.bool("causal", None, false)?;
+        let ff_mult = r.usize("ff_mult", inf.ff_mult, Some(4))?;
+        let ff_glu = r.bool("ff_glu", inf.ff_glu, false)?;
+        let generalized_attention = r.bool("generalized_attention", None, false)?;
+        let use_scalenorm = r.bool("use_scalenorm", inf.use_scalenorm, false)?;
+        let use_rezero = r.bool("use_rezero", inf.use_rezero, false)?;
+        let tie_embed = r.bool("tie_embed", inf.tie_embed, false)?;
+        let rotary_position_emb = r.bool("rotary_position_emb", inf.rotary_position_emb, true)?;
+        let axial_position_emb = r.bool("axial_position_emb", inf.axial_position_emb, false)?;
+        let shift_tokens = r.bool("shift_tokens", inf.shift_tokens, false)?;
+        let qkv_bias = r.bool("qkv_bias", inf.qkv_bias, false)?;
+        let attn_out_bias = r.bool("attn_out_bias", inf.attn_out_bias, false)?;
+
+        let kernel_fn = match map.get("kernel_fn") {
+            None | Some(Value::Null) => {
+                r.origins.insert("kernel_fn", Origin::Default);
+                KernelFn::Relu
+            }
+            Some(Value::String(s)) => {
+                r.origins.insert("kernel_fn", Origin::Config);
+                KernelFn::parse(s)?
+            }
+            Some(v) => {
+                return Err(Error::Config(format!(
+                    "`kernel_fn` must be a string such as \"relu\", found {v}"
+                )))
+            }
+        };
+
+        let local_attn_heads = match map.get("local_attn_heads") {
+            None | Some(Value::Null) => {
+                r.origins.insert("local_attn_heads", Origin::Default);
+                vec![0; depth]
+            }
+            Some(Value::Array(items)) => {
+                r.origins.insert("local_attn_heads", Origin::Config);
+                let per_layer: Vec<usize> = items
+                    .iter()
+                    .map(|v| v.as_u64().map(|x| x as usize))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| {
+                        Error::Config("`local_attn_heads` must hold non-negative integers".into())
+                    })?;
+                match per_layer.len() {
+                    1 => vec![per_layer[0]; depth],
+                    n if n == depth => per_layer,
+                    n => {
+                        return Err(Error::Config(format!(
+                            "`local_attn_heads` lists {n} layers but depth is {depth}"
+                        )))
+                    }
+                }
+            }
+            Some(_) => {
+                r.origins.insert("local_attn_heads", Origin::Config);
+                vec![r.usize("local_attn_heads", None, Some(0))?; depth]
+            }
+        };
+
+        let axial_position_shape = match map.get("axial_position_shape") {
+            None | Some(Value::Null) => {
+                r.origins.insert("axial_position_shape", Origin::Default);
+                axial_position_emb.then(|| (max_seq_len.div_ceil(64), 64))
+            }
+            Some(Value::Array(items)) if items.len() == 2 => {
+                r.origins.insert("axial_position_shape", Origin::Config);
+                let a = items[0].as_u64();
+                let b = items[1].as_u64();
+                match (a, b) {
+                    (Some(a), Some(b)) if a > 0 && b > 0 => Some((a as usize, b as usize)),
+                    _ => {
+                        return Err(Error::Config(
+                            "`axial_position_shape` must be two positive integers".into(),
+                        ))
+                    }
+                }
+            }
+            Some(v) => {
+                return Err(Error::Config(format!(
+                    "`axial_position_shape` must be two positive integers, found {v}"
+                )))
+            }
+        };
+
+        let kernel_eps = get_f32(map, "kernel_eps")?;
+        r.origins.insert(
+            "kernel_eps",
+            if kernel_eps.is_some() {
+                Origin::Config
+            } else {
+                Origin::Default
+            },
+        );
+        let denominator_eps = get_f32(map, "denominator_eps")?;
+        r.origins.insert(
+            "denominator_eps",
+            if denominator_eps.is_some() {
+                Origin::Config
+            } else {
+                Origin::Default
+            },
+        );
+        let tokenizer = match map.get("tokenizer") {
+            None | Some(Value::Null) => TokenizerKind::Byte,
+            Some(Value::String(s)) if s == "byte" => TokenizerKind::Byte,
+            Some(v) => {
+                return Err(Error::Unsupported {
+                    option: "tokenizer".into(),
+                    reason: format!("{v} is not a known tokenizer (supported: \"byte\")"),
+                })
+            }
+        };
+        r.origins.insert(
+            "tokenizer",
+            if map.contains_key("tokenizer") {
+                Origin::Config
+            } else {
+                Origin::Default
+            },
+        );
+
+        // Training-only or architecture-changing keys that are accepted but must keep the value
+        // inference can honour.
+        for (key, ok_value) in [("reversible", false), ("cross_attend", false)] {
+            if get_bool(map, key)? == Some(!ok_value) {
+                return Err(Error::Unsupported {
+                    option: key.into(),
+                    reason: match key {
+                        "reversible" => "reversible layers change the residual stream".into(),
+                        _ => "cross attention needs an encoder context; this runtime decodes a causal LM".into(),
+                    },
+                });
+            }
+        }
+        get_bool(map, "auto_check_redraw")?;
+        get_usize(map, "ff_chunks")?;
+        for key in ["emb_dropout", "ff_dropout", "attn_dropout"] {
+            get_f32(map, key)?;
+        }
+        if !matches!(
+            map.get("feature_redraw_interval"),
+            None | Some(Value::Null) | Some(Value::Number(_))
+        ) {
+            return Err(Error::Config(
+                "`feature_redraw_interval` must be an integer or null".into(),
+            ));
+        }
+
+        let config = Config {
+            num_tokens,
+            max_seq_len,
+            dim,
+            depth,
+            heads,
+            dim_head,
+            nb_features,
+            local_attn_heads,
+            local_window_size,
+            causal,
+            ff_mult,
+            ff_glu,
+            generalized_attention,
+            kernel_fn,
+            use_scalenorm,
+            use_rezero,
+            tie_embed,
+            rotary_position_emb,
+            axial_position_emb,
+            axial_position_shape,
+            shift_tokens,
+            qkv_bias,
+            attn_out_bias,
+            no_projection,
+            kernel_eps: kernel_eps.unwrap_or(1e-4),
+            denominator_eps: denominator_eps.unwrap_or(1e-6),
+            tokenizer,
+            origins: r.origins,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values for consistency and for options the runtime does not implement.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("num_tokens", self.num_tokens),
+            ("max_seq_len", self.max_seq_len),
+            ("dim", self.dim),
+            ("depth", self.depth),
+            ("heads", self.heads),
+            ("dim_head", self.dim_head),
+            ("nb_features", self.nb_features),
+            ("ff_mult", self.ff_mult),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::Config(format!("`{key}` must be positive")));
+        }
+        if !self.causal {
+            return Err(Error::Unsupported {
+                option: "causal".into(),
+                reason: "the runtime streams causal models only; set \"causal\": true for a model trained with causal=True".into(),
+            });
+        }
+        if self.dim % self.heads != 0 {
+            return Err(Error::Config(format!(
+                "dim {} must be divisible by heads {} (performer-pytorch asserts it)",
+                self.dim, self.heads
+            )));
+        }
+        if self.rotary_position_emb && self.dim_head % 2 != 0 {
+            return Err(Error::Config(format!(
+                "rotary embeddings need an even dim_head, found {}",
+                self.dim_head
+            )));
+        }
+        if self.rotary_position_emb && self.dim % 2 != 0 {
+            return Err(Error::Config(format!(
+                "the sinusoidal embedding needs an even dim, found {}",
+                self.dim
+            )));
+        }
+        if self.tokenizer == TokenizerKind::Byte && self.num_tokens < 256 {
+            return Err(Error::Config(format!(
+                "the byte-level tokenizer needs num_tokens ≥ 256, found {}",
+                self.num_tokens
+            )));
+        }
+        if let Some(&local) = self.local_attn_heads.iter().find(|&&n| n > self.heads) {
+            return Err(Error::Config(format!(
+                "local_attn_heads {local} exceeds heads {}",
+                self.heads
+            )));
+        }
+        let unsupported = [
+            (self.local_attn_heads.iter().any(|&n| n > 0), "local_attn_heads"),
+            (self.use_scalenorm, "use_scalenorm"),
+            (self.use_rezero, "use_rezero"),
+            (!self.rotary_position_emb && self.axial_position_emb, "axial_position_emb"),
+            (self.shift_tokens, "shift_tokens"),
+            (self.no_projection, "no_projection"),
+            (self.ff_glu, "ff_glu"),
+            (self.tie_embed, "tie_embed"),
+            (!self.rotary_position_emb, "rotary_position_emb"),
+        ];
+        if let Some((_, option)) = unsupported.iter().find(|(on, _)| *on) {
+            return Err(Error::Unsupported {
+                option: (*option).into(),
+                reason: "not implemented yet by this runtime".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Width of the q/k/v projections: `heads · dim_head`.
+    pub fn inner_dim(&self) -> usize {
+        self.heads * self.dim_head
+    }
+
+    /// Hidden width of the feed-forward block.
+    pub fn ff_hidden(&self) -> usize {
+        self.dim * self.ff_mult
+    }
+
+    /// The origin of a key's value (for keys that were resolved).
+    pub fn origin(&self, key: &str) -> Option<Origin> {
+        self.origins.get(key).copied()
+    }
+}

@@ -1,0 +1,313 @@
+//! Hot kernels: SIMD versions for the model and plain scalar twins the tests hold them against.
+//!
+//! Every `foo` has a `scalar::foo` computing the same thing one element at a time; the tests in
+//! `tests/kernels.rs` compare them on random and edge inputs. Weight-reading kernels are generic
+//! over [`Elem`] so f16 and bf16 weights are widened in registers, never copied to f32.
+
+pub mod scalar;
+pub mod simd;
+
+use rayon::prelude::*;
+use wide::f32x16;
+
+pub use simd::{Elem, LANES};
+
+/// Below this many weight elements a matrix-vector product runs on the calling thread: splitting
+/// costs more than it gives (a rayon fork-join is a few microseconds; 64K f32 weights stream from
+/// L2 in about as long).
+pub const PAR_MIN_ELEMS: usize = 1 << 16;
+
+/// Dot product of a weight row and an f32 vector.
+///
+/// # Panics
+/// Never for equal lengths; extra elements of the longer slice are ignored.
+#[inline]
+pub fn dot<T: Elem>(w: &[T], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (w, x) = (&w[..n], &x[..n]);
+    let mut acc = [f32x16::ZERO; 4];
+    let mut i = 0;
+    while i + 4 * LANES <= n {
+        for (j, a) in acc.iter_mut().enumerate() {
+            let o = i + j * LANES;
+            *a = T::load16(&w[o..]).mul_add(simd::load(&x[o..]), *a);
+        }
+        i += 4 * LANES;
+    }
+    while i + LANES <= n {
+        acc[0] = T::load16(&w[i..]).mul_add(simd::load(&x[i..]), acc[0]);
+        i += LANES;
+    }
+    let mut sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])).reduce_add();
+    for k in i..n {
+        sum += w[k].to_f32() * x[k];
+    }
+    sum
+}
+
+/// Four dot products of four consecutive rows of `w` (row length `cols`) with `x`, sharing the
+/// loads of `x`.
+#[inline]
+fn dot4<T: Elem>(w: &[T], cols: usize, x: &[f32]) -> [f32; 4] {
+    let rows: [&[T]; 4] = std::array::from_fn(|r| &w[r * cols..(r + 1) * cols]);
+    let mut acc = [f32x16::ZERO; 4];
+    let mut i = 0;
+    while i + LANES <= cols {
+        let xv = simd::load(&x[i..]);
+        for r in 0..4 {
+            acc[r] = T::load16(&rows[r][i..]).mul_add(xv, acc[r]);
+        }
+        i += LANES;
+    }
+    let mut out = [0f32; 4];
+    for r in 0..4 {
+        let mut s = acc[r].reduce_add();
+        for k in i..cols {
+            s += rows[r][k].to_f32() * x[k];
+        }
+        out[r] = s;
+    }
+    out
+}
+
+fn matvec_rows<T: Elem>(w: &[T], cols: usize, x: &[f32], y: &mut [f32]) {
+    let rows = y.len();
+    let mut r = 0;
+    while r + 4 <= rows {
+        let d = dot4(&w[r * cols..(r + 4) * cols], cols, x);
+        y[r..r + 4].copy_from_slice(&d);
+        r += 4;
+    }
+    for (rr, out) in y.iter_mut().enumerate().skip(r) {
+        *out = dot(&w[rr * cols..(rr + 1) * cols], x);
+    }
+}
+
+/// `y = W x` for a row-major `W` of shape `[y.len(), x.len()]` (a torch `Linear` weight).
+///
+/// Large matrices are split into row blocks across the rayon pool.
+pub fn matvec<T: Elem>(w: &[T], x: &[f32], y: &mut [f32]) {
+    let (rows, cols) = (y.len(), x.len());
+    assert_eq!(w.len(), rows * cols, "matvec: weight is not [rows, cols]");
+    if rows * cols < PAR_MIN_ELEMS || rayon::current_num_threads() == 1 {
+        matvec_rows(w, cols, x, y);
+        return;
+    }
+    // Blocks of whole 4-row groups, about 4 per thread for load balance, each at least
+    // PAR_MIN_ELEMS / 4 weights.
+    let threads = rayon::current_num_threads();
+    let min_rows = (PAR_MIN_ELEMS / 4).div_ceil(cols).max(4);
+    let block = rows.div_ceil(4 * threads).max(min_rows).next_multiple_of(4);
+    y.par_chunks_mut(block)
+        .enumerate()
+        .for_each(|(b, y_block)| {
+            let start = b * block;
+            matvec_rows(&w[start * cols..(start + y_block.len()) * cols], cols, x, y_block);
+        });
+}
+
+/// `y += a · x`.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let av = f32x16::splat(a);
+    let mut i = 0;
+    while i + LANES <= n {
+        let r = simd::load(&x[i..]).mul_add(av, simd::load(&y[i..]));
+        simd::store(&mut y[i..], r);
+        i += LANES;
+    }
+    for k in i..n {
+        y[k] += a * x[k];
+    }
+}
+
+/// `y = b · y + a · x`: the rescale-and-accumulate of the streaming state.
+#[inline]
+pub fn scale_axpy(b: f32, a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let (av, bv) = (f32x16::splat(a), f32x16::splat(b));
+    let mut i = 0;
+    while i + LANES <= n {
+        let r = simd::load(&x[i..]).mul_add(av, simd::load(&y[i..]) * bv);
+        simd::store(&mut y[i..], r);
+        i += LANES;
+    }
+    for k in i..n {
+        y[k] = b * y[k] + a * x[k];
+    }
+}
+
+/// `x *= a`.
+#[inline]
+pub fn scale(a: f32, x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v *= a;
+    }
+}
+
+/// Maximum of a slice (`-inf` for an empty one; NaN propagates as a non-maximum).
+pub fn max(x: &[f32]) -> f32 {
+    let mut m = f32x16::splat(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i + LANES <= x.len() {
+        m = m.max(simd::load(&x[i..]));
+        i += LANES;
+    }
+    let mut out = m.to_array().into_iter().fold(f32::NEG_INFINITY, f32::max);
+    for &v in &x[i..] {
+        out = out.max(v);
+    }
+    out
+}
+
+/// Sum of a slice.
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = f32x16::ZERO;
+    let mut i = 0;
+    while i + LANES <= x.len() {
+        acc += simd::load(&x[i..]);
+        i += LANES;
+    }
+    let mut s = acc.reduce_add();
+    for &v in &x[i..] {
+        s += v;
+    }
+    s
+}
+
+/// Vectorized `exp`: range reduction by ln 2 and a degree-6 polynomial, about 2 ulp on
+/// [-87, 88]. Inputs below -87.3 give exactly 0 (no denormals), above 88.7 give +inf, NaN stays
+/// NaN.
+#[inline(always)]
+pub fn exp16(x: f32x16) -> f32x16 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let too_small = x.simd_lt(f32x16::splat(-87.33655));
+    let too_big = x.simd_gt(f32x16::splat(88.72283));
+    let xc = x.fast_max(f32x16::splat(-87.33655)).fast_min(f32x16::splat(88.72283));
+    let n = (xc * f32x16::splat(LOG2E)).round();
+    let r = n.mul_neg_add(f32x16::splat(LN2_HI), xc);
+    let r = n.mul_neg_add(f32x16::splat(LN2_LO), r);
+    // exp(r) on |r| <= ln2/2, Taylor coefficients refined (Cephes expf).
+    let mut p = f32x16::splat(1.987_569_1e-4);
+    p = p.mul_add(r, f32x16::splat(1.398_199_9e-3));
+    p = p.mul_add(r, f32x16::splat(8.333_452e-3));
+    p = p.mul_add(r, f32x16::splat(4.166_579_6e-2));
+    p = p.mul_add(r, f32x16::splat(1.666_666_5e-1));
+    p = p.mul_add(r, f32x16::splat(0.5));
+    let r2 = r * r;
+    let e = p.mul_add(r2, r + f32x16::ONE);
+    // 2^n by building the exponent bits; n is in [-126, 128] here, so split it in two factors
+    // to stay inside the normal range at both ends.
+    let ni = n.round_int();
+    let half = ni >> 1;
+    let rest = ni - half;
+    let bias = wide::i32x16::splat(127);
+    let p1: f32x16 = bytemuck::cast((half + bias) << 23);
+    let p2: f32x16 = bytemuck::cast((rest + bias) << 23);
+    let out = e * p1 * p2;
+    let out = too_small.select(f32x16::ZERO, out);
+    let out = too_big.select(f32x16::splat(f32::INFINITY), out);
+    // NaN inputs: the comparisons are false and the clamp may have replaced them; restore NaN.
+    x.is_nan().select(x, out)
+}
+
+/// `x[i] = exp(x[i] - shift)` in place.
+pub fn exp_shifted(x: &mut [f32], shift: f32) {
+    let sv = f32x16::splat(shift);
+    let mut i = 0;
+    while i + LANES <= x.len() {
+        let v = exp16(simd::load(&x[i..]) - sv);
+        simd::store(&mut x[i..], v);
+        i += LANES;
+    }
+    let n = x.len();
+    if i < n {
+        let mut tail = [0f32; LANES];
+        tail[..n - i].copy_from_slice(&x[i..]);
+        let v = exp16(f32x16::from(tail) - sv).to_array();
+        x[i..].copy_from_slice(&v[..n - i]);
+    }
+}
+
+/// Vectorized error function (Abramowitz & Stegun 7.1.26, absolute error ≤ 1.5e-7).
+#[inline(always)]
+pub fn erf16(x: f32x16) -> f32x16 {
+    let a = x.abs();
+    let t = f32x16::ONE / f32x16::splat(0.327_591_1).mul_add(a, f32x16::ONE);
+    let mut p = f32x16::splat(1.061_405_4);
+    p = p.mul_add(t, f32x16::splat(-1.453_152));
+    p = p.mul_add(t, f32x16::splat(1.421_413_8));
+    p = p.mul_add(t, f32x16::splat(-0.284_496_74));
+    p = p.mul_add(t, f32x16::splat(0.254_829_6));
+    let y = f32x16::ONE - p * t * exp16(-(a * a));
+    x.is_sign_negative().select(-y, y)
+}
+
+/// Exact (erf) GELU in place: `x · Φ(x)`, as `torch.nn.GELU()`.
+pub fn gelu(x: &mut [f32]) {
+    let half = f32x16::splat(0.5);
+    let inv_sqrt2 = f32x16::splat(std::f32::consts::FRAC_1_SQRT_2);
+    let apply = |v: f32x16| half * v * (f32x16::ONE + erf16(v * inv_sqrt2));
+    let mut i = 0;
+    while i + LANES <= x.len() {
+        let v = apply(simd::load(&x[i..]));
+        simd::store(&mut x[i..], v);
+        i += LANES;
+    }
+    let n = x.len();
+    if i < n {
+        let mut tail = [0f32; LANES];
+        tail[..n - i].copy_from_slice(&x[i..]);
+        let v = apply(f32x16::from(tail)).to_array();
+        x[i..].copy_from_slice(&v[..n - i]);
+    }
+}
+
+/// LayerNorm over the whole vector: `(x − mean) / sqrt(var + eps) · gamma + beta`, biased
+/// variance, as `torch.nn.LayerNorm`.
+pub fn layer_norm<T: Elem>(x: &[f32], gamma: &[T], beta: &[T], eps: f32, out: &mut [f32]) {
+    let n = x.len();
+    let mean = sum(x) / n as f32;
+    let mv = f32x16::splat(mean);
+    let mut acc = f32x16::ZERO;
+    let mut i = 0;
+    while i + LANES <= n {
+        let d = simd::load(&x[i..]) - mv;
+        acc = d.mul_add(d, acc);
+        i += LANES;
+    }
+    let mut var = acc.reduce_add();
+    for &v in &x[i..] {
+        var += (v - mean) * (v - mean);
+    }
+    let inv = 1.0 / (var / n as f32 + eps).sqrt();
+    let iv = f32x16::splat(inv);
+    let mut i = 0;
+    while i + LANES <= n {
+        let v = (simd::load(&x[i..]) - mv) * iv;
+        let r = v.mul_add(T::load16(&gamma[i..]), T::load16(&beta[i..]));
+        simd::store(&mut out[i..], r);
+        i += LANES;
+    }
+    for k in i..n {
+        out[k] = (x[k] - mean) * inv * gamma[k].to_f32() + beta[k].to_f32();
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let m = max(x);
+    exp_shifted(x, m);
+    let s = sum(x);
+    scale(1.0 / s, x);
+}
+
+/// `y += b` for a bias vector stored in any weight dtype.
+pub fn add_bias<T: Elem>(b: &[T], y: &mut [f32]) {
+    for (o, v) in y.iter_mut().zip(b) {
+        *o += v.to_f32();
+    }
+}

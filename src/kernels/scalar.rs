@@ -1,0 +1,103 @@
+//! Scalar twins of the SIMD kernels: the plain definitions, one element at a time, accumulating
+//! in f64 where it makes them a sharper reference.
+
+use super::Elem;
+
+/// Dot product, accumulated in f64.
+pub fn dot<T: Elem>(w: &[T], x: &[f32]) -> f32 {
+    w.iter()
+        .zip(x)
+        .map(|(a, b)| a.to_f32() as f64 * *b as f64)
+        .sum::<f64>() as f32
+}
+
+/// `y = W x`, row by row.
+pub fn matvec<T: Elem>(w: &[T], x: &[f32], y: &mut [f32]) {
+    let cols = x.len();
+    for (r, out) in y.iter_mut().enumerate() {
+        *out = dot(&w[r * cols..(r + 1) * cols], x);
+    }
+}
+
+/// `y += a · x`.
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
+/// `y = b · y + a · x`.
+pub fn scale_axpy(b: f32, a: f32, x: &[f32], y: &mut [f32]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o = b * *o + a * v;
+    }
+}
+
+/// `x[i] = exp(x[i] − shift)` with the standard library's `exp`.
+pub fn exp_shifted(x: &mut [f32], shift: f32) {
+    for v in x.iter_mut() {
+        *v = (*v - shift).exp();
+    }
+}
+
+/// The error function in f64: Taylor series below 3, continued fraction for erfc above.
+pub fn erf(x: f64) -> f64 {
+    let a = x.abs();
+    let r = if a < 3.0 {
+        // erf(a) = 2/√π Σ (−1)^n a^(2n+1) / (n! (2n+1))
+        let mut term = a;
+        let mut sum = a;
+        let a2 = a * a;
+        for n in 1..200 {
+            term *= -a2 / n as f64;
+            let add = term / (2 * n + 1) as f64;
+            sum += add;
+            if add.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc(a) = exp(−a²)/√π · 1/(a + 1/2/(a + 1/(a + 3/2/(a + 2/(a + …)))))
+        let mut f = a;
+        for k in (1..60).rev() {
+            f = a + (k as f64 / 2.0) / f;
+        }
+        1.0 - (-a * a).exp() / std::f64::consts::PI.sqrt() / f
+    };
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
+}
+
+/// Exact GELU `x · Φ(x)` in f64.
+pub fn gelu(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        let xf = *v as f64;
+        *v = (0.5 * xf * (1.0 + erf(xf / std::f64::consts::SQRT_2))) as f32;
+    }
+}
+
+/// LayerNorm in f64.
+pub fn layer_norm<T: Elem>(x: &[f32], gamma: &[T], beta: &[T], eps: f32, out: &mut [f32]) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let inv = 1.0 / (var + eps as f64).sqrt();
+    for i in 0..x.len() {
+        out[i] = ((x[i] as f64 - mean) * inv * gamma[i].to_f32() as f64 + beta[i].to_f32() as f64)
+            as f32;
+    }
+}
+
+/// Softmax in f64.
+pub fn softmax(x: &mut [f32]) {
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    for (o, v) in x.iter_mut().zip(e) {
+        *o = (v / s) as f32;
+    }
+}
