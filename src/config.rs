@@ -243,7 +243,9 @@ fn get_bool(map: &Map<String, Value>, key: &str) -> Result<Option<bool>> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(v) => Err(Error::Config(format!("`{key}` must be true or false, found {v}"))),
+        Some(v) => Err(Error::Config(format!(
+            "`{key}` must be true or false, found {v}"
+        ))),
     }
 }
 
@@ -571,19 +573,19 @@ impl Config {
                 reason: "the runtime streams causal models only; set \"causal\": true for a model trained with causal=True".into(),
             });
         }
-        if self.dim % self.heads != 0 {
+        if !self.dim.is_multiple_of(self.heads) {
             return Err(Error::Config(format!(
                 "dim {} must be divisible by heads {} (performer-pytorch asserts it)",
                 self.dim, self.heads
             )));
         }
-        if self.rotary_position_emb && self.dim_head % 2 != 0 {
+        if self.rotary_position_emb && !self.dim_head.is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "rotary embeddings need an even dim_head, found {}",
                 self.dim_head
             )));
         }
-        if self.rotary_position_emb && self.dim % 2 != 0 {
+        if self.rotary_position_emb && !self.dim.is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "the sinusoidal embedding needs an even dim, found {}",
                 self.dim
@@ -602,10 +604,16 @@ impl Config {
             )));
         }
         let unsupported = [
-            (self.local_attn_heads.iter().any(|&n| n > 0), "local_attn_heads"),
+            (
+                self.local_attn_heads.iter().any(|&n| n > 0),
+                "local_attn_heads",
+            ),
             (self.use_scalenorm, "use_scalenorm"),
             (self.use_rezero, "use_rezero"),
-            (!self.rotary_position_emb && self.axial_position_emb, "axial_position_emb"),
+            (
+                !self.rotary_position_emb && self.axial_position_emb,
+                "axial_position_emb",
+            ),
             (self.shift_tokens, "shift_tokens"),
             (self.no_projection, "no_projection"),
             (self.ff_glu, "ff_glu"),

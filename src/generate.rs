@@ -165,10 +165,9 @@ impl<'a> Generation<'a> {
                 rest.push_str(&self.decoder.finish());
                 return Ok((!rest.is_empty()).then_some(rest));
             }
-            let logits = self
-                .state
-                .logits()
-                .ok_or(Error::EmptyInput("the state holds no logits to sample from"))?;
+            let logits = self.state.logits().ok_or(Error::EmptyInput(
+                "the state holds no logits to sample from",
+            ))?;
             let token = self.sampler.sample(logits, &self.history)?;
             self.history.push(token);
             self.stats.generated_tokens += 1;

@@ -24,7 +24,10 @@ use crate::with_view;
 type HeadItem<'a> = (
     (
         (
-            (((( &'a mut [f32], &'a mut [f32]), &'a mut [f32]), &'a mut f32), &'a mut [f32]),
+            (
+                (((&'a mut [f32], &'a mut [f32]), &'a mut [f32]), &'a mut f32),
+                &'a mut [f32],
+            ),
             &'a mut [f32],
         ),
         &'a mut [f32],
@@ -422,7 +425,13 @@ impl Model {
                     key_feat,
                     query_feat,
                 };
-                favor::step(&map, delta, head, &q[r.clone()], &k[r.clone()], &v[r], n, out)
+                let tok = favor::Token {
+                    q: &q[r.clone()],
+                    k: &k[r.clone()],
+                    v: &v[r],
+                    n,
+                };
+                favor::step(&map, delta, head, tok, out)
             };
             let (q, k, v) = (&st.q[..], &st.k[..], &st.v[..]);
             if heads > 1 && heads * m * d >= kernels::PAR_MIN_ELEMS {
@@ -476,7 +485,9 @@ impl Model {
     /// Returns the logits at every position. A test reference, not a fast path.
     pub fn forward_reference(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         if tokens.is_empty() {
-            return Err(Error::EmptyInput("the reference forward needs at least one token"));
+            return Err(Error::EmptyInput(
+                "the reference forward needs at least one token",
+            ));
         }
         for &t in tokens {
             self.check_token(t)?;

@@ -54,17 +54,26 @@ impl SamplingParams {
             ));
         }
         if self.top_k == Some(0) {
-            return Err(Error::invalid("top_k", "must be ≥ 1 (leave it unset to disable)"));
+            return Err(Error::invalid(
+                "top_k",
+                "must be ≥ 1 (leave it unset to disable)",
+            ));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(Error::invalid("top_p", format!("must be in (0, 1], got {p}")));
+                return Err(Error::invalid(
+                    "top_p",
+                    format!("must be in (0, 1], got {p}"),
+                ));
             }
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return Err(Error::invalid(
                 "repetition_penalty",
-                format!("must be a finite number > 0, got {}", self.repetition_penalty),
+                format!(
+                    "must be a finite number > 0, got {}",
+                    self.repetition_penalty
+                ),
             ));
         }
         Ok(())
@@ -132,7 +141,9 @@ impl Sampler {
         self.candidates
             .extend(logits.iter().zip(0u32..).map(|(&l, i)| (l, i)));
         if self.candidates.iter().any(|(l, _)| !l.is_finite()) {
-            return Err(Error::NonFiniteLogits { position: history.len() });
+            return Err(Error::NonFiniteLogits {
+                position: history.len(),
+            });
         }
         if p.repetition_penalty != 1.0 {
             let start = history.len().saturating_sub(p.penalty_window);

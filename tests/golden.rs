@@ -114,6 +114,9 @@ fn half_precision_copies_match() {
         let w1 = assert_rows(name, &got, &upcast.logits["logits_eps0"], 1e-4);
         let w2 = assert_rows(name, &got, &f32_expected.logits["logits_eps0"], rel_tol);
         eprintln!("{name}: vs upcast {w1:e}, vs f32 model {w2:e}");
-        assert!(model.tensors().all(|t| t.is_mapped()), "{name}: weights were copied");
+        assert!(
+            model.tensors().all(|t| t.is_mapped()),
+            "{name}: weights were copied"
+        );
     }
 }

@@ -24,19 +24,23 @@ pub struct HeadState<'s> {
     pub query_feat: &'s mut [f32],
 }
 
-/// Adds key `k` / value `v` to the head's state, then reads out query `q` into `out[..d]`.
-///
-/// `n` is the number of tokens in the state after adding this one; `delta` is δ.
-pub fn step(
-    map: &FeatureMap<'_>,
-    delta: f32,
-    st: HeadState<'_>,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    n: usize,
-    out: &mut [f32],
-) {
+/// One token's query, key and value for one head (after rotary).
+#[derive(Debug, Clone, Copy)]
+pub struct Token<'a> {
+    /// Query, d.
+    pub q: &'a [f32],
+    /// Key, d.
+    pub k: &'a [f32],
+    /// Value, d.
+    pub v: &'a [f32],
+    /// Tokens in the state once this one is added (the `n` of the closed form).
+    pub n: usize,
+}
+
+/// Adds the token's key and value to the head's state, then reads out its query into
+/// `out[..d]`. `delta` is δ.
+pub fn step(map: &FeatureMap<'_>, delta: f32, st: HeadState<'_>, tok: Token<'_>, out: &mut [f32]) {
+    let Token { q, k, v, n } = tok;
     let (m, d) = (map.m, map.d);
     let (q, k, v, out) = (&q[..d], &k[..d], &v[..d], &mut out[..d]);
     let ek = &mut st.key_feat[..m];
@@ -138,7 +142,10 @@ pub fn reference(
                     .map(|&u| kernel_fn_f64(f, u) + super::features::GENERALIZED_KERNEL_EPS as f64)
                     .collect(),
             };
-            let m_t = key_max[..=t].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let m_t = key_max[..=t]
+                .iter()
+                .cloned()
+                .fold(f64::NEG_INFINITY, f64::max);
             let mut num = vec![0f64; d];
             let mut den = 0f64;
             for j in 0..=t {

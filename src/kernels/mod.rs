@@ -102,7 +102,12 @@ pub fn matvec<T: Elem>(w: &[T], x: &[f32], y: &mut [f32]) {
         .enumerate()
         .for_each(|(b, y_block)| {
             let start = b * block;
-            matvec_rows(&w[start * cols..(start + y_block.len()) * cols], cols, x, y_block);
+            matvec_rows(
+                &w[start * cols..(start + y_block.len()) * cols],
+                cols,
+                x,
+                y_block,
+            );
         });
 }
 
@@ -186,7 +191,9 @@ pub fn exp16(x: f32x16) -> f32x16 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     let too_small = x.simd_lt(f32x16::splat(-87.33655));
     let too_big = x.simd_gt(f32x16::splat(88.72283));
-    let xc = x.fast_max(f32x16::splat(-87.33655)).fast_min(f32x16::splat(88.72283));
+    let xc = x
+        .fast_max(f32x16::splat(-87.33655))
+        .fast_min(f32x16::splat(88.72283));
     let n = (xc * f32x16::splat(LOG2E)).round();
     let r = n.mul_neg_add(f32x16::splat(LN2_HI), xc);
     let r = n.mul_neg_add(f32x16::splat(LN2_LO), r);

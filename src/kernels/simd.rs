@@ -30,7 +30,9 @@ impl Elem for f32 {
     }
     #[inline(always)]
     fn load16(s: &[Self]) -> f32x16 {
-        let arr: [f32; 16] = s[..16].try_into().expect("caller passes at least 16 elements");
+        let arr: [f32; 16] = s[..16]
+            .try_into()
+            .expect("caller passes at least 16 elements");
         f32x16::from(arr)
     }
 }
@@ -64,7 +66,9 @@ impl Elem for f16 {
         let mut out = [0f32; 16];
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
         {
-            use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_storeu_ps};
+            use std::arch::x86_64::{
+                __m256i, _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_storeu_ps,
+            };
             // SAFETY: `s` holds exactly 16 f16 values (32 bytes), read unaligned; `out` has room
             // for 16 f32 values written unaligned; the build enables avx512f (cfg above).
             unsafe {

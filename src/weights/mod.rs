@@ -327,7 +327,7 @@ impl WeightFile {
             dtype: info.dtype.clone(),
         })?;
         let bytes = &self.map[range.clone()];
-        let aligned = (bytes.as_ptr() as usize) % dtype.size() == 0;
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(dtype.size());
         let storage = if aligned {
             Storage::Mapped(self.map.clone(), range.clone())
         } else if dtype == Dtype::F32 {

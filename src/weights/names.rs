@@ -86,8 +86,8 @@ pub fn infer(file: &WeightFile) -> Inferred {
     inf.shift_tokens = shift;
     let names = BlockNames::new(0, shift.unwrap_or(false));
 
-    if let Some(p) = shape(&format!("{}.fast_attention.projection_matrix", names.attn))
-        .filter(|s| s.len() == 2)
+    if let Some(p) =
+        shape(&format!("{}.fast_attention.projection_matrix", names.attn)).filter(|s| s.len() == 2)
     {
         inf.nb_features = Some(p[0]);
         inf.dim_head = Some(p[1]);
@@ -103,7 +103,7 @@ pub fn infer(file: &WeightFile) -> Inferred {
         .filter(|s| s.len() == 2)
         .map(|s| s[0]);
     if let (Some(q), Some(dh)) = (shape(&format!("{}.to_q.weight", names.attn)), inf.dim_head) {
-        if q.len() == 2 && dh > 0 && q[0] % dh == 0 {
+        if q.len() == 2 && dh > 0 && q[0].is_multiple_of(dh) {
             inf.heads = Some(q[0] / dh);
         }
     }
@@ -117,7 +117,7 @@ pub fn infer(file: &WeightFile) -> Inferred {
     ) {
         if w1.len() == 2 && w2.len() == 2 && dim > 0 {
             inf.ff_glu = Some(w1[0] == 2 * w2[1]);
-            if w2[1] % dim == 0 {
+            if w2[1].is_multiple_of(dim) {
                 inf.ff_mult = Some(w2[1] / dim);
             }
         }

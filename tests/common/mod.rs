@@ -75,9 +75,7 @@ pub fn load_expected(fixture_name: &str, file: &str) -> Expected {
 /// Largest absolute difference between two slices.
 pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
 /// A small deterministic generator for test inputs (SplitMix64).
@@ -102,6 +100,8 @@ impl TestRng {
     }
 
     pub fn tokens(&mut self, n: usize, vocab: u32) -> Vec<u32> {
-        (0..n).map(|_| (self.next_u64() % vocab as u64) as u32).collect()
+        (0..n)
+            .map(|_| (self.next_u64() % vocab as u64) as u32)
+            .collect()
     }
 }

@@ -1,0 +1,152 @@
+//! The streaming decoder against itself and the reference: stepping one token at a time,
+//! prefill, and the full-sequence reference must agree; the state never grows.
+
+mod common;
+
+use common::{fixture, max_diff, TestRng};
+use performer::{Error, LoadOptions, Model, State};
+
+fn load(name: &str, eps0: bool) -> Model {
+    let opts = if eps0 {
+        LoadOptions {
+            kernel_eps: Some(0.0),
+            denominator_eps: Some(0.0),
+        }
+    } else {
+        LoadOptions::default()
+    };
+    Model::load_with(fixture(name), opts).unwrap()
+}
+
+/// Step, prefill and the reference agree within 1e-5 × max(1, max |logit|): the three differ
+/// only in summation order and precision (the reference sums in f64), so the gap is f32
+/// rounding, measured ≈ 1e-6 relative.
+#[test]
+fn step_prefill_and_reference_agree() {
+    let mut rng = TestRng(11);
+    for name in ["default_a", "default_b"] {
+        for eps0 in [false, true] {
+            let model = load(name, eps0);
+            for len in [1usize, 2, 37, 64] {
+                let tokens = rng.tokens(len, 256);
+                let reference = model.forward_reference(&tokens).unwrap();
+                let mut state = State::new(&model);
+                let scale = reference
+                    .iter()
+                    .flatten()
+                    .fold(1f32, |a, &b| a.max(b.abs()));
+                for (t, &tok) in tokens.iter().enumerate() {
+                    let logits = model.step(&mut state, tok).unwrap();
+                    let d = max_diff(logits, &reference[t]);
+                    assert!(d <= 1e-5 * scale, "{name} eps0={eps0} len={len} t={t}: {d}");
+                }
+                let stepped = state.logits().unwrap().to_vec();
+                let mut fresh = State::new(&model);
+                let prefilled = model.prefill(&mut fresh, &tokens).unwrap().to_vec();
+                assert_eq!(fresh.position(), len);
+                // Prefill runs the same kernels in the same order as stepping: bit-identical.
+                assert_eq!(prefilled, stepped, "{name}: prefill differs from stepping");
+            }
+        }
+    }
+}
+
+#[test]
+fn prefill_leaves_the_state_stepping_leaves() {
+    let model = load("default_b", false);
+    let mut rng = TestRng(12);
+    let prompt = rng.tokens(29, 256);
+    let continuation = rng.tokens(9, 256);
+    let mut a = State::new(&model);
+    let mut b = State::new(&model);
+    model.prefill(&mut a, &prompt).unwrap();
+    for &t in &prompt {
+        model.step(&mut b, t).unwrap();
+    }
+    for &t in &continuation {
+        let la = model.step(&mut a, t).unwrap().to_vec();
+        let lb = model.step(&mut b, t).unwrap().to_vec();
+        assert_eq!(la, lb);
+    }
+}
+
+#[test]
+fn state_size_is_constant_over_ten_thousand_tokens() {
+    let model = load("default_a", false);
+    let mut rng = TestRng(13);
+    let mut state = State::new(&model);
+    let at_start = state.size_bytes();
+    model.prefill(&mut state, &rng.tokens(10, 256)).unwrap();
+    let after_10 = state.size_bytes();
+    // Past max_seq_len (128): rotary models run without a length limit.
+    model.prefill(&mut state, &rng.tokens(9_990, 256)).unwrap();
+    assert_eq!(state.position(), 10_000);
+    assert_eq!(after_10, at_start);
+    assert_eq!(state.size_bytes(), after_10);
+    assert!(state.logits().unwrap().iter().all(|v| v.is_finite()));
+    // A, a, s, M per layer and head: depth 2 × heads 2 × (110·32 + 110 + 32 + 1) floats.
+    assert_eq!(
+        state.attention_bytes(),
+        2 * 2 * (110 * 32 + 110 + 32 + 1) * 4
+    );
+}
+
+#[test]
+fn reset_returns_to_a_fresh_state() {
+    let model = load("default_a", false);
+    let tokens = [5u32, 200, 31, 7];
+    let mut state = State::new(&model);
+    let first = model.prefill(&mut state, &tokens).unwrap().to_vec();
+    model.prefill(&mut state, &[1, 2, 3]).unwrap();
+    state.reset();
+    assert_eq!(state.position(), 0);
+    assert!(state.logits().is_none());
+    assert_eq!(model.prefill(&mut state, &tokens).unwrap(), &first[..]);
+}
+
+#[test]
+fn bad_tokens_and_empty_input_are_errors_that_leave_the_state_alone() {
+    let model = load("default_a", false);
+    let mut state = State::new(&model);
+    model.prefill(&mut state, &[1, 2]).unwrap();
+    let before = state.logits().unwrap().to_vec();
+    assert!(matches!(
+        model.step(&mut state, 256),
+        Err(Error::TokenOutOfRange {
+            token: 256,
+            vocab: 256
+        })
+    ));
+    assert!(matches!(
+        model.prefill(&mut state, &[3, 4, u32::MAX]),
+        Err(Error::TokenOutOfRange { .. })
+    ));
+    assert!(matches!(
+        model.prefill(&mut state, &[]),
+        Err(Error::EmptyInput(_))
+    ));
+    assert!(matches!(
+        model.forward_reference(&[]),
+        Err(Error::EmptyInput(_))
+    ));
+    assert_eq!(state.position(), 2);
+    assert_eq!(state.logits().unwrap(), &before[..]);
+}
+
+#[test]
+fn a_state_only_runs_with_a_model_of_its_shape() {
+    let a = load("default_a", false);
+    let b = load("default_b", false);
+    let mut state = State::new(&a);
+    assert!(matches!(
+        b.step(&mut state, 1),
+        Err(Error::StateMismatch(_))
+    ));
+}
+
+#[test]
+fn model_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Model>();
+    assert_send_sync::<State>();
+}

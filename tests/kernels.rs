@@ -1,0 +1,289 @@
+//! Every SIMD kernel against its scalar twin on random and edge inputs: odd lengths, zeros,
+//! huge and tiny magnitudes, and every weight dtype.
+
+mod common;
+
+use common::TestRng;
+use half::{bf16, f16};
+use performer::kernels::{self, scalar, Elem};
+
+/// Lengths around the 16-lane and 64-element unroll boundaries.
+const LENGTHS: &[usize] = &[0, 1, 3, 15, 16, 17, 31, 63, 64, 65, 100, 257, 1031];
+
+fn rel_err(a: f32, b: f32, scale: f32) -> f32 {
+    (a - b).abs() / scale.max(f32::MIN_POSITIVE)
+}
+
+/// Dot products accumulate rounding proportional to Σ|w·x|; 1e-5 of that sum bounds f32
+/// accumulation over ≤ 1031 terms with 4-way split accumulators (n·ε/4 ≈ 3e-5 worst case,
+/// ~1e-6 typical).
+fn check_dot<T: Elem>(w: &[T], x: &[f32]) {
+    let fast = kernels::dot(w, x);
+    let slow = scalar::dot(w, x);
+    let mag: f32 = w.iter().zip(x).map(|(a, b)| (a.to_f32() * b).abs()).sum();
+    assert!(
+        fast == slow || rel_err(fast, slow, mag) <= 1e-5 || (fast - slow).abs() <= 1e-30,
+        "{} dot n={}: {fast} vs {slow}",
+        T::NAME,
+        w.len()
+    );
+}
+
+#[test]
+fn dot_matches_scalar_for_all_dtypes() {
+    let mut rng = TestRng(1);
+    for &n in LENGTHS {
+        for scale in [0.0, 1e-20, 1.0, 1e15] {
+            let w = rng.vec(n, scale);
+            let x = rng.vec(n, 1.0);
+            check_dot(&w, &x);
+        }
+        // Half formats: tiny values reach f16 subnormals, large ones stay below f16's 65504.
+        for scale in [0.0, 1e-6, 1.0, 3e4] {
+            let w = rng.vec(n, scale);
+            let x = rng.vec(n, 1.0);
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            check_dot(&wh, &x);
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            check_dot(&wb, &x);
+        }
+    }
+}
+
+#[test]
+fn half_loads_widen_exactly() {
+    // Widening f16/bf16 to f32 is exact: every lane must equal half's own conversion,
+    // including subnormals, infinities and signed zeros.
+    let specials = [
+        0.0f32,
+        -0.0,
+        1.0,
+        -2.5,
+        65504.0,
+        6.1e-5,
+        5.96e-8,
+        f32::INFINITY,
+        -1e-3,
+    ];
+    let mut vals = Vec::new();
+    for i in 0..32 {
+        vals.push(specials[i % specials.len()] * (1 + i / 9) as f32);
+    }
+    let h: Vec<f16> = vals.iter().map(|&v| f16::from_f32(v)).collect();
+    let b: Vec<bf16> = vals.iter().map(|&v| bf16::from_f32(v)).collect();
+    for off in [0, 16] {
+        let lanes = f16::load16(&h[off..]).to_array();
+        for i in 0..16 {
+            assert_eq!(lanes[i].to_bits(), h[off + i].to_f32().to_bits());
+        }
+        let lanes = bf16::load16(&b[off..]).to_array();
+        for i in 0..16 {
+            assert_eq!(lanes[i].to_bits(), b[off + i].to_f32().to_bits());
+        }
+    }
+}
+
+fn check_matvec<T: Elem>(rows: usize, cols: usize, rng: &mut TestRng, conv: impl Fn(f32) -> T) {
+    let w: Vec<T> = rng.vec(rows * cols, 1.0).into_iter().map(conv).collect();
+    let x = rng.vec(cols, 1.0);
+    let mut fast = vec![0.0; rows];
+    let mut slow = vec![0.0; rows];
+    kernels::matvec(&w, &x, &mut fast);
+    scalar::matvec(&w, &x, &mut slow);
+    for r in 0..rows {
+        let mag: f32 = (0..cols)
+            .map(|c| (w[r * cols + c].to_f32() * x[c]).abs())
+            .sum();
+        assert!(
+            rel_err(fast[r], slow[r], mag) <= 1e-5,
+            "{} matvec {rows}x{cols} row {r}: {} vs {}",
+            T::NAME,
+            fast[r],
+            slow[r]
+        );
+    }
+}
+
+#[test]
+fn matvec_matches_scalar_including_parallel_blocks() {
+    let mut rng = TestRng(2);
+    // Small (serial), odd shapes, and large enough to split across threads.
+    for &(rows, cols) in &[
+        (1, 1),
+        (3, 17),
+        (5, 64),
+        (7, 100),
+        (130, 77),
+        (515, 300),
+        (1024, 129),
+    ] {
+        check_matvec::<f32>(rows, cols, &mut rng, |v| v);
+        check_matvec::<f16>(rows, cols, &mut rng, f16::from_f32);
+        check_matvec::<bf16>(rows, cols, &mut rng, bf16::from_f32);
+    }
+}
+
+#[test]
+fn axpy_and_scale_axpy_match_scalar() {
+    let mut rng = TestRng(3);
+    for &n in LENGTHS {
+        let x = rng.vec(n, 3.0);
+        let y0 = rng.vec(n, 1e3);
+        let (mut a, mut b) = (y0.clone(), y0.clone());
+        kernels::axpy(0.37, &x, &mut a);
+        scalar::axpy(0.37, &x, &mut b);
+        // One fused multiply-add versus a multiply then add: at most 1 ulp apart.
+        for i in 0..n {
+            assert!(
+                (a[i] - b[i]).abs() <= b[i].abs() * 2e-7 + 1e-6,
+                "axpy {n} {i}"
+            );
+        }
+        let (mut a, mut b) = (y0.clone(), y0);
+        kernels::scale_axpy(0.25, -1.5, &x, &mut a);
+        scalar::scale_axpy(0.25, -1.5, &x, &mut b);
+        for i in 0..n {
+            assert!(
+                (a[i] - b[i]).abs() <= b[i].abs() * 2e-7 + 1e-6,
+                "scale_axpy {n} {i}"
+            );
+        }
+    }
+}
+
+#[test]
+fn exp_matches_std_and_handles_extremes() {
+    let mut xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.0443).collect();
+    xs.extend([
+        0.0,
+        -0.0,
+        1e-30,
+        -1e-30,
+        88.0,
+        88.7,
+        88.8,
+        1e30,
+        -87.0,
+        -87.3,
+        -87.4,
+        -100.0,
+        -1e30,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ]);
+    let mut fast = xs.clone();
+    kernels::exp_shifted(&mut fast, 0.0);
+    for (i, &x) in xs.iter().enumerate() {
+        let want = x.exp();
+        let got = fast[i];
+        if x < -87.33655 {
+            // Flushed to zero instead of a denormal: below 1.2e-38 either way.
+            assert_eq!(got, 0.0, "exp({x})");
+        } else if want.is_infinite() {
+            assert_eq!(got, f32::INFINITY, "exp({x})");
+        } else {
+            // 4 ulp: the polynomial's ~2 ulp plus the two-factor 2^n scaling.
+            assert!(
+                (got - want).abs() <= want * 4.0 * f32::EPSILON,
+                "exp({x}) = {got}, want {want}"
+            );
+        }
+    }
+    let mut nan = [f32::NAN; 17];
+    kernels::exp_shifted(&mut nan, 0.0);
+    assert!(nan.iter().all(|v| v.is_nan()));
+    // Shift is applied before exp: exp(x − s) for a tail of odd length.
+    let mut v = vec![1.0f32; 19];
+    kernels::exp_shifted(&mut v, 1.0);
+    assert!(v.iter().all(|&e| (e - 1.0).abs() < 1e-7));
+}
+
+#[test]
+fn gelu_matches_exact_erf_gelu() {
+    let mut xs: Vec<f32> = (-1200..=1200).map(|i| i as f32 * 0.01).collect();
+    xs.extend([
+        0.0, -0.0, 1e-20, -1e-20, 30.0, -30.0, 1e6, -1e6, 1e30, -1e30,
+    ]);
+    for &n in &[xs.len(), 17, 1] {
+        let mut fast = xs[..n].to_vec();
+        let mut slow = xs[..n].to_vec();
+        kernels::gelu(&mut fast);
+        scalar::gelu(&mut slow);
+        for i in 0..n {
+            // The vector erf has absolute error ≤ 1.5e-7 (A&S 7.1.26), so GELU's error is
+            // ≤ 0.75e-7·|x| plus f32 rounding of the result.
+            let tol = 1e-7 * xs[i].abs() + 2.0 * f32::EPSILON * slow[i].abs() + 1e-30;
+            assert!(
+                (fast[i] - slow[i]).abs() <= tol,
+                "gelu({}) = {}, want {}",
+                xs[i],
+                fast[i],
+                slow[i]
+            );
+        }
+    }
+    // The scalar erf itself against known values.
+    assert!((scalar::erf(0.5) - 0.520_499_877_813_046_5).abs() < 1e-15);
+    assert!((scalar::erf(3.5) - 0.999_999_256_901_627_7).abs() < 1e-15);
+    assert!((scalar::erf(-1.0) + 0.842_700_792_949_714_9).abs() < 1e-15);
+}
+
+#[test]
+fn layer_norm_matches_scalar() {
+    let mut rng = TestRng(4);
+    for &n in &[1usize, 7, 16, 33, 64, 768, 1001] {
+        for scale in [1e-3f32, 1.0, 1e4] {
+            let x: Vec<f32> = rng.vec(n, scale).iter().map(|v| v + 0.5 * scale).collect();
+            let g = rng.vec(n, 2.0);
+            let b = rng.vec(n, 1.0);
+            let (mut fast, mut slow) = (vec![0.0; n], vec![0.0; n]);
+            kernels::layer_norm(&x, &g, &b, 1e-5, &mut fast);
+            scalar::layer_norm(&x, &g, &b, 1e-5, &mut slow);
+            for i in 0..n {
+                // Normalized values are O(1)·|g|: f32 mean/variance rounding gives ~1e-6.
+                assert!(
+                    (fast[i] - slow[i]).abs() <= 1e-5 * (1.0 + g[i].abs()),
+                    "layer_norm n={n} scale={scale} i={i}: {} vs {}",
+                    fast[i],
+                    slow[i]
+                );
+            }
+            let gh: Vec<bf16> = g.iter().map(|&v| bf16::from_f32(v)).collect();
+            let bh: Vec<bf16> = b.iter().map(|&v| bf16::from_f32(v)).collect();
+            kernels::layer_norm(&x, &gh, &bh, 1e-5, &mut fast);
+            scalar::layer_norm(&x, &gh, &bh, 1e-5, &mut slow);
+            for i in 0..n {
+                assert!((fast[i] - slow[i]).abs() <= 1e-5 * (1.0 + g[i].abs()));
+            }
+        }
+    }
+    // A constant vector normalizes to the bias (variance 0, eps keeps it finite).
+    let mut out = vec![0.0; 5];
+    kernels::layer_norm(&[3.0; 5], &[1.0f32; 5], &[0.25f32; 5], 1e-5, &mut out);
+    assert!(out.iter().all(|&v| v == 0.25));
+}
+
+#[test]
+fn softmax_max_sum_match_scalar() {
+    let mut rng = TestRng(5);
+    for &n in &[1usize, 2, 15, 16, 17, 256, 50257] {
+        for scale in [0.0f32, 1.0, 80.0, 1e4] {
+            let x = rng.vec(n, scale);
+            let (mut fast, mut slow) = (x.clone(), x.clone());
+            kernels::softmax(&mut fast);
+            scalar::softmax(&mut slow);
+            for i in 0..n {
+                assert!(
+                    (fast[i] - slow[i]).abs() <= 1e-6 + 1e-5 * slow[i],
+                    "softmax {n} {i}"
+                );
+            }
+            let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(kernels::max(&x), m);
+            let s: f64 = x.iter().map(|&v| v as f64).sum();
+            let mag: f64 = x.iter().map(|&v| v.abs() as f64).sum();
+            assert!((kernels::sum(&x) as f64 - s).abs() <= 1e-6 * mag + 1e-30);
+        }
+    }
+    assert_eq!(kernels::max(&[]), f32::NEG_INFINITY);
+}
