@@ -62,6 +62,17 @@ pub fn step(map: &FeatureMap<'_>, delta: f32, st: HeadState<'_>, tok: Token<'_>,
             map.project(k, ek);
             super::features::apply_kernel_fn(f, ek);
         }
+        FeatureKind::NoProjection => {
+            // φ(k) = exp(k) with no stabiliser in performer-pytorch; keeping a running max is
+            // exact because the common factor exp(M) cancels, except against δ (see below).
+            ek.copy_from_slice(k);
+            let mk = kernels::max(ek);
+            if mk > *st.max {
+                rescale = (*st.max - mk).exp();
+                *st.max = mk;
+            }
+            kernels::exp_shifted(ek, *st.max);
+        }
     }
 
     // Query features w = φ(q) / r without ε: ε and r are applied in closed form below.
@@ -93,6 +104,11 @@ pub fn step(map: &FeatureMap<'_>, delta: f32, st: HeadState<'_>, tok: Token<'_>,
 
     // num = r (φᵀA + ε Σφ s);  den = r (φ·a + ε n Σφ) + δ Σφ
     let num_eps = eps * phi_sum;
+    // Without a projection the state is exp(−M) times performer-pytorch's, so δ scales alike.
+    let delta = match map.kind {
+        FeatureKind::NoProjection => (delta as f64 * (-(*st.max as f64)).exp()) as f32,
+        _ => delta,
+    };
     let den = r * (kernels::dot::<f32>(w, st.a_vec) + eps * n as f32 * phi_sum) + delta * phi_sum;
     let inv = 1.0 / den;
     for (o, s) in out.iter_mut().zip(st.v_sum.iter()) {
@@ -115,7 +131,7 @@ pub fn reference(
     let c = (d as f64).powf(-0.25);
     let r = match map.kind {
         FeatureKind::Softmax { .. } => (m as f64).powf(-0.5),
-        FeatureKind::Generalized(_) => 1.0,
+        FeatureKind::Generalized(_) | FeatureKind::NoProjection => 1.0,
     };
     let diag = |x: &[f32]| x.iter().map(|&a| (a as f64).powi(2)).sum::<f64>() * c * c / 2.0;
     let uk: Vec<Vec<f64>> = k.iter().map(|x| project_f64(map, x)).collect();
@@ -141,6 +157,12 @@ pub fn reference(
                     .iter()
                     .map(|&u| kernel_fn_f64(f, u) + super::features::GENERALIZED_KERNEL_EPS as f64)
                     .collect(),
+                FeatureKind::NoProjection => {
+                    let mq = uq.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = uq.iter().map(|u| (u - mq).exp()).collect();
+                    let s: f64 = e.iter().sum();
+                    e.iter().map(|x| x / s).collect()
+                }
             };
             let m_t = key_max[..=t]
                 .iter()
@@ -159,6 +181,8 @@ pub fn reference(
                                 kernel_fn_f64(g, uk[j][f])
                                     + super::features::GENERALIZED_KERNEL_EPS as f64
                             }
+                            // performer-pytorch's exp(k), unstabilised (f64 has the range).
+                            FeatureKind::NoProjection => uk[j][f].exp(),
                         };
                         phi_q[f] * phi_k
                     })

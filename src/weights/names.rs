@@ -128,7 +128,8 @@ pub fn infer(file: &WeightFile) -> Inferred {
             inf.use_scalenorm = Some(false);
         }
         Some(_) => {
-            inf.use_rezero = Some(false);
+            // ScaleNorm wins over ReZero in performer-pytorch, so use_rezero may have been set
+            // too: the checkpoint cannot tell.
             inf.use_scalenorm = Some(true);
         }
         None if shape(&format!("{}.norm.weight", names.attn_branch)).is_some() => {
