@@ -26,6 +26,7 @@ pub mod kernels;
 pub mod model;
 pub mod npy;
 pub mod sampling;
+pub mod snapshot;
 pub mod state;
 pub mod tokenizer;
 pub mod weights;

@@ -97,6 +97,12 @@ struct GenerateArgs {
     /// Stop at this string (repeatable); it is not printed.
     #[arg(long)]
     stop: Vec<String>,
+    /// Continue from a state saved by --save-state (the prompt, if any, is appended).
+    #[arg(long)]
+    load_state: Option<PathBuf>,
+    /// Save the state after generation (prompt and generated text) to this file.
+    #[arg(long)]
+    save_state: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -165,10 +171,16 @@ fn generate(a: GenerateArgs) -> CliResult {
             .into_iter()
             .map(u32::from)
             .collect(),
-        (None, None) => return Err("give a prompt with --prompt TEXT or --prompt-file FILE".into()),
+        (None, None) if a.load_state.is_some() => Vec::new(),
+        (None, None) => {
+            return Err("give a prompt with --prompt TEXT or --prompt-file FILE".into())
+        }
     };
     let model = a.model.load()?;
-    let mut state = State::new(&model);
+    let mut state = match &a.load_state {
+        Some(path) => State::load(&model, path)?,
+        None => State::new(&model),
+    };
     let options = GenerateOptions {
         max_tokens: a.max_tokens,
         stop: a.stop,
@@ -190,6 +202,10 @@ fn generate(a: GenerateArgs) -> CliResult {
     }
     writeln!(out)?;
     let s = generation.stats();
+    drop(generation);
+    if let Some(path) = &a.save_state {
+        state.save(&model, path)?;
+    }
     eprintln!(
         "prompt: {} tokens, {:.1} tokens/s | generation: {} tokens, {:.1} tokens/s",
         s.prompt_tokens,

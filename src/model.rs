@@ -385,6 +385,8 @@ pub struct Model {
     norm: LayerNorm,
     /// `None` with `tie_embed`: the logits use the token embedding.
     to_out: Option<Linear>,
+    /// Hash of the architecture and the weights file, computed on first use.
+    fingerprint: std::sync::OnceLock<u64>,
 }
 
 impl Model {
@@ -440,6 +442,22 @@ impl Model {
             layers,
             norm,
             to_out,
+            fingerprint: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// A hash identifying this model: its architecture (the config without the runtime
+    /// epsilons) and every byte of its weights file. Computed once, on first use (it reads the
+    /// whole file: about a second per few GB).
+    pub fn fingerprint(&self) -> u64 {
+        *self.fingerprint.get_or_init(|| {
+            let mut arch = self.config.clone();
+            arch.kernel_eps = 0.0;
+            arch.denominator_eps = 0.0;
+            arch.origins.clear();
+            let text = format!("{arch:?}");
+            let weights = crate::snapshot::hash64(self.file.bytes());
+            crate::snapshot::hash64(text.as_bytes()) ^ weights.rotate_left(17)
         })
     }
 

@@ -140,3 +140,49 @@ fn errors_are_one_line_with_nonzero_exit() {
     // Usage errors come from clap with exit code 2.
     assert_eq!(performer(&["generate", "--bogus"]).status.code(), Some(2));
 }
+
+#[test]
+fn save_state_then_load_state_continues_the_text() {
+    let m = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("s.pfstate");
+    let snap = snap.to_str().unwrap();
+    let greedy = ["--temperature", "0"];
+    let first = performer(
+        &[
+            &["generate", "--model", &m, "--prompt", "Hi", "--max-tokens", "10"][..],
+            &greedy,
+            &["--save-state", snap],
+        ]
+        .concat(),
+    );
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let second = performer(
+        &[
+            &["generate", "--model", &m, "--load-state", snap, "--max-tokens", "10"][..],
+            &greedy,
+        ]
+        .concat(),
+    );
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    let straight = performer(
+        &[
+            &["generate", "--model", &m, "--prompt", "Hi", "--max-tokens", "20"][..],
+            &greedy,
+        ]
+        .concat(),
+    );
+    // Each run ends its output with a newline.
+    let strip = |o: &std::process::Output| {
+        let mut v = o.stdout.clone();
+        assert_eq!(v.pop(), Some(b'\n'));
+        v
+    };
+    let mut joined = strip(&first);
+    joined.extend(strip(&second));
+    assert_eq!(joined, strip(&straight));
+    // A snapshot from another model is refused with one line.
+    let other = fixture("default_b").to_string_lossy().into_owned();
+    let bad = performer(&["generate", "--model", &other, "--load-state", snap]);
+    assert_eq!(bad.status.code(), Some(1));
+}
