@@ -25,6 +25,7 @@ pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod npy;
+pub mod parallel;
 pub mod sampling;
 pub mod snapshot;
 pub mod state;

@@ -172,9 +172,7 @@ fn generate(a: GenerateArgs) -> CliResult {
             .map(u32::from)
             .collect(),
         (None, None) if a.load_state.is_some() => Vec::new(),
-        (None, None) => {
-            return Err("give a prompt with --prompt TEXT or --prompt-file FILE".into())
-        }
+        (None, None) => return Err("give a prompt with --prompt TEXT or --prompt-file FILE".into()),
     };
     let model = a.model.load()?;
     let mut state = match &a.load_state {

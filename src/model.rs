@@ -51,8 +51,8 @@ pub struct LoadOptions {
 /// A linear layer: `y = W x (+ b)` with `W` of shape `[out, in]`.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
 }
 
 impl Linear {
@@ -70,6 +70,26 @@ impl Linear {
         with_view!(self.weight.view(), |w| kernels::matvec(w, x, y));
         if let Some(b) = &self.bias {
             with_view!(b.view(), |b| kernels::add_bias(b, y));
+        }
+    }
+
+    /// `y = x Wᵀ (+ b)` for `rows` rows of `x` at once.
+    pub(crate) fn forward_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        let out = self.weight.shape()[0];
+        with_view!(self.weight.view(), |w| kernels::matmul::linear(
+            x,
+            rows,
+            w,
+            out,
+            &mut y[..rows * out]
+        ));
+        if let Some(b) = &self.bias {
+            for r in 0..rows {
+                with_view!(b.view(), |b| kernels::add_bias(
+                    b,
+                    &mut y[r * out..(r + 1) * out]
+                ));
+            }
         }
     }
 
@@ -92,8 +112,8 @@ impl Linear {
 /// `torch.nn.LayerNorm` with affine parameters.
 #[derive(Debug, Clone)]
 pub(crate) struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
 }
 
 impl LayerNorm {
@@ -158,7 +178,7 @@ impl BlockNorm {
         })
     }
 
-    fn apply(&self, x: &[f32], out: &mut [f32]) {
+    pub(crate) fn apply(&self, x: &[f32], out: &mut [f32]) {
         match self {
             BlockNorm::Layer(ln) => ln.forward(x, out),
             BlockNorm::Scale(g) => {
@@ -185,7 +205,7 @@ impl BlockNorm {
     }
 
     /// The factor on the branch output: ReZero's `g`, else 1.
-    fn gain(&self) -> f32 {
+    pub(crate) fn gain(&self) -> f32 {
         match self {
             BlockNorm::ReZero(g) => g.view().get(0),
             _ => 1.0,
@@ -251,7 +271,7 @@ impl Positions {
     }
 
     /// Adds the input position embedding of `pos` to `h` (`tmp` is scratch of width dim).
-    fn add_input(&self, pos: usize, h: &mut [f32], tmp: &mut [f32]) {
+    pub(crate) fn add_input(&self, pos: usize, h: &mut [f32], tmp: &mut [f32]) {
         let dim = h.len();
         match self {
             Positions::Rotary { input, .. } => input.row(pos, tmp),
@@ -269,7 +289,7 @@ impl Positions {
     }
 
     /// The rotary table of the global heads, if the model uses one.
-    fn rotary(&self) -> Option<&Sinusoid> {
+    pub(crate) fn rotary(&self) -> Option<&Sinusoid> {
         match self {
             Positions::Rotary { layer, .. } => Some(layer),
             _ => None,
@@ -289,19 +309,19 @@ impl Positions {
 /// residual connection.
 #[derive(Debug, Clone)]
 pub(crate) struct Layer {
-    attn_norm: BlockNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    attn_out: Linear,
-    projection: Tensor,
+    pub(crate) attn_norm: BlockNorm,
+    pub(crate) to_q: Linear,
+    pub(crate) to_k: Linear,
+    pub(crate) to_v: Linear,
+    pub(crate) attn_out: Linear,
+    pub(crate) projection: Tensor,
     /// Number of local (windowed softmax) heads: the last heads of the layer.
-    local_heads: usize,
+    pub(crate) local_heads: usize,
     /// The local heads' rotary frequencies, `d/2`.
-    local_inv_freq: Option<Tensor>,
-    ff_norm: BlockNorm,
-    w1: Linear,
-    w2: Linear,
+    pub(crate) local_inv_freq: Option<Tensor>,
+    pub(crate) ff_norm: BlockNorm,
+    pub(crate) w1: Linear,
+    pub(crate) w2: Linear,
 }
 
 impl Layer {
@@ -377,16 +397,16 @@ fn load_tensor(file: &WeightFile, name: &str, shape: &[usize]) -> Result<Tensor>
 /// ```
 #[derive(Debug)]
 pub struct Model {
-    config: Config,
-    file: WeightFile,
-    token_emb: Tensor,
-    positions: Positions,
-    layers: Vec<Layer>,
-    norm: LayerNorm,
+    pub(crate) config: Config,
+    pub(crate) file: WeightFile,
+    pub(crate) token_emb: Tensor,
+    pub(crate) positions: Positions,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: LayerNorm,
     /// `None` with `tie_embed`: the logits use the token embedding.
-    to_out: Option<Linear>,
+    pub(crate) to_out: Option<Linear>,
     /// Hash of the architecture and the weights file, computed on first use.
-    fingerprint: std::sync::OnceLock<u64>,
+    pub(crate) fingerprint: std::sync::OnceLock<u64>,
 }
 
 impl Model {
@@ -540,7 +560,7 @@ impl Model {
         }
     }
 
-    fn check_tokens(&self, start: usize, tokens: &[u32]) -> Result<()> {
+    pub(crate) fn check_tokens(&self, start: usize, tokens: &[u32]) -> Result<()> {
         for &token in tokens {
             if token as usize >= self.config.num_tokens {
                 return Err(Error::TokenOutOfRange {
@@ -572,19 +592,11 @@ impl Model {
         Ok(&state.logits)
     }
 
-    /// Consumes a prompt and returns the logits after its last token. All ids (and, for
-    /// absolute positions, the length) are checked before the state changes.
+    /// Consumes a prompt and returns the logits after its last token, in chunks of
+    /// [`crate::parallel::DEFAULT_CHUNK`] tokens (see [`Model::prefill_chunked`]). All ids (and,
+    /// for absolute positions, the length) are checked before the state changes.
     pub fn prefill<'s>(&self, state: &'s mut State, tokens: &[u32]) -> Result<&'s [f32]> {
-        state.check_fits(self)?;
-        let Some((&last, body)) = tokens.split_last() else {
-            return Err(Error::EmptyInput("prefill needs at least one token"));
-        };
-        self.check_tokens(state.pos, tokens)?;
-        for &t in body {
-            self.forward_token(state, t, false)?;
-        }
-        self.forward_token(state, last, true)?;
-        Ok(&state.logits)
+        self.prefill_chunked(state, tokens, crate::parallel::DEFAULT_CHUNK)
     }
 
     /// Runs one token through every layer at position `state.pos`: embed → for each layer
@@ -877,7 +889,7 @@ impl Model {
 
 /// `shift_tokens`: swaps features `[dim/2, 2·(dim/2))` of this position's block input with the
 /// previous position's, kept in `prev[offset..]` (zeros before the first token).
-fn shift_features(xn: &mut [f32], prev: &mut [f32], offset: usize) {
+pub(crate) fn shift_features(xn: &mut [f32], prev: &mut [f32], offset: usize) {
     let dim = xn.len();
     let seg = dim / 2..2 * (dim / 2);
     xn[seg.clone()].swap_with_slice(&mut prev[offset + seg.start..offset + seg.end]);

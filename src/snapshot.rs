@@ -45,12 +45,14 @@ pub fn hash64(bytes: &[u8]) -> u64 {
     for c in chunks.by_ref() {
         for (i, lane) in lanes.iter_mut().enumerate() {
             let w = u64::from_le_bytes(c[8 * i..8 * i + 8].try_into().expect("8 bytes"));
-            *lane = (*lane ^ w.wrapping_mul(P2)).rotate_left(31).wrapping_mul(P1);
+            *lane = (*lane ^ w.wrapping_mul(P2))
+                .rotate_left(31)
+                .wrapping_mul(P1);
         }
     }
-    let mut h = lanes
-        .iter()
-        .fold(bytes.len() as u64, |h, &l| (h ^ l).wrapping_mul(P1).rotate_left(27));
+    let mut h = lanes.iter().fold(bytes.len() as u64, |h, &l| {
+        (h ^ l).wrapping_mul(P1).rotate_left(27)
+    });
     for &b in chunks.remainder() {
         h = (h ^ b as u64).wrapping_mul(P1).rotate_left(11);
     }
@@ -134,7 +136,10 @@ impl State {
     /// Restores a state for `model` from [`State::to_bytes`] output.
     pub fn from_bytes(model: &Model, bytes: &[u8]) -> Result<State> {
         if bytes.len() < HEADER + 8 {
-            return Err(bad(format!("{} bytes is shorter than the header", bytes.len())));
+            return Err(bad(format!(
+                "{} bytes is shorter than the header",
+                bytes.len()
+            )));
         }
         if &bytes[..8] != MAGIC {
             return Err(bad("not a performer state snapshot (bad magic)"));
@@ -150,7 +155,9 @@ impl State {
         }
         let (body, tail) = bytes.split_at(bytes.len() - 8);
         if hash64(body) != u64::from_le_bytes(tail.try_into().expect("8 bytes")) {
-            return Err(bad("checksum mismatch: the snapshot is corrupted or truncated"));
+            return Err(bad(
+                "checksum mismatch: the snapshot is corrupted or truncated",
+            ));
         }
         if u64_at(16) != model.fingerprint() {
             return Err(Error::StateMismatch(

@@ -150,24 +150,56 @@ fn save_state_then_load_state_continues_the_text() {
     let greedy = ["--temperature", "0"];
     let first = performer(
         &[
-            &["generate", "--model", &m, "--prompt", "Hi", "--max-tokens", "10"][..],
+            &[
+                "generate",
+                "--model",
+                &m,
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "10",
+            ][..],
             &greedy,
             &["--save-state", snap],
         ]
         .concat(),
     );
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let second = performer(
         &[
-            &["generate", "--model", &m, "--load-state", snap, "--max-tokens", "10"][..],
+            &[
+                "generate",
+                "--model",
+                &m,
+                "--load-state",
+                snap,
+                "--max-tokens",
+                "10",
+            ][..],
             &greedy,
         ]
         .concat(),
     );
-    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
     let straight = performer(
         &[
-            &["generate", "--model", &m, "--prompt", "Hi", "--max-tokens", "20"][..],
+            &[
+                "generate",
+                "--model",
+                &m,
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "20",
+            ][..],
             &greedy,
         ]
         .concat(),

@@ -55,8 +55,12 @@ fn step_prefill_and_reference_agree() {
                 let mut fresh = State::new(&model);
                 let prefilled = model.prefill(&mut fresh, &tokens).unwrap().to_vec();
                 assert_eq!(fresh.position(), len);
-                // Prefill runs the same kernels in the same order as stepping: bit-identical.
-                assert_eq!(prefilled, stepped, "{name}: prefill differs from stepping");
+                // Chunked prefill regroups the same sums: f32 rounding, same bound.
+                let d = max_diff(&prefilled, &stepped);
+                assert!(
+                    d <= 1e-5 * scale,
+                    "{name}: prefill differs from stepping by {d}"
+                );
             }
         }
     }
@@ -77,7 +81,9 @@ fn prefill_leaves_the_state_stepping_leaves() {
     for &t in &continuation {
         let la = model.step(&mut a, t).unwrap().to_vec();
         let lb = model.step(&mut b, t).unwrap().to_vec();
-        assert_eq!(la, lb);
+        // Chunked prefill regroups the same sums: f32 rounding (1e-5 relative).
+        let scale = lb.iter().fold(1f32, |m, &x| m.max(x.abs()));
+        assert!(max_diff(&la, &lb) <= 1e-5 * scale);
     }
 }
 

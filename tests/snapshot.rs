@@ -5,9 +5,7 @@ mod common;
 
 use common::{fixture, TestRng};
 use performer::snapshot::{hash64, MAGIC};
-use performer::{
-    Error, GenerateOptions, Generation, LoadOptions, Model, SamplingParams, State,
-};
+use performer::{Error, GenerateOptions, Generation, LoadOptions, Model, SamplingParams, State};
 
 fn continue_tokens(model: &Model, state: &mut State, tokens: &[u32]) -> Vec<Vec<f32>> {
     tokens

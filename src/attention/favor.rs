@@ -197,3 +197,170 @@ pub fn reference(
         })
         .collect()
 }
+
+/// One head's state without per-token scratch, for the chunked path.
+pub struct HeadStateRef<'s> {
+    /// `A`, m×d.
+    pub a_mat: &'s mut [f32],
+    /// `a`, m.
+    pub a_vec: &'s mut [f32],
+    /// `s`, d.
+    pub v_sum: &'s mut [f32],
+    /// `M`.
+    pub max: &'s mut f32,
+}
+
+/// `T` consecutive tokens' queries, keys and values for one head, `T × d` row-major each.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a> {
+    /// Queries.
+    pub q: &'a [f32],
+    /// Keys.
+    pub k: &'a [f32],
+    /// Values.
+    pub v: &'a [f32],
+    /// Tokens in the state before the first row.
+    pub n0: usize,
+}
+
+/// The chunkwise form over `T` consecutive tokens of one head: the inter-chunk term from the
+/// carried state, a masked intra-chunk product, then the state update, with matrix products for
+/// the dense parts. `q`, `k`, `v`, `out` are `T × d` row-major; `n0` is the number of tokens
+/// before the chunk.
+///
+/// Each key `j` gets features `E_j = exp(u_j − diag_j − M_j)` with the running max `M_j` at its
+/// own position (so every factor below is `exp` of a non-positive number: no overflow), and a
+/// query at `t` weighs it by `exp(M_j − M_t)`: exactly the rescaling the streaming step does.
+pub fn chunk(
+    map: &FeatureMap<'_>,
+    delta: f32,
+    st: HeadStateRef<'_>,
+    rows: Rows<'_>,
+    out: &mut [f32],
+) {
+    use crate::kernels::matmul::{gemm_f32, MatRef};
+    let Rows { q, k, v, n0 } = rows;
+    let (m, d) = (map.m, map.d);
+    let t_len = q.len() / d;
+    if t_len == 0 {
+        return;
+    }
+    let (r, eps) = (map.r(), map.eps());
+    let tracks_max = !matches!(map.kind, FeatureKind::Generalized(_));
+
+    // Key features and running maxima.
+    let mut ek = vec![0f32; t_len * m];
+    let mut run_max = vec![0f32; t_len];
+    let mut cur = *st.max;
+    for t in 0..t_len {
+        let kt = &k[t * d..(t + 1) * d];
+        let e = &mut ek[t * m..(t + 1) * m];
+        map.project(kt, e);
+        match map.kind {
+            FeatureKind::Softmax { .. } => {
+                cur = cur.max(kernels::max(e));
+                kernels::exp_shifted(e, map.diag(kt) + cur);
+            }
+            FeatureKind::NoProjection => {
+                cur = cur.max(kernels::max(e));
+                kernels::exp_shifted(e, cur);
+            }
+            FeatureKind::Generalized(f) => super::features::apply_kernel_fn(f, e),
+        }
+        run_max[t] = cur;
+    }
+    // exp(M_a − M_b) with M_b ≥ M_a; 1 when no max is tracked; 0 from an empty state.
+    let factor = |from: f32, to: f32| if tracks_max { (from - to).exp() } else { 1.0 };
+
+    // Query features w_t = r (φ + ε).
+    let mut wq = vec![0f32; t_len * m];
+    for t in 0..t_len {
+        let w = &mut wq[t * m..(t + 1) * m];
+        map.query(&q[t * d..(t + 1) * d], w);
+        for x in w.iter_mut() {
+            *x = r * (*x + eps);
+        }
+    }
+
+    // Inter-chunk: C = Wq A_prev, wa = Wq a_prev, each scaled by exp(M_prev − M_t).
+    let wq_m = MatRef::row_major(&wq, t_len, m);
+    gemm_f32(wq_m, MatRef::row_major(st.a_mat, m, d), out, d, false);
+    let mut wa: Vec<f32> = (0..t_len)
+        .map(|t| kernels::dot::<f32>(&wq[t * m..(t + 1) * m], st.a_vec))
+        .collect();
+    for t in 0..t_len {
+        let f = factor(*st.max, run_max[t]);
+        kernels::scale(f, &mut out[t * d..(t + 1) * d]);
+        wa[t] *= f;
+    }
+
+    // Intra-chunk: G = Wq Ekᵀ, masked causally and weighted by exp(M_j − M_t).
+    let mut g = vec![0f32; t_len * t_len];
+    gemm_f32(
+        wq_m,
+        MatRef::row_major(&ek, t_len, m).t(),
+        &mut g,
+        t_len,
+        false,
+    );
+    for t in 0..t_len {
+        let row = &mut g[t * t_len..(t + 1) * t_len];
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = if j <= t {
+                *x * factor(run_max[j], run_max[t])
+            } else {
+                0.0
+            };
+        }
+        wa[t] += kernels::sum(row);
+    }
+    gemm_f32(
+        MatRef::row_major(&g, t_len, t_len),
+        MatRef::row_major(&v[..t_len * d], t_len, d),
+        out,
+        d,
+        true,
+    );
+
+    // Readout with the closed-form ε and δ terms; s_t is a running prefix sum.
+    let mut s = st.v_sum.to_vec();
+    for t in 0..t_len {
+        kernels::axpy(1.0, &v[t * d..(t + 1) * d], &mut s);
+        let w = &wq[t * m..(t + 1) * m];
+        let phi_sum = kernels::sum(w);
+        let n = (n0 + t + 1) as f32;
+        let delta_t = match map.kind {
+            FeatureKind::NoProjection => (delta as f64 * (-(run_max[t] as f64)).exp()) as f32,
+            _ => delta,
+        };
+        let den = r * (wa[t] + eps * n * phi_sum) + delta_t * phi_sum;
+        let inv = 1.0 / den;
+        let num_eps = eps * phi_sum;
+        for (o, sv) in out[t * d..(t + 1) * d].iter_mut().zip(&s) {
+            *o = r * (*o + num_eps * sv) * inv;
+        }
+    }
+
+    // State update to the end of the chunk.
+    let end = run_max[t_len - 1];
+    let sc = factor(*st.max, end);
+    kernels::scale(sc, st.a_mat);
+    kernels::scale(sc, st.a_vec);
+    for t in 0..t_len {
+        let f = factor(run_max[t], end);
+        let e = &mut ek[t * m..(t + 1) * m];
+        kernels::scale(f, e);
+        kernels::axpy(1.0, e, st.a_vec);
+    }
+    gemm_f32(
+        MatRef::row_major(&ek, t_len, m).t(),
+        MatRef::row_major(&v[..t_len * d], t_len, d),
+        st.a_mat,
+        d,
+        true,
+    );
+    st.v_sum.copy_from_slice(&s);
+    if tracks_max {
+        *st.max = end;
+    }
+}
