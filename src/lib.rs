@@ -19,6 +19,7 @@
 //! ```
 
 pub mod attention;
+pub mod baseline;
 pub mod config;
 pub mod error;
 pub mod generate;

@@ -603,9 +603,23 @@ impl Model {
     /// (norm → q, k, v → rotary → FAVOR+ state update and readout, local heads → out
     /// projection → residual → norm → feed-forward → residual) → final norm → logits.
     fn forward_token(&self, st: &mut State, token: u32, want_logits: bool) -> Result<()> {
+        self.forward_token_with(st, token, want_logits, |model, st, l| {
+            model.attend_favor(st, l)
+        })
+    }
+
+    /// One token through every layer with `attend(model, state, layer)` filling `st.att` from
+    /// the rotated `st.q`, `st.k` and `st.v` of the layer's global heads.
+    pub(crate) fn forward_token_with(
+        &self,
+        st: &mut State,
+        token: u32,
+        want_logits: bool,
+        mut attend: impl FnMut(&Model, &mut State, usize),
+    ) -> Result<()> {
         let c = &self.config;
         let pos = st.pos;
-        let (heads, d, m, dim) = (c.heads, c.dim_head, c.feature_count(), c.dim);
+        let (heads, d, dim) = (c.heads, c.dim_head, c.dim);
 
         self.token_emb.row(token as usize).to_f32_into(&mut st.h);
         self.positions.add_input(pos, &mut st.h, &mut st.tmp);
@@ -630,81 +644,8 @@ impl Model {
                     rotary::rotate(&mut st.k[hd * d..(hd + 1) * d], &st.rot);
                 }
             }
-            let map = self.feature_map(l);
-            let delta = c.denominator_eps;
-            let n = pos + 1;
-            let (h0, h1) = (st.favor_start[l], st.favor_start[l + 1]);
-            let a_mat = &mut st.a_mat[h0 * m * d..h1 * m * d];
-            let a_vec = &mut st.a_vec[h0 * m..h1 * m];
-            let v_sum = &mut st.v_sum[h0 * d..h1 * d];
-            let max = &mut st.max[h0..h1];
-            let run = |item: HeadItem<'_>, q: &[f32], k: &[f32], v: &[f32]| {
-                let (((((((a_mat, a_vec), v_sum), max), key_feat), query_feat), out), hd) = item;
-                let r = hd * d..(hd + 1) * d;
-                let head = HeadState {
-                    a_mat,
-                    a_vec,
-                    v_sum,
-                    max,
-                    key_feat,
-                    query_feat,
-                };
-                let tok = favor::Token {
-                    q: &q[r.clone()],
-                    k: &k[r.clone()],
-                    v: &v[r],
-                    n,
-                };
-                favor::step(&map, delta, head, tok, out)
-            };
-            let (q, k, v) = (&st.q[..], &st.k[..], &st.v[..]);
-            let att = &mut st.att[..gh * d];
-            if gh > 1 && gh * m * d >= kernels::PAR_MIN_ELEMS {
-                a_mat
-                    .par_chunks_mut(m * d)
-                    .zip(a_vec.par_chunks_mut(m))
-                    .zip(v_sum.par_chunks_mut(d))
-                    .zip(max.par_iter_mut())
-                    .zip(st.key_feat.par_chunks_mut(m))
-                    .zip(st.query_feat.par_chunks_mut(m))
-                    .zip(att.par_chunks_mut(d))
-                    .zip(0..gh)
-                    .for_each(|x| run(x, q, k, v));
-            } else {
-                a_mat
-                    .chunks_mut(m * d)
-                    .zip(a_vec.chunks_mut(m))
-                    .zip(v_sum.chunks_mut(d))
-                    .zip(max.iter_mut())
-                    .zip(st.key_feat.chunks_mut(m))
-                    .zip(st.query_feat.chunks_mut(m))
-                    .zip(att.chunks_mut(d))
-                    .zip(0..gh)
-                    .for_each(|x| run(x, q, k, v));
-            }
-            if let Some(inv_freq) = &layer.local_inv_freq {
-                let inv_freq = inv_freq.view().to_vec();
-                let ring = 2 * c.local_window_size * d;
-                let l0 = st.local_start[l];
-                for (i, hd) in (gh..heads).enumerate() {
-                    let r = hd * d..(hd + 1) * d;
-                    let slot = (l0 + i) * ring..(l0 + i + 1) * ring;
-                    local::step(
-                        c.local_window_size,
-                        &inv_freq,
-                        pos,
-                        local::LocalHeadState {
-                            keys: &mut st.local_keys[slot.clone()],
-                            values: &mut st.local_values[slot],
-                            scores: &mut st.scores,
-                        },
-                        &mut st.q[r.clone()],
-                        &mut st.k[r.clone()],
-                        &st.v[r.clone()],
-                        &mut st.att[r],
-                    );
-                }
-            }
+            attend(self, st, l);
+            self.attend_local(st, l);
             layer.attn_out.forward(&st.att, &mut st.tmp);
             kernels::axpy(layer.attn_norm.gain(), &st.tmp, &mut st.h);
 
@@ -743,6 +684,98 @@ impl Model {
             st.has_logits = true;
         }
         Ok(())
+    }
+
+    /// FAVOR+ for the global heads of layer `l`: state update and readout, heads in parallel
+    /// when the work is large enough.
+    fn attend_favor(&self, st: &mut State, l: usize) {
+        let c = &self.config;
+        let pos = st.pos;
+        let (heads, d, m) = (c.heads, c.dim_head, c.feature_count());
+        let gh = heads - self.layers[l].local_heads;
+        let map = self.feature_map(l);
+        let delta = c.denominator_eps;
+        let n = pos + 1;
+        let (h0, h1) = (st.favor_start[l], st.favor_start[l + 1]);
+        let a_mat = &mut st.a_mat[h0 * m * d..h1 * m * d];
+        let a_vec = &mut st.a_vec[h0 * m..h1 * m];
+        let v_sum = &mut st.v_sum[h0 * d..h1 * d];
+        let max = &mut st.max[h0..h1];
+        let run = |item: HeadItem<'_>, q: &[f32], k: &[f32], v: &[f32]| {
+            let (((((((a_mat, a_vec), v_sum), max), key_feat), query_feat), out), hd) = item;
+            let r = hd * d..(hd + 1) * d;
+            let head = HeadState {
+                a_mat,
+                a_vec,
+                v_sum,
+                max,
+                key_feat,
+                query_feat,
+            };
+            let tok = favor::Token {
+                q: &q[r.clone()],
+                k: &k[r.clone()],
+                v: &v[r],
+                n,
+            };
+            favor::step(&map, delta, head, tok, out)
+        };
+        let (q, k, v) = (&st.q[..], &st.k[..], &st.v[..]);
+        let att = &mut st.att[..gh * d];
+        if gh > 1 && gh * m * d >= kernels::PAR_MIN_ELEMS {
+            a_mat
+                .par_chunks_mut(m * d)
+                .zip(a_vec.par_chunks_mut(m))
+                .zip(v_sum.par_chunks_mut(d))
+                .zip(max.par_iter_mut())
+                .zip(st.key_feat.par_chunks_mut(m))
+                .zip(st.query_feat.par_chunks_mut(m))
+                .zip(att.par_chunks_mut(d))
+                .zip(0..gh)
+                .for_each(|x| run(x, q, k, v));
+        } else {
+            a_mat
+                .chunks_mut(m * d)
+                .zip(a_vec.chunks_mut(m))
+                .zip(v_sum.chunks_mut(d))
+                .zip(max.iter_mut())
+                .zip(st.key_feat.chunks_mut(m))
+                .zip(st.query_feat.chunks_mut(m))
+                .zip(att.chunks_mut(d))
+                .zip(0..gh)
+                .for_each(|x| run(x, q, k, v));
+        }
+    }
+
+    /// The local (windowed softmax) heads of layer `l`, if any.
+    fn attend_local(&self, st: &mut State, l: usize) {
+        let c = &self.config;
+        let (heads, d, pos) = (c.heads, c.dim_head, st.pos);
+        let layer = &self.layers[l];
+        let gh = heads - layer.local_heads;
+        if let Some(inv_freq) = &layer.local_inv_freq {
+            let inv_freq = inv_freq.view().to_vec();
+            let ring = 2 * c.local_window_size * d;
+            let l0 = st.local_start[l];
+            for (i, hd) in (gh..heads).enumerate() {
+                let r = hd * d..(hd + 1) * d;
+                let slot = (l0 + i) * ring..(l0 + i + 1) * ring;
+                local::step(
+                    c.local_window_size,
+                    &inv_freq,
+                    pos,
+                    local::LocalHeadState {
+                        keys: &mut st.local_keys[slot.clone()],
+                        values: &mut st.local_values[slot],
+                        scores: &mut st.scores,
+                    },
+                    &mut st.q[r.clone()],
+                    &mut st.k[r.clone()],
+                    &st.v[r.clone()],
+                    &mut st.att[r],
+                );
+            }
+        }
     }
 
     /// The plain full-sequence forward: scalar kernels for every product and the attention
