@@ -27,6 +27,7 @@ pub mod kernels;
 pub mod model;
 pub mod npy;
 pub mod parallel;
+pub mod perplexity;
 pub mod sampling;
 pub mod snapshot;
 pub mod state;

@@ -35,6 +35,26 @@ enum Command {
     Info(InfoArgs),
     /// Write the logits after each of the given tokens to a .npy file.
     Logits(LogitsArgs),
+    /// Score a text file: tokens, mean NLL, perplexity and bits per byte.
+    Perplexity(PerplexityArgs),
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text file to score (read as bytes, streamed).
+    #[arg(long)]
+    file: PathBuf,
+    /// Score at most this many tokens.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Reset the context every N tokens (e.g. the training context); default: one stream.
+    #[arg(long)]
+    window: Option<usize>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -151,6 +171,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Info(a) => info(a),
         Command::Logits(a) => logits(a),
+        Command::Perplexity(a) => perplexity(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -319,5 +340,54 @@ fn logits(a: LogitsArgs) -> CliResult {
         vocab,
         a.out.display()
     );
+    Ok(())
+}
+
+fn perplexity(a: PerplexityArgs) -> CliResult {
+    use std::io::IsTerminal;
+    let model = a.model.load()?;
+    let file = std::fs::File::open(&a.file).map_err(|e| format!("{}: {e}", a.file.display()))?;
+    let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let total = a.max_tokens.map_or(total, |n| total.min(n as u64));
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}")
+            .map_err(|e| e.to_string())?,
+    );
+    let options = performer::perplexity::PerplexityOptions {
+        max_tokens: a.max_tokens,
+        window: a.window,
+    };
+    let start = std::time::Instant::now();
+    let r = performer::perplexity::evaluate(&model, std::io::BufReader::new(file), options, |n| {
+        bar.set_position(n as u64)
+    })?;
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "file": a.file.display().to_string(),
+                "tokens": r.tokens,
+                "scored": r.scored,
+                "mean_nll": r.mean_nll,
+                "perplexity": r.perplexity,
+                "bits_per_byte": r.bits_per_byte,
+                "window": a.window,
+                "seconds": secs,
+            })
+        );
+    } else {
+        println!("tokens: {} ({} scored)", r.tokens, r.scored);
+        println!("mean NLL: {:.6} nats", r.mean_nll);
+        println!("perplexity: {:.4}", r.perplexity);
+        println!("bits per byte: {:.6}", r.bits_per_byte);
+        eprintln!("{:.1} tokens/s", r.tokens as f64 / secs.max(1e-9));
+    }
     Ok(())
 }

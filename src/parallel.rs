@@ -342,6 +342,31 @@ impl Model {
         tokens: &[u32],
         chunk: usize,
     ) -> Result<&'s [f32]> {
+        self.run_chunks(state, tokens, chunk, None)?;
+        Ok(&state.logits)
+    }
+
+    /// Like [`Model::prefill_chunked`], but returns the logits after every token
+    /// (`tokens.len() × vocab`, row `t` predicting token `t + 1`): the fast path for scoring
+    /// text.
+    pub fn prefill_all_logits(
+        &self,
+        state: &mut State,
+        tokens: &[u32],
+        chunk: usize,
+    ) -> Result<Vec<f32>> {
+        let mut all = vec![0f32; tokens.len() * self.config.num_tokens];
+        self.run_chunks(state, tokens, chunk, Some(&mut all))?;
+        Ok(all)
+    }
+
+    fn run_chunks(
+        &self,
+        state: &mut State,
+        tokens: &[u32],
+        chunk: usize,
+        mut all_logits: Option<&mut [f32]>,
+    ) -> Result<()> {
         state.check_fits(self)?;
         if tokens.is_empty() {
             return Err(Error::EmptyInput("prefill needs at least one token"));
@@ -350,14 +375,25 @@ impl Model {
             return Err(Error::invalid("chunk", "must be at least 1"));
         }
         self.check_tokens(state.pos, tokens)?;
-        let dim = self.config.dim;
+        let (dim, vocab) = (self.config.dim, self.config.num_tokens);
         let mut last_h = Vec::new();
-        for piece in tokens.chunks(chunk) {
+        for (i, piece) in tokens.chunks(chunk).enumerate() {
             let p0 = state.pos;
             let mut attn = Chunk { state, p0 };
             let mut h = self.embed_rows(piece, &attn);
             self.forward_rows(&mut h, piece.len(), &mut attn);
             state.pos += piece.len();
+            if let Some(all) = all_logits.as_deref_mut() {
+                let out = &mut all[i * chunk * vocab..(i * chunk + piece.len()) * vocab];
+                self.logits_rows(&h, piece.len(), out);
+                if let Some(bad) = out
+                    .chunks(vocab)
+                    .position(|r| r.iter().any(|x| !x.is_finite()))
+                {
+                    state.has_logits = false;
+                    return Err(Error::NonFiniteLogits { position: p0 + bad });
+                }
+            }
             last_h = h[(piece.len() - 1) * dim..].to_vec();
         }
         self.logits_rows(&last_h, 1, &mut state.logits);
@@ -368,7 +404,7 @@ impl Model {
             });
         }
         state.has_logits = true;
-        Ok(&state.logits)
+        Ok(())
     }
 
     /// Advances many independent sequences by one token each (`tokens[i]` for `states[i]`),

@@ -218,3 +218,45 @@ fn save_state_then_load_state_continues_the_text() {
     let bad = performer(&["generate", "--model", &other, "--load-state", snap]);
     assert_eq!(bad.status.code(), Some(1));
 }
+
+#[test]
+fn perplexity_prints_text_and_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog ".repeat(20),
+    )
+    .unwrap();
+    let t = text.to_str().unwrap();
+    let out = performer(&["perplexity", "--model", &model_dir(), "--file", t, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tokens"], 880);
+    assert_eq!(v["scored"], 879);
+    let bpb = v["bits_per_byte"].as_f64().unwrap();
+    let nll = v["mean_nll"].as_f64().unwrap();
+    assert!((bpb - nll / std::f64::consts::LN_2).abs() < 1e-9);
+    let plain = performer(&[
+        "perplexity",
+        "--model",
+        &model_dir(),
+        "--file",
+        t,
+        "--window",
+        "128",
+    ]);
+    assert!(String::from_utf8_lossy(&plain.stdout).contains("bits per byte"));
+    let missing = performer(&[
+        "perplexity",
+        "--model",
+        &model_dir(),
+        "--file",
+        "/nonexistent",
+    ]);
+    assert_eq!(missing.status.code(), Some(1));
+}
