@@ -39,4 +39,4 @@ pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation};
 pub use model::{LoadOptions, Model};
 pub use sampling::{Sampler, SamplingParams};
-pub use state::State;
+pub use state::{Precision, State};

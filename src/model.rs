@@ -596,6 +596,19 @@ impl Model {
     /// [`crate::parallel::DEFAULT_CHUNK`] tokens (see [`Model::prefill_chunked`]). All ids (and,
     /// for absolute positions, the length) are checked before the state changes.
     pub fn prefill<'s>(&self, state: &'s mut State, tokens: &[u32]) -> Result<&'s [f32]> {
+        if state.acc64.is_some() {
+            // f64 accumulators have no chunked path: step, checking everything first.
+            state.check_fits(self)?;
+            let Some((&last, body)) = tokens.split_last() else {
+                return Err(Error::EmptyInput("prefill needs at least one token"));
+            };
+            self.check_tokens(state.pos, tokens)?;
+            for &t in body {
+                self.forward_token(state, t, false)?;
+            }
+            self.forward_token(state, last, true)?;
+            return Ok(&state.logits);
+        }
         self.prefill_chunked(state, tokens, crate::parallel::DEFAULT_CHUNK)
     }
 
@@ -697,6 +710,32 @@ impl Model {
         let delta = c.denominator_eps;
         let n = pos + 1;
         let (h0, h1) = (st.favor_start[l], st.favor_start[l + 1]);
+        if let Some(acc) = &mut st.acc64 {
+            for (i, hd) in (0..gh).enumerate() {
+                let g = h0 + i;
+                let r = hd * d..(hd + 1) * d;
+                favor::step_f64(
+                    &map,
+                    delta,
+                    favor::HeadState64 {
+                        a_mat: &mut acc.a_mat[g * m * d..(g + 1) * m * d],
+                        a_vec: &mut acc.a_vec[g * m..(g + 1) * m],
+                        v_sum: &mut acc.v_sum[g * d..(g + 1) * d],
+                        max: &mut acc.max[g],
+                        key_feat: &mut st.key_feat[..m],
+                        query_feat: &mut st.query_feat[..m],
+                    },
+                    favor::Token {
+                        q: &st.q[r.clone()],
+                        k: &st.k[r.clone()],
+                        v: &st.v[r.clone()],
+                        n,
+                    },
+                    &mut st.att[r],
+                );
+            }
+            return;
+        }
         let a_mat = &mut st.a_mat[h0 * m * d..h1 * m * d];
         let a_vec = &mut st.a_vec[h0 * m..h1 * m];
         let v_sum = &mut st.v_sum[h0 * d..h1 * d];

@@ -368,6 +368,12 @@ impl Model {
         mut all_logits: Option<&mut [f32]>,
     ) -> Result<()> {
         state.check_fits(self)?;
+        if state.acc64.is_some() {
+            return Err(Error::invalid(
+                "precision",
+                "the chunked path needs an f32 state (use prefill for f64 states)",
+            ));
+        }
         if tokens.is_empty() {
             return Err(Error::EmptyInput("prefill needs at least one token"));
         }
@@ -422,6 +428,12 @@ impl Model {
         }
         for (st, &t) in states.iter().zip(tokens) {
             st.check_fits(self)?;
+            if st.acc64.is_some() {
+                return Err(Error::invalid(
+                    "precision",
+                    "batched decode needs f32 states",
+                ));
+            }
             self.check_tokens(st.pos, &[t])?;
         }
         let rows = states.len();

@@ -110,6 +110,12 @@ impl State {
     /// Serializes the state (see the module docs for the format).
     pub fn to_bytes(&self, model: &Model) -> Result<Vec<u8>> {
         self.check_fits(model)?;
+        if self.acc64.is_some() {
+            return Err(Error::invalid(
+                "precision",
+                "snapshots hold f32 states; f64 states are a measurement tool",
+            ));
+        }
         let c = model.config();
         let floats: usize = self.buffers().iter().map(|b| b.len()).sum();
         let mut out = Vec::with_capacity(HEADER + 8 * BUFFERS as usize + 4 * floats + 8);

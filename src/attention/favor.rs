@@ -364,3 +364,86 @@ pub fn chunk(
         *st.max = end;
     }
 }
+
+/// One head's state with f64 accumulators (see [`crate::state::Precision::F64`]).
+pub struct HeadState64<'s> {
+    /// `A`, m×d.
+    pub a_mat: &'s mut [f64],
+    /// `a`, m.
+    pub a_vec: &'s mut [f64],
+    /// `s`, d.
+    pub v_sum: &'s mut [f64],
+    /// `M`.
+    pub max: &'s mut f64,
+    /// Scratch for the key features, m.
+    pub key_feat: &'s mut [f32],
+    /// Scratch for the query features, m.
+    pub query_feat: &'s mut [f32],
+}
+
+/// [`step`] with the running sums `A`, `a`, `s`, `M` and the readout in f64; features are
+/// computed in f32 as in [`step`]. The reference for measuring the f32 state's drift.
+pub fn step_f64(
+    map: &FeatureMap<'_>,
+    delta: f32,
+    st: HeadState64<'_>,
+    tok: Token<'_>,
+    out: &mut [f32],
+) {
+    let Token { q, k, v, n } = tok;
+    let (m, d) = (map.m, map.d);
+    let (q, k, v, out) = (&q[..d], &k[..d], &v[..d], &mut out[..d]);
+    let ek = &mut st.key_feat[..m];
+    let mut rescale = 1.0f64;
+    match map.kind {
+        FeatureKind::Softmax { .. } | FeatureKind::NoProjection => {
+            map.project(k, ek);
+            let mk = kernels::max(ek) as f64;
+            if mk > *st.max {
+                rescale = (*st.max - mk).exp();
+                *st.max = mk;
+            }
+            let diag = if matches!(map.kind, FeatureKind::Softmax { .. }) {
+                map.diag(k) as f64
+            } else {
+                0.0
+            };
+            for e in ek.iter_mut() {
+                *e = (*e as f64 - diag - *st.max).exp() as f32;
+            }
+        }
+        FeatureKind::Generalized(f) => {
+            map.project(k, ek);
+            super::features::apply_kernel_fn(f, ek);
+        }
+    }
+    let w = &mut st.query_feat[..m];
+    map.query(q, w);
+    let (r, eps) = (map.r() as f64, map.eps() as f64);
+    let mut acc = vec![0f64; d];
+    let mut phi_sum = 0f64;
+    let mut wa = 0f64;
+    for f in 0..m {
+        let wf = r * (w[f] as f64 + eps);
+        phi_sum += wf;
+        let row = &mut st.a_mat[f * d..(f + 1) * d];
+        let e = ek[f] as f64;
+        for j in 0..d {
+            row[j] = rescale * row[j] + e * v[j] as f64;
+            acc[j] += wf * row[j];
+        }
+        st.a_vec[f] = rescale * st.a_vec[f] + e;
+        wa += wf * st.a_vec[f];
+    }
+    for (s, &x) in st.v_sum.iter_mut().zip(v) {
+        *s += x as f64;
+    }
+    let delta = match map.kind {
+        FeatureKind::NoProjection => delta as f64 * (-*st.max).exp(),
+        _ => delta as f64,
+    };
+    let den = r * (wa + eps * n as f64 * phi_sum) + delta * phi_sum;
+    for j in 0..d {
+        out[j] = (r * (acc[j] + eps * phi_sum * st.v_sum[j]) / den) as f32;
+    }
+}
