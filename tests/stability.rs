@@ -66,7 +66,7 @@ fn soak(dir: &std::path::Path) {
     );
     // Text-like input: mostly a small alphabet, sometimes any byte.
     for t in 0..n {
-        let tok = if rng.next_u64() % 8 == 0 {
+        let tok = if rng.next_u64().is_multiple_of(8) {
             (rng.next_u64() % 256) as u32
         } else {
             97 + (rng.next_u64() % 26) as u32
