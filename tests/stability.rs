@@ -101,3 +101,74 @@ fn million_tokens_shipped_model() {
 fn million_tokens_fixture_model() {
     soak(&fixture("default_b"));
 }
+
+/// A copy of a fixture with scaled weights: keys and queries ×`qk`, values ×`v`, so feature
+/// projections reach hundreds and the running max `M` jumps often.
+fn scaled_fixture(name: &str, qk: f32, v: f32) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture(name).join("config.json"),
+        tmp.path().join("config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(fixture(name).join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let factor = if name.ends_with("to_q.weight") || name.ends_with("to_k.weight") {
+            qk
+        } else if name.ends_with("to_v.weight") {
+            v
+        } else {
+            1.0
+        };
+        let data: Vec<u8> = if view.dtype() == safetensors::Dtype::F32 {
+            view.data()
+                .chunks_exact(4)
+                .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * factor).to_le_bytes())
+                .collect()
+        } else {
+            view.data().to_vec()
+        };
+        owned.push((name, view.dtype(), view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &tmp.path().join("model.safetensors")).unwrap();
+    tmp
+}
+
+#[test]
+fn large_activations_stay_finite_and_exact() {
+    // Keys and queries ×8 make feature projections of O(100): the running max must keep exp
+    // in range and the result must still match the f64 reference.
+    let dir = scaled_fixture("default_a", 8.0, 5.0);
+    let model = Model::load(dir.path()).unwrap();
+    let mut rng = TestRng(73);
+    let tokens = rng.tokens(80, 256);
+    let reference = model.forward_reference(&tokens).unwrap();
+    let mut s = State::new(&model);
+    for (t, &tok) in tokens.iter().enumerate() {
+        let l = model.step(&mut s, tok).unwrap();
+        // Larger activations amplify f32 rounding of the projections: 1e-4 relative.
+        assert!(
+            rel(l, &reference[t]) <= 1e-4,
+            "t={t}: {}",
+            rel(l, &reference[t])
+        );
+    }
+}
+
+#[test]
+#[ignore = "soak test: a million tokens with large activations, minutes in release mode"]
+fn million_tokens_large_activations() {
+    let dir = scaled_fixture("default_b", 8.0, 5.0);
+    soak(dir.path());
+}
