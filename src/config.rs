@@ -603,6 +603,45 @@ impl Config {
                 self.heads
             )));
         }
+        // Sizes the state and scratch are allocated from: no product may overflow, and none may
+        // ask for more than 2^40 elements (a config, not the weights, could otherwise size an
+        // allocation the weights never back).
+        const LIMIT: usize = 1 << 40;
+        let local = self.local_attn_heads.iter().any(|&n| n > 0);
+        let products = [
+            ("heads · dim_head", self.heads.checked_mul(self.dim_head)),
+            (
+                "dim · ff_mult · 2",
+                self.dim
+                    .checked_mul(self.ff_mult)
+                    .and_then(|x| x.checked_mul(2)),
+            ),
+            (
+                "depth · heads · nb_features · dim_head",
+                self.depth
+                    .checked_mul(self.heads)
+                    .and_then(|x| x.checked_mul(self.nb_features.max(self.dim_head)))
+                    .and_then(|x| x.checked_mul(self.dim_head)),
+            ),
+            (
+                "depth · heads · 2 · local_window_size · dim_head",
+                if local {
+                    self.depth
+                        .checked_mul(self.heads)
+                        .and_then(|x| x.checked_mul(self.local_window_size))
+                        .and_then(|x| x.checked_mul(2 * self.dim_head))
+                } else {
+                    Some(0)
+                },
+            ),
+        ];
+        for (what, value) in products {
+            if value.is_none_or(|v| v > LIMIT) {
+                return Err(Error::Config(format!(
+                    "{what} is too large (over 2^40 elements)"
+                )));
+            }
+        }
         if self.local_attn_heads.iter().any(|&n| n > 0) && self.local_window_size == 0 {
             return Err(Error::Config("local_window_size must be positive".into()));
         }
