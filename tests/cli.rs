@@ -260,3 +260,92 @@ fn perplexity_prints_text_and_json() {
     ]);
     assert_eq!(missing.status.code(), Some(1));
 }
+
+#[test]
+fn runtime_input_edge_cases_through_the_cli() {
+    let m = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    // A prompt file that is not UTF-8 is bytes to a byte-level model: accepted.
+    let bad_utf8 = tmp.path().join("p.bin");
+    std::fs::write(&bad_utf8, [0xFFu8, 0xFE, b'a', 0xC3]).unwrap();
+    let out = performer(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt-file",
+        bad_utf8.to_str().unwrap(),
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::str::from_utf8(&out.stdout).is_ok(),
+        "output is always valid UTF-8"
+    );
+    // max_tokens 0: nothing generated, still a success.
+    let out = performer(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "x",
+        "--max-tokens",
+        "0",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("generation: 0 tokens"));
+    // top-k 0 disables top-k in the CLI (documented); a negative value is a usage error.
+    let out = performer(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "x",
+        "--max-tokens",
+        "3",
+        "--top-k",
+        "0",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(
+        performer(&["generate", "--model", &m, "--prompt", "x", "--top-k=-1"])
+            .status
+            .code(),
+        Some(2)
+    );
+    for bad in ["--repeat-penalty=0", "--repeat-penalty=-1", "--top-p=1.5"] {
+        let out = performer(&["generate", "--model", &m, "--prompt", "x", bad]);
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+    }
+
+    // A broken model (NaN in the output bias) is reported on first use, one line, exit 1.
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::copy(
+        fixture("default_a").join("config.json"),
+        broken.join("config.json"),
+    )
+    .unwrap();
+    let mut bytes = std::fs::read(fixture("default_a").join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let start = header["to_out.bias"]["data_offsets"][0].as_u64().unwrap() as usize + 8 + n;
+    bytes[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(broken.join("model.safetensors"), bytes).unwrap();
+    let out = performer(&[
+        "generate",
+        "--model",
+        broken.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("non-finite logits"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1);
+}
