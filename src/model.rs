@@ -317,8 +317,9 @@ pub(crate) struct Layer {
     pub(crate) projection: Tensor,
     /// Number of local (windowed softmax) heads: the last heads of the layer.
     pub(crate) local_heads: usize,
-    /// The local heads' rotary frequencies, `d/2`.
-    pub(crate) local_inv_freq: Option<Tensor>,
+    /// The local heads' rotary frequencies (`d/2` floats of the checkpoint's `inv_freq`
+    /// buffer, widened once at load).
+    pub(crate) local_inv_freq: Option<Vec<f32>>,
     pub(crate) ff_norm: BlockNorm,
     pub(crate) w1: Linear,
     pub(crate) w2: Linear,
@@ -349,11 +350,15 @@ impl Layer {
             )?,
             local_heads,
             local_inv_freq: if local_heads > 0 {
-                Some(load_tensor(
-                    file,
-                    &format!("{}.local_attn.rel_pos.inv_freq", n.attn),
-                    &[c.dim_head / 2],
-                )?)
+                Some(
+                    load_tensor(
+                        file,
+                        &format!("{}.local_attn.rel_pos.inv_freq", n.attn),
+                        &[c.dim_head / 2],
+                    )?
+                    .view()
+                    .to_vec(),
+                )
             } else {
                 None
             },
@@ -407,6 +412,8 @@ pub struct Model {
     pub(crate) to_out: Option<Linear>,
     /// Hash of the architecture and the weights file, computed on first use.
     pub(crate) fingerprint: std::sync::OnceLock<u64>,
+    /// The shape every state of this model has.
+    pub(crate) state_shape: crate::state::StateShape,
 }
 
 impl Model {
@@ -449,6 +456,7 @@ impl Model {
             .map(|l| Layer::load(&file, c, l))
             .collect::<Result<Vec<_>>>()?;
         let norm = LayerNorm::load(&file, "norm", c.dim)?;
+        let state_shape = crate::state::StateShape::of(c);
         let to_out = if c.tie_embed {
             None
         } else {
@@ -463,6 +471,7 @@ impl Model {
             norm,
             to_out,
             fingerprint: std::sync::OnceLock::new(),
+            state_shape,
         })
     }
 
@@ -793,7 +802,6 @@ impl Model {
         let layer = &self.layers[l];
         let gh = heads - layer.local_heads;
         if let Some(inv_freq) = &layer.local_inv_freq {
-            let inv_freq = inv_freq.view().to_vec();
             let ring = 2 * c.local_window_size * d;
             let l0 = st.local_start[l];
             for (i, hd) in (gh..heads).enumerate() {
@@ -894,8 +902,7 @@ impl Model {
                 } else {
                     let inv_freq = layer
                         .local_inv_freq
-                        .as_ref()
-                        .map(|t| t.view().to_vec())
+                        .clone()
                         .unwrap_or_default();
                     local::reference(c.local_window_size, &inv_freq, &pick(0), &pick(1), &pick(2))
                 };

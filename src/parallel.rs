@@ -125,7 +125,6 @@ impl RowAttention for Chunk<'_> {
             }
         }
         if let Some(inv_freq) = &layer.local_inv_freq {
-            let inv_freq = inv_freq.view().to_vec();
             let ring = 2 * c.local_window_size * d;
             let l0 = st.local_start[l];
             for r in 0..rows {
@@ -183,7 +182,7 @@ impl RowAttention for Batch<'_, '_> {
         let layer = &model.layers[l];
         let gh = heads - layer.local_heads;
         let map = model.feature_map(l);
-        let inv_freq = layer.local_inv_freq.as_ref().map(|t| t.view().to_vec());
+        let inv_freq = layer.local_inv_freq.as_ref();
         self.states
             .par_iter_mut()
             .zip(q.par_chunks_mut(inner))

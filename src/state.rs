@@ -23,8 +23,7 @@ pub(crate) struct StateShape {
 }
 
 impl StateShape {
-    pub(crate) fn of(model: &Model) -> Self {
-        let c = model.config();
+    pub(crate) fn of(c: &crate::config::Config) -> Self {
         StateShape {
             global_heads: c.local_attn_heads.iter().map(|l| c.heads - l).collect(),
             local_heads: c.local_attn_heads.clone(),
@@ -151,7 +150,7 @@ impl State {
 
     /// A fresh state (position 0) sized for `model`.
     pub fn new(model: &Model) -> Self {
-        let s = StateShape::of(model);
+        let s = model.state_shape.clone();
         let favor_start = prefix_sums(&s.global_heads);
         let local_start = prefix_sums(&s.local_heads);
         let (global, local) = (
@@ -282,11 +281,10 @@ impl State {
     }
 
     pub(crate) fn check_fits(&self, model: &Model) -> Result<()> {
-        let s = StateShape::of(model);
-        if s != self.shape {
+        if model.state_shape != self.shape {
             return Err(Error::StateMismatch(format!(
                 "state made for {:?}, model is {:?}",
-                self.shape, s
+                self.shape, model.state_shape
             )));
         }
         Ok(())
