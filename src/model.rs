@@ -809,7 +809,7 @@ impl Model {
                 let slot = (l0 + i) * ring..(l0 + i + 1) * ring;
                 local::step(
                     c.local_window_size,
-                    &inv_freq,
+                    inv_freq,
                     pos,
                     local::LocalHeadState {
                         keys: &mut st.local_keys[slot.clone()],

@@ -133,7 +133,7 @@ impl RowAttention for Chunk<'_> {
                     let slot = (l0 + i) * ring..(l0 + i + 1) * ring;
                     local::step(
                         c.local_window_size,
-                        &inv_freq,
+                        inv_freq,
                         self.p0 + r,
                         local::LocalHeadState {
                             keys: &mut st.local_keys[slot.clone()],
