@@ -900,10 +900,7 @@ impl Model {
                 let out = if hd < gh {
                     favor::reference(&map, c.denominator_eps, &pick(0), &pick(1), &pick(2))
                 } else {
-                    let inv_freq = layer
-                        .local_inv_freq
-                        .clone()
-                        .unwrap_or_default();
+                    let inv_freq = layer.local_inv_freq.clone().unwrap_or_default();
                     local::reference(c.local_window_size, &inv_freq, &pick(0), &pick(1), &pick(2))
                 };
                 for (a, o) in att.iter_mut().zip(out) {

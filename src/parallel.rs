@@ -14,7 +14,7 @@ use crate::with_view;
 
 /// Prompt tokens per chunk of [`Model::prefill`]: large enough for matrix products to reach
 /// good FLOP rates, small enough that the chunk's T×T intra-chunk matrix stays in cache.
-pub const DEFAULT_CHUNK: usize = 64;
+pub const DEFAULT_CHUNK: usize = 256;
 
 /// How a block of rows attends.
 trait RowAttention {

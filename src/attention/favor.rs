@@ -248,14 +248,31 @@ pub fn chunk(
     let (r, eps) = (map.r(), map.eps());
     let tracks_max = !matches!(map.kind, FeatureKind::Generalized(_));
 
+    // Projections of every key and query at once: U = c · X Wᵀ (a plain copy without one).
+    let project_all = |x: &[f32]| -> Vec<f32> {
+        let mut u = vec![0f32; t_len * m];
+        if map.kind == FeatureKind::NoProjection {
+            u.copy_from_slice(&x[..t_len * d]);
+        } else {
+            crate::with_view!(map.projection, |w| crate::kernels::matmul::linear(
+                &x[..t_len * d],
+                t_len,
+                w,
+                m,
+                &mut u
+            ));
+            kernels::scale(map.c(), &mut u);
+        }
+        u
+    };
+
     // Key features and running maxima.
-    let mut ek = vec![0f32; t_len * m];
+    let mut ek = project_all(k);
     let mut run_max = vec![0f32; t_len];
     let mut cur = *st.max;
     for t in 0..t_len {
         let kt = &k[t * d..(t + 1) * d];
         let e = &mut ek[t * m..(t + 1) * m];
-        map.project(kt, e);
         match map.kind {
             FeatureKind::Softmax { .. } => {
                 cur = cur.max(kernels::max(e));
@@ -273,10 +290,17 @@ pub fn chunk(
     let factor = |from: f32, to: f32| if tracks_max { (from - to).exp() } else { 1.0 };
 
     // Query features w_t = r (φ + ε).
-    let mut wq = vec![0f32; t_len * m];
+    let mut wq = project_all(q);
     for t in 0..t_len {
         let w = &mut wq[t * m..(t + 1) * m];
-        map.query(&q[t * d..(t + 1) * d], w);
+        match map.kind {
+            FeatureKind::Softmax { .. } => {
+                let shift = map.diag(&q[t * d..(t + 1) * d]) + kernels::max(w);
+                kernels::exp_shifted(w, shift);
+            }
+            FeatureKind::Generalized(f) => super::features::apply_kernel_fn(f, w),
+            FeatureKind::NoProjection => kernels::softmax(w),
+        }
         for x in w.iter_mut() {
             *x = r * (*x + eps);
         }
