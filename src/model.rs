@@ -21,6 +21,22 @@ use crate::weights::names::{self, BlockNames};
 use crate::weights::{Dtype, Tensor, WeightFile};
 use crate::with_view;
 
+/// One row's q, k, v (all heads) and its attention output.
+pub(crate) struct RowQkv<'a> {
+    pub q: &'a mut [f32],
+    pub k: &'a mut [f32],
+    pub v: &'a [f32],
+    pub att: &'a mut [f32],
+}
+
+/// A state's local-head ring buffers, and the index of a layer's first local head in them.
+pub(crate) struct LocalBuffers<'a> {
+    pub keys: &'a mut [f32],
+    pub values: &'a mut [f32],
+    pub scores: &'a mut [f32],
+    pub first_head: usize,
+}
+
 /// The per-head slices the decode step zips together.
 type HeadItem<'a> = (
     (
@@ -797,31 +813,53 @@ impl Model {
 
     /// The local (windowed softmax) heads of layer `l`, if any.
     fn attend_local(&self, st: &mut State, l: usize) {
+        let local = LocalBuffers {
+            keys: &mut st.local_keys,
+            values: &mut st.local_values,
+            scores: &mut st.scores,
+            first_head: st.local_start[l],
+        };
+        let row = RowQkv {
+            q: &mut st.q,
+            k: &mut st.k,
+            v: &st.v,
+            att: &mut st.att,
+        };
+        self.local_heads_row(l, st.pos, local, row);
+    }
+
+    /// Runs the local heads of layer `l` for one row at position `pos`.
+    pub(crate) fn local_heads_row(
+        &self,
+        l: usize,
+        pos: usize,
+        bufs: LocalBuffers<'_>,
+        row: RowQkv<'_>,
+    ) {
         let c = &self.config;
-        let (heads, d, pos) = (c.heads, c.dim_head, st.pos);
+        let (heads, d) = (c.heads, c.dim_head);
         let layer = &self.layers[l];
-        let gh = heads - layer.local_heads;
-        if let Some(inv_freq) = &layer.local_inv_freq {
-            let ring = 2 * c.local_window_size * d;
-            let l0 = st.local_start[l];
-            for (i, hd) in (gh..heads).enumerate() {
-                let r = hd * d..(hd + 1) * d;
-                let slot = (l0 + i) * ring..(l0 + i + 1) * ring;
-                local::step(
-                    c.local_window_size,
-                    inv_freq,
-                    pos,
-                    local::LocalHeadState {
-                        keys: &mut st.local_keys[slot.clone()],
-                        values: &mut st.local_values[slot],
-                        scores: &mut st.scores,
-                    },
-                    &mut st.q[r.clone()],
-                    &mut st.k[r.clone()],
-                    &st.v[r.clone()],
-                    &mut st.att[r],
-                );
-            }
+        let Some(inv_freq) = &layer.local_inv_freq else {
+            return;
+        };
+        let ring = 2 * c.local_window_size * d;
+        for (i, hd) in (heads - layer.local_heads..heads).enumerate() {
+            let r = hd * d..(hd + 1) * d;
+            let slot = (bufs.first_head + i) * ring..(bufs.first_head + i + 1) * ring;
+            local::step(
+                c.local_window_size,
+                inv_freq,
+                pos,
+                local::LocalHeadState {
+                    keys: &mut bufs.keys[slot.clone()],
+                    values: &mut bufs.values[slot],
+                    scores: bufs.scores,
+                },
+                &mut row.q[r.clone()],
+                &mut row.k[r.clone()],
+                &row.v[r.clone()],
+                &mut row.att[r],
+            );
         }
     }
 

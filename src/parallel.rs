@@ -5,10 +5,10 @@
 use rayon::prelude::*;
 
 use crate::attention::favor::{self, HeadState, HeadStateRef};
-use crate::attention::{local, rotary};
+use crate::attention::rotary;
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::model::{shift_features, Model};
+use crate::model::{shift_features, LocalBuffers, Model, RowQkv};
 use crate::state::State;
 use crate::with_view;
 
@@ -124,28 +124,20 @@ impl RowAttention for Chunk<'_> {
                     .copy_from_slice(&out[r * d..(r + 1) * d]);
             }
         }
-        if let Some(inv_freq) = &layer.local_inv_freq {
-            let ring = 2 * c.local_window_size * d;
-            let l0 = st.local_start[l];
-            for r in 0..rows {
-                for (i, hd) in (gh..heads).enumerate() {
-                    let o = r * inner + hd * d..r * inner + (hd + 1) * d;
-                    let slot = (l0 + i) * ring..(l0 + i + 1) * ring;
-                    local::step(
-                        c.local_window_size,
-                        inv_freq,
-                        self.p0 + r,
-                        local::LocalHeadState {
-                            keys: &mut st.local_keys[slot.clone()],
-                            values: &mut st.local_values[slot],
-                            scores: &mut st.scores,
-                        },
-                        &mut q[o.clone()],
-                        &mut k[o.clone()],
-                        &v[o.clone()],
-                        &mut att[o],
-                    );
-                }
+        if layer.local_heads > 0 {
+            let rows_iter = q
+                .chunks_mut(inner)
+                .zip(k.chunks_mut(inner))
+                .zip(v.chunks(inner))
+                .zip(att.chunks_mut(inner));
+            for (r, (((q, k), v), att)) in rows_iter.enumerate() {
+                let bufs = LocalBuffers {
+                    keys: &mut st.local_keys,
+                    values: &mut st.local_values,
+                    scores: &mut st.scores,
+                    first_head: st.local_start[l],
+                };
+                model.local_heads_row(l, self.p0 + r, bufs, RowQkv { q, k, v, att });
             }
         }
     }
@@ -182,7 +174,6 @@ impl RowAttention for Batch<'_, '_> {
         let layer = &model.layers[l];
         let gh = heads - layer.local_heads;
         let map = model.feature_map(l);
-        let inv_freq = layer.local_inv_freq.as_ref();
         self.states
             .par_iter_mut()
             .zip(q.par_chunks_mut(inner))
@@ -224,28 +215,13 @@ impl RowAttention for Batch<'_, '_> {
                         &mut att[r],
                     );
                 }
-                if let Some(inv_freq) = &inv_freq {
-                    let ring = 2 * c.local_window_size * d;
-                    let l0 = st.local_start[l];
-                    for (i, hd) in (gh..heads).enumerate() {
-                        let r = hd * d..(hd + 1) * d;
-                        let slot = (l0 + i) * ring..(l0 + i + 1) * ring;
-                        local::step(
-                            c.local_window_size,
-                            inv_freq,
-                            pos,
-                            local::LocalHeadState {
-                                keys: &mut st.local_keys[slot.clone()],
-                                values: &mut st.local_values[slot],
-                                scores: &mut st.scores,
-                            },
-                            &mut q[r.clone()],
-                            &mut k[r.clone()],
-                            &v[r.clone()],
-                            &mut att[r],
-                        );
-                    }
-                }
+                let bufs = LocalBuffers {
+                    keys: &mut st.local_keys,
+                    values: &mut st.local_values,
+                    scores: &mut st.scores,
+                    first_head: st.local_start[l],
+                };
+                model.local_heads_row(l, pos, bufs, RowQkv { q, k, v, att });
             });
     }
 }
