@@ -349,3 +349,47 @@ fn runtime_input_edge_cases_through_the_cli() {
     assert!(stderr.contains("non-finite logits"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1);
 }
+
+#[test]
+fn info_infers_from_the_weights_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("opt_relu_glu").join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let out = performer(&["info", "--model", tmp.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("no config.json"), "{s}");
+    assert!(s.contains("cannot be inferred"), "{s}");
+    for line in [
+        "dim                    32           (inferred)",
+        "heads                  2            (inferred)",
+        "dim_head               16           (inferred)",
+        "nb_features            24           (inferred)",
+        "ff_glu                 true         (inferred)",
+        "ff_mult                2            (inferred)",
+        "qkv_bias               true         (inferred)",
+        "attn_out_bias          true         (inferred)",
+    ] {
+        assert!(s.contains(line), "missing {line:?} in\n{s}");
+    }
+    // A config that contradicts the tensors names both values.
+    std::fs::write(
+        tmp.path().join("config.json"),
+        r#"{"num_tokens": 256, "max_seq_len": 64, "dim": 32, "depth": 2, "heads": 2, "dim_head": 16, "causal": true, "ff_glu": false}"#,
+    )
+    .unwrap();
+    let out = performer(&["info", "--model", tmp.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("ff_glu") && e.contains("false") && e.contains("true"),
+        "{e}"
+    );
+}
