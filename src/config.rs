@@ -146,6 +146,9 @@ pub struct Config {
     pub origins: BTreeMap<&'static str, Origin>,
 }
 
+/// The deepest model the runtime accepts (a bound on what a config alone can make it allocate).
+pub const MAX_DEPTH: usize = 1 << 16;
+
 /// Every key `config.json` may hold. performer-pytorch's constructor arguments first.
 pub const KNOWN_KEYS: &[&str] = &[
     "num_tokens",
@@ -363,6 +366,12 @@ impl Config {
         let max_seq_len = r.usize("max_seq_len", inf.max_seq_len, None)?;
         let dim = r.usize("dim", inf.dim, None)?;
         let depth = r.usize("depth", inf.depth, None)?;
+        // Bounded before anything is sized by it (a per-layer list follows).
+        if depth > MAX_DEPTH {
+            return Err(Error::Config(format!(
+                "`depth` {depth} is larger than {MAX_DEPTH}"
+            )));
+        }
         let dim_head = r.usize("dim_head", inf.dim_head, Some(64))?;
         let heads = r.usize("heads", inf.heads, None)?;
         let default_features = (dim_head as f64 * (dim_head as f64).ln()) as usize;

@@ -276,3 +276,24 @@ fn wrong_tensor_shape_names_the_tensor() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn sizes_a_config_alone_could_blow_up_are_errors() {
+    // Found by the loader fuzzer: a huge depth used to size a per-layer list, and a huge
+    // ff_mult overflowed dim · ff_mult, before anything checked them.
+    let huge_depth = r#"{"num_tokens": 256, "max_seq_len": 8, "dim": 8, "depth": 18446744073709551608, "heads": 2, "dim_head": 4, "causal": true}"#;
+    assert!(matches!(
+        Config::from_json(huge_depth, &Inferred::default()),
+        Err(Error::Config(_))
+    ));
+    let huge_ff = r#"{"num_tokens": 256, "max_seq_len": 8, "dim": 8, "depth": 1, "heads": 2, "dim_head": 4, "causal": true, "ff_mult": 4611686018427387904}"#;
+    assert!(matches!(
+        Config::from_json(huge_ff, &Inferred::default()),
+        Err(Error::Config(_))
+    ));
+    let huge_window = r#"{"num_tokens": 256, "max_seq_len": 8, "dim": 8, "depth": 1, "heads": 2, "dim_head": 4, "causal": true, "local_attn_heads": 1, "local_window_size": 1000000000000}"#;
+    assert!(matches!(
+        Config::from_json(huge_window, &Inferred::default()),
+        Err(Error::Config(_))
+    ));
+}
