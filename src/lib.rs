@@ -19,6 +19,7 @@
 //! ```
 
 pub mod attention;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -27,6 +28,7 @@ pub mod model;
 pub mod npy;
 pub mod sampling;
 pub mod state;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
+mod bench_cmd;
 use performer::config::{Config, Origin};
 use performer::weights::{names, WeightFile};
 use performer::{GenerateOptions, Generation, LoadOptions, Model, SamplingParams, State};
@@ -35,6 +37,8 @@ enum Command {
     Info(InfoArgs),
     /// Write the logits after each of the given tokens to a .npy file.
     Logits(LogitsArgs),
+    /// Measure prefill and generation throughput by context depth (llama-bench style).
+    Bench(bench_cmd::BenchArgs),
 }
 
 #[derive(Args)]
@@ -145,6 +149,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Info(a) => info(a),
         Command::Logits(a) => logits(a),
+        Command::Bench(a) => bench_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
