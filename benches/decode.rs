@@ -37,7 +37,11 @@ fn decode(c: &mut Criterion) {
             let mut state = State::new(&model);
             b.iter(|| {
                 state.reset();
-                black_box(model.prefill(&mut state, black_box(&prompt)).expect("prefill")[0])
+                black_box(
+                    model
+                        .prefill(&mut state, black_box(&prompt))
+                        .expect("prefill")[0],
+                )
             })
         });
         g.finish();

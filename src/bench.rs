@@ -460,7 +460,10 @@ fn validate(opts: &BenchOptions) -> Result<()> {
         return Err(Error::invalid("attention", "give at least one"));
     }
     if opts.threads.is_empty() || opts.threads.contains(&0) {
-        return Err(Error::invalid("threads", "thread counts must be at least 1"));
+        return Err(Error::invalid(
+            "threads",
+            "thread counts must be at least 1",
+        ));
     }
     if opts.repetitions == 0 {
         return Err(Error::invalid("repetitions", "must be at least 1"));
@@ -651,9 +654,8 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
                             samples,
                             peak_rss_bytes: peak_rss_bytes(),
                             state_bytes,
-                            roofline: read_bandwidth.map(|bw| {
-                                info.weight_bytes_per_token as f64 * stats.mean / bw
-                            }),
+                            roofline: read_bandwidth
+                                .map(|bw| info.weight_bytes_per_token as f64 * stats.mean / bw),
                         })
                     })?;
                     rows.push(row);
@@ -715,10 +717,7 @@ pub fn markdown(r: &Report) -> String {
         s,
         "| model | dtype | attention | test | depth | threads | t/s | peak RSS | state/seq | roofline |"
     );
-    let _ = writeln!(
-        s,
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|"
-    );
+    let _ = writeln!(s, "|---|---|---|---|--:|--:|--:|--:|--:|--:|");
     for row in &r.rows {
         let _ = writeln!(
             s,
@@ -739,7 +738,10 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     if !r.fills.is_empty() {
-        let _ = writeln!(s, "\ndepth fills (prefill of random tokens, not timed in tg):");
+        let _ = writeln!(
+            s,
+            "\ndepth fills (prefill of random tokens, not timed in tg):"
+        );
         for f in &r.fills {
             let _ = writeln!(
                 s,
@@ -797,8 +799,10 @@ fn plot_inner(r: &Report, path: &Path) -> std::result::Result<(), Box<dyn std::e
     };
 
     // Lines: (attention, tg size, threads).
-    let mut keys: Vec<(Attention, usize, usize)> =
-        tg.iter().map(|x| (x.attention, x.tokens, x.threads)).collect();
+    let mut keys: Vec<(Attention, usize, usize)> = tg
+        .iter()
+        .map(|x| (x.attention, x.tokens, x.threads))
+        .collect();
     keys.sort_unstable();
     keys.dedup();
     let label = |k: &(Attention, usize, usize)| format!("{} tg{} {}t", k.0, k.1, k.2);
@@ -815,7 +819,10 @@ fn plot_inner(r: &Report, path: &Path) -> std::result::Result<(), Box<dyn std::e
         * 1.15;
     let mut chart = ChartBuilder::on(&upper)
         .caption(
-            format!("{} ({}): generation throughput", r.model.name, r.model.dtype),
+            format!(
+                "{} ({}): generation throughput",
+                r.model.name, r.model.dtype
+            ),
             ("sans-serif", 18),
         )
         .margin(12)
@@ -858,7 +865,10 @@ fn plot_inner(r: &Report, path: &Path) -> std::result::Result<(), Box<dyn std::e
         let mut state = Vec::new();
         let mut rss = Vec::new();
         for &d in &depths {
-            let at: Vec<&&Row> = tg.iter().filter(|x| x.attention == a && x.depth == d).collect();
+            let at: Vec<&&Row> = tg
+                .iter()
+                .filter(|x| x.attention == a && x.depth == d)
+                .collect();
             if let Some(sb) = at.iter().map(|x| x.state_bytes).max() {
                 state.push((idx(d), sb as f64 / (1 << 20) as f64));
             }
@@ -874,7 +884,8 @@ fn plot_inner(r: &Report, path: &Path) -> std::result::Result<(), Box<dyn std::e
     let vals = series.iter().flat_map(|(_, p)| p.iter().map(|x| x.1));
     let (lo, hi) = vals.fold((f64::INFINITY, 0.0f64), |(l, h), v| (l.min(v), h.max(v)));
     let (lo, hi) = if lo.is_finite() && lo > 0.0 {
-        (lo / 2.0, hi * 2.0)
+        // Room above the lines for the legend.
+        (lo / 2.0, hi * 8.0)
     } else {
         (1e-3, 1.0)
     };

@@ -75,13 +75,12 @@ impl SyntheticShape {
     ///
     /// `large` is 810 MB in bf16 (weights read per token ≈ 708 MB), far beyond a 32 MiB L3.
     pub fn named(name: &str) -> Option<Self> {
-        let (dim, depth, heads, dim_head, ff_mult, nb_features, vocab, max_seq_len) =
-            match name {
-                "tiny" => (256, 4, 4, 64, 4, 128, 256, 1024),
-                "gpt2-small" => (768, 12, 12, 64, 4, 256, 50257, 1024),
-                "large" => (1024, 24, 16, 64, 4, 256, 50257, 1024),
-                _ => return None,
-            };
+        let (dim, depth, heads, dim_head, ff_mult, nb_features, vocab, max_seq_len) = match name {
+            "tiny" => (256, 4, 4, 64, 4, 128, 256, 1024),
+            "gpt2-small" => (768, 12, 12, 64, 4, 256, 50257, 1024),
+            "large" => (1024, 24, 16, 64, 4, 256, 50257, 1024),
+            _ => return None,
+        };
         Some(SyntheticShape {
             name: name.to_string(),
             dim,
@@ -110,7 +109,11 @@ impl SyntheticShape {
         let (dim, inner, hidden) = (self.dim, self.inner_dim(), self.ff_hidden());
         let linear = |fan_in: usize| Init::Normal(1.0 / (fan_in as f32).sqrt());
         let mut t = vec![
-            ("token_emb.weight".into(), vec![self.vocab, dim], Init::Normal(1.0)),
+            (
+                "token_emb.weight".into(),
+                vec![self.vocab, dim],
+                Init::Normal(1.0),
+            ),
             (
                 "pos_emb.emb".into(),
                 vec![self.max_seq_len, dim],
@@ -135,12 +138,24 @@ impl SyntheticShape {
             for p in ["to_q", "to_k", "to_v"] {
                 t.push((format!("{a}.fn.{p}.weight"), vec![inner, dim], linear(dim)));
             }
-            t.push((format!("{a}.fn.to_out.weight"), vec![dim, inner], linear(inner)));
+            t.push((
+                format!("{a}.fn.to_out.weight"),
+                vec![dim, inner],
+                linear(inner),
+            ));
             t.push((format!("{f}.norm.weight"), vec![dim], Init::Const(1.0)));
             t.push((format!("{f}.norm.bias"), vec![dim], Init::Const(0.0)));
-            t.push((format!("{f}.fn.fn.w1.weight"), vec![hidden, dim], linear(dim)));
+            t.push((
+                format!("{f}.fn.fn.w1.weight"),
+                vec![hidden, dim],
+                linear(dim),
+            ));
             t.push((format!("{f}.fn.fn.w1.bias"), vec![hidden], linear(dim)));
-            t.push((format!("{f}.fn.fn.w2.weight"), vec![dim, hidden], linear(hidden)));
+            t.push((
+                format!("{f}.fn.fn.w2.weight"),
+                vec![dim, hidden],
+                linear(hidden),
+            ));
             t.push((format!("{f}.fn.fn.w2.bias"), vec![dim], linear(hidden)));
         }
         t.push(("norm.weight".into(), vec![dim], Init::Const(1.0)));
@@ -246,7 +261,9 @@ impl FromStr for WeightDtype {
             "f32" | "float32" => Ok(WeightDtype::F32),
             "f16" | "float16" | "half" => Ok(WeightDtype::F16),
             "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
-            other => Err(format!("unknown dtype `{other}` (expected f32, f16 or bf16)")),
+            other => Err(format!(
+                "unknown dtype `{other}` (expected f32, f16 or bf16)"
+            )),
         }
     }
 }

@@ -140,3 +140,43 @@ fn errors_are_one_line_with_nonzero_exit() {
     // Usage errors come from clap with exit code 2.
     assert_eq!(performer(&["generate", "--bogus"]).status.code(), Some(2));
 }
+
+#[test]
+fn bench_prints_json_and_rejects_softmax() {
+    let out = performer(&[
+        "bench",
+        "--shape",
+        "tiny",
+        "--dtype",
+        "bf16",
+        "--pp",
+        "4",
+        "--tg",
+        "2",
+        "--depths",
+        "0,8",
+        "-r",
+        "1",
+        "--threads",
+        "1",
+        "--bandwidth-mib",
+        "4",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["rows"].as_array().unwrap().len(), 3);
+    assert_eq!(v["model"]["name"], "synthetic tiny");
+
+    let out = performer(&["bench", "--shape", "tiny", "--attention", "favor,softmax"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("softmax baseline not available"),
+        "{stderr}"
+    );
+}
