@@ -22,6 +22,29 @@
 //! *Roofline*: for `tg`, `weight_bytes_per_token × tokens/s ÷ read bandwidth`, the bandwidth
 //! being measured at startup by [`measure_read_bandwidth`] (a multi-threaded streaming read of
 //! a buffer far larger than L3). A model whose weights fit in cache can exceed 100%.
+//!
+//! # Running
+//!
+//! ```text
+//! cargo build --release
+//! target/release/performer bench --shape tiny --depths 0,1k,4k,16k --tg 128 --pp 512 -r 3
+//! target/release/performer bench --shape gpt2-small --dtype bf16 --depths 0,4k --tg 32 \
+//!     --pp 256 -r 3 --synthetic-dir /tmp/gpt2-bf16 --plot gpt2.svg
+//! target/release/performer bench --model models/performer-byte --threads 1,2 --json
+//! ```
+//!
+//! `--shape` writes a random model ([`crate::synthetic`]) to a temporary directory (or to
+//! `--synthetic-dir`, reused on later runs with the same shape, dtype and seed).
+//!
+//! Depth fills cost one prefill token per token of depth. Prefill is a token-by-token loop
+//! today, so a fill runs at about the `pp` rate: on the project's 2-core machine `tiny` fills at
+//! roughly 1–4k tokens/s (a 1M-token depth takes several minutes), `gpt2-small` at 20–30
+//! tokens/s (4k takes 2–3 minutes).
+//!
+//! # Adding an attention kind
+//!
+//! Implement [`Session`] for it and add its arm to [`new_session`]; nothing else in the runner
+//! knows the kinds.
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
