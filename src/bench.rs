@@ -622,8 +622,7 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
                         base.prefill(&rng.tokens(k, vocab))?;
                         done += k;
                         progress.bar.set_message(format!(
-                            "{attention}: filling to depth {} ({}/{})",
-                            format_count(depth),
+                            "{attention} fill {}/{}",
                             format_count(at + done),
                             format_count(depth)
                         ));
