@@ -17,7 +17,8 @@
 //! group, with the high-water mark reset (`/proc/self/clear_refs` ← 5) before it where the
 //! kernel allows, so it is the peak during that group of everything in the process (the mapped
 //! weights it touched included); *state bytes* is the per-sequence state
-//! ([`crate::State::size_bytes`] for FAVOR+, constant in the depth).
+//! ([`crate::State::size_bytes`] for FAVOR+, constant in the depth; the key/value cache plus
+//! scratch for the softmax baseline, growing with it).
 //!
 //! *Roofline*: for `tg`, `weight_bytes_per_token × tokens/s ÷ read bandwidth`, the bandwidth
 //! being measured at startup by [`measure_read_bandwidth`] (a multi-threaded streaming read of
@@ -39,7 +40,10 @@
 //! Depth fills cost one prefill token per token of depth. Prefill is a token-by-token loop
 //! today, so a fill runs at about the `pp` rate: on the project's 2-core machine `tiny` fills at
 //! roughly 1–4k tokens/s (a 1M-token depth takes several minutes), `gpt2-small` at 20–30
-//! tokens/s (4k takes 2–3 minutes).
+//! tokens/s (4k takes 2–3 minutes). The softmax baseline's fill is quadratic in the depth and its
+//! cache is `2 · depth · layers · heads · dim_head · 4` bytes (`tiny` at 1M: 8 GiB), so keep its
+//! depths to tens of thousands. It cannot fork, so its `tg` repetitions run back to back
+//! (see [`Session::fork`]).
 //!
 //! # Adding an attention kind
 //!
@@ -64,7 +68,7 @@ use crate::{Model, State};
 pub enum Attention {
     /// The constant-size streaming FAVOR+ state ([`State`]).
     Favor,
-    /// Exact softmax attention over a growing KV cache (the baseline; not implemented yet).
+    /// Exact softmax attention over a growing key/value cache ([`crate::baseline`]).
     Softmax,
 }
 
@@ -105,8 +109,10 @@ pub trait Session: Send + Sync {
     fn prefill(&mut self, tokens: &[u32]) -> Result<()>;
     /// Bytes of per-sequence state held now (for a KV cache: grows with the depth).
     fn state_bytes(&self) -> usize;
-    /// An independent copy at the same depth: every `tg` repetition starts from one.
-    fn fork(&self) -> Box<dyn Session + '_>;
+    /// An independent copy at the same depth, so that every `tg` repetition starts from the
+    /// same state. `None` where copying is not supported: then the repetitions run back to back
+    /// on the session itself, the r-th starting at depth `K + r·N` (plus two warm-up tokens).
+    fn fork(&self) -> Option<Box<dyn Session + '_>>;
 }
 
 /// The FAVOR+ session: a [`State`] and the model it runs with.
@@ -132,11 +138,35 @@ impl Session for FavorSession<'_> {
         self.state.size_bytes()
     }
 
-    fn fork(&self) -> Box<dyn Session + '_> {
-        Box::new(FavorSession {
+    fn fork(&self) -> Option<Box<dyn Session + '_>> {
+        Some(Box::new(FavorSession {
             model: self.model,
             state: self.state.clone(),
-        })
+        }))
+    }
+}
+
+/// The exact-softmax baseline ([`crate::baseline::SoftmaxSession`]): a key/value cache that
+/// grows with the depth.
+struct SoftmaxBench<'m>(crate::baseline::SoftmaxSession<'m>);
+
+impl Session for SoftmaxBench<'_> {
+    fn step(&mut self, token: u32) -> Result<()> {
+        std::hint::black_box(self.0.step(token)?);
+        Ok(())
+    }
+
+    fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        std::hint::black_box(self.0.prefill(tokens)?);
+        Ok(())
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.0.size_bytes()
+    }
+
+    fn fork(&self) -> Option<Box<dyn Session + '_>> {
+        None
     }
 }
 
@@ -147,10 +177,9 @@ pub fn new_session(model: &Model, attention: Attention) -> Result<Box<dyn Sessio
             model,
             state: State::new(model),
         })),
-        Attention::Softmax => Err(Error::Unsupported {
-            option: "attention".into(),
-            reason: "softmax baseline not available".into(),
-        }),
+        Attention::Softmax => Ok(Box::new(SoftmaxBench(
+            crate::baseline::SoftmaxSession::new(model),
+        ))),
     }
 }
 
@@ -611,6 +640,7 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
         let mut base = new_session(model, attention)?;
         let mut at = 0usize;
         for &depth in &depths {
+            // A session that cannot fork has moved past earlier depths by its repetitions.
             if depth > at {
                 let todo = depth - at;
                 let start = Instant::now();
@@ -645,24 +675,41 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
                         format_count(depth)
                     ));
                     let row = pool.install(|| -> Result<Row> {
-                        let mut warm = base.fork();
-                        for t in rng.tokens(2, vocab) {
-                            warm.step(t)?;
+                        let forkable = base.fork().is_some();
+                        let warm_tokens = rng.tokens(2, vocab);
+                        if forkable {
+                            let mut warm = base.fork().expect("forkable");
+                            for &t in &warm_tokens {
+                                warm.step(t)?;
+                            }
+                        } else {
+                            for &t in &warm_tokens {
+                                base.step(t)?;
+                            }
+                            at += warm_tokens.len();
                         }
-                        drop(warm);
                         reset_peak_rss();
                         let mut samples = Vec::with_capacity(reps);
                         let mut state_bytes = base.state_bytes();
                         for _ in 0..reps {
                             let tokens = rng.tokens(n, vocab);
-                            let mut s = base.fork();
-                            let start = Instant::now();
-                            for &t in &tokens {
-                                s.step(t)?;
-                            }
-                            let secs = start.elapsed().as_secs_f64();
+                            let (secs, bytes) = if forkable {
+                                let mut s = base.fork().expect("forkable");
+                                let start = Instant::now();
+                                for &t in &tokens {
+                                    s.step(t)?;
+                                }
+                                (start.elapsed().as_secs_f64(), s.state_bytes())
+                            } else {
+                                let start = Instant::now();
+                                for &t in &tokens {
+                                    base.step(t)?;
+                                }
+                                at += n;
+                                (start.elapsed().as_secs_f64(), base.state_bytes())
+                            };
                             samples.push(n as f64 / secs.max(1e-12));
-                            state_bytes = state_bytes.max(s.state_bytes());
+                            state_bytes = state_bytes.max(bytes);
                             progress.bar.inc(1);
                         }
                         let stats = Stats::of(&samples);

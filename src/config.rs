@@ -603,28 +603,53 @@ impl Config {
                 self.heads
             )));
         }
-        let unsupported = [
+        // Sizes the state and scratch are allocated from: no product may overflow, and none may
+        // ask for more than 2^40 elements (a config, not the weights, could otherwise size an
+        // allocation the weights never back).
+        const LIMIT: usize = 1 << 40;
+        let local = self.local_attn_heads.iter().any(|&n| n > 0);
+        let products = [
+            ("heads · dim_head", self.heads.checked_mul(self.dim_head)),
             (
-                self.local_attn_heads.iter().any(|&n| n > 0),
-                "local_attn_heads",
+                "dim · ff_mult · 2",
+                self.dim
+                    .checked_mul(self.ff_mult)
+                    .and_then(|x| x.checked_mul(2)),
             ),
-            (self.use_scalenorm, "use_scalenorm"),
-            (self.use_rezero, "use_rezero"),
             (
-                !self.rotary_position_emb && self.axial_position_emb,
-                "axial_position_emb",
+                "depth · heads · nb_features · dim_head",
+                self.depth
+                    .checked_mul(self.heads)
+                    .and_then(|x| x.checked_mul(self.nb_features.max(self.dim_head)))
+                    .and_then(|x| x.checked_mul(self.dim_head)),
             ),
-            (self.shift_tokens, "shift_tokens"),
-            (self.no_projection, "no_projection"),
-            (self.ff_glu, "ff_glu"),
-            (self.tie_embed, "tie_embed"),
-            (!self.rotary_position_emb, "rotary_position_emb"),
+            (
+                "depth · heads · 2 · local_window_size · dim_head",
+                if local {
+                    self.depth
+                        .checked_mul(self.heads)
+                        .and_then(|x| x.checked_mul(self.local_window_size))
+                        .and_then(|x| x.checked_mul(2 * self.dim_head))
+                } else {
+                    Some(0)
+                },
+            ),
         ];
-        if let Some((_, option)) = unsupported.iter().find(|(on, _)| *on) {
-            return Err(Error::Unsupported {
-                option: (*option).into(),
-                reason: "not implemented yet by this runtime".into(),
-            });
+        for (what, value) in products {
+            if value.is_none_or(|v| v > LIMIT) {
+                return Err(Error::Config(format!(
+                    "{what} is too large (over 2^40 elements)"
+                )));
+            }
+        }
+        if self.local_attn_heads.iter().any(|&n| n > 0) && self.local_window_size == 0 {
+            return Err(Error::Config("local_window_size must be positive".into()));
+        }
+        if self.local_attn_heads.iter().any(|&n| n > 0) && !self.dim_head.is_multiple_of(2) {
+            return Err(Error::Config(format!(
+                "local heads' rotary embedding needs an even dim_head, found {}",
+                self.dim_head
+            )));
         }
         Ok(())
     }
@@ -632,6 +657,39 @@ impl Config {
     /// Width of the q/k/v projections: `heads · dim_head`.
     pub fn inner_dim(&self) -> usize {
         self.heads * self.dim_head
+    }
+
+    /// Features per global head: `nb_features`, or `dim_head` without a projection.
+    pub fn feature_count(&self) -> usize {
+        if self.no_projection {
+            self.dim_head
+        } else {
+            self.nb_features
+        }
+    }
+
+    /// The position limit of the model: absolute and axial embeddings end at `max_seq_len`
+    /// (axial also at the product of its shape); rotary models have none.
+    pub fn max_positions(&self) -> Option<usize> {
+        match self.position_kind() {
+            PositionKind::Rotary => None,
+            PositionKind::Absolute => Some(self.max_seq_len),
+            PositionKind::Axial => {
+                let (a, b) = self.axial_position_shape.unwrap_or((1, self.max_seq_len));
+                Some(self.max_seq_len.min(a * b))
+            }
+        }
+    }
+
+    /// How positions enter the model.
+    pub fn position_kind(&self) -> PositionKind {
+        if self.rotary_position_emb {
+            PositionKind::Rotary
+        } else if self.axial_position_emb {
+            PositionKind::Axial
+        } else {
+            PositionKind::Absolute
+        }
     }
 
     /// Hidden width of the feed-forward block.

@@ -135,6 +135,10 @@ pub enum Error {
         position: usize,
     },
 
+    /// A state snapshot is truncated, corrupted, or of an unknown format version.
+    #[error("invalid state snapshot: {0}")]
+    InvalidSnapshot(String),
+
     /// A state was used with a model of another shape.
     #[error("state does not fit this model: {0}")]
     StateMismatch(String),

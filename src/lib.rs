@@ -19,6 +19,7 @@
 //! ```
 
 pub mod attention;
+pub mod baseline;
 pub mod bench;
 pub mod config;
 pub mod error;
@@ -26,7 +27,10 @@ pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod npy;
+pub mod parallel;
+pub mod perplexity;
 pub mod sampling;
+pub mod snapshot;
 pub mod state;
 pub mod synthetic;
 pub mod tokenizer;
@@ -37,4 +41,4 @@ pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation};
 pub use model::{LoadOptions, Model};
 pub use sampling::{Sampler, SamplingParams};
-pub use state::State;
+pub use state::{Precision, State};

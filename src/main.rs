@@ -37,8 +37,28 @@ enum Command {
     Info(InfoArgs),
     /// Write the logits after each of the given tokens to a .npy file.
     Logits(LogitsArgs),
+    /// Score a text file: tokens, mean NLL, perplexity and bits per byte.
+    Perplexity(PerplexityArgs),
     /// Measure prefill and generation throughput by context depth (llama-bench style).
     Bench(bench_cmd::BenchArgs),
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text file to score (read as bytes, streamed).
+    #[arg(long)]
+    file: PathBuf,
+    /// Score at most this many tokens.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Reset the context every N tokens (e.g. the training context); default: one stream.
+    #[arg(long)]
+    window: Option<usize>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -101,6 +121,12 @@ struct GenerateArgs {
     /// Stop at this string (repeatable); it is not printed.
     #[arg(long)]
     stop: Vec<String>,
+    /// Continue from a state saved by --save-state (the prompt, if any, is appended).
+    #[arg(long)]
+    load_state: Option<PathBuf>,
+    /// Save the state after generation (prompt and generated text) to this file.
+    #[arg(long)]
+    save_state: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -149,6 +175,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Info(a) => info(a),
         Command::Logits(a) => logits(a),
+        Command::Perplexity(a) => perplexity(a),
         Command::Bench(a) => bench_cmd::run(a),
     };
     match result {
@@ -170,10 +197,14 @@ fn generate(a: GenerateArgs) -> CliResult {
             .into_iter()
             .map(u32::from)
             .collect(),
+        (None, None) if a.load_state.is_some() => Vec::new(),
         (None, None) => return Err("give a prompt with --prompt TEXT or --prompt-file FILE".into()),
     };
     let model = a.model.load()?;
-    let mut state = State::new(&model);
+    let mut state = match &a.load_state {
+        Some(path) => State::load(&model, path)?,
+        None => State::new(&model),
+    };
     let options = GenerateOptions {
         max_tokens: a.max_tokens,
         stop: a.stop,
@@ -195,6 +226,10 @@ fn generate(a: GenerateArgs) -> CliResult {
     }
     writeln!(out)?;
     let s = generation.stats();
+    drop(generation);
+    if let Some(path) = &a.save_state {
+        state.save(&model, path)?;
+    }
     eprintln!(
         "prompt: {} tokens, {:.1} tokens/s | generation: {} tokens, {:.1} tokens/s",
         s.prompt_tokens,
@@ -310,5 +345,54 @@ fn logits(a: LogitsArgs) -> CliResult {
         vocab,
         a.out.display()
     );
+    Ok(())
+}
+
+fn perplexity(a: PerplexityArgs) -> CliResult {
+    use std::io::IsTerminal;
+    let model = a.model.load()?;
+    let file = std::fs::File::open(&a.file).map_err(|e| format!("{}: {e}", a.file.display()))?;
+    let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let total = a.max_tokens.map_or(total, |n| total.min(n as u64));
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}")
+            .map_err(|e| e.to_string())?,
+    );
+    let options = performer::perplexity::PerplexityOptions {
+        max_tokens: a.max_tokens,
+        window: a.window,
+    };
+    let start = std::time::Instant::now();
+    let r = performer::perplexity::evaluate(&model, std::io::BufReader::new(file), options, |n| {
+        bar.set_position(n as u64)
+    })?;
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "file": a.file.display().to_string(),
+                "tokens": r.tokens,
+                "scored": r.scored,
+                "mean_nll": r.mean_nll,
+                "perplexity": r.perplexity,
+                "bits_per_byte": r.bits_per_byte,
+                "window": a.window,
+                "seconds": secs,
+            })
+        );
+    } else {
+        println!("tokens: {} ({} scored)", r.tokens, r.scored);
+        println!("mean NLL: {:.6} nats", r.mean_nll);
+        println!("perplexity: {:.4}", r.perplexity);
+        println!("bits per byte: {:.6}", r.bits_per_byte);
+        eprintln!("{:.1} tokens/s", r.tokens as f64 / secs.max(1e-9));
+    }
     Ok(())
 }

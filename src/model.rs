@@ -10,9 +10,10 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use crate::attention::favor::{self, HeadState};
+use crate::attention::local;
 use crate::attention::rotary::{self, Sinusoid};
 use crate::attention::{FeatureKind, FeatureMap};
-use crate::config::Config;
+use crate::config::{Config, PositionKind};
 use crate::error::{Error, Result};
 use crate::kernels::{self, scalar};
 use crate::state::State;
@@ -50,8 +51,8 @@ pub struct LoadOptions {
 /// A linear layer: `y = W x (+ b)` with `W` of shape `[out, in]`.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
 }
 
 impl Linear {
@@ -69,6 +70,26 @@ impl Linear {
         with_view!(self.weight.view(), |w| kernels::matvec(w, x, y));
         if let Some(b) = &self.bias {
             with_view!(b.view(), |b| kernels::add_bias(b, y));
+        }
+    }
+
+    /// `y = x Wᵀ (+ b)` for `rows` rows of `x` at once.
+    pub(crate) fn forward_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        let out = self.weight.shape()[0];
+        with_view!(self.weight.view(), |w| kernels::matmul::linear(
+            x,
+            rows,
+            w,
+            out,
+            &mut y[..rows * out]
+        ));
+        if let Some(b) = &self.bias {
+            for r in 0..rows {
+                with_view!(b.view(), |b| kernels::add_bias(
+                    b,
+                    &mut y[r * out..(r + 1) * out]
+                ));
+            }
         }
     }
 
@@ -91,8 +112,8 @@ impl Linear {
 /// `torch.nn.LayerNorm` with affine parameters.
 #[derive(Debug, Clone)]
 pub(crate) struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
 }
 
 impl LayerNorm {
@@ -132,27 +153,186 @@ impl LayerNorm {
     }
 }
 
+/// The pre-norm of a block: LayerNorm (default), ScaleNorm (`use_scalenorm`) or none with a
+/// ReZero gain on the branch output (`use_rezero`).
+#[derive(Debug, Clone)]
+pub(crate) enum BlockNorm {
+    Layer(LayerNorm),
+    /// `x / max(|x|, 1e-5) · g`, `g` of shape [1].
+    Scale(Tensor),
+    /// No norm; the branch output is multiplied by the scalar `g`.
+    ReZero(Tensor),
+}
+
+/// ScaleNorm's lower clamp of the norm.
+const SCALE_NORM_EPS: f32 = 1e-5;
+
+impl BlockNorm {
+    fn load(file: &WeightFile, c: &Config, branch: &str, dim: usize) -> Result<Self> {
+        Ok(if c.use_scalenorm {
+            BlockNorm::Scale(load_tensor(file, &format!("{branch}.g"), &[1])?)
+        } else if c.use_rezero {
+            BlockNorm::ReZero(load_tensor(file, &format!("{branch}.g"), &[])?)
+        } else {
+            BlockNorm::Layer(LayerNorm::load(file, &format!("{branch}.norm"), dim)?)
+        })
+    }
+
+    pub(crate) fn apply(&self, x: &[f32], out: &mut [f32]) {
+        match self {
+            BlockNorm::Layer(ln) => ln.forward(x, out),
+            BlockNorm::Scale(g) => {
+                let norm = kernels::dot::<f32>(x, x).sqrt().max(SCALE_NORM_EPS);
+                let f = g.view().get(0) / norm;
+                for (o, v) in out.iter_mut().zip(x) {
+                    *o = v * f;
+                }
+            }
+            BlockNorm::ReZero(_) => out.copy_from_slice(x),
+        }
+    }
+
+    fn apply_scalar(&self, x: &[f32]) -> Vec<f32> {
+        match self {
+            BlockNorm::Layer(ln) => ln.forward_scalar(x),
+            BlockNorm::Scale(g) => {
+                let norm = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+                let f = g.view().get(0) as f64 / norm.max(SCALE_NORM_EPS as f64);
+                x.iter().map(|&v| (v as f64 * f) as f32).collect()
+            }
+            BlockNorm::ReZero(_) => x.to_vec(),
+        }
+    }
+
+    /// The factor on the branch output: ReZero's `g`, else 1.
+    pub(crate) fn gain(&self) -> f32 {
+        match self {
+            BlockNorm::ReZero(g) => g.view().get(0),
+            _ => 1.0,
+        }
+    }
+
+    fn tensors(&self) -> Box<dyn Iterator<Item = &Tensor> + '_> {
+        match self {
+            BlockNorm::Layer(ln) => Box::new(ln.tensors()),
+            BlockNorm::Scale(g) | BlockNorm::ReZero(g) => Box::new(std::iter::once(g)),
+        }
+    }
+}
+
+/// How positions enter: performer-pytorch's three position embeddings.
+#[derive(Debug, Clone)]
+pub(crate) enum Positions {
+    /// Fixed sinusoid added to the input, rotary q/k in the global heads.
+    Rotary { input: Sinusoid, layer: Sinusoid },
+    /// A learned table `pos_emb.emb.weight` [max_seq_len, dim].
+    Absolute(Tensor),
+    /// Two learned tables summed: position `i·b + j` gets `rows[i] + cols[j]`.
+    Axial {
+        rows: Tensor,
+        cols: Tensor,
+        b: usize,
+    },
+}
+
+impl Positions {
+    fn load(file: &WeightFile, c: &Config) -> Result<Self> {
+        Ok(match c.position_kind() {
+            PositionKind::Rotary => Positions::Rotary {
+                input: Sinusoid::new(
+                    c.dim,
+                    Some(load_tensor(file, "pos_emb.emb", &[c.max_seq_len, c.dim])?),
+                ),
+                layer: Sinusoid::new(
+                    c.dim_head,
+                    Some(load_tensor(
+                        file,
+                        "layer_pos_emb.emb",
+                        &[c.max_seq_len, c.dim_head],
+                    )?),
+                ),
+            },
+            PositionKind::Absolute => Positions::Absolute(load_tensor(
+                file,
+                "pos_emb.emb.weight",
+                &[c.max_seq_len, c.dim],
+            )?),
+            PositionKind::Axial => {
+                let (a, b) = c
+                    .axial_position_shape
+                    .unwrap_or((c.max_seq_len.div_ceil(64), 64));
+                Positions::Axial {
+                    rows: load_tensor(file, "pos_emb.weights.0", &[1, a, 1, c.dim])?,
+                    cols: load_tensor(file, "pos_emb.weights.1", &[1, 1, b, c.dim])?,
+                    b,
+                }
+            }
+        })
+    }
+
+    /// Adds the input position embedding of `pos` to `h` (`tmp` is scratch of width dim).
+    pub(crate) fn add_input(&self, pos: usize, h: &mut [f32], tmp: &mut [f32]) {
+        let dim = h.len();
+        match self {
+            Positions::Rotary { input, .. } => input.row(pos, tmp),
+            Positions::Absolute(t) => t.row(pos).to_f32_into(tmp),
+            Positions::Axial { rows, cols, b } => {
+                let (i, j) = (pos / b, pos % b);
+                rows.view().slice(i * dim..(i + 1) * dim).to_f32_into(tmp);
+                let c = cols.view().slice(j * dim..(j + 1) * dim);
+                for (k, t) in tmp.iter_mut().enumerate() {
+                    *t += c.get(k);
+                }
+            }
+        }
+        kernels::axpy(1.0, &tmp[..dim], h);
+    }
+
+    /// The rotary table of the global heads, if the model uses one.
+    pub(crate) fn rotary(&self) -> Option<&Sinusoid> {
+        match self {
+            Positions::Rotary { layer, .. } => Some(layer),
+            _ => None,
+        }
+    }
+
+    fn tensors(&self) -> Vec<&Tensor> {
+        match self {
+            Positions::Rotary { .. } => Vec::new(),
+            Positions::Absolute(t) => vec![t],
+            Positions::Axial { rows, cols, .. } => vec![rows, cols],
+        }
+    }
+}
+
 /// One block: FAVOR+ self-attention and a feed-forward network, each pre-normed with a
 /// residual connection.
 #[derive(Debug, Clone)]
 pub(crate) struct Layer {
-    attn_norm: LayerNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    attn_out: Linear,
-    projection: Tensor,
-    ff_norm: LayerNorm,
-    w1: Linear,
-    w2: Linear,
+    pub(crate) attn_norm: BlockNorm,
+    pub(crate) to_q: Linear,
+    pub(crate) to_k: Linear,
+    pub(crate) to_v: Linear,
+    pub(crate) attn_out: Linear,
+    pub(crate) projection: Tensor,
+    /// Number of local (windowed softmax) heads: the last heads of the layer.
+    pub(crate) local_heads: usize,
+    /// The local heads' rotary frequencies (`d/2` floats of the checkpoint's `inv_freq`
+    /// buffer, widened once at load).
+    pub(crate) local_inv_freq: Option<Vec<f32>>,
+    pub(crate) ff_norm: BlockNorm,
+    pub(crate) w1: Linear,
+    pub(crate) w2: Linear,
 }
 
 impl Layer {
     fn load(file: &WeightFile, c: &Config, layer: usize) -> Result<Self> {
         let n = BlockNames::for_config(c, layer);
         let (dim, inner) = (c.dim, c.inner_dim());
+        let local_heads = c.local_attn_heads[layer];
+        let ff_in = c.ff_hidden() * if c.ff_glu { 2 } else { 1 };
         Ok(Layer {
-            attn_norm: LayerNorm::load(file, &format!("{}.norm", n.attn_branch), dim)?,
+            attn_norm: BlockNorm::load(file, c, &n.attn_branch, dim)?,
             to_q: Linear::load(file, &format!("{}.to_q", n.attn), inner, dim, c.qkv_bias)?,
             to_k: Linear::load(file, &format!("{}.to_k", n.attn), inner, dim, c.qkv_bias)?,
             to_v: Linear::load(file, &format!("{}.to_v", n.attn), inner, dim, c.qkv_bias)?,
@@ -168,8 +348,22 @@ impl Layer {
                 &format!("{}.fast_attention.projection_matrix", n.attn),
                 &[c.nb_features, c.dim_head],
             )?,
-            ff_norm: LayerNorm::load(file, &format!("{}.norm", n.ff_branch), dim)?,
-            w1: Linear::load(file, &format!("{}.w1", n.ff), c.ff_hidden(), dim, true)?,
+            local_heads,
+            local_inv_freq: if local_heads > 0 {
+                Some(
+                    load_tensor(
+                        file,
+                        &format!("{}.local_attn.rel_pos.inv_freq", n.attn),
+                        &[c.dim_head / 2],
+                    )?
+                    .view()
+                    .to_vec(),
+                )
+            } else {
+                None
+            },
+            ff_norm: BlockNorm::load(file, c, &n.ff_branch, dim)?,
+            w1: Linear::load(file, &format!("{}.w1", n.ff), ff_in, dim, true)?,
             w2: Linear::load(file, &format!("{}.w2", n.ff), dim, c.ff_hidden(), true)?,
         })
     }
@@ -208,14 +402,18 @@ fn load_tensor(file: &WeightFile, name: &str, shape: &[usize]) -> Result<Tensor>
 /// ```
 #[derive(Debug)]
 pub struct Model {
-    config: Config,
-    file: WeightFile,
-    token_emb: Tensor,
-    input_pos: Sinusoid,
-    rotary: Sinusoid,
-    layers: Vec<Layer>,
-    norm: LayerNorm,
-    to_out: Linear,
+    pub(crate) config: Config,
+    pub(crate) file: WeightFile,
+    pub(crate) token_emb: Tensor,
+    pub(crate) positions: Positions,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: LayerNorm,
+    /// `None` with `tie_embed`: the logits use the token embedding.
+    pub(crate) to_out: Option<Linear>,
+    /// Hash of the architecture and the weights file, computed on first use.
+    pub(crate) fingerprint: std::sync::OnceLock<u64>,
+    /// The shape every state of this model has.
+    pub(crate) state_shape: crate::state::StateShape,
 }
 
 impl Model {
@@ -253,32 +451,42 @@ impl Model {
         config.validate()?;
         let c = &config;
         let token_emb = load_tensor(&file, "token_emb.weight", &[c.num_tokens, c.dim])?;
-        let input_pos = Sinusoid::new(
-            c.dim,
-            Some(load_tensor(&file, "pos_emb.emb", &[c.max_seq_len, c.dim])?),
-        );
-        let rotary = Sinusoid::new(
-            c.dim_head,
-            Some(load_tensor(
-                &file,
-                "layer_pos_emb.emb",
-                &[c.max_seq_len, c.dim_head],
-            )?),
-        );
+        let positions = Positions::load(&file, c)?;
         let layers = (0..c.depth)
             .map(|l| Layer::load(&file, c, l))
             .collect::<Result<Vec<_>>>()?;
         let norm = LayerNorm::load(&file, "norm", c.dim)?;
-        let to_out = Linear::load(&file, "to_out", c.num_tokens, c.dim, true)?;
+        let state_shape = crate::state::StateShape::of(c);
+        let to_out = if c.tie_embed {
+            None
+        } else {
+            Some(Linear::load(&file, "to_out", c.num_tokens, c.dim, true)?)
+        };
         Ok(Model {
             config,
             file,
             token_emb,
-            input_pos,
-            rotary,
+            positions,
             layers,
             norm,
             to_out,
+            fingerprint: std::sync::OnceLock::new(),
+            state_shape,
+        })
+    }
+
+    /// A hash identifying this model: its architecture (the config without the runtime
+    /// epsilons) and every byte of its weights file. Computed once, on first use (it reads the
+    /// whole file: about a second per few GB).
+    pub fn fingerprint(&self) -> u64 {
+        *self.fingerprint.get_or_init(|| {
+            let mut arch = self.config.clone();
+            arch.kernel_eps = 0.0;
+            arch.denominator_eps = 0.0;
+            arch.origins.clear();
+            let text = format!("{arch:?}");
+            let weights = crate::snapshot::hash64(self.file.bytes());
+            crate::snapshot::hash64(text.as_bytes()) ^ weights.rotate_left(17)
         })
     }
 
@@ -297,12 +505,13 @@ impl Model {
         self.config.num_tokens
     }
 
-    /// Every tensor the forward pass reads.
+    /// Every learned tensor the forward pass reads.
     pub fn tensors(&self) -> impl Iterator<Item = &Tensor> {
         std::iter::once(&self.token_emb)
+            .chain(self.positions.tensors())
             .chain(self.layers.iter().flat_map(|l| l.tensors()))
             .chain(self.norm.tensors())
-            .chain(self.to_out.tensors())
+            .chain(self.to_out.iter().flat_map(|o| o.tensors()))
     }
 
     /// Number of learned parameters (buffers such as projection matrices and sinusoid tables
@@ -311,20 +520,28 @@ impl Model {
         self.tensors().map(Tensor::numel).sum()
     }
 
-    /// Bytes of weights read per decoded token (all parameters but the embedding table, of
-    /// which one row is read, plus the projection matrices).
+    /// Bytes of weights read per decoded token: every parameter but the embedding table (one
+    /// row of it, unless the logits are tied to it) and but the position tables, plus the
+    /// projection matrices.
     pub fn weight_bytes_per_token(&self) -> usize {
-        let all: usize = self
-            .tensors()
-            .map(|t| t.numel() * t.dtype().size())
-            .sum::<usize>()
+        let bytes = |t: &Tensor| t.numel() * t.dtype().size();
+        let all: usize = self.tensors().map(bytes).sum::<usize>()
             + self
                 .layers
                 .iter()
-                .map(|l| l.projection.numel() * l.projection.dtype().size())
+                .map(|l| bytes(&l.projection))
+                .sum::<usize>()
+            - self
+                .positions
+                .tensors()
+                .into_iter()
+                .map(bytes)
                 .sum::<usize>();
-        let emb = self.token_emb.numel() * self.token_emb.dtype().size();
-        all - emb + self.config.dim * self.token_emb.dtype().size()
+        if self.config.tie_embed {
+            all
+        } else {
+            all - bytes(&self.token_emb) + self.config.dim * self.token_emb.dtype().size()
+        }
     }
 
     /// Element counts per dtype over the parameters.
@@ -339,23 +556,39 @@ impl Model {
     pub(crate) fn feature_map(&self, layer: usize) -> FeatureMap<'_> {
         let c = &self.config;
         FeatureMap {
-            kind: if c.generalized_attention {
+            kind: if c.no_projection {
+                FeatureKind::NoProjection
+            } else if c.generalized_attention {
                 FeatureKind::Generalized(c.kernel_fn)
             } else {
                 FeatureKind::Softmax { eps: c.kernel_eps }
             },
             projection: self.layers[layer].projection.view(),
-            m: c.nb_features,
+            m: c.feature_count(),
             d: c.dim_head,
         }
     }
 
-    fn check_token(&self, token: u32) -> Result<()> {
-        if token as usize >= self.config.num_tokens {
-            return Err(Error::TokenOutOfRange {
-                token,
-                vocab: self.config.num_tokens,
-            });
+    pub(crate) fn check_tokens(&self, start: usize, tokens: &[u32]) -> Result<()> {
+        for &token in tokens {
+            if token as usize >= self.config.num_tokens {
+                return Err(Error::TokenOutOfRange {
+                    token,
+                    vocab: self.config.num_tokens,
+                });
+            }
+        }
+        if let Some(limit) = self.config.max_positions() {
+            if start + tokens.len() > limit {
+                return Err(Error::PositionOutOfRange {
+                    position: limit.max(start),
+                    max_seq_len: limit,
+                    kind: match self.config.position_kind() {
+                        PositionKind::Axial => "axial",
+                        _ => "absolute",
+                    },
+                });
+            }
         }
         Ok(())
     }
@@ -363,121 +596,233 @@ impl Model {
     /// Consumes one token and returns the logits for the next one.
     pub fn step<'s>(&self, state: &'s mut State, token: u32) -> Result<&'s [f32]> {
         state.check_fits(self)?;
-        self.check_token(token)?;
+        self.check_tokens(state.pos, &[token])?;
         self.forward_token(state, token, true)?;
         Ok(&state.logits)
     }
 
-    /// Consumes a prompt and returns the logits after its last token. All ids are checked
-    /// before the state changes.
+    /// Consumes a prompt and returns the logits after its last token, in chunks of
+    /// [`crate::parallel::DEFAULT_CHUNK`] tokens (see [`Model::prefill_chunked`]). All ids (and,
+    /// for absolute positions, the length) are checked before the state changes.
     pub fn prefill<'s>(&self, state: &'s mut State, tokens: &[u32]) -> Result<&'s [f32]> {
-        state.check_fits(self)?;
-        let Some((&last, body)) = tokens.split_last() else {
-            return Err(Error::EmptyInput("prefill needs at least one token"));
-        };
-        for &t in tokens {
-            self.check_token(t)?;
+        if state.acc64.is_some() {
+            // f64 accumulators have no chunked path: step, checking everything first.
+            state.check_fits(self)?;
+            let Some((&last, body)) = tokens.split_last() else {
+                return Err(Error::EmptyInput("prefill needs at least one token"));
+            };
+            self.check_tokens(state.pos, tokens)?;
+            for &t in body {
+                self.forward_token(state, t, false)?;
+            }
+            self.forward_token(state, last, true)?;
+            return Ok(&state.logits);
         }
-        for &t in body {
-            self.forward_token(state, t, false)?;
-        }
-        self.forward_token(state, last, true)?;
-        Ok(&state.logits)
+        self.prefill_chunked(state, tokens, crate::parallel::DEFAULT_CHUNK)
     }
 
-    /// Runs one token through every layer at position `state.pos`.
+    /// Runs one token through every layer at position `state.pos`: embed → for each layer
+    /// (norm → q, k, v → rotary → FAVOR+ state update and readout, local heads → out
+    /// projection → residual → norm → feed-forward → residual) → final norm → logits.
     fn forward_token(&self, st: &mut State, token: u32, want_logits: bool) -> Result<()> {
+        self.forward_token_with(st, token, want_logits, |model, st, l| {
+            model.attend_favor(st, l)
+        })
+    }
+
+    /// One token through every layer with `attend(model, state, layer)` filling `st.att` from
+    /// the rotated `st.q`, `st.k` and `st.v` of the layer's global heads.
+    pub(crate) fn forward_token_with(
+        &self,
+        st: &mut State,
+        token: u32,
+        want_logits: bool,
+        mut attend: impl FnMut(&Model, &mut State, usize),
+    ) -> Result<()> {
         let c = &self.config;
         let pos = st.pos;
-        let (heads, d, m) = (c.heads, c.dim_head, c.nb_features);
+        let (heads, d, dim) = (c.heads, c.dim_head, c.dim);
 
         self.token_emb.row(token as usize).to_f32_into(&mut st.h);
-        self.input_pos.row(pos, &mut st.tmp);
-        kernels::axpy(1.0, &st.tmp, &mut st.h);
-        self.rotary.row(pos, &mut st.rot);
+        self.positions.add_input(pos, &mut st.h, &mut st.tmp);
+        let rotary = self.positions.rotary();
+        if let Some(r) = rotary {
+            r.row(pos, &mut st.rot);
+        }
 
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention branch.
-            layer.attn_norm.forward(&st.h, &mut st.xn);
+            layer.attn_norm.apply(&st.h, &mut st.xn);
+            if c.shift_tokens {
+                shift_features(&mut st.xn, &mut st.shift_prev, (2 * l) * dim);
+            }
             layer.to_q.forward(&st.xn, &mut st.q);
             layer.to_k.forward(&st.xn, &mut st.k);
             layer.to_v.forward(&st.xn, &mut st.v);
-            for hd in 0..heads {
-                rotary::rotate(&mut st.q[hd * d..(hd + 1) * d], &st.rot);
-                rotary::rotate(&mut st.k[hd * d..(hd + 1) * d], &st.rot);
+            let gh = heads - layer.local_heads;
+            if rotary.is_some() {
+                for hd in 0..gh {
+                    rotary::rotate(&mut st.q[hd * d..(hd + 1) * d], &st.rot);
+                    rotary::rotate(&mut st.k[hd * d..(hd + 1) * d], &st.rot);
+                }
             }
-            let map = self.feature_map(l);
-            let delta = c.denominator_eps;
-            let n = pos + 1;
-            let hm = heads * m;
-            let a_mat = &mut st.a_mat[l * hm * d..(l + 1) * hm * d];
-            let a_vec = &mut st.a_vec[l * hm..(l + 1) * hm];
-            let v_sum = &mut st.v_sum[l * heads * d..(l + 1) * heads * d];
-            let max = &mut st.max[l * heads..(l + 1) * heads];
-            let run = |item: HeadItem<'_>, q: &[f32], k: &[f32], v: &[f32]| {
-                let (((((((a_mat, a_vec), v_sum), max), key_feat), query_feat), out), hd) = item;
-                let r = hd * d..(hd + 1) * d;
-                let head = HeadState {
-                    a_mat,
-                    a_vec,
-                    v_sum,
-                    max,
-                    key_feat,
-                    query_feat,
-                };
-                let tok = favor::Token {
-                    q: &q[r.clone()],
-                    k: &k[r.clone()],
-                    v: &v[r],
-                    n,
-                };
-                favor::step(&map, delta, head, tok, out)
-            };
-            let (q, k, v) = (&st.q[..], &st.k[..], &st.v[..]);
-            if heads > 1 && heads * m * d >= kernels::PAR_MIN_ELEMS {
-                a_mat
-                    .par_chunks_mut(m * d)
-                    .zip(a_vec.par_chunks_mut(m))
-                    .zip(v_sum.par_chunks_mut(d))
-                    .zip(max.par_iter_mut())
-                    .zip(st.key_feat.par_chunks_mut(m))
-                    .zip(st.query_feat.par_chunks_mut(m))
-                    .zip(st.att.par_chunks_mut(d))
-                    .zip(0..heads)
-                    .for_each(|x| run(x, q, k, v));
-            } else {
-                a_mat
-                    .chunks_mut(m * d)
-                    .zip(a_vec.chunks_mut(m))
-                    .zip(v_sum.chunks_mut(d))
-                    .zip(max.iter_mut())
-                    .zip(st.key_feat.chunks_mut(m))
-                    .zip(st.query_feat.chunks_mut(m))
-                    .zip(st.att.chunks_mut(d))
-                    .zip(0..heads)
-                    .for_each(|x| run(x, q, k, v));
-            }
+            attend(self, st, l);
+            self.attend_local(st, l);
             layer.attn_out.forward(&st.att, &mut st.tmp);
-            kernels::axpy(1.0, &st.tmp, &mut st.h);
+            kernels::axpy(layer.attn_norm.gain(), &st.tmp, &mut st.h);
 
             // Feed-forward branch.
-            layer.ff_norm.forward(&st.h, &mut st.xn);
+            layer.ff_norm.apply(&st.h, &mut st.xn);
+            if c.shift_tokens {
+                shift_features(&mut st.xn, &mut st.shift_prev, (2 * l + 1) * dim);
+            }
             layer.w1.forward(&st.xn, &mut st.hidden);
-            kernels::gelu(&mut st.hidden);
-            layer.w2.forward(&st.hidden, &mut st.tmp);
-            kernels::axpy(1.0, &st.tmp, &mut st.h);
+            let hidden = c.ff_hidden();
+            kernels::gelu(&mut st.hidden[..hidden]);
+            if c.ff_glu {
+                let (x, gate) = st.hidden.split_at_mut(hidden);
+                for (a, g) in x.iter_mut().zip(gate.iter()) {
+                    *a *= g;
+                }
+            }
+            layer.w2.forward(&st.hidden[..hidden], &mut st.tmp);
+            kernels::axpy(layer.ff_norm.gain(), &st.tmp, &mut st.h);
         }
         st.pos += 1;
         st.has_logits = false;
         if want_logits {
             self.norm.forward(&st.h, &mut st.xn);
-            self.to_out.forward(&st.xn, &mut st.logits);
+            match &self.to_out {
+                Some(out) => out.forward(&st.xn, &mut st.logits),
+                None => with_view!(self.token_emb.view(), |w| kernels::matvec(
+                    w,
+                    &st.xn,
+                    &mut st.logits
+                )),
+            }
             if st.logits.iter().any(|x| !x.is_finite()) {
                 return Err(Error::NonFiniteLogits { position: pos });
             }
             st.has_logits = true;
         }
         Ok(())
+    }
+
+    /// FAVOR+ for the global heads of layer `l`: state update and readout, heads in parallel
+    /// when the work is large enough.
+    fn attend_favor(&self, st: &mut State, l: usize) {
+        let c = &self.config;
+        let pos = st.pos;
+        let (heads, d, m) = (c.heads, c.dim_head, c.feature_count());
+        let gh = heads - self.layers[l].local_heads;
+        let map = self.feature_map(l);
+        let delta = c.denominator_eps;
+        let n = pos + 1;
+        let (h0, h1) = (st.favor_start[l], st.favor_start[l + 1]);
+        if let Some(acc) = &mut st.acc64 {
+            for (i, hd) in (0..gh).enumerate() {
+                let g = h0 + i;
+                let r = hd * d..(hd + 1) * d;
+                favor::step_f64(
+                    &map,
+                    delta,
+                    favor::HeadState64 {
+                        a_mat: &mut acc.a_mat[g * m * d..(g + 1) * m * d],
+                        a_vec: &mut acc.a_vec[g * m..(g + 1) * m],
+                        v_sum: &mut acc.v_sum[g * d..(g + 1) * d],
+                        max: &mut acc.max[g],
+                        key_feat: &mut st.key_feat[..m],
+                        query_feat: &mut st.query_feat[..m],
+                    },
+                    favor::Token {
+                        q: &st.q[r.clone()],
+                        k: &st.k[r.clone()],
+                        v: &st.v[r.clone()],
+                        n,
+                    },
+                    &mut st.att[r],
+                );
+            }
+            return;
+        }
+        let a_mat = &mut st.a_mat[h0 * m * d..h1 * m * d];
+        let a_vec = &mut st.a_vec[h0 * m..h1 * m];
+        let v_sum = &mut st.v_sum[h0 * d..h1 * d];
+        let max = &mut st.max[h0..h1];
+        let run = |item: HeadItem<'_>, q: &[f32], k: &[f32], v: &[f32]| {
+            let (((((((a_mat, a_vec), v_sum), max), key_feat), query_feat), out), hd) = item;
+            let r = hd * d..(hd + 1) * d;
+            let head = HeadState {
+                a_mat,
+                a_vec,
+                v_sum,
+                max,
+                key_feat,
+                query_feat,
+            };
+            let tok = favor::Token {
+                q: &q[r.clone()],
+                k: &k[r.clone()],
+                v: &v[r],
+                n,
+            };
+            favor::step(&map, delta, head, tok, out)
+        };
+        let (q, k, v) = (&st.q[..], &st.k[..], &st.v[..]);
+        let att = &mut st.att[..gh * d];
+        if gh > 1 && gh * m * d >= kernels::PAR_MIN_ELEMS {
+            a_mat
+                .par_chunks_mut(m * d)
+                .zip(a_vec.par_chunks_mut(m))
+                .zip(v_sum.par_chunks_mut(d))
+                .zip(max.par_iter_mut())
+                .zip(st.key_feat.par_chunks_mut(m))
+                .zip(st.query_feat.par_chunks_mut(m))
+                .zip(att.par_chunks_mut(d))
+                .zip(0..gh)
+                .for_each(|x| run(x, q, k, v));
+        } else {
+            a_mat
+                .chunks_mut(m * d)
+                .zip(a_vec.chunks_mut(m))
+                .zip(v_sum.chunks_mut(d))
+                .zip(max.iter_mut())
+                .zip(st.key_feat.chunks_mut(m))
+                .zip(st.query_feat.chunks_mut(m))
+                .zip(att.chunks_mut(d))
+                .zip(0..gh)
+                .for_each(|x| run(x, q, k, v));
+        }
+    }
+
+    /// The local (windowed softmax) heads of layer `l`, if any.
+    fn attend_local(&self, st: &mut State, l: usize) {
+        let c = &self.config;
+        let (heads, d, pos) = (c.heads, c.dim_head, st.pos);
+        let layer = &self.layers[l];
+        let gh = heads - layer.local_heads;
+        if let Some(inv_freq) = &layer.local_inv_freq {
+            let ring = 2 * c.local_window_size * d;
+            let l0 = st.local_start[l];
+            for (i, hd) in (gh..heads).enumerate() {
+                let r = hd * d..(hd + 1) * d;
+                let slot = (l0 + i) * ring..(l0 + i + 1) * ring;
+                local::step(
+                    c.local_window_size,
+                    inv_freq,
+                    pos,
+                    local::LocalHeadState {
+                        keys: &mut st.local_keys[slot.clone()],
+                        values: &mut st.local_values[slot],
+                        scores: &mut st.scores,
+                    },
+                    &mut st.q[r.clone()],
+                    &mut st.k[r.clone()],
+                    &st.v[r.clone()],
+                    &mut st.att[r],
+                );
+            }
+        }
     }
 
     /// The plain full-sequence forward: scalar kernels for every product and the attention
@@ -489,9 +834,7 @@ impl Model {
                 "the reference forward needs at least one token",
             ));
         }
-        for &t in tokens {
-            self.check_token(t)?;
-        }
+        self.check_tokens(0, tokens)?;
         let c = &self.config;
         let (d, dim) = (c.dim_head, c.dim);
         let mut h: Vec<Vec<f32>> = tokens
@@ -499,34 +842,54 @@ impl Model {
             .enumerate()
             .map(|(p, &t)| {
                 let mut x = self.token_emb.row(t as usize).to_vec();
-                let mut pe = vec![0.0; dim];
-                self.input_pos.row(p, &mut pe);
-                for (a, b) in x.iter_mut().zip(&pe) {
-                    *a += b;
-                }
+                let mut tmp = vec![0.0; dim];
+                self.positions.add_input(p, &mut x, &mut tmp);
                 x
             })
             .collect();
+        // Token shift over a whole sequence: features [dim/2, 2·(dim/2)) from the previous
+        // position, zeros at position 0.
+        let shift = |xs: &mut Vec<Vec<f32>>| {
+            if !c.shift_tokens {
+                return;
+            }
+            let seg = dim / 2..2 * (dim / 2);
+            for p in (0..xs.len()).rev() {
+                let prev: Vec<f32> = if p == 0 {
+                    vec![0.0; seg.len()]
+                } else {
+                    xs[p - 1][seg.clone()].to_vec()
+                };
+                xs[p][seg.clone()].copy_from_slice(&prev);
+            }
+        };
         for (l, layer) in self.layers.iter().enumerate() {
-            let qkv: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = h
+            let mut xn: Vec<Vec<f32>> = h
+                .par_iter()
+                .map(|x| layer.attn_norm.apply_scalar(x))
+                .collect();
+            shift(&mut xn);
+            let qkv: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = xn
                 .par_iter()
                 .enumerate()
-                .map(|(p, x)| {
-                    let xn = layer.attn_norm.forward_scalar(x);
-                    let mut q = layer.to_q.forward_scalar(&xn);
-                    let mut k = layer.to_k.forward_scalar(&xn);
-                    let v = layer.to_v.forward_scalar(&xn);
-                    let mut rot = vec![0.0; d];
-                    self.rotary.row(p, &mut rot);
-                    for hd in 0..c.heads {
-                        rotary::rotate(&mut q[hd * d..(hd + 1) * d], &rot);
-                        rotary::rotate(&mut k[hd * d..(hd + 1) * d], &rot);
+                .map(|(p, xn)| {
+                    let mut q = layer.to_q.forward_scalar(xn);
+                    let mut k = layer.to_k.forward_scalar(xn);
+                    let v = layer.to_v.forward_scalar(xn);
+                    if let Some(r) = self.positions.rotary() {
+                        let mut rot = vec![0.0; d];
+                        r.row(p, &mut rot);
+                        for hd in 0..c.heads - layer.local_heads {
+                            rotary::rotate(&mut q[hd * d..(hd + 1) * d], &rot);
+                            rotary::rotate(&mut k[hd * d..(hd + 1) * d], &rot);
+                        }
                     }
                     (q, k, v)
                 })
                 .collect();
             let map = self.feature_map(l);
             let mut att = vec![vec![0f32; c.inner_dim()]; tokens.len()];
+            let gh = c.heads - layer.local_heads;
             for hd in 0..c.heads {
                 let r = hd * d..(hd + 1) * d;
                 let pick = |i: usize| -> Vec<Vec<f32>> {
@@ -534,32 +897,76 @@ impl Model {
                         .map(|t| [&t.0, &t.1, &t.2][i][r.clone()].to_vec())
                         .collect()
                 };
-                let out = favor::reference(&map, c.denominator_eps, &pick(0), &pick(1), &pick(2));
+                let out = if hd < gh {
+                    favor::reference(&map, c.denominator_eps, &pick(0), &pick(1), &pick(2))
+                } else {
+                    let inv_freq = layer.local_inv_freq.clone().unwrap_or_default();
+                    local::reference(c.local_window_size, &inv_freq, &pick(0), &pick(1), &pick(2))
+                };
                 for (a, o) in att.iter_mut().zip(out) {
                     a[r.clone()].copy_from_slice(&o);
                 }
             }
+            let attn_gain = layer.attn_norm.gain();
             h = h
                 .into_par_iter()
                 .zip(att.par_iter())
                 .map(|(mut x, a)| {
                     let o = layer.attn_out.forward_scalar(a);
                     for (xi, oi) in x.iter_mut().zip(&o) {
-                        *xi += oi;
+                        *xi += attn_gain * oi;
                     }
-                    let xn = layer.ff_norm.forward_scalar(&x);
-                    let mut hid = layer.w1.forward_scalar(&xn);
-                    scalar::gelu(&mut hid);
-                    let f = layer.w2.forward_scalar(&hid);
+                    x
+                })
+                .collect();
+            let mut xn: Vec<Vec<f32>> = h
+                .par_iter()
+                .map(|x| layer.ff_norm.apply_scalar(x))
+                .collect();
+            shift(&mut xn);
+            let hidden = c.ff_hidden();
+            let ff_gain = layer.ff_norm.gain();
+            h = h
+                .into_par_iter()
+                .zip(xn.par_iter())
+                .map(|(mut x, xn)| {
+                    let mut hid = layer.w1.forward_scalar(xn);
+                    scalar::gelu(&mut hid[..hidden]);
+                    if c.ff_glu {
+                        let (a, g) = hid.split_at_mut(hidden);
+                        for (ai, gi) in a.iter_mut().zip(g.iter()) {
+                            *ai *= gi;
+                        }
+                    }
+                    let f = layer.w2.forward_scalar(&hid[..hidden]);
                     for (xi, fi) in x.iter_mut().zip(&f) {
-                        *xi += fi;
+                        *xi += ff_gain * fi;
                     }
                     x
                 })
                 .collect();
         }
+        let tied = |x: &[f32]| -> Vec<f32> {
+            let mut y = vec![0.0; c.num_tokens];
+            with_view!(self.token_emb.view(), |w| scalar::matvec(w, x, &mut y));
+            y
+        };
         Ok(h.par_iter()
-            .map(|x| self.to_out.forward_scalar(&self.norm.forward_scalar(x)))
+            .map(|x| {
+                let xn = self.norm.forward_scalar(x);
+                match &self.to_out {
+                    Some(out) => out.forward_scalar(&xn),
+                    None => tied(&xn),
+                }
+            })
             .collect())
     }
+}
+
+/// `shift_tokens`: swaps features `[dim/2, 2·(dim/2))` of this position's block input with the
+/// previous position's, kept in `prev[offset..]` (zeros before the first token).
+pub(crate) fn shift_features(xn: &mut [f32], prev: &mut [f32], offset: usize) {
+    let dim = xn.len();
+    let seg = dim / 2..2 * (dim / 2);
+    xn[seg.clone()].swap_with_slice(&mut prev[offset + seg.start..offset + seg.end]);
 }

@@ -1,5 +1,5 @@
-//! Per-sequence run state: the constant-size FAVOR+ state of every layer and head, plus the
-//! scratch buffers of one decode step.
+//! Per-sequence run state: the constant-size FAVOR+ state of every layer and head, the bounded
+//! windows of local heads and token shifts, plus the scratch buffers of one decode step.
 //!
 //! A state's size is fixed when it is created and never grows, however many tokens it has
 //! consumed: that is the point of a Performer.
@@ -8,36 +8,70 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 
 /// Dimensions a state was created for; a state only runs with a model of the same shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StateShape {
-    pub depth: usize,
-    pub heads: usize,
+    pub global_heads: Vec<usize>,
+    pub local_heads: Vec<usize>,
+    pub window: usize,
     pub m: usize,
     pub d: usize,
     pub dim: usize,
     pub inner: usize,
     pub hidden: usize,
     pub vocab: usize,
+    pub shift: bool,
 }
 
 impl StateShape {
-    fn of(model: &Model) -> Self {
-        let c = model.config();
+    pub(crate) fn of(c: &crate::config::Config) -> Self {
         StateShape {
-            depth: c.depth,
-            heads: c.heads,
-            m: c.nb_features,
+            global_heads: c.local_attn_heads.iter().map(|l| c.heads - l).collect(),
+            local_heads: c.local_attn_heads.clone(),
+            window: c.local_window_size,
+            m: c.feature_count(),
             d: c.dim_head,
             dim: c.dim,
             inner: c.inner_dim(),
             hidden: c.ff_hidden(),
             vocab: c.num_tokens,
+            shift: c.shift_tokens,
         }
     }
 }
 
-/// The state of one sequence: per layer and head `A` (m×d), `a` (m), `M`, `s` (d), and the
-/// token count `n` (= [`State::position`]), plus fixed-size scratch.
+/// Precision of the accumulated FAVOR+ state (`A`, `a`, `s`, `M`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 sums, SIMD: the default, measured to drift below 1e-3 over a million tokens (see
+    /// the README).
+    #[default]
+    F32,
+    /// f64 sums, scalar: twice the state memory and slower; the reference for drift
+    /// measurements. Prefill runs token by token; batched decode and snapshots need F32.
+    F64,
+}
+
+/// The f64 accumulators of a [`Precision::F64`] state.
+#[derive(Debug, Clone)]
+pub(crate) struct Acc64 {
+    pub a_mat: Vec<f64>,
+    pub a_vec: Vec<f64>,
+    pub v_sum: Vec<f64>,
+    pub max: Vec<f64>,
+}
+
+fn prefix_sums(v: &[usize]) -> Vec<usize> {
+    let mut out = vec![0];
+    for &x in v {
+        out.push(out.last().copied().unwrap_or(0) + x);
+    }
+    out
+}
+
+/// The state of one sequence: per layer and global head `A` (m×d), `a` (m), `M`, `s` (d); per
+/// local head a ring of the last `2w` keys and values; per layer the previous position's
+/// shifted features (`shift_tokens`); the token count `n` (= [`State::position`]); and
+/// fixed-size scratch.
 ///
 /// ```
 /// # fn main() -> performer::Result<()> {
@@ -53,12 +87,20 @@ impl StateShape {
 /// ```
 #[derive(Debug, Clone)]
 pub struct State {
-    shape: StateShape,
+    pub(crate) shape: StateShape,
+    /// Prefix sums of global heads per layer (index into the FAVOR buffers).
+    pub(crate) favor_start: Vec<usize>,
+    /// Prefix sums of local heads per layer.
+    pub(crate) local_start: Vec<usize>,
     pub(crate) pos: usize,
     pub(crate) a_mat: Vec<f32>,
     pub(crate) a_vec: Vec<f32>,
     pub(crate) v_sum: Vec<f32>,
     pub(crate) max: Vec<f32>,
+    pub(crate) local_keys: Vec<f32>,
+    pub(crate) local_values: Vec<f32>,
+    /// Per layer, attention then feed-forward: the previous position's block input.
+    pub(crate) shift_prev: Vec<f32>,
     // Scratch: overwritten by every step.
     pub(crate) h: Vec<f32>,
     pub(crate) xn: Vec<f32>,
@@ -71,22 +113,69 @@ pub struct State {
     pub(crate) rot: Vec<f32>,
     pub(crate) key_feat: Vec<f32>,
     pub(crate) query_feat: Vec<f32>,
+    pub(crate) scores: Vec<f32>,
     pub(crate) logits: Vec<f32>,
     pub(crate) has_logits: bool,
+    /// Present for [`Precision::F64`] states, which leave the f32 FAVOR+ buffers empty.
+    pub(crate) acc64: Option<Box<Acc64>>,
 }
 
 impl State {
+    /// A fresh state of the given accumulator precision.
+    pub fn with_precision(model: &Model, precision: Precision) -> Self {
+        let mut st = State::new(model);
+        if precision == Precision::F64 {
+            let widen = |v: &Vec<f32>| v.iter().map(|&x| x as f64).collect();
+            st.acc64 = Some(Box::new(Acc64 {
+                a_mat: widen(&st.a_mat),
+                a_vec: widen(&st.a_vec),
+                v_sum: widen(&st.v_sum),
+                max: widen(&st.max),
+            }));
+            for b in [&mut st.a_mat, &mut st.a_vec, &mut st.v_sum, &mut st.max] {
+                *b = Vec::new();
+            }
+        }
+        st
+    }
+
+    /// The accumulator precision.
+    pub fn precision(&self) -> Precision {
+        if self.acc64.is_some() {
+            Precision::F64
+        } else {
+            Precision::F32
+        }
+    }
+
     /// A fresh state (position 0) sized for `model`.
     pub fn new(model: &Model) -> Self {
-        let s = StateShape::of(model);
-        let per_layer_heads = s.depth * s.heads;
+        let s = model.state_shape.clone();
+        let favor_start = prefix_sums(&s.global_heads);
+        let local_start = prefix_sums(&s.local_heads);
+        let (global, local) = (
+            favor_start[favor_start.len() - 1],
+            local_start[local_start.len() - 1],
+        );
+        let depth = s.global_heads.len();
+        let heads = s.inner / s.d.max(1);
+        let ring = if local > 0 { 2 * s.window * s.d } else { 0 };
+        let glu_hidden = model.config().ff_hidden() * if model.config().ff_glu { 2 } else { 1 };
         State {
-            shape: s,
+            favor_start,
+            local_start,
             pos: 0,
-            a_mat: vec![0.0; per_layer_heads * s.m * s.d],
-            a_vec: vec![0.0; per_layer_heads * s.m],
-            v_sum: vec![0.0; per_layer_heads * s.d],
-            max: vec![f32::NEG_INFINITY; per_layer_heads],
+            a_mat: vec![0.0; global * s.m * s.d],
+            a_vec: vec![0.0; global * s.m],
+            v_sum: vec![0.0; global * s.d],
+            max: vec![f32::NEG_INFINITY; global],
+            local_keys: vec![0.0; local * ring],
+            local_values: vec![0.0; local * ring],
+            shift_prev: if s.shift {
+                vec![0.0; depth * 2 * s.dim]
+            } else {
+                Vec::new()
+            },
             h: vec![0.0; s.dim],
             xn: vec![0.0; s.dim],
             tmp: vec![0.0; s.dim],
@@ -94,22 +183,38 @@ impl State {
             k: vec![0.0; s.inner],
             v: vec![0.0; s.inner],
             att: vec![0.0; s.inner],
-            hidden: vec![0.0; s.hidden],
+            hidden: vec![0.0; glu_hidden],
             rot: vec![0.0; s.d],
-            key_feat: vec![0.0; s.heads * s.m],
-            query_feat: vec![0.0; s.heads * s.m],
+            key_feat: vec![0.0; heads * s.m],
+            query_feat: vec![0.0; heads * s.m],
+            scores: vec![0.0; if local > 0 { 2 * s.window } else { 0 }],
             logits: vec![0.0; s.vocab],
             has_logits: false,
+            acc64: None,
+            shape: s,
         }
     }
 
     /// Back to position 0, keeping the allocations.
     pub fn reset(&mut self) {
         self.pos = 0;
-        self.a_mat.fill(0.0);
-        self.a_vec.fill(0.0);
-        self.v_sum.fill(0.0);
+        for buf in [
+            &mut self.a_mat,
+            &mut self.a_vec,
+            &mut self.v_sum,
+            &mut self.local_keys,
+            &mut self.local_values,
+            &mut self.shift_prev,
+        ] {
+            buf.fill(0.0);
+        }
         self.max.fill(f32::NEG_INFINITY);
+        if let Some(acc) = &mut self.acc64 {
+            acc.a_mat.fill(0.0);
+            acc.a_vec.fill(0.0);
+            acc.v_sum.fill(0.0);
+            acc.max.fill(f64::NEG_INFINITY);
+        }
         self.has_logits = false;
     }
 
@@ -130,6 +235,9 @@ impl State {
             &self.a_vec,
             &self.v_sum,
             &self.max,
+            &self.local_keys,
+            &self.local_values,
+            &self.shift_prev,
             &self.h,
             &self.xn,
             &self.tmp,
@@ -141,26 +249,42 @@ impl State {
             &self.rot,
             &self.key_feat,
             &self.query_feat,
+            &self.scores,
             &self.logits,
         ]
         .iter()
         .map(|v| v.capacity())
         .sum::<usize>();
-        floats * std::mem::size_of::<f32>() + std::mem::size_of::<Self>()
+        let doubles = self.acc64.as_ref().map_or(0, |a| {
+            a.a_mat.capacity() + a.a_vec.capacity() + a.v_sum.capacity() + a.max.capacity()
+        });
+        floats * std::mem::size_of::<f32>()
+            + doubles * std::mem::size_of::<f64>()
+            + std::mem::size_of::<Self>()
+            + (self.favor_start.capacity() + self.local_start.capacity()) * 8
     }
 
-    /// Bytes of the attention state alone (A, a, s, M for every layer and head).
+    /// Bytes of the sequence's memory proper: FAVOR+ state (A, a, s, M), local-head windows
+    /// and token shifts. Everything else is per-step scratch.
     pub fn attention_bytes(&self) -> usize {
-        (self.a_mat.len() + self.a_vec.len() + self.v_sum.len() + self.max.len())
+        (self.a_mat.len()
+            + self.a_vec.len()
+            + self.v_sum.len()
+            + self.max.len()
+            + self.local_keys.len()
+            + self.local_values.len()
+            + self.shift_prev.len())
             * std::mem::size_of::<f32>()
+            + self.acc64.as_ref().map_or(0, |a| {
+                (a.a_mat.len() + a.a_vec.len() + a.v_sum.len() + a.max.len()) * 8
+            })
     }
 
     pub(crate) fn check_fits(&self, model: &Model) -> Result<()> {
-        let s = StateShape::of(model);
-        if s != self.shape {
+        if model.state_shape != self.shape {
             return Err(Error::StateMismatch(format!(
                 "state made for {:?}, model is {:?}",
-                self.shape, s
+                self.shape, model.state_shape
             )));
         }
         Ok(())

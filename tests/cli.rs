@@ -142,7 +142,216 @@ fn errors_are_one_line_with_nonzero_exit() {
 }
 
 #[test]
-fn bench_prints_json_and_rejects_softmax() {
+fn save_state_then_load_state_continues_the_text() {
+    let m = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("s.pfstate");
+    let snap = snap.to_str().unwrap();
+    let greedy = ["--temperature", "0"];
+    let first = performer(
+        &[
+            &[
+                "generate",
+                "--model",
+                &m,
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "10",
+            ][..],
+            &greedy,
+            &["--save-state", snap],
+        ]
+        .concat(),
+    );
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let second = performer(
+        &[
+            &[
+                "generate",
+                "--model",
+                &m,
+                "--load-state",
+                snap,
+                "--max-tokens",
+                "10",
+            ][..],
+            &greedy,
+        ]
+        .concat(),
+    );
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let straight = performer(
+        &[
+            &[
+                "generate",
+                "--model",
+                &m,
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "20",
+            ][..],
+            &greedy,
+        ]
+        .concat(),
+    );
+    // Each run ends its output with a newline.
+    let strip = |o: &std::process::Output| {
+        let mut v = o.stdout.clone();
+        assert_eq!(v.pop(), Some(b'\n'));
+        v
+    };
+    let mut joined = strip(&first);
+    joined.extend(strip(&second));
+    assert_eq!(joined, strip(&straight));
+    // A snapshot from another model is refused with one line.
+    let other = fixture("default_b").to_string_lossy().into_owned();
+    let bad = performer(&["generate", "--model", &other, "--load-state", snap]);
+    assert_eq!(bad.status.code(), Some(1));
+}
+
+#[test]
+fn perplexity_prints_text_and_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog ".repeat(20),
+    )
+    .unwrap();
+    let t = text.to_str().unwrap();
+    let out = performer(&["perplexity", "--model", &model_dir(), "--file", t, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tokens"], 880);
+    assert_eq!(v["scored"], 879);
+    let bpb = v["bits_per_byte"].as_f64().unwrap();
+    let nll = v["mean_nll"].as_f64().unwrap();
+    assert!((bpb - nll / std::f64::consts::LN_2).abs() < 1e-9);
+    let plain = performer(&[
+        "perplexity",
+        "--model",
+        &model_dir(),
+        "--file",
+        t,
+        "--window",
+        "128",
+    ]);
+    assert!(String::from_utf8_lossy(&plain.stdout).contains("bits per byte"));
+    let missing = performer(&[
+        "perplexity",
+        "--model",
+        &model_dir(),
+        "--file",
+        "/nonexistent",
+    ]);
+    assert_eq!(missing.status.code(), Some(1));
+}
+
+#[test]
+fn runtime_input_edge_cases_through_the_cli() {
+    let m = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    // A prompt file that is not UTF-8 is bytes to a byte-level model: accepted.
+    let bad_utf8 = tmp.path().join("p.bin");
+    std::fs::write(&bad_utf8, [0xFFu8, 0xFE, b'a', 0xC3]).unwrap();
+    let out = performer(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt-file",
+        bad_utf8.to_str().unwrap(),
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::str::from_utf8(&out.stdout).is_ok(),
+        "output is always valid UTF-8"
+    );
+    // max_tokens 0: nothing generated, still a success.
+    let out = performer(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "x",
+        "--max-tokens",
+        "0",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("generation: 0 tokens"));
+    // top-k 0 disables top-k in the CLI (documented); a negative value is a usage error.
+    let out = performer(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "x",
+        "--max-tokens",
+        "3",
+        "--top-k",
+        "0",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(
+        performer(&["generate", "--model", &m, "--prompt", "x", "--top-k=-1"])
+            .status
+            .code(),
+        Some(2)
+    );
+    for bad in ["--repeat-penalty=0", "--repeat-penalty=-1", "--top-p=1.5"] {
+        let out = performer(&["generate", "--model", &m, "--prompt", "x", bad]);
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+    }
+
+    // A broken model (NaN in the output bias) is reported on first use, one line, exit 1.
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::copy(
+        fixture("default_a").join("config.json"),
+        broken.join("config.json"),
+    )
+    .unwrap();
+    let mut bytes = std::fs::read(fixture("default_a").join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let start = header["to_out.bias"]["data_offsets"][0].as_u64().unwrap() as usize + 8 + n;
+    bytes[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(broken.join("model.safetensors"), bytes).unwrap();
+    let out = performer(&[
+        "generate",
+        "--model",
+        broken.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("non-finite logits"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1);
+}
+
+#[test]
+fn bench_prints_json_and_runs_both_attentions() {
     let out = performer(&[
         "bench",
         "--shape",
@@ -172,11 +381,29 @@ fn bench_prints_json_and_rejects_softmax() {
     assert_eq!(v["rows"].as_array().unwrap().len(), 3);
     assert_eq!(v["model"]["name"], "synthetic tiny");
 
-    let out = performer(&["bench", "--shape", "tiny", "--attention", "favor,softmax"]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let out = performer(&[
+        "bench",
+        "--shape",
+        "tiny",
+        "--attention",
+        "favor,softmax",
+        "--pp",
+        "0",
+        "--tg",
+        "2",
+        "-r",
+        "1",
+        "--bandwidth-mib",
+        "0",
+    ]);
     assert!(
-        stderr.contains("softmax baseline not available"),
-        "{stderr}"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("| softmax | tg2 | 0 |"), "{table}");
+    assert!(table.contains("| favor | tg2 | 0 |"), "{table}");
+    let out = performer(&["bench", "--shape", "tiny", "--attention", "linear"]);
+    assert_eq!(out.status.code(), Some(2));
 }

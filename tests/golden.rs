@@ -120,3 +120,29 @@ fn half_precision_copies_match() {
         );
     }
 }
+
+/// Every option fixture (options mixed per fixture, see tests/fixtures/README.md) at both
+/// epsilon settings, with the same bound and reasons as the default fixtures.
+const OPTION_FIXTURES: &[&str] = &[
+    "opt_relu_glu",
+    "opt_scalenorm_tie",
+    "opt_rezero_shift",
+    "opt_noproj",
+    "opt_local",
+    "opt_axial",
+    "opt_gelu_kernel",
+];
+
+#[test]
+fn every_option_fixture_matches_pytorch_eps0() {
+    for name in OPTION_FIXTURES {
+        check_eps0(name);
+    }
+}
+
+#[test]
+fn every_option_fixture_matches_causal_pytorch_default_eps() {
+    for name in OPTION_FIXTURES {
+        check_causal_default(name);
+    }
+}

@@ -21,6 +21,8 @@ pub enum FeatureKind {
     },
     /// `φ(x) = f(c·Wx) + 0.001`.
     Generalized(KernelFn),
+    /// `no_projection`: `φ(q) = softmax(q)` over the head dim, `φ(k) = exp(k)`; `m = d`.
+    NoProjection,
 }
 
 /// The feature map of one layer: a kind plus the layer's projection matrix.
@@ -46,7 +48,7 @@ impl FeatureMap<'_> {
     pub fn r(&self) -> f32 {
         match self.kind {
             FeatureKind::Softmax { .. } => (self.m as f32).powf(-0.5),
-            FeatureKind::Generalized(_) => 1.0,
+            FeatureKind::Generalized(_) | FeatureKind::NoProjection => 1.0,
         }
     }
 
@@ -55,13 +57,17 @@ impl FeatureMap<'_> {
     pub fn eps(&self) -> f32 {
         match self.kind {
             FeatureKind::Softmax { eps } => eps,
-            FeatureKind::Generalized(_) => 0.0,
+            FeatureKind::Generalized(_) | FeatureKind::NoProjection => 0.0,
         }
     }
 
-    /// `u = c · W x` into `u[..m]`.
+    /// `u = c · W x` into `u[..m]` (a plain copy of `x` without a projection).
     pub fn project(&self, x: &[f32], u: &mut [f32]) {
         let u = &mut u[..self.m];
+        if self.kind == FeatureKind::NoProjection {
+            u.copy_from_slice(&x[..self.m]);
+            return;
+        }
         with_view!(self.projection, |w| kernels::matvec(w, &x[..self.d], u));
         kernels::scale(self.c(), u);
     }
@@ -73,8 +79,8 @@ impl FeatureMap<'_> {
     }
 
     /// Query features without the outer factor `r` and ε: for the softmax kernel
-    /// `exp(u − diag − max u)`, for generalized kernels `f(u) + 0.001`. `u` holds `c·Wq` and is
-    /// overwritten.
+    /// `exp(u − diag − max u)`, for generalized kernels `f(u) + 0.001`, without a projection
+    /// `softmax(q)`. Written to `u[..m]`.
     pub fn query(&self, q: &[f32], u: &mut [f32]) {
         self.project(q, u);
         let u = &mut u[..self.m];
@@ -84,6 +90,7 @@ impl FeatureMap<'_> {
                 kernels::exp_shifted(u, shift);
             }
             FeatureKind::Generalized(f) => apply_kernel_fn(f, u),
+            FeatureKind::NoProjection => kernels::softmax(u),
         }
     }
 }
@@ -111,8 +118,11 @@ pub fn kernel_fn_f64(f: KernelFn, x: f64) -> f64 {
     }
 }
 
-/// `c · W x` in f64 for the reference path.
+/// `c · W x` in f64 for the reference path (`x` itself without a projection).
 pub fn project_f64(map: &FeatureMap<'_>, x: &[f32]) -> Vec<f64> {
+    if map.kind == FeatureKind::NoProjection {
+        return x[..map.m].iter().map(|&v| v as f64).collect();
+    }
     let c = (map.d as f64).powf(-0.25);
     (0..map.m)
         .map(|f| {

@@ -2,6 +2,7 @@
 
 pub mod favor;
 pub mod features;
+pub mod local;
 pub mod rotary;
 
 pub use features::{FeatureKind, FeatureMap};

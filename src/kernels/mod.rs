@@ -4,6 +4,7 @@
 //! `tests/kernels.rs` compare them on random and edge inputs. Weight-reading kernels are generic
 //! over [`Elem`] so f16 and bf16 weights are widened in registers, never copied to f32.
 
+pub mod matmul;
 pub mod scalar;
 pub mod simd;
 

@@ -101,3 +101,15 @@ pub fn softmax(x: &mut [f32]) {
         *o = (v / s) as f32;
     }
 }
+
+/// `y = x · Wᵀ` row by row, f64 accumulation.
+pub fn linear<T: Elem>(x: &[f32], rows: usize, w: &[T], out: usize, y: &mut [f32]) {
+    let inp = x.len() / rows.max(1);
+    for r in 0..rows {
+        matvec(
+            w,
+            &x[r * inp..(r + 1) * inp],
+            &mut y[r * out..(r + 1) * out],
+        );
+    }
+}

@@ -20,10 +20,18 @@ pub trait Elem: Copy + Send + Sync + bytemuck::Pod + 'static {
     fn to_f32(self) -> f32;
     /// Widens 16 elements, `s[..16]`, to one register. `s` must hold at least 16 elements.
     fn load16(s: &[Self]) -> f32x16;
+    /// The slice itself when the type is f32 (no conversion needed).
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
 }
 
 impl Elem for f32 {
     const NAME: &'static str = "F32";
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self

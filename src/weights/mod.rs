@@ -296,6 +296,11 @@ impl WeightFile {
         &self.path
     }
 
+    /// The whole mapped file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
     /// The file's size in bytes.
     pub fn file_size(&self) -> usize {
         self.map.len()

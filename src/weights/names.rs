@@ -76,7 +76,10 @@ pub fn infer(file: &WeightFile) -> Inferred {
                 .and_then(|l| l.parse::<usize>().ok())
         })
         .max()
-        .map(|l| l + 1);
+        .and_then(|l| l.checked_add(1))
+        // Every layer holds at least one entry: an index beyond the entry count is not a
+        // depth the file can settle (and would size allocations from a bogus name).
+        .filter(|&d| d <= file.entries().count());
     inf.depth = depth;
 
     // Nesting: PreShiftTokens adds one `.fn` level.
@@ -116,7 +119,7 @@ pub fn infer(file: &WeightFile) -> Inferred {
         inf.dim,
     ) {
         if w1.len() == 2 && w2.len() == 2 && dim > 0 {
-            inf.ff_glu = Some(w1[0] == 2 * w2[1]);
+            inf.ff_glu = Some(w2[1].checked_mul(2) == Some(w1[0]));
             if w2[1].is_multiple_of(dim) {
                 inf.ff_mult = Some(w2[1] / dim);
             }
@@ -128,7 +131,8 @@ pub fn infer(file: &WeightFile) -> Inferred {
             inf.use_scalenorm = Some(false);
         }
         Some(_) => {
-            inf.use_rezero = Some(false);
+            // ScaleNorm wins over ReZero in performer-pytorch, so use_rezero may have been set
+            // too: the checkpoint cannot tell.
             inf.use_scalenorm = Some(true);
         }
         None if shape(&format!("{}.norm.weight", names.attn_branch)).is_some() => {

@@ -1,0 +1,137 @@
+//! **Benchmark and accuracy reference, not a Performer.** The same weights run with exact
+//! causal softmax attention (`softmax(q·kᵀ/√d)·v`, same rotary) over a key/value cache that
+//! grows with every token, so that a comparison isolates the attention: this is what a
+//! softmax transformer's decoder pays per token at depth `n`.
+
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::kernels;
+use crate::model::Model;
+use crate::state::State;
+
+/// One sequence decoded with exact softmax attention over a growing key/value cache.
+pub struct SoftmaxSession<'m> {
+    model: &'m Model,
+    state: State,
+    /// Per layer: rotated keys of the global heads, `[position][head][d]`.
+    keys: Vec<Vec<f32>>,
+    /// Per layer: values of the global heads, same layout.
+    values: Vec<Vec<f32>>,
+    scores: Vec<Vec<f32>>,
+}
+
+/// Exact causal softmax attention of one query over `n` cached keys and values (row `j` of
+/// `keys`/`values` at `j · stride + offset`, width `d`), into `out`. `scores` is scratch of at
+/// least `n`.
+pub fn attend_head(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    offset: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = q.len();
+    let n = keys.len() / stride;
+    let scale = (d as f32).powf(-0.5);
+    let scores = &mut scores[..n];
+    for (j, s) in scores.iter_mut().enumerate() {
+        let k = &keys[j * stride + offset..j * stride + offset + d];
+        *s = kernels::dot::<f32>(k, q) * scale;
+    }
+    kernels::softmax(scores);
+    out.fill(0.0);
+    for (j, &p) in scores.iter().enumerate() {
+        kernels::axpy(
+            p,
+            &values[j * stride + offset..j * stride + offset + d],
+            out,
+        );
+    }
+}
+
+impl<'m> SoftmaxSession<'m> {
+    /// An empty session.
+    pub fn new(model: &'m Model) -> Self {
+        let c = model.config();
+        let heads = c.heads;
+        SoftmaxSession {
+            model,
+            state: State::new(model),
+            keys: vec![Vec::new(); c.depth],
+            values: vec![Vec::new(); c.depth],
+            scores: vec![Vec::new(); heads],
+        }
+    }
+
+    /// Tokens consumed.
+    pub fn position(&self) -> usize {
+        self.state.position()
+    }
+
+    /// Bytes of the key/value cache (grows by `2 · depth · heads · d · 4` per token) plus the
+    /// fixed scratch.
+    pub fn size_bytes(&self) -> usize {
+        let cache: usize = self
+            .keys
+            .iter()
+            .chain(&self.values)
+            .map(|v| v.capacity() * 4)
+            .sum();
+        cache + self.state.size_bytes()
+    }
+
+    /// Consumes one token and returns the logits for the next.
+    pub fn step(&mut self, token: u32) -> Result<&[f32]> {
+        self.forward(token, true)?;
+        Ok(&self.state.logits)
+    }
+
+    /// Consumes a prompt (token by token: the baseline has no parallel path).
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        let Some((&last, body)) = tokens.split_last() else {
+            return Err(crate::Error::EmptyInput("prefill needs at least one token"));
+        };
+        self.model.check_tokens(self.state.pos, tokens)?;
+        for &t in body {
+            self.forward(t, false)?;
+        }
+        self.step(last)
+    }
+
+    fn forward(&mut self, token: u32, want_logits: bool) -> Result<()> {
+        let model = self.model;
+        model.check_tokens(self.state.pos, &[token])?;
+        let c = model.config();
+        let (d, heads) = (c.dim_head, c.heads);
+        let (keys, values, scores) = (&mut self.keys, &mut self.values, &mut self.scores);
+        model.forward_token_with(&mut self.state, token, want_logits, |model, st, l| {
+            let gh = heads - model.layers[l].local_heads;
+            let w = gh * d;
+            keys[l].extend_from_slice(&st.k[..w]);
+            values[l].extend_from_slice(&st.v[..w]);
+            let n = st.pos + 1;
+            for s in scores.iter_mut() {
+                s.resize(n, 0.0);
+            }
+            let (kc, vc, q) = (&keys[l], &values[l], &st.q);
+            let run = |(hd, (out, sc)): (usize, (&mut [f32], &mut Vec<f32>))| {
+                attend_head(&q[hd * d..(hd + 1) * d], kc, vc, w, hd * d, sc, out)
+            };
+            let att = &mut st.att[..w];
+            if n * w >= kernels::PAR_MIN_ELEMS / 4 {
+                att.par_chunks_mut(d)
+                    .zip(scores.par_iter_mut())
+                    .enumerate()
+                    .for_each(run);
+            } else {
+                att.chunks_mut(d)
+                    .zip(scores.iter_mut())
+                    .enumerate()
+                    .for_each(run);
+            }
+        })
+    }
+}

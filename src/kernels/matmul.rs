@@ -1,0 +1,139 @@
+//! Matrix products for the parallel paths (prefill chunks, batched decode), on the `gemm`
+//! crate. Half-precision weights are widened one block of rows at a time into a small scratch
+//! buffer, never as a whole-matrix copy.
+
+use super::Elem;
+
+/// Rows of a half-precision weight matrix widened per block.
+const WIDEN_ROWS: usize = 128;
+
+/// Work below which gemm runs on one thread (multiply-adds).
+const PAR_MIN_MACS: usize = 1 << 20;
+
+fn parallelism(macs: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && macs >= PAR_MIN_MACS {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// A strided read-only f32 matrix: element (i, j) at `data[i·row_stride + j·col_stride]`.
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a> {
+    /// The elements.
+    pub data: &'a [f32],
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Distance between rows.
+    pub row_stride: usize,
+    /// Distance between columns.
+    pub col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        MatRef {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            data: self.data,
+        }
+    }
+
+    fn check(&self) {
+        if self.rows > 0 && self.cols > 0 {
+            let last = (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride;
+            assert!(last < self.data.len(), "matrix view exceeds its slice");
+        }
+    }
+}
+
+/// `c = beta·c + a·b` (`beta` 0 or 1), `c` row-major `a.rows × b.cols` with row stride
+/// `c_stride`.
+pub fn gemm_f32(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], c_stride: usize, accumulate: bool) {
+    assert_eq!(a.cols, b.rows, "gemm: inner dimensions differ");
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    a.check();
+    b.check();
+    assert!((m - 1) * c_stride + n <= c.len(), "gemm: output too small");
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                c[r * c_stride..r * c_stride + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every element gemm touches inside `a.data`, `b.data` and
+    // `c` (the last element of each view is in bounds and strides are non-negative); `c` is a
+    // unique borrow, so it does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_stride as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(m * n * k),
+        )
+    }
+}
+
+/// `y = x · Wᵀ` for `x` of shape `[rows, in]` and a torch `Linear` weight `W` of shape
+/// `[out, in]`, any weight dtype; `y` is `[rows, out]`.
+pub fn linear<T: Elem>(x: &[f32], rows: usize, w: &[T], out: usize, y: &mut [f32]) {
+    let inp = x.len().checked_div(rows).unwrap_or(0);
+    assert_eq!(w.len(), out * inp, "linear: weight is not [out, in]");
+    let xm = MatRef::row_major(&x[..rows * inp], rows, inp);
+    if let Some(w32) = T::as_f32(w) {
+        gemm_f32(xm, MatRef::row_major(w32, out, inp).t(), y, out, false);
+        return;
+    }
+    let mut block = vec![0f32; WIDEN_ROWS.min(out) * inp];
+    let mut o = 0;
+    while o < out {
+        let nb = WIDEN_ROWS.min(out - o);
+        for (dst, src) in block[..nb * inp]
+            .iter_mut()
+            .zip(&w[o * inp..(o + nb) * inp])
+        {
+            *dst = src.to_f32();
+        }
+        let bm = MatRef::row_major(&block[..nb * inp], nb, inp).t();
+        gemm_f32(xm, bm, &mut y[o..], out, false);
+        o += nb;
+    }
+}

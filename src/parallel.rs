@@ -1,0 +1,459 @@
+//! The parallel paths: chunked prefill (many positions of one sequence) and batched decode (one
+//! position of many sequences). Both run every layer on a block of rows so the dense products
+//! become matrix products; they differ only in how rows attend.
+
+use rayon::prelude::*;
+
+use crate::attention::favor::{self, HeadState, HeadStateRef};
+use crate::attention::{local, rotary};
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::model::{shift_features, Model};
+use crate::state::State;
+use crate::with_view;
+
+/// Prompt tokens per chunk of [`Model::prefill`]: large enough for matrix products to reach
+/// good FLOP rates, small enough that the chunk's T×T intra-chunk matrix stays in cache.
+pub const DEFAULT_CHUNK: usize = 256;
+
+/// How a block of rows attends.
+trait RowAttention {
+    /// Position of row `r`.
+    fn position(&self, r: usize) -> usize;
+    /// `shift_tokens`: swaps features of the rows' block inputs with their predecessors'.
+    fn shift(&mut self, offset: usize, xn: &mut [f32], dim: usize);
+    /// Attention of every row: `q`, `k` are rotated/scaled in place; writes `att`.
+    fn attend(
+        &mut self,
+        model: &Model,
+        layer: usize,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        att: &mut [f32],
+    );
+}
+
+/// Rows are consecutive positions of one sequence.
+struct Chunk<'s> {
+    state: &'s mut State,
+    p0: usize,
+}
+
+impl RowAttention for Chunk<'_> {
+    fn position(&self, r: usize) -> usize {
+        self.p0 + r
+    }
+
+    fn shift(&mut self, offset: usize, xn: &mut [f32], dim: usize) {
+        // Each row takes its predecessor's features; the carried slot ends with the last row's.
+        for row in xn.chunks_mut(dim) {
+            shift_features(row, &mut self.state.shift_prev, offset);
+        }
+    }
+
+    fn attend(
+        &mut self,
+        model: &Model,
+        l: usize,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        att: &mut [f32],
+    ) {
+        let c = &model.config;
+        let (heads, d, m) = (c.heads, c.dim_head, c.feature_count());
+        let inner = heads * d;
+        let rows = q.len() / inner;
+        let layer = &model.layers[l];
+        let gh = heads - layer.local_heads;
+        if let Some(rot) = model.positions.rotary() {
+            let mut row = vec![0f32; d];
+            for r in 0..rows {
+                rot.row(self.p0 + r, &mut row);
+                for hd in 0..gh {
+                    let o = r * inner + hd * d;
+                    rotary::rotate(&mut q[o..o + d], &row);
+                    rotary::rotate(&mut k[o..o + d], &row);
+                }
+            }
+        }
+        let map = model.feature_map(l);
+        let st = &mut *self.state;
+        let (h0, h1) = (st.favor_start[l], st.favor_start[l + 1]);
+        let gather = |x: &[f32], hd: usize| -> Vec<f32> {
+            (0..rows)
+                .flat_map(|r| {
+                    x[r * inner + hd * d..r * inner + (hd + 1) * d]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        };
+        let outs: Vec<Vec<f32>> = st.a_mat[h0 * m * d..h1 * m * d]
+            .par_chunks_mut(m * d)
+            .zip(st.a_vec[h0 * m..h1 * m].par_chunks_mut(m))
+            .zip(st.v_sum[h0 * d..h1 * d].par_chunks_mut(d))
+            .zip(st.max[h0..h1].par_iter_mut())
+            .enumerate()
+            .map(|(hd, (((a_mat, a_vec), v_sum), max))| {
+                let mut out = vec![0f32; rows * d];
+                favor::chunk(
+                    &map,
+                    c.denominator_eps,
+                    HeadStateRef {
+                        a_mat,
+                        a_vec,
+                        v_sum,
+                        max,
+                    },
+                    favor::Rows {
+                        q: &gather(q, hd),
+                        k: &gather(k, hd),
+                        v: &gather(v, hd),
+                        n0: self.p0,
+                    },
+                    &mut out,
+                );
+                out
+            })
+            .collect();
+        for (hd, out) in outs.iter().enumerate() {
+            for r in 0..rows {
+                att[r * inner + hd * d..r * inner + (hd + 1) * d]
+                    .copy_from_slice(&out[r * d..(r + 1) * d]);
+            }
+        }
+        if let Some(inv_freq) = &layer.local_inv_freq {
+            let ring = 2 * c.local_window_size * d;
+            let l0 = st.local_start[l];
+            for r in 0..rows {
+                for (i, hd) in (gh..heads).enumerate() {
+                    let o = r * inner + hd * d..r * inner + (hd + 1) * d;
+                    let slot = (l0 + i) * ring..(l0 + i + 1) * ring;
+                    local::step(
+                        c.local_window_size,
+                        inv_freq,
+                        self.p0 + r,
+                        local::LocalHeadState {
+                            keys: &mut st.local_keys[slot.clone()],
+                            values: &mut st.local_values[slot],
+                            scores: &mut st.scores,
+                        },
+                        &mut q[o.clone()],
+                        &mut k[o.clone()],
+                        &v[o.clone()],
+                        &mut att[o],
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Rows are independent sequences, one token each.
+struct Batch<'a, 's> {
+    states: &'a mut [&'s mut State],
+}
+
+impl RowAttention for Batch<'_, '_> {
+    fn position(&self, r: usize) -> usize {
+        self.states[r].pos
+    }
+
+    fn shift(&mut self, offset: usize, xn: &mut [f32], dim: usize) {
+        for (row, st) in xn.chunks_mut(dim).zip(self.states.iter_mut()) {
+            shift_features(row, &mut st.shift_prev, offset);
+        }
+    }
+
+    fn attend(
+        &mut self,
+        model: &Model,
+        l: usize,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        att: &mut [f32],
+    ) {
+        let c = &model.config;
+        let (heads, d, m) = (c.heads, c.dim_head, c.feature_count());
+        let inner = heads * d;
+        let layer = &model.layers[l];
+        let gh = heads - layer.local_heads;
+        let map = model.feature_map(l);
+        let inv_freq = layer.local_inv_freq.as_ref();
+        self.states
+            .par_iter_mut()
+            .zip(q.par_chunks_mut(inner))
+            .zip(k.par_chunks_mut(inner))
+            .zip(v.par_chunks(inner))
+            .zip(att.par_chunks_mut(inner))
+            .for_each(|((((st, q), k), v), att)| {
+                let pos = st.pos;
+                if let Some(rot) = model.positions.rotary() {
+                    rot.row(pos, &mut st.rot);
+                    for hd in 0..gh {
+                        rotary::rotate(&mut q[hd * d..(hd + 1) * d], &st.rot);
+                        rotary::rotate(&mut k[hd * d..(hd + 1) * d], &st.rot);
+                    }
+                }
+                let (h0, h1) = (st.favor_start[l], st.favor_start[l + 1]);
+                let st = &mut **st;
+                for (i, hd) in (0..gh).enumerate() {
+                    let g = h0 + i;
+                    debug_assert!(g < h1);
+                    let r = hd * d..(hd + 1) * d;
+                    favor::step(
+                        &map,
+                        c.denominator_eps,
+                        HeadState {
+                            a_mat: &mut st.a_mat[g * m * d..(g + 1) * m * d],
+                            a_vec: &mut st.a_vec[g * m..(g + 1) * m],
+                            v_sum: &mut st.v_sum[g * d..(g + 1) * d],
+                            max: &mut st.max[g],
+                            key_feat: &mut st.key_feat[..m],
+                            query_feat: &mut st.query_feat[..m],
+                        },
+                        favor::Token {
+                            q: &q[r.clone()],
+                            k: &k[r.clone()],
+                            v: &v[r.clone()],
+                            n: pos + 1,
+                        },
+                        &mut att[r],
+                    );
+                }
+                if let Some(inv_freq) = &inv_freq {
+                    let ring = 2 * c.local_window_size * d;
+                    let l0 = st.local_start[l];
+                    for (i, hd) in (gh..heads).enumerate() {
+                        let r = hd * d..(hd + 1) * d;
+                        let slot = (l0 + i) * ring..(l0 + i + 1) * ring;
+                        local::step(
+                            c.local_window_size,
+                            inv_freq,
+                            pos,
+                            local::LocalHeadState {
+                                keys: &mut st.local_keys[slot.clone()],
+                                values: &mut st.local_values[slot],
+                                scores: &mut st.scores,
+                            },
+                            &mut q[r.clone()],
+                            &mut k[r.clone()],
+                            &v[r.clone()],
+                            &mut att[r],
+                        );
+                    }
+                }
+            });
+    }
+}
+
+impl Model {
+    /// Runs every layer on `rows` rows of `h` (`rows × dim`, embeddings in, residual stream
+    /// out).
+    fn forward_rows(&self, h: &mut [f32], rows: usize, attn: &mut impl RowAttention) {
+        let c = &self.config;
+        let (dim, inner, hidden) = (c.dim, c.inner_dim(), c.ff_hidden());
+        let ff_in = hidden * if c.ff_glu { 2 } else { 1 };
+        let mut xn = vec![0f32; rows * dim];
+        let mut q = vec![0f32; rows * inner];
+        let mut k = vec![0f32; rows * inner];
+        let mut v = vec![0f32; rows * inner];
+        let mut att = vec![0f32; rows * inner];
+        let mut hid = vec![0f32; rows * ff_in];
+        let mut tmp = vec![0f32; rows * dim];
+        let mut packed = vec![0f32; rows * hidden];
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (x, o) in h.chunks(dim).zip(xn.chunks_mut(dim)) {
+                layer.attn_norm.apply(x, o);
+            }
+            if c.shift_tokens {
+                attn.shift(2 * l * dim, &mut xn, dim);
+            }
+            layer.to_q.forward_rows(&xn, rows, &mut q);
+            layer.to_k.forward_rows(&xn, rows, &mut k);
+            layer.to_v.forward_rows(&xn, rows, &mut v);
+            attn.attend(self, l, &mut q, &mut k, &v, &mut att);
+            layer.attn_out.forward_rows(&att, rows, &mut tmp);
+            kernels::axpy(layer.attn_norm.gain(), &tmp, h);
+
+            for (x, o) in h.chunks(dim).zip(xn.chunks_mut(dim)) {
+                layer.ff_norm.apply(x, o);
+            }
+            if c.shift_tokens {
+                attn.shift((2 * l + 1) * dim, &mut xn, dim);
+            }
+            layer.w1.forward_rows(&xn, rows, &mut hid);
+            for (row, p) in hid.chunks_mut(ff_in).zip(packed.chunks_mut(hidden)) {
+                kernels::gelu(&mut row[..hidden]);
+                if c.ff_glu {
+                    let (x, gate) = row.split_at(hidden);
+                    for ((o, a), g) in p.iter_mut().zip(x).zip(gate) {
+                        *o = a * g;
+                    }
+                } else {
+                    p.copy_from_slice(&row[..hidden]);
+                }
+            }
+            layer.w2.forward_rows(&packed, rows, &mut tmp);
+            kernels::axpy(layer.ff_norm.gain(), &tmp, h);
+        }
+    }
+
+    fn embed_rows(&self, tokens: &[u32], attn: &impl RowAttention) -> Vec<f32> {
+        let dim = self.config.dim;
+        let mut h = vec![0f32; tokens.len() * dim];
+        let mut tmp = vec![0f32; dim];
+        for (r, (&t, row)) in tokens.iter().zip(h.chunks_mut(dim)).enumerate() {
+            self.token_emb.row(t as usize).to_f32_into(row);
+            self.positions.add_input(attn.position(r), row, &mut tmp);
+        }
+        h
+    }
+
+    /// Final norm and logits of the rows of `h` into `logits` (`rows × vocab`).
+    fn logits_rows(&self, h: &[f32], rows: usize, logits: &mut [f32]) {
+        let dim = self.config.dim;
+        let mut xn = vec![0f32; rows * dim];
+        for (x, o) in h.chunks(dim).zip(xn.chunks_mut(dim)) {
+            self.norm.forward(x, o);
+        }
+        match &self.to_out {
+            Some(out) => out.forward_rows(&xn, rows, logits),
+            None => with_view!(self.token_emb.view(), |w| kernels::matmul::linear(
+                &xn,
+                rows,
+                w,
+                self.config.num_tokens,
+                logits
+            )),
+        }
+    }
+
+    /// Ingests a prompt in chunks of `chunk` tokens with the chunkwise FAVOR+ form and matrix
+    /// products, leaving the state that stepping token by token leaves (up to float rounding).
+    /// Returns the logits after the last token.
+    pub fn prefill_chunked<'s>(
+        &self,
+        state: &'s mut State,
+        tokens: &[u32],
+        chunk: usize,
+    ) -> Result<&'s [f32]> {
+        self.run_chunks(state, tokens, chunk, None)?;
+        Ok(&state.logits)
+    }
+
+    /// Like [`Model::prefill_chunked`], but returns the logits after every token
+    /// (`tokens.len() × vocab`, row `t` predicting token `t + 1`): the fast path for scoring
+    /// text.
+    pub fn prefill_all_logits(
+        &self,
+        state: &mut State,
+        tokens: &[u32],
+        chunk: usize,
+    ) -> Result<Vec<f32>> {
+        let mut all = vec![0f32; tokens.len() * self.config.num_tokens];
+        self.run_chunks(state, tokens, chunk, Some(&mut all))?;
+        Ok(all)
+    }
+
+    fn run_chunks(
+        &self,
+        state: &mut State,
+        tokens: &[u32],
+        chunk: usize,
+        mut all_logits: Option<&mut [f32]>,
+    ) -> Result<()> {
+        state.check_fits(self)?;
+        if state.acc64.is_some() {
+            return Err(Error::invalid(
+                "precision",
+                "the chunked path needs an f32 state (use prefill for f64 states)",
+            ));
+        }
+        if tokens.is_empty() {
+            return Err(Error::EmptyInput("prefill needs at least one token"));
+        }
+        if chunk == 0 {
+            return Err(Error::invalid("chunk", "must be at least 1"));
+        }
+        self.check_tokens(state.pos, tokens)?;
+        let (dim, vocab) = (self.config.dim, self.config.num_tokens);
+        let mut last_h = Vec::new();
+        for (i, piece) in tokens.chunks(chunk).enumerate() {
+            let p0 = state.pos;
+            let mut attn = Chunk { state, p0 };
+            let mut h = self.embed_rows(piece, &attn);
+            self.forward_rows(&mut h, piece.len(), &mut attn);
+            state.pos += piece.len();
+            if let Some(all) = all_logits.as_deref_mut() {
+                let out = &mut all[i * chunk * vocab..(i * chunk + piece.len()) * vocab];
+                self.logits_rows(&h, piece.len(), out);
+                if let Some(bad) = out
+                    .chunks(vocab)
+                    .position(|r| r.iter().any(|x| !x.is_finite()))
+                {
+                    state.has_logits = false;
+                    return Err(Error::NonFiniteLogits { position: p0 + bad });
+                }
+            }
+            last_h = h[(piece.len() - 1) * dim..].to_vec();
+        }
+        self.logits_rows(&last_h, 1, &mut state.logits);
+        state.has_logits = false;
+        if state.logits.iter().any(|x| !x.is_finite()) {
+            return Err(Error::NonFiniteLogits {
+                position: state.pos - 1,
+            });
+        }
+        state.has_logits = true;
+        Ok(())
+    }
+
+    /// Advances many independent sequences by one token each (`tokens[i]` for `states[i]`),
+    /// turning their matrix-vector products into matrix products. Each state's logits are then
+    /// in [`State::logits`]. All states and tokens are checked before any state changes.
+    pub fn step_batch(&self, states: &mut [&mut State], tokens: &[u32]) -> Result<()> {
+        if states.len() != tokens.len() {
+            return Err(Error::invalid(
+                "tokens",
+                format!("{} tokens for {} states", tokens.len(), states.len()),
+            ));
+        }
+        if states.is_empty() {
+            return Ok(());
+        }
+        for (st, &t) in states.iter().zip(tokens) {
+            st.check_fits(self)?;
+            if st.acc64.is_some() {
+                return Err(Error::invalid(
+                    "precision",
+                    "batched decode needs f32 states",
+                ));
+            }
+            self.check_tokens(st.pos, &[t])?;
+        }
+        let rows = states.len();
+        let vocab = self.config.num_tokens;
+        let mut attn = Batch { states };
+        let mut h = self.embed_rows(tokens, &attn);
+        self.forward_rows(&mut h, rows, &mut attn);
+        let mut logits = vec![0f32; rows * vocab];
+        self.logits_rows(&h, rows, &mut logits);
+        let mut bad = None;
+        for (st, row) in attn.states.iter_mut().zip(logits.chunks(vocab)) {
+            st.logits.copy_from_slice(row);
+            st.has_logits = row.iter().all(|x| x.is_finite());
+            if !st.has_logits && bad.is_none() {
+                bad = Some(st.pos);
+            }
+            st.pos += 1;
+        }
+        match bad {
+            Some(position) => Err(Error::NonFiniteLogits { position }),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! State snapshots: a sequence's whole context in a few megabytes, saved and restored
+//! bit-exactly.
+//!
+//! Format, version 1, all little-endian:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `PFSTATE\0` |
+//! | 8 | 4 | format version (`u32`, 1) |
+//! | 12 | 4 | flags (`u32`; bit 0: logits present) |
+//! | 16 | 8 | model fingerprint (`u64`: hash of the architecture config and of the weights file) |
+//! | 24 | 8 | position: tokens consumed (`u64`) |
+//! | 32 | 4 | `kernel_eps` (`f32`) |
+//! | 36 | 4 | `denominator_eps` (`f32`) |
+//! | 40 | 4 | feature map (`u32`: 0 softmax, 1 ReLU, 2 GELU, 3 no projection) |
+//! | 44 | 4 | number of buffers (`u32`, 8) |
+//! | 48 | … | per buffer: element count (`u64`), then the `f32` elements: `A`, `a`, `s`, `M`, local keys, local values, token-shift features, logits |
+//! | end − 8 | 8 | checksum (`u64`: [`hash64`] of every byte before it) |
+//!
+//! Restoring checks magic, version, checksum, length, fingerprint, kernel settings and every
+//! buffer's size; any mismatch is a typed error and leaves nothing half-restored.
+
+use std::path::Path;
+
+use crate::attention::FeatureKind;
+use crate::config::KernelFn;
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::state::State;
+
+/// The snapshot magic.
+pub const MAGIC: &[u8; 8] = b"PFSTATE\0";
+/// The current format version.
+pub const VERSION: u32 = 1;
+const HEADER: usize = 48;
+const BUFFERS: u32 = 8;
+
+/// A fast 64-bit hash (four multiply-rotate lanes over 8-byte words, then a final mix); used
+/// for model fingerprints and snapshot checksums. Not cryptographic.
+pub fn hash64(bytes: &[u8]) -> u64 {
+    const P1: u64 = 0x9E37_79B1_85EB_CA87;
+    const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+    let mut lanes = [P1, P2, !P1, !P2];
+    let mut chunks = bytes.chunks_exact(32);
+    for c in chunks.by_ref() {
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            let w = u64::from_le_bytes(c[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+            *lane = (*lane ^ w.wrapping_mul(P2))
+                .rotate_left(31)
+                .wrapping_mul(P1);
+        }
+    }
+    let mut h = lanes.iter().fold(bytes.len() as u64, |h, &l| {
+        (h ^ l).wrapping_mul(P1).rotate_left(27)
+    });
+    for &b in chunks.remainder() {
+        h = (h ^ b as u64).wrapping_mul(P1).rotate_left(11);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(P2);
+    h ^= h >> 29;
+    h
+}
+
+fn feature_code(kind: FeatureKind) -> u32 {
+    match kind {
+        FeatureKind::Softmax { .. } => 0,
+        FeatureKind::Generalized(KernelFn::Relu) => 1,
+        FeatureKind::Generalized(KernelFn::Gelu) => 2,
+        FeatureKind::NoProjection => 3,
+    }
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::InvalidSnapshot(msg.into())
+}
+
+impl State {
+    fn buffers(&self) -> [&Vec<f32>; BUFFERS as usize] {
+        [
+            &self.a_mat,
+            &self.a_vec,
+            &self.v_sum,
+            &self.max,
+            &self.local_keys,
+            &self.local_values,
+            &self.shift_prev,
+            &self.logits,
+        ]
+    }
+
+    fn buffers_mut(&mut self) -> [&mut Vec<f32>; BUFFERS as usize] {
+        [
+            &mut self.a_mat,
+            &mut self.a_vec,
+            &mut self.v_sum,
+            &mut self.max,
+            &mut self.local_keys,
+            &mut self.local_values,
+            &mut self.shift_prev,
+            &mut self.logits,
+        ]
+    }
+
+    /// An independent copy for branching generations: both continue from here.
+    pub fn fork(&self) -> State {
+        self.clone()
+    }
+
+    /// Serializes the state (see the module docs for the format).
+    pub fn to_bytes(&self, model: &Model) -> Result<Vec<u8>> {
+        self.check_fits(model)?;
+        if self.acc64.is_some() {
+            return Err(Error::invalid(
+                "precision",
+                "snapshots hold f32 states; f64 states are a measurement tool",
+            ));
+        }
+        let c = model.config();
+        let floats: usize = self.buffers().iter().map(|b| b.len()).sum();
+        let mut out = Vec::with_capacity(HEADER + 8 * BUFFERS as usize + 4 * floats + 8);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.has_logits as u32).to_le_bytes());
+        out.extend_from_slice(&model.fingerprint().to_le_bytes());
+        out.extend_from_slice(&(self.pos as u64).to_le_bytes());
+        out.extend_from_slice(&c.kernel_eps.to_le_bytes());
+        out.extend_from_slice(&c.denominator_eps.to_le_bytes());
+        out.extend_from_slice(&feature_code(model.feature_map(0).kind).to_le_bytes());
+        out.extend_from_slice(&BUFFERS.to_le_bytes());
+        for b in self.buffers() {
+            out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            for v in b.iter() {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let sum = hash64(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
+        Ok(out)
+    }
+
+    /// Restores a state for `model` from [`State::to_bytes`] output.
+    pub fn from_bytes(model: &Model, bytes: &[u8]) -> Result<State> {
+        if bytes.len() < HEADER + 8 {
+            return Err(bad(format!(
+                "{} bytes is shorter than the header",
+                bytes.len()
+            )));
+        }
+        if &bytes[..8] != MAGIC {
+            return Err(bad("not a performer state snapshot (bad magic)"));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+        let f32_at = |o: usize| f32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(bad(format!(
+                "format version {version} is not supported (this build reads version {VERSION})"
+            )));
+        }
+        let (body, tail) = bytes.split_at(bytes.len() - 8);
+        if hash64(body) != u64::from_le_bytes(tail.try_into().expect("8 bytes")) {
+            return Err(bad(
+                "checksum mismatch: the snapshot is corrupted or truncated",
+            ));
+        }
+        if u64_at(16) != model.fingerprint() {
+            return Err(Error::StateMismatch(
+                "the snapshot was made with another model (config or weights differ)".into(),
+            ));
+        }
+        let c = model.config();
+        let (ke, de, fk) = (f32_at(32), f32_at(36), u32_at(40));
+        if ke.to_bits() != c.kernel_eps.to_bits()
+            || de.to_bits() != c.denominator_eps.to_bits()
+            || fk != feature_code(model.feature_map(0).kind)
+        {
+            return Err(Error::StateMismatch(format!(
+                "the snapshot was made with kernel_eps {ke}, denominator_eps {de}, feature map {fk}; the model has {}, {}, {}",
+                c.kernel_eps,
+                c.denominator_eps,
+                feature_code(model.feature_map(0).kind)
+            )));
+        }
+        if u32_at(44) != BUFFERS {
+            return Err(bad(format!("{} buffers, expected {BUFFERS}", u32_at(44))));
+        }
+        let position = usize::try_from(u64_at(24)).map_err(|_| bad("position overflows"))?;
+        let mut state = State::new(model);
+        let mut off = HEADER;
+        for (i, buf) in state.buffers_mut().into_iter().enumerate() {
+            let n = body
+                .get(off..off + 8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .ok_or_else(|| bad("truncated buffer table"))?;
+            if n != buf.len() as u64 {
+                return Err(Error::StateMismatch(format!(
+                    "buffer {i} holds {n} values, this model's state has {}",
+                    buf.len()
+                )));
+            }
+            off += 8;
+            let data = body
+                .get(off..off + 4 * buf.len())
+                .ok_or_else(|| bad("truncated buffer data"))?;
+            for (v, b) in buf.iter_mut().zip(data.chunks_exact(4)) {
+                *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            }
+            off += 4 * buf.len();
+        }
+        if off != body.len() {
+            return Err(bad("trailing bytes after the last buffer"));
+        }
+        state.pos = position;
+        state.has_logits = u32_at(12) & 1 == 1;
+        Ok(state)
+    }
+
+    /// Writes [`State::to_bytes`] to a file.
+    pub fn save(&self, model: &Model, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        std::fs::write(path, self.to_bytes(model)?).map_err(|e| Error::io(path, e))
+    }
+
+    /// Reads a snapshot file written by [`State::save`].
+    pub fn load(model: &Model, path: impl AsRef<Path>) -> Result<State> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        State::from_bytes(model, &bytes)
+    }
+}

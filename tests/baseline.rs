@@ -1,0 +1,81 @@
+//! The exact-softmax baseline (a benchmark and accuracy reference).
+
+mod common;
+
+use common::{fixture, max_diff, TestRng};
+use performer::baseline::{attend_head, SoftmaxSession};
+use performer::{LoadOptions, Model, State};
+
+#[test]
+fn attend_head_matches_f64_softmax_attention() {
+    let mut rng = TestRng(51);
+    for &(n, d, heads) in &[(1usize, 8usize, 1usize), (5, 16, 3), (300, 64, 2)] {
+        let w = d * heads;
+        let keys = rng.vec(n * w, 2.0);
+        let values = rng.vec(n * w, 1.0);
+        for hd in 0..heads {
+            let q = rng.vec(d, 2.0);
+            let mut scores = vec![0.0; n];
+            let mut out = vec![0.0; d];
+            attend_head(&q, &keys, &values, w, hd * d, &mut scores, &mut out);
+            let s: Vec<f64> = (0..n)
+                .map(|j| {
+                    (0..d)
+                        .map(|i| q[i] as f64 * keys[j * w + hd * d + i] as f64)
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                })
+                .collect();
+            let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+            let tot: f64 = e.iter().sum();
+            for i in 0..d {
+                let want: f64 = (0..n)
+                    .map(|j| e[j] / tot * values[j * w + hd * d + i] as f64)
+                    .sum();
+                // f32 scores and weights over ≤ 300 keys: 1e-5 absolute on O(1) outputs.
+                assert!((out[i] as f64 - want).abs() < 1e-5, "n={n} d={d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn first_position_equals_favor_and_the_cache_grows() {
+    // With one key, both attentions return its value exactly (FAVOR+ with ε = δ = 0).
+    let model = Model::load_with(
+        fixture("default_a"),
+        LoadOptions {
+            kernel_eps: Some(0.0),
+            denominator_eps: Some(0.0),
+        },
+    )
+    .unwrap();
+    let mut favor = State::new(&model);
+    let mut soft = SoftmaxSession::new(&model);
+    let a = model.step(&mut favor, 42).unwrap().to_vec();
+    let b = soft.step(42).unwrap().to_vec();
+    let scale = a.iter().fold(1f32, |m, &x| m.max(x.abs()));
+    // Same kernels except the attention's arithmetic: f32 rounding.
+    assert!(max_diff(&a, &b) <= 1e-5 * scale);
+    let size1 = soft.size_bytes();
+    let mut rng = TestRng(52);
+    let tokens = rng.tokens(99, 256);
+    let last = soft.prefill(&tokens).unwrap().to_vec();
+    assert_eq!(soft.position(), 100);
+    assert!(
+        soft.size_bytes() > size1,
+        "the softmax cache grows with the context"
+    );
+    // Prefill and stepping are the same path for the baseline.
+    let mut again = SoftmaxSession::new(&model);
+    again.step(42).unwrap();
+    let mut l = Vec::new();
+    for &t in &tokens {
+        l = again.step(t).unwrap().to_vec();
+    }
+    assert_eq!(l, last);
+    // FAVOR+ approximates softmax attention: different, but the same order of magnitude.
+    let f = model.prefill(&mut favor, &tokens).unwrap();
+    assert_ne!(f, &last[..]);
+}

@@ -1,0 +1,134 @@
+//! Chunked prefill and batched decode against stepping one token at a time.
+
+mod common;
+
+use common::{fixture, max_diff, TestRng};
+use performer::{Model, State};
+
+const FIXTURES: &[&str] = &[
+    "default_a",
+    "default_b",
+    "opt_relu_glu",
+    "opt_rezero_shift",
+    "opt_noproj",
+    "opt_local",
+    "opt_gelu_kernel",
+];
+
+fn scale_of(rows: &[Vec<f32>]) -> f32 {
+    rows.iter().flatten().fold(1f32, |a, &b| a.max(b.abs()))
+}
+
+/// The chunkwise form regroups the same sums (matrix products instead of per-token rank-1
+/// updates), so results agree to f32 rounding: 1e-5 × max(1, max |logit|), measured ≈ 1e-6.
+#[test]
+fn chunked_prefill_leaves_the_state_stepping_leaves() {
+    let mut rng = TestRng(41);
+    for name in FIXTURES {
+        let model = Model::load(fixture(name)).unwrap();
+        // Option fixtures stop at max_seq_len 64 only for absolute positions; these are rotary.
+        for len in [1usize, 5, 63, 300] {
+            let prompt = rng.tokens(len, 256);
+            let after = rng.tokens(5, 256);
+            let mut stepped = State::new(&model);
+            let mut want = Vec::new();
+            for &t in &prompt {
+                want = model.step(&mut stepped, t).unwrap().to_vec();
+            }
+            let want_after: Vec<Vec<f32>> = after
+                .iter()
+                .map(|&t| model.step(&mut stepped, t).unwrap().to_vec())
+                .collect();
+            let scale = scale_of(&want_after).max(scale_of(std::slice::from_ref(&want)));
+            for chunk in [1usize, 2, 7, 64, 256] {
+                let mut st = State::new(&model);
+                let got = model
+                    .prefill_chunked(&mut st, &prompt, chunk)
+                    .unwrap()
+                    .to_vec();
+                assert_eq!(st.position(), len);
+                let d = max_diff(&got, &want);
+                assert!(d <= 1e-5 * scale, "{name} len={len} chunk={chunk}: {d}");
+                for (i, &t) in after.iter().enumerate() {
+                    let got = model.step(&mut st, t).unwrap();
+                    let d = max_diff(got, &want_after[i]);
+                    assert!(
+                        d <= 1e-5 * scale,
+                        "{name} len={len} chunk={chunk}: continuation {i}: {d}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn chunked_prefill_continues_an_existing_state() {
+    let model = Model::load(fixture("default_b")).unwrap();
+    let mut rng = TestRng(42);
+    let (a, b) = (rng.tokens(37, 256), rng.tokens(29, 256));
+    let mut chunked = State::new(&model);
+    model.prefill_chunked(&mut chunked, &a, 16).unwrap();
+    let got = model
+        .prefill_chunked(&mut chunked, &b, 16)
+        .unwrap()
+        .to_vec();
+    let mut stepped = State::new(&model);
+    let mut want = Vec::new();
+    for &t in a.iter().chain(&b) {
+        want = model.step(&mut stepped, t).unwrap().to_vec();
+    }
+    assert!(max_diff(&got, &want) <= 1e-5 * scale_of(&[want.clone()]));
+}
+
+/// Batched decode runs the same per-sequence attention; only the dense products are grouped,
+/// so results agree to f32 rounding (1e-5 relative, the bound).
+#[test]
+fn batched_decode_matches_stepping_each_alone() {
+    let mut rng = TestRng(43);
+    for name in FIXTURES {
+        let model = Model::load(fixture(name)).unwrap();
+        let prompts: Vec<Vec<u32>> = [1usize, 4, 17, 9, 30]
+            .iter()
+            .map(|&n| rng.tokens(n, 256))
+            .collect();
+        let mut alone: Vec<State> = prompts
+            .iter()
+            .map(|p| {
+                let mut s = State::new(&model);
+                model.prefill(&mut s, p).unwrap();
+                s
+            })
+            .collect();
+        let mut batched: Vec<State> = alone.clone();
+        for _ in 0..6 {
+            let tokens = rng.tokens(prompts.len(), 256);
+            let want: Vec<Vec<f32>> = alone
+                .iter_mut()
+                .zip(&tokens)
+                .map(|(s, &t)| model.step(s, t).unwrap().to_vec())
+                .collect();
+            let mut refs: Vec<&mut State> = batched.iter_mut().collect();
+            model.step_batch(&mut refs, &tokens).unwrap();
+            let scale = scale_of(&want);
+            for ((s, w), a) in batched.iter().zip(&want).zip(&alone) {
+                let d = max_diff(s.logits().unwrap(), w);
+                assert!(d <= 1e-5 * scale, "{name}: {d}");
+                assert_eq!(s.position(), a.position());
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_and_chunk_arguments_are_checked() {
+    let model = Model::load(fixture("default_a")).unwrap();
+    let mut a = State::new(&model);
+    let mut b = State::new(&model);
+    assert!(model.step_batch(&mut [&mut a, &mut b], &[1]).is_err());
+    assert!(model.step_batch(&mut [&mut a, &mut b], &[1, 999]).is_err());
+    assert_eq!((a.position(), b.position()), (0, 0));
+    assert!(model.prefill_chunked(&mut a, &[1, 2], 0).is_err());
+    assert!(model.prefill_chunked(&mut a, &[], 4).is_err());
+    model.step_batch(&mut [], &[]).unwrap();
+}

@@ -1,0 +1,146 @@
+//! State snapshots: bit-identical continuation, typed errors for every bad snapshot, forks, and
+//! concurrent sequences sharing one model.
+
+mod common;
+
+use common::{fixture, TestRng};
+use performer::snapshot::{hash64, MAGIC};
+use performer::{Error, GenerateOptions, Generation, LoadOptions, Model, SamplingParams, State};
+
+fn continue_tokens(model: &Model, state: &mut State, tokens: &[u32]) -> Vec<Vec<f32>> {
+    tokens
+        .iter()
+        .map(|&t| model.step(state, t).unwrap().to_vec())
+        .collect()
+}
+
+#[test]
+fn restored_state_continues_bit_identically() {
+    // default_a: FAVOR+ only; opt_local: local windows; opt_rezero_shift: token shifts.
+    for name in ["default_a", "opt_local", "opt_rezero_shift", "opt_noproj"] {
+        let model = Model::load(fixture(name)).unwrap();
+        let mut rng = TestRng(31);
+        let prompt = rng.tokens(23, 256);
+        let rest = rng.tokens(17, 256);
+        let mut state = State::new(&model);
+        model.prefill(&mut state, &prompt).unwrap();
+        let bytes = state.to_bytes(&model).unwrap();
+        let mut restored = State::from_bytes(&model, &bytes).unwrap();
+        assert_eq!(restored.position(), 23);
+        assert_eq!(restored.logits(), state.logits());
+        let a = continue_tokens(&model, &mut state, &rest);
+        let b = continue_tokens(&model, &mut restored, &rest);
+        assert_eq!(a, b, "{name}");
+    }
+}
+
+#[test]
+fn fork_branches_independently() {
+    let model = Model::load(fixture("default_b")).unwrap();
+    let mut state = State::new(&model);
+    model.prefill(&mut state, &[1, 2, 3, 4]).unwrap();
+    let mut branch = state.fork();
+    let a = continue_tokens(&model, &mut state, &[9, 9]);
+    let b = continue_tokens(&model, &mut branch, &[7, 7]);
+    assert_ne!(a, b);
+    let mut again = State::new(&model);
+    model.prefill(&mut again, &[1, 2, 3, 4]).unwrap();
+    assert_eq!(continue_tokens(&model, &mut again, &[7, 7]), b);
+}
+
+/// Re-seals a modified snapshot with a valid checksum, to reach the checks behind it.
+fn reseal(mut bytes: Vec<u8>) -> Vec<u8> {
+    let n = bytes.len() - 8;
+    let sum = hash64(&bytes[..n]);
+    bytes[n..].copy_from_slice(&sum.to_le_bytes());
+    bytes
+}
+
+#[test]
+fn bad_snapshots_are_typed_errors() {
+    let model = Model::load(fixture("default_a")).unwrap();
+    let mut state = State::new(&model);
+    model.prefill(&mut state, &[5, 6, 7]).unwrap();
+    let good = state.to_bytes(&model).unwrap();
+    let invalid = |b: &[u8]| matches!(State::from_bytes(&model, b), Err(Error::InvalidSnapshot(_)));
+
+    assert!(invalid(&[]));
+    assert!(invalid(&good[..40]));
+    assert!(invalid(&good[..good.len() - 1]));
+    let mut flipped = good.clone();
+    flipped[200] ^= 0x10;
+    assert!(invalid(&flipped));
+    let mut magic = good.clone();
+    magic[0] = b'X';
+    assert!(invalid(&magic));
+    assert_eq!(&good[..8], MAGIC);
+    let mut version = good.clone();
+    version[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let e = State::from_bytes(&model, &reseal(version)).unwrap_err();
+    assert!(e.to_string().contains("version 2"), "{e}");
+    let mut longer = good[..good.len() - 8].to_vec();
+    longer.extend_from_slice(&[0; 4]);
+    longer.extend_from_slice(&[0; 8]);
+    assert!(invalid(&reseal(longer)));
+
+    // Another model, or the same weights with other kernel settings.
+    let other = Model::load(fixture("default_b")).unwrap();
+    assert!(matches!(
+        State::from_bytes(&other, &good),
+        Err(Error::StateMismatch(_))
+    ));
+    let eps0 = Model::load_with(
+        fixture("default_a"),
+        LoadOptions {
+            kernel_eps: Some(0.0),
+            denominator_eps: Some(0.0),
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        State::from_bytes(&eps0, &good),
+        Err(Error::StateMismatch(_))
+    ));
+    // The f16 copy of the same model has other weights.
+    let f16 = Model::load(fixture("default_a_f16")).unwrap();
+    assert!(matches!(
+        State::from_bytes(&f16, &good),
+        Err(Error::StateMismatch(_))
+    ));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("s.pfstate");
+    state.save(&model, &path).unwrap();
+    let loaded = State::load(&model, &path).unwrap();
+    assert_eq!(loaded.to_bytes(&model).unwrap(), good);
+    assert!(matches!(
+        State::load(&model, tmp.path().join("missing")),
+        Err(Error::Io { .. })
+    ));
+}
+
+#[test]
+fn eight_threads_share_one_model() {
+    let model = Model::load(fixture("default_b")).unwrap();
+    let run = |seed: u64| -> Vec<u32> {
+        let mut state = State::new(&model);
+        let opts = GenerateOptions {
+            max_tokens: 48,
+            sampling: SamplingParams {
+                temperature: 1.0,
+                seed,
+                ..SamplingParams::default()
+            },
+            ..GenerateOptions::default()
+        };
+        let mut g = Generation::new(&model, &mut state, &[80, 101, 114], opts).unwrap();
+        g.by_ref().for_each(|p| drop(p.unwrap()));
+        g.tokens().to_vec()
+    };
+    let serial: Vec<Vec<u32>> = (0..8).map(run).collect();
+    let parallel: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8).map(|i| s.spawn(move || run(i))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(serial, parallel);
+}
