@@ -37,10 +37,9 @@
 //! `--shape` writes a random model ([`crate::synthetic`]) to a temporary directory (or to
 //! `--synthetic-dir`, reused on later runs with the same shape, dtype and seed).
 //!
-//! Depth fills cost one prefill token per token of depth. Prefill is a token-by-token loop
-//! today, so a fill runs at about the `pp` rate: on the project's 2-core machine `tiny` fills at
-//! roughly 1–4k tokens/s (a 1M-token depth takes several minutes), `gpt2-small` at 20–30
-//! tokens/s (4k takes 2–3 minutes). The softmax baseline's fill is quadratic in the depth and its
+//! Depth fills cost one prefill token per token of depth. Measured on the project's shared
+//! 2-core machine with chunked prefill: `tiny` fills at about 3.5k tokens/s (1M tokens in about
+//! 5 minutes), `gpt2-small` at about 170–180 tokens/s (4k in about 23 s). The softmax baseline's fill is quadratic in the depth and its
 //! cache is `2 · depth · layers · heads · dim_head · 4` bytes (`tiny` at 1M: 8 GiB), so keep its
 //! depths to tens of thousands. It cannot fork, so its `tg` repetitions run back to back
 //! (see [`Session::fork`]).
