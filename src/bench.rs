@@ -39,10 +39,11 @@
 //!
 //! Depth fills cost one prefill token per token of depth. Measured on the project's shared
 //! 2-core machine with chunked prefill: `tiny` fills at about 3.5k tokens/s (1M tokens in about
-//! 5 minutes), `gpt2-small` at about 170–180 tokens/s (4k in about 23 s). The softmax baseline's fill is quadratic in the depth and its
-//! cache is `2 · depth · layers · heads · dim_head · 4` bytes (`tiny` at 1M: 8 GiB), so keep its
-//! depths to tens of thousands. It cannot fork, so its `tg` repetitions run back to back
-//! (see [`Session::fork`]).
+//! 5 minutes), `gpt2-small` at about 170–180 tokens/s (4k in about 23 s). The softmax
+//! baseline's fill is quadratic in the depth (`tiny` to 16k: about 8 minutes) and its cache is
+//! `2 · depth · layers · heads · dim_head · 4` bytes (`tiny` at 1M: 8 GiB), so keep its depths
+//! to tens of thousands. It cannot fork, so its `tg` repetitions run back to back (see
+//! [`Session::fork`]).
 //!
 //! # Adding an attention kind
 //!
