@@ -20,6 +20,7 @@
 
 pub mod attention;
 pub mod baseline;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -31,6 +32,7 @@ pub mod perplexity;
 pub mod sampling;
 pub mod snapshot;
 pub mod state;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 

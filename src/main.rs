@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
+mod bench_cmd;
 use performer::config::{Config, Origin};
 use performer::weights::{names, WeightFile};
 use performer::{GenerateOptions, Generation, LoadOptions, Model, SamplingParams, State};
@@ -37,6 +39,8 @@ enum Command {
     Logits(LogitsArgs),
     /// Score a text file: tokens, mean NLL, perplexity and bits per byte.
     Perplexity(PerplexityArgs),
+    /// Measure prefill and generation throughput by context depth (llama-bench style).
+    Bench(bench_cmd::BenchArgs),
 }
 
 #[derive(Args)]
@@ -172,6 +176,7 @@ fn main() -> ExitCode {
         Command::Info(a) => info(a),
         Command::Logits(a) => logits(a),
         Command::Perplexity(a) => perplexity(a),
+        Command::Bench(a) => bench_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

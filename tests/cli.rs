@@ -393,3 +393,61 @@ fn info_infers_from_the_weights_alone() {
         "{e}"
     );
 }
+
+#[test]
+fn bench_prints_json_and_runs_both_attentions() {
+    let out = performer(&[
+        "bench",
+        "--shape",
+        "tiny",
+        "--dtype",
+        "bf16",
+        "--pp",
+        "4",
+        "--tg",
+        "2",
+        "--depths",
+        "0,8",
+        "-r",
+        "1",
+        "--threads",
+        "1",
+        "--bandwidth-mib",
+        "4",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["rows"].as_array().unwrap().len(), 3);
+    assert_eq!(v["model"]["name"], "synthetic tiny");
+
+    let out = performer(&[
+        "bench",
+        "--shape",
+        "tiny",
+        "--attention",
+        "favor,softmax",
+        "--pp",
+        "0",
+        "--tg",
+        "2",
+        "-r",
+        "1",
+        "--bandwidth-mib",
+        "0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("| softmax | tg2 | 0 |"), "{table}");
+    assert!(table.contains("| favor | tg2 | 0 |"), "{table}");
+    let out = performer(&["bench", "--shape", "tiny", "--attention", "linear"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,148 @@
+//! Micro-benchmarks of the hot kernels: matrix-vector products per weight dtype (throughput in
+//! weight bytes), dot, exp, GELU, LayerNorm, and one FAVOR+ head step (feature maps, state
+//! update and readout).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use half::{bf16, f16};
+use performer::attention::favor::{self, HeadState, Token};
+use performer::attention::{FeatureKind, FeatureMap};
+use performer::kernels::{self, Elem};
+use performer::synthetic::Rng;
+use performer::weights::View;
+
+fn quick<M: criterion::measurement::Measurement>(g: &mut BenchmarkGroup<'_, M>) {
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500))
+        .sample_size(20);
+}
+
+fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| rng.normal()).collect()
+}
+
+fn matvec_case<T: Elem>(c: &mut Criterion, name: &str, conv: impl Fn(f32) -> T) {
+    // 768² and 3072×768 (gpt2-small's attention and feed-forward, in cache), 50257×768 (its
+    // output layer, far beyond L3: a DRAM-bound read).
+    for (rows, cols) in [(768usize, 768usize), (3072, 768), (50257, 768)] {
+        let w: Vec<T> = randn(rows * cols, 1).into_iter().map(&conv).collect();
+        let x = randn(cols, 2);
+        let mut y = vec![0f32; rows];
+        let mut g = c.benchmark_group(format!("matvec_{name}"));
+        quick(&mut g);
+        g.throughput(Throughput::Bytes(
+            (rows * cols * std::mem::size_of::<T>()) as u64,
+        ));
+        g.bench_function(format!("{rows}x{cols}"), |b| {
+            b.iter(|| {
+                kernels::matvec(black_box(&w[..]), black_box(&x[..]), &mut y);
+                black_box(y[0])
+            })
+        });
+        g.finish();
+    }
+}
+
+fn matvec(c: &mut Criterion) {
+    matvec_case::<f32>(c, "f32", |x| x);
+    matvec_case::<f16>(c, "f16", f16::from_f32);
+    matvec_case::<bf16>(c, "bf16", bf16::from_f32);
+}
+
+fn elementwise(c: &mut Criterion) {
+    let mut g = c.benchmark_group("elementwise");
+    quick(&mut g);
+    let n = 768;
+    let (a, b) = (randn(n, 3), randn(n, 4));
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("dot_768", |bch| {
+        bch.iter(|| kernels::dot::<f32>(black_box(&a), black_box(&b)))
+    });
+
+    let n = 4096;
+    let src = randn(n, 5);
+    let mut buf = src.clone();
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("exp_4096", |bch| {
+        bch.iter(|| {
+            buf.copy_from_slice(&src);
+            kernels::exp_shifted(black_box(&mut buf), 1.0);
+            black_box(buf[0])
+        })
+    });
+
+    let n = 3072;
+    let src = randn(n, 6);
+    let mut buf = src.clone();
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("gelu_3072", |bch| {
+        bch.iter(|| {
+            buf.copy_from_slice(&src);
+            kernels::gelu(black_box(&mut buf));
+            black_box(buf[0])
+        })
+    });
+
+    let n = 768;
+    let x = randn(n, 7);
+    let (gamma, beta) = (vec![1f32; n], vec![0f32; n]);
+    let mut out = vec![0f32; n];
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("layer_norm_768", |bch| {
+        bch.iter(|| {
+            kernels::layer_norm(black_box(&x), &gamma, &beta, 1e-5, &mut out);
+            black_box(out[0])
+        })
+    });
+    g.finish();
+}
+
+/// One head of one layer: key and query feature maps, the state update and the readout.
+fn favor_head(c: &mut Criterion) {
+    let mut g = c.benchmark_group("favor_head_step");
+    quick(&mut g);
+    let d = 64;
+    for m in [128usize, 256] {
+        let projection = randn(m * d, 8);
+        let map = FeatureMap {
+            kind: FeatureKind::Softmax { eps: 1e-4 },
+            projection: View::F32(&projection),
+            m,
+            d,
+        };
+        let (q, k, v) = (randn(d, 9), randn(d, 10), randn(d, 11));
+        let (mut a_mat, mut a_vec, mut v_sum) = (vec![0f32; m * d], vec![0f32; m], vec![0f32; d]);
+        let mut max = f32::NEG_INFINITY;
+        let (mut key_feat, mut query_feat, mut out) = (vec![0f32; m], vec![0f32; m], vec![0f32; d]);
+        let mut n = 0usize;
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(format!("m{m}_d{d}"), |b| {
+            b.iter(|| {
+                n += 1;
+                let st = HeadState {
+                    a_mat: &mut a_mat,
+                    a_vec: &mut a_vec,
+                    v_sum: &mut v_sum,
+                    max: &mut max,
+                    key_feat: &mut key_feat,
+                    query_feat: &mut query_feat,
+                };
+                let tok = Token {
+                    q: black_box(&q),
+                    k: black_box(&k),
+                    v: black_box(&v),
+                    n,
+                };
+                favor::step(&map, 1e-6, st, tok, &mut out);
+                black_box(out[0])
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matvec, elementwise, favor_head);
+criterion_main!(benches);

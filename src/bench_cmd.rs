@@ -1,0 +1,152 @@
+//! `performer bench`: argument parsing and output for [`performer::bench`]; the measuring is
+//! in the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::Args;
+use performer::bench::{self, Attention, BenchOptions};
+use performer::synthetic::{self, SyntheticShape, WeightDtype};
+use performer::Model;
+
+#[derive(Args)]
+#[command(after_help = "Examples:
+  performer bench --shape tiny --depths 0,1k,4k,16k --tg 128 --pp 512 --repetitions 3
+  performer bench --shape gpt2-small --dtype bf16 --depths 0,4k --tg 32 --pp 256 --plot out.svg
+  performer bench --model models/performer-byte --threads 1,2 --json")]
+pub struct BenchArgs {
+    /// Model directory (config.json + model.safetensors).
+    #[arg(long, conflicts_with = "shape")]
+    model: Option<PathBuf>,
+    /// A synthetic random model instead: tiny, gpt2-small or large (written to a temporary
+    /// directory, or to --synthetic-dir).
+    #[arg(long)]
+    shape: Option<String>,
+    /// Stored dtype of the synthetic model: f32, f16 or bf16.
+    #[arg(long, default_value = "f32", requires = "shape")]
+    dtype: WeightDtype,
+    /// Keep (and reuse) the synthetic model in this directory.
+    #[arg(long, requires = "shape")]
+    synthetic_dir: Option<PathBuf>,
+    /// Attention kinds, comma-separated: favor, softmax.
+    #[arg(long, value_delimiter = ',', default_value = "favor")]
+    attention: Vec<Attention>,
+    /// Context depths for tg, comma-separated, with k (1024) / M (1048576) suffixes.
+    #[arg(long, value_delimiter = ',', value_parser = bench::parse_count, default_value = "0")]
+    depths: Vec<usize>,
+    /// Prefill sizes (comma-separated; 0 skips pp).
+    #[arg(long, value_delimiter = ',', value_parser = bench::parse_count, default_value = "512")]
+    pp: Vec<usize>,
+    /// Generation sizes (comma-separated; 0 skips tg).
+    #[arg(long, value_delimiter = ',', value_parser = bench::parse_count, default_value = "128")]
+    tg: Vec<usize>,
+    /// Thread counts, comma-separated (default: all cores).
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// Timed repetitions of each test.
+    #[arg(long, short = 'r', default_value_t = 5)]
+    repetitions: usize,
+    /// Seed of the random tokens and the synthetic weights.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Buffer of the startup read-bandwidth probe, in MiB (0 skips the probe and the roofline).
+    #[arg(long, default_value_t = 1024)]
+    bandwidth_mib: usize,
+    /// Print JSON instead of a markdown table.
+    #[arg(long)]
+    json: bool,
+    /// Also write an SVG plot of tokens/s and memory against depth.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// No progress bar (it is only shown when stderr is a terminal anyway).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// Writes (or reuses) the synthetic model and returns its directory, keeping a temporary
+/// directory alive in `_tmp`.
+fn synthetic_model(
+    a: &BenchArgs,
+    name: &str,
+    tmp: &mut Option<tempfile::TempDir>,
+) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let shape = SyntheticShape::named(name).ok_or_else(|| {
+        format!(
+            "unknown shape `{name}` (expected one of: {})",
+            synthetic::SHAPE_NAMES.join(", ")
+        )
+    })?;
+    let dir = match &a.synthetic_dir {
+        Some(d) => d.clone(),
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("performer-synthetic-")
+                .tempdir()?;
+            let p = t.path().to_path_buf();
+            *tmp = Some(t);
+            p
+        }
+    };
+    let stamp = format!("shape={name} dtype={} seed={}\n", a.dtype, a.seed);
+    let stamp_path = dir.join("synthetic.txt");
+    let reuse = std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp)
+        && dir.join("model.safetensors").is_file();
+    if !reuse {
+        let start = std::time::Instant::now();
+        synthetic::write(&dir, &shape, a.dtype, a.seed)?;
+        std::fs::write(&stamp_path, &stamp)?;
+        eprintln!(
+            "wrote synthetic {name} ({:.1}M parameters, {}) to {} in {:.1} s",
+            shape.parameter_count() as f64 / 1e6,
+            bench::format_bytes(shape.file_bytes(a.dtype) as u64),
+            dir.display(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(dir)
+}
+
+pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut tmp = None;
+    let (dir, name) = match (&a.model, &a.shape) {
+        (Some(m), _) => {
+            let name = m
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| m.display().to_string());
+            (m.clone(), name)
+        }
+        (None, Some(s)) => (synthetic_model(&a, s, &mut tmp)?, format!("synthetic {s}")),
+        (None, None) => return Err("give a model with --model DIR or --shape NAME".into()),
+    };
+    let model = Model::load(&dir)?;
+    let options = BenchOptions {
+        attentions: a.attention.clone(),
+        pp: a.pp.clone(),
+        tg: a.tg.clone(),
+        depths: a.depths.clone(),
+        threads: if a.threads.is_empty() {
+            vec![bench::default_threads()]
+        } else {
+            a.threads.clone()
+        },
+        repetitions: a.repetitions,
+        seed: a.seed,
+        bandwidth_bytes: a.bandwidth_mib << 20,
+        bandwidth_passes: 5,
+        progress: !a.no_progress && std::io::stderr().is_terminal(),
+    };
+    let report = bench::run(&model, &name, &options)?;
+    if a.json {
+        println!("{}", bench::json(&report));
+    } else {
+        print!("{}", bench::markdown(&report));
+    }
+    if let Some(p) = &a.plot {
+        bench::plot_svg(&report, p)?;
+        eprintln!("wrote {}", p.display());
+    }
+    drop(model);
+    drop(tmp);
+    Ok(())
+}
