@@ -78,7 +78,7 @@ impl<'m> SoftmaxSession<'m> {
             .keys
             .iter()
             .chain(&self.values)
-            .map(|v| v.capacity() * 4)
+            .map(|v| v.len() * 4)
             .sum();
         cache + self.state.size_bytes()
     }

@@ -253,15 +253,15 @@ impl State {
             &self.logits,
         ]
         .iter()
-        .map(|v| v.capacity())
+        .map(|v| v.len())
         .sum::<usize>();
         let doubles = self.acc64.as_ref().map_or(0, |a| {
-            a.a_mat.capacity() + a.a_vec.capacity() + a.v_sum.capacity() + a.max.capacity()
+            a.a_mat.len() + a.a_vec.len() + a.v_sum.len() + a.max.len()
         });
         floats * std::mem::size_of::<f32>()
             + doubles * std::mem::size_of::<f64>()
             + std::mem::size_of::<Self>()
-            + (self.favor_start.capacity() + self.local_start.capacity()) * 8
+            + (self.favor_start.len() + self.local_start.len()) * 8
     }
 
     /// Bytes of the sequence's memory proper: FAVOR+ state (A, a, s, M), local-head windows

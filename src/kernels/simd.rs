@@ -54,11 +54,30 @@ impl Elem for bf16 {
     #[inline(always)]
     fn load16(s: &[Self]) -> f32x16 {
         let s = &s[..16];
-        let mut out = [0f32; 16];
-        for (o, x) in out.iter_mut().zip(s) {
-            *o = f32::from_bits((x.to_bits() as u32) << 16);
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        {
+            use std::arch::x86_64::{
+                __m256i, _mm256_loadu_si256, _mm512_castsi512_ps, _mm512_cvtepu16_epi32,
+                _mm512_slli_epi32,
+            };
+            // SAFETY: `s` holds exactly 16 bf16 values (32 bytes), read unaligned; the build
+            // enables avx512f (cfg above). Zero-extending to 32 bits and shifting left by 16 is
+            // exactly bf16 → f32. `__m512` and `f32x16` are both 16 f32 lanes in 64 bytes
+            // (wide stores an `__m512` when avx512f is enabled), so the transmute is a no-op.
+            unsafe {
+                let h = _mm256_loadu_si256(s.as_ptr() as *const __m256i);
+                let wide = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
+                std::mem::transmute::<std::arch::x86_64::__m512, f32x16>(_mm512_castsi512_ps(wide))
+            }
         }
-        f32x16::from(out)
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+        {
+            let mut out = [0f32; 16];
+            for (o, x) in out.iter_mut().zip(s) {
+                *o = f32::from_bits((x.to_bits() as u32) << 16);
+            }
+            f32x16::from(out)
+        }
     }
 }
 
@@ -71,42 +90,40 @@ impl Elem for f16 {
     #[inline(always)]
     fn load16(s: &[Self]) -> f32x16 {
         let s = &s[..16];
-        let mut out = [0f32; 16];
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
         {
-            use std::arch::x86_64::{
-                __m256i, _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_storeu_ps,
-            };
-            // SAFETY: `s` holds exactly 16 f16 values (32 bytes), read unaligned; `out` has room
-            // for 16 f32 values written unaligned; the build enables avx512f (cfg above).
+            use std::arch::x86_64::{__m256i, __m512, _mm256_loadu_si256, _mm512_cvtph_ps};
+            // SAFETY: `s` holds exactly 16 f16 values (32 bytes), read unaligned; the build
+            // enables avx512f (cfg above). `__m512` and `f32x16` are both 16 f32 lanes in 64
+            // bytes (wide stores an `__m512` when avx512f is enabled): the transmute is a no-op.
             unsafe {
                 let h = _mm256_loadu_si256(s.as_ptr() as *const __m256i);
-                _mm512_storeu_ps(out.as_mut_ptr(), _mm512_cvtph_ps(h));
+                std::mem::transmute::<__m512, f32x16>(_mm512_cvtph_ps(h))
             }
         }
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "f16c",
-            not(target_feature = "avx512f")
-        ))]
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
         {
-            use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
-            // SAFETY: two loads of 8 f16 values (16 bytes each) inside `s[..16]`, two stores of
-            // 8 f32 values inside `out`; the build enables f16c (cfg above).
-            unsafe {
-                for half_idx in 0..2 {
-                    let h = _mm_loadu_si128(s.as_ptr().add(8 * half_idx) as *const __m128i);
-                    _mm256_storeu_ps(out.as_mut_ptr().add(8 * half_idx), _mm256_cvtph_ps(h));
+            let mut out = [0f32; 16];
+            #[cfg(all(target_arch = "x86_64", target_feature = "f16c"))]
+            {
+                use std::arch::x86_64::{
+                    __m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128,
+                };
+                // SAFETY: two loads of 8 f16 values (16 bytes each) inside `s[..16]`, two
+                // stores of 8 f32 values inside `out`; the build enables f16c (cfg above).
+                unsafe {
+                    for half_idx in 0..2 {
+                        let h = _mm_loadu_si128(s.as_ptr().add(8 * half_idx) as *const __m128i);
+                        _mm256_storeu_ps(out.as_mut_ptr().add(8 * half_idx), _mm256_cvtph_ps(h));
+                    }
                 }
             }
-        }
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "f16c")))]
-        {
+            #[cfg(not(all(target_arch = "x86_64", target_feature = "f16c")))]
             for (o, x) in out.iter_mut().zip(s) {
                 *o = x.to_f32();
             }
+            f32x16::from(out)
         }
-        f32x16::from(out)
     }
 }
 
