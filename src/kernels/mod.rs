@@ -13,10 +13,10 @@ use wide::f32x16;
 
 pub use simd::{Elem, LANES};
 
-/// Below this many weight elements a matrix-vector product runs on the calling thread: splitting
-/// costs more than it gives (a rayon fork-join is a few microseconds; 64K f32 weights stream from
-/// L2 in about as long).
-pub const PAR_MIN_ELEMS: usize = 1 << 16;
+/// Below this many weight elements a matrix-vector product runs on the calling thread: a rayon
+/// fork-join costs a few microseconds (far more when the other core is busy), about what
+/// streaming 256K f32 weights (1 MiB) from L2/L3 takes on one core.
+pub const PAR_MIN_ELEMS: usize = 1 << 18;
 
 /// Dot product of a weight row and an f32 vector.
 ///
