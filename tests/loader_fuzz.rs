@@ -82,9 +82,6 @@ fn run_case(rng: &mut Rng, seed: &Seed, dir: &std::path::Path) -> Outcome {
         }
     }
     let no_config = rng.one_in(16);
-    if harness::known_unfixed(Some(&config)) {
-        return Outcome::default();
-    }
     write_dir(dir, (!no_config).then_some(&config[..]), &weights);
     exercise(dir)
 }

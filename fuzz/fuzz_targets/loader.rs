@@ -59,9 +59,6 @@ fuzz_target!(|data: &[u8]| {
     let Some((_, config, weights)) = decode(data) else {
         return;
     };
-    if harness::known_unfixed(config) {
-        return;
-    }
     let dir = scratch();
     harness::write_dir(dir, config, weights);
     harness::exercise(dir);
