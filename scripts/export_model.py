@@ -130,6 +130,34 @@ def streaming_bpb(model, data, L):
         set_prefix_semantics(model, False)
 
 
+@torch.no_grad()
+def max_diag(model, data, L):
+    """max over heldout.txt windows of diag = |x|^2 c^2 / 2 (c = d^-1/4) for queries and keys, and
+    the max key projection u — how close a literal f32 evaluation of phi() gets to exp underflow."""
+    import performer_pytorch.performer_pytorch as pp
+    out = {"query_diag": 0.0, "key_diag": 0.0}
+    hooks = []
+    def hook(mod, inp, _):
+        q, k, _v = inp
+        c = q.shape[-1] ** -0.25
+        out["query_diag"] = max(out["query_diag"], ((q ** 2).sum(-1) * c * c / 2).max().item())
+        out["key_diag"] = max(out["key_diag"], ((k ** 2).sum(-1) * c * c / 2).max().item())
+    for fa in pp.find_modules(model, pp.FastAttention):
+        hooks.append(fa.register_forward_hook(hook))
+    T.eval_windows(model, data, L)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def clean(o):
+    if isinstance(o, dict):
+        return {k: clean(v) for k, v in o.items()}
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+
+
 def load_model(ckpt_path):
     ck = torch.load(ckpt_path, weights_only=False)
     model = T.build_model(ck["model_kw"])
@@ -215,23 +243,22 @@ if __name__ == "__main__":
                "heldout_file_bytes": len(text), "predicted_bytes": len(text) - 1,
                "window": L, "stride": L}
     results["causality_max_abs_logit_change_when_appending"] = causality_check(model, hdata, L)
-    b, nll, cnt = bpb(model, hdata, L)
-    results["float32"] = {"bpb": b, "nll_nats_per_byte": nll}
-    print("f32", b, nll, cnt, flush=True)
     results["streaming_attention_check_max_abs_err"] = check_streaming_attention(model)
     results["streaming_vs_per_prefix_rerun_max_abs_logit_diff_first48"] = streaming_vs_per_prefix(model, hdata)
-    bp, nllp, _ = streaming_bpb(model, hdata, L)
-    results["float32_streaming"] = {"bpb": bp, "nll_nats_per_byte": nllp}
-    print("f32 streaming", bp, nllp, results["streaming_attention_check_max_abs_err"],
-          results["streaming_vs_per_prefix_rerun_max_abs_logit_diff_first48"], flush=True)
-    for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
-        m2 = rounded_copy(model, dt)
-        b2, nll2, _ = bpb(m2, hdata, L)
-        results[name] = {"bpb": b2, "nll_nats_per_byte": nll2}
-        print(name, b2, nll2, flush=True)
+    results["max_diag_on_heldout"] = max_diag(model, hdata, L)
+    variants = {"float32": model}
+    for name, dt_ in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        variants[name] = rounded_copy(model, dt_)
+    for name, mv in variants.items():
+        b, nll, cnt = bpb(mv, hdata, L)
+        bs, nlls, _ = streaming_bpb(mv, hdata, L)
+        results[name] = {"bpb_full_window_performer_pytorch": b, "nll_full_window_performer_pytorch": nll,
+                         "bpb_streaming": bs, "nll_streaming": nlls}
+        print(name, results[name], flush=True)
     if dtype_arg == "auto":
-        # float16 has 3 more mantissa bits; take whichever is closer to f32 (ties -> bfloat16)
-        dtype_name = min(("bfloat16", "float16"), key=lambda n: abs(results[n]["bpb"] - results["float32"]["bpb"]))
+        # whichever half dtype stays closer to f32 (streaming = the runtime's semantics)
+        dtype_name = min(("bfloat16", "float16"),
+                         key=lambda n: abs(results[n]["bpb_streaming"] - results["float32"]["bpb_streaming"]))
     else:
         dtype_name = dtype_arg
     dt = getattr(torch, dtype_name)
@@ -255,11 +282,15 @@ if __name__ == "__main__":
     m3.eval()
     T.use_fast_attention(m3, False)
     b3, nll3, _ = bpb(m3, hdata, L)
-    results["shipped_reloaded"] = {"bpb": b3, "nll_nats_per_byte": nll3}
     b4, nll4, _ = streaming_bpb(m3, hdata, L)
-    results["shipped_reloaded_streaming"] = {"bpb": b4, "nll_nats_per_byte": nll4}
-    print("shipped reloaded streaming", b4, flush=True)
-    print("shipped reloaded", dtype_name, b3, flush=True)
+    results["shipped_reloaded"] = {"bpb_full_window_performer_pytorch": b3, "nll_full_window_performer_pytorch": nll3,
+                                   "bpb_streaming": b4, "nll_streaming": nll4}
+    print("shipped reloaded", dtype_name, results["shipped_reloaded"], flush=True)
+    # samples: eps-0 streaming semantics via the (f32, chunked) training attention — identical math
+    if zero_eps:
+        T.use_stable_attention(m3, True)
+    else:
+        set_prefix_semantics(m3, True)
 
     cfg = {k: model_kw[k] for k in ("num_tokens", "max_seq_len", "dim", "depth", "heads", "dim_head",
                                     "nb_features", "causal")}
@@ -274,13 +305,13 @@ if __name__ == "__main__":
     samples = []
     prompts = ["ROMEO.\n", "To be, or not to be", "KING.\nMy lords, ", "Enter "]
     for p in prompts:
-        samples.append(("greedy", p, generate(m3, p, 20 if QUICK else 300, L)))
+        samples.append(("greedy", p, generate(m3, p, 20 if QUICK else 200, L)))
     for i, p in enumerate(prompts[:3]):
-        samples.append(("sampled T=0.8 top_k=40 seed=%d" % i, p, generate(m3, p, 20 if QUICK else 300, L, 0.8, 40, seed=i)))
+        samples.append(("sampled T=0.8 top_k=40 seed=%d" % i, p, generate(m3, p, 20 if QUICK else 200, L, 0.8, 40, seed=i)))
     with open(os.path.join(OUT, "samples.txt"), "w") as f:
         for kind, p, s in samples:
             f.write(f"=== {kind} | prompt {p!r} ===\n{s}\n\n")
     with open(os.path.join(OUT, "eval.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(clean(results), f, indent=2)
         f.write("\n")
-    print(json.dumps(results, indent=2))
+    print(json.dumps(clean(results), indent=2))

