@@ -12,8 +12,11 @@ use crate::state::State;
 pub struct PerplexityOptions {
     /// Score at most this many tokens (`None`: the whole input).
     pub max_tokens: Option<usize>,
-    /// Reset the context every `window` tokens, scoring tokens 1..window of each window from
-    /// its own prefix (the usual evaluation of a model trained on windows of `max_seq_len`).
+    /// Reset the context every `window` tokens: inputs are cut into windows of `window`
+    /// tokens, each window's logits predict the next `window` tokens (the first token of the
+    /// next window included), so every token after the first is scored exactly once from at
+    /// most `window` tokens of context — the usual evaluation of a model trained on windows of
+    /// `max_seq_len` (PyTorch: `model(x[s:s+L])` against `x[s+1:s+1+L]`, `s = 0, L, 2L, …`).
     /// `None`: one unbroken stream, every token after the first scored with its whole prefix.
     pub window: Option<usize>,
 }
@@ -85,8 +88,8 @@ pub fn evaluate(
                 .window
                 .map_or(tokens + start, |w| (tokens + start) % w);
             if options.window.is_some() && pos_in_window == 0 {
+                // The previous window's last logits still score this token.
                 state.reset();
-                pending = None;
             }
             let end = match options.window {
                 Some(w) => block.len().min(start + (w - pos_in_window)),

@@ -13,8 +13,8 @@ fn direct(model: &Model, bytes: &[u8], window: Option<usize>) -> (usize, f64) {
     for (i, &b) in bytes.iter().enumerate() {
         if let Some(w) = window {
             if i % w == 0 {
+                // PyTorch's windows: the previous window's logits score this token.
                 state.reset();
-                prev = None;
             }
         }
         if let Some(p) = &prev {
