@@ -37,21 +37,6 @@ pub(crate) struct LocalBuffers<'a> {
     pub first_head: usize,
 }
 
-/// The per-head slices the decode step zips together.
-type HeadItem<'a> = (
-    (
-        (
-            (
-                (((&'a mut [f32], &'a mut [f32]), &'a mut [f32]), &'a mut f32),
-                &'a mut [f32],
-            ),
-            &'a mut [f32],
-        ),
-        &'a mut [f32],
-    ),
-    usize,
-);
-
 /// LayerNorm epsilon of `torch.nn.LayerNorm`'s default.
 pub const LAYER_NORM_EPS: f32 = 1e-5;
 
@@ -761,21 +746,10 @@ impl Model {
             }
             return;
         }
-        let a_mat = &mut st.a_mat[h0 * m * d..h1 * m * d];
-        let a_vec = &mut st.a_vec[h0 * m..h1 * m];
-        let v_sum = &mut st.v_sum[h0 * d..h1 * d];
-        let max = &mut st.max[h0..h1];
-        let run = |item: HeadItem<'_>, q: &[f32], k: &[f32], v: &[f32]| {
-            let (((((((a_mat, a_vec), v_sum), max), key_feat), query_feat), out), hd) = item;
+        let (md, hm, hd_) = (h0 * m * d..h1 * m * d, h0 * m..h1 * m, h0 * d..h1 * d);
+        let (q, k, v) = (&st.q[..], &st.k[..], &st.v[..]);
+        let run = |head: HeadState<'_>, out: &mut [f32], hd: usize| {
             let r = hd * d..(hd + 1) * d;
-            let head = HeadState {
-                a_mat,
-                a_vec,
-                v_sum,
-                max,
-                key_feat,
-                query_feat,
-            };
             let tok = favor::Token {
                 q: &q[r.clone()],
                 k: &k[r.clone()],
@@ -784,30 +758,58 @@ impl Model {
             };
             favor::step(&map, delta, head, tok, out)
         };
-        let (q, k, v) = (&st.q[..], &st.k[..], &st.v[..]);
+        // Per head: (A, A's compensation), (a, …), (s, …), M, scratch, output.
+        let a_mat = (&mut st.a_mat[md.clone()], &mut st.a_mat_c[md]);
+        let a_vec = (&mut st.a_vec[hm.clone()], &mut st.a_vec_c[hm]);
+        let v_sum = (&mut st.v_sum[hd_.clone()], &mut st.v_sum_c[hd_]);
+        let max = &mut st.max[h0..h1];
         let att = &mut st.att[..gh * d];
+        let head =
+            |a_mat, a_mat_c, a_vec, a_vec_c, v_sum, v_sum_c, max, key_feat, query_feat| HeadState {
+                a_mat,
+                a_vec,
+                v_sum,
+                comp: favor::Compensation {
+                    a_mat: a_mat_c,
+                    a_vec: a_vec_c,
+                    v_sum: v_sum_c,
+                },
+                max,
+                key_feat,
+                query_feat,
+            };
         if gh > 1 && gh * m * d >= kernels::PAR_MIN_ELEMS {
             a_mat
+                .0
                 .par_chunks_mut(m * d)
-                .zip(a_vec.par_chunks_mut(m))
-                .zip(v_sum.par_chunks_mut(d))
+                .zip(a_mat.1.par_chunks_mut(m * d))
+                .zip(a_vec.0.par_chunks_mut(m).zip(a_vec.1.par_chunks_mut(m)))
+                .zip(v_sum.0.par_chunks_mut(d).zip(v_sum.1.par_chunks_mut(d)))
                 .zip(max.par_iter_mut())
                 .zip(st.key_feat.par_chunks_mut(m))
                 .zip(st.query_feat.par_chunks_mut(m))
                 .zip(att.par_chunks_mut(d))
-                .zip(0..gh)
-                .for_each(|x| run(x, q, k, v));
+                .enumerate()
+                .for_each(|(hd, item)| {
+                    let (((((((am, amc), (av, avc)), (vs, vsc)), mx), kf), qf), out) = item;
+                    run(head(am, amc, av, avc, vs, vsc, mx, kf, qf), out, hd)
+                });
         } else {
             a_mat
+                .0
                 .chunks_mut(m * d)
-                .zip(a_vec.chunks_mut(m))
-                .zip(v_sum.chunks_mut(d))
+                .zip(a_mat.1.chunks_mut(m * d))
+                .zip(a_vec.0.chunks_mut(m).zip(a_vec.1.chunks_mut(m)))
+                .zip(v_sum.0.chunks_mut(d).zip(v_sum.1.chunks_mut(d)))
                 .zip(max.iter_mut())
                 .zip(st.key_feat.chunks_mut(m))
                 .zip(st.query_feat.chunks_mut(m))
                 .zip(att.chunks_mut(d))
-                .zip(0..gh)
-                .for_each(|x| run(x, q, k, v));
+                .enumerate()
+                .for_each(|(hd, item)| {
+                    let (((((((am, amc), (av, avc)), (vs, vsc)), mx), kf), qf), out) = item;
+                    run(head(am, amc, av, avc, vs, vsc, mx, kf, qf), out, hd)
+                });
         }
     }
 

@@ -90,33 +90,50 @@ impl RowAttention for Chunk<'_> {
                 })
                 .collect()
         };
-        let outs: Vec<Vec<f32>> = st.a_mat[h0 * m * d..h1 * m * d]
+        let (md, hm, hdr) = (h0 * m * d..h1 * m * d, h0 * m..h1 * m, h0 * d..h1 * d);
+        let outs: Vec<Vec<f32>> = st.a_mat[md.clone()]
             .par_chunks_mut(m * d)
-            .zip(st.a_vec[h0 * m..h1 * m].par_chunks_mut(m))
-            .zip(st.v_sum[h0 * d..h1 * d].par_chunks_mut(d))
+            .zip(st.a_mat_c[md].par_chunks_mut(m * d))
+            .zip(
+                st.a_vec[hm.clone()]
+                    .par_chunks_mut(m)
+                    .zip(st.a_vec_c[hm].par_chunks_mut(m)),
+            )
+            .zip(
+                st.v_sum[hdr.clone()]
+                    .par_chunks_mut(d)
+                    .zip(st.v_sum_c[hdr].par_chunks_mut(d)),
+            )
             .zip(st.max[h0..h1].par_iter_mut())
             .enumerate()
-            .map(|(hd, (((a_mat, a_vec), v_sum), max))| {
-                let mut out = vec![0f32; rows * d];
-                favor::chunk(
-                    &map,
-                    c.denominator_eps,
-                    HeadStateRef {
-                        a_mat,
-                        a_vec,
-                        v_sum,
-                        max,
-                    },
-                    favor::Rows {
-                        q: &gather(q, hd),
-                        k: &gather(k, hd),
-                        v: &gather(v, hd),
-                        n0: self.p0,
-                    },
-                    &mut out,
-                );
-                out
-            })
+            .map(
+                |(hd, ((((a_mat, a_mat_c), (a_vec, a_vec_c)), (v_sum, v_sum_c)), max))| {
+                    let mut out = vec![0f32; rows * d];
+                    favor::chunk(
+                        &map,
+                        c.denominator_eps,
+                        HeadStateRef {
+                            a_mat,
+                            a_vec,
+                            v_sum,
+                            comp: favor::Compensation {
+                                a_mat: a_mat_c,
+                                a_vec: a_vec_c,
+                                v_sum: v_sum_c,
+                            },
+                            max,
+                        },
+                        favor::Rows {
+                            q: &gather(q, hd),
+                            k: &gather(k, hd),
+                            v: &gather(v, hd),
+                            n0: self.p0,
+                        },
+                        &mut out,
+                    );
+                    out
+                },
+            )
             .collect();
         for (hd, out) in outs.iter().enumerate() {
             for r in 0..rows {
@@ -202,6 +219,11 @@ impl RowAttention for Batch<'_, '_> {
                             a_mat: &mut st.a_mat[g * m * d..(g + 1) * m * d],
                             a_vec: &mut st.a_vec[g * m..(g + 1) * m],
                             v_sum: &mut st.v_sum[g * d..(g + 1) * d],
+                            comp: favor::Compensation {
+                                a_mat: &mut st.a_mat_c[g * m * d..(g + 1) * m * d],
+                                a_vec: &mut st.a_vec_c[g * m..(g + 1) * m],
+                                v_sum: &mut st.v_sum_c[g * d..(g + 1) * d],
+                            },
                             max: &mut st.max[g],
                             key_feat: &mut st.key_feat[..m],
                             query_feat: &mut st.query_feat[..m],

@@ -13,8 +13,8 @@
 //! | 32 | 4 | `kernel_eps` (`f32`) |
 //! | 36 | 4 | `denominator_eps` (`f32`) |
 //! | 40 | 4 | feature map (`u32`: 0 softmax, 1 ReLU, 2 GELU, 3 no projection) |
-//! | 44 | 4 | number of buffers (`u32`, 8) |
-//! | 48 | … | per buffer: element count (`u64`), then the `f32` elements: `A`, `a`, `s`, `M`, local keys, local values, token-shift features, logits |
+//! | 44 | 4 | number of buffers (`u32`, 11) |
+//! | 48 | … | per buffer: element count (`u64`), then the `f32` elements: `A`, `a`, `s`, `M`, the Kahan compensations of `A`, `a`, `s`, local keys, local values, token-shift features, logits |
 //! | end − 8 | 8 | checksum (`u64`: [`hash64`] of every byte before it) |
 //!
 //! Restoring checks magic, version, checksum, length, fingerprint, kernel settings and every
@@ -33,7 +33,7 @@ pub const MAGIC: &[u8; 8] = b"PFSTATE\0";
 /// The current format version.
 pub const VERSION: u32 = 1;
 const HEADER: usize = 48;
-const BUFFERS: u32 = 8;
+const BUFFERS: u32 = 11;
 
 /// A fast 64-bit hash (four multiply-rotate lanes over 8-byte words, then a final mix); used
 /// for model fingerprints and snapshot checksums. Not cryptographic.
@@ -82,6 +82,9 @@ impl State {
             &self.a_vec,
             &self.v_sum,
             &self.max,
+            &self.a_mat_c,
+            &self.a_vec_c,
+            &self.v_sum_c,
             &self.local_keys,
             &self.local_values,
             &self.shift_prev,
@@ -95,6 +98,9 @@ impl State {
             &mut self.a_vec,
             &mut self.v_sum,
             &mut self.max,
+            &mut self.a_mat_c,
+            &mut self.a_vec_c,
+            &mut self.v_sum_c,
             &mut self.local_keys,
             &mut self.local_values,
             &mut self.shift_prev,

@@ -101,10 +101,11 @@ fn state_size_is_constant_over_ten_thousand_tokens() {
     assert_eq!(after_10, at_start);
     assert_eq!(state.size_bytes(), after_10);
     assert!(state.logits().unwrap().iter().all(|v| v.is_finite()));
-    // A, a, s, M per layer and head: depth 2 × heads 2 × (110·32 + 110 + 32 + 1) floats.
+    // A, a, s (each with its Kahan compensation) and M per layer and head:
+    // depth 2 × heads 2 × (2 · (110·32 + 110 + 32) + 1) floats.
     assert_eq!(
         state.attention_bytes(),
-        2 * 2 * (110 * 32 + 110 + 32 + 1) * 4
+        2 * 2 * (2 * (110 * 32 + 110 + 32) + 1) * 4
     );
 }
 

@@ -287,3 +287,44 @@ fn softmax_max_sum_match_scalar() {
     }
     assert_eq!(kernels::max(&[]), f32::NEG_INFINITY);
 }
+
+#[test]
+fn compensated_sums_match_f64_and_do_not_drift() {
+    let mut rng = TestRng(6);
+    // Against the f64 twin on odd lengths, with and without rescaling.
+    for &n in LENGTHS {
+        let x = rng.vec(n, 3.0);
+        let (mut s1, mut c1) = (rng.vec(n, 100.0), vec![0f32; n]);
+        let (mut s2, mut c2) = (s1.clone(), vec![0f32; n]);
+        for (b, a) in [(1.0, 0.5), (0.25, -1.5), (1.0, 1e-3)] {
+            kernels::kahan_scale_axpy(b, a, &x, &mut s1, &mut c1);
+            scalar::kahan_scale_axpy(b, a, &x, &mut s2, &mut c2);
+        }
+        for i in 0..n {
+            // s − c is the compensated value: within a few ulp of the f64 result.
+            let got = s1[i] as f64 - c1[i] as f64;
+            assert!(
+                (got - s2[i] as f64).abs() <= 1e-6 * (1.0 + s2[i].abs() as f64),
+                "{n} {i}"
+            );
+        }
+    }
+    // A million additions of 1e-3 to 1: plain f32 drifts by ~5%, compensated stays exact to
+    // f32 precision.
+    let (mut plain, mut s, mut c) = ([1.0f32; 16], [1.0f32; 16], [0.0f32; 16]);
+    let x = [1e-3f32; 16];
+    for _ in 0..1_000_000 {
+        kernels::axpy(1.0, &x, &mut plain);
+        kernels::kahan_scale_axpy(1.0, 1.0, &x, &mut s, &mut c);
+    }
+    let exact = 1.0 + 1e6 * 1e-3f32 as f64;
+    assert!(
+        (plain[0] as f64 - exact).abs() / exact > 1e-3,
+        "plain f32 should drift here"
+    );
+    assert!(
+        (s[0] as f64 - exact).abs() / exact < 1e-6,
+        "compensated: {}",
+        s[0]
+    );
+}

@@ -8,6 +8,16 @@
 use super::features::{kernel_fn_f64, project_f64, FeatureKind, FeatureMap};
 use crate::kernels;
 
+/// The Kahan compensations of one head's `A`, `a`, `s` (see [`kernels::kahan_scale_axpy`]).
+pub struct Compensation<'s> {
+    /// Of `A`, m×d.
+    pub a_mat: &'s mut [f32],
+    /// Of `a`, m.
+    pub a_vec: &'s mut [f32],
+    /// Of `s`, d.
+    pub v_sum: &'s mut [f32],
+}
+
 /// Mutable views of one head's state and scratch.
 pub struct HeadState<'s> {
     /// `A`, m×d row-major.
@@ -16,6 +26,8 @@ pub struct HeadState<'s> {
     pub a_vec: &'s mut [f32],
     /// `s`, d.
     pub v_sum: &'s mut [f32],
+    /// Kahan compensations of `A`, `a`, `s`.
+    pub comp: Compensation<'s>,
     /// `M`.
     pub max: &'s mut f32,
     /// Scratch for the key features, m.
@@ -85,22 +97,16 @@ pub fn step(map: &FeatureMap<'_>, delta: f32, st: HeadState<'_>, tok: Token<'_>,
     }
     let phi_sum = kernels::sum(w);
 
-    // One pass over A: update row f, then accumulate its contribution to φ(q)ᵀA.
+    // One pass over A: update row f (compensated), then accumulate its contribution to φ(q)ᵀA.
     out.fill(0.0);
     for f in 0..m {
-        let row = &mut st.a_mat[f * d..(f + 1) * d];
-        if rescale == 1.0 {
-            kernels::axpy(ek[f], v, row);
-        } else {
-            kernels::scale_axpy(rescale, ek[f], v, row);
-        }
+        let r = f * d..(f + 1) * d;
+        let row = &mut st.a_mat[r.clone()];
+        kernels::kahan_scale_axpy(rescale, ek[f], v, row, &mut st.comp.a_mat[r]);
         kernels::axpy(w[f], row, out);
     }
-    if rescale != 1.0 {
-        kernels::scale(rescale, st.a_vec);
-    }
-    kernels::axpy(1.0, ek, st.a_vec);
-    kernels::axpy(1.0, v, st.v_sum);
+    kernels::kahan_scale_axpy(rescale, 1.0, ek, st.a_vec, st.comp.a_vec);
+    kernels::kahan_scale_axpy(1.0, 1.0, v, st.v_sum, st.comp.v_sum);
 
     // num = r (φᵀA + ε Σφ s);  den = r (φ·a + ε n Σφ) + δ Σφ
     let num_eps = eps * phi_sum;
@@ -206,6 +212,8 @@ pub struct HeadStateRef<'s> {
     pub a_vec: &'s mut [f32],
     /// `s`, d.
     pub v_sum: &'s mut [f32],
+    /// Kahan compensations of `A`, `a`, `s`.
+    pub comp: Compensation<'s>,
     /// `M`.
     pub max: &'s mut f32,
 }
@@ -346,10 +354,10 @@ pub fn chunk(
         true,
     );
 
-    // Readout with the closed-form ε and δ terms; s_t is a running prefix sum.
-    let mut s = st.v_sum.to_vec();
+    // Readout with the closed-form ε and δ terms; s_t is a running (compensated) prefix sum.
     for t in 0..t_len {
-        kernels::axpy(1.0, &v[t * d..(t + 1) * d], &mut s);
+        kernels::kahan_scale_axpy(1.0, 1.0, &v[t * d..(t + 1) * d], st.v_sum, st.comp.v_sum);
+        let s = &*st.v_sum;
         let w = &wq[t * m..(t + 1) * m];
         let phi_sum = kernels::sum(w);
         let n = (n0 + t + 1) as f32;
@@ -360,30 +368,33 @@ pub fn chunk(
         let den = r * (wa[t] + eps * n * phi_sum) + delta_t * phi_sum;
         let inv = 1.0 / den;
         let num_eps = eps * phi_sum;
-        for (o, sv) in out[t * d..(t + 1) * d].iter_mut().zip(&s) {
+        for (o, sv) in out[t * d..(t + 1) * d].iter_mut().zip(s) {
             *o = r * (*o + num_eps * sv) * inv;
         }
     }
 
-    // State update to the end of the chunk.
+    // State update to the end of the chunk: the chunk's sum ΔA = Σ_j exp(M_j − M_end) E_j v_jᵀ
+    // as one product, then one compensated rescale-and-add into the carried state.
     let end = run_max[t_len - 1];
     let sc = factor(*st.max, end);
-    kernels::scale(sc, st.a_mat);
-    kernels::scale(sc, st.a_vec);
     for t in 0..t_len {
         let f = factor(run_max[t], end);
-        let e = &mut ek[t * m..(t + 1) * m];
-        kernels::scale(f, e);
-        kernels::axpy(1.0, e, st.a_vec);
+        kernels::scale(f, &mut ek[t * m..(t + 1) * m]);
     }
+    let mut delta_a = vec![0f32; m * d];
     gemm_f32(
         MatRef::row_major(&ek, t_len, m).t(),
         MatRef::row_major(&v[..t_len * d], t_len, d),
-        st.a_mat,
+        &mut delta_a,
         d,
-        true,
+        false,
     );
-    st.v_sum.copy_from_slice(&s);
+    kernels::kahan_scale_axpy(sc, 1.0, &delta_a, st.a_mat, st.comp.a_mat);
+    let mut delta_a_vec = vec![0f32; m];
+    for t in 0..t_len {
+        kernels::axpy(1.0, &ek[t * m..(t + 1) * m], &mut delta_a_vec);
+    }
+    kernels::kahan_scale_axpy(sc, 1.0, &delta_a_vec, st.a_vec, st.comp.a_vec);
     if tracks_max {
         *st.max = end;
     }

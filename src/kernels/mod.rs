@@ -319,3 +319,36 @@ pub fn add_bias<T: Elem>(b: &[T], y: &mut [f32]) {
         *o += v.to_f32();
     }
 }
+
+/// Compensated (Kahan) `s = b · s + a · x`, keeping in `c` the low-order bits each addition
+/// lost, so that rounding does not accumulate over millions of additions (the true sum is
+/// `s − c`). `b` rescales sum and compensation alike.
+#[inline]
+pub fn kahan_scale_axpy(b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [f32]) {
+    let n = x.len().min(s.len()).min(c.len());
+    let (av, bv) = (f32x16::splat(a), f32x16::splat(b));
+    let mut i = 0;
+    while i + LANES <= n {
+        let (mut sv, mut cv) = (simd::load(&s[i..]), simd::load(&c[i..]));
+        if b != 1.0 {
+            sv *= bv;
+            cv *= bv;
+        }
+        let y = simd::load(&x[i..]).mul_sub(av, cv);
+        let t = sv + y;
+        simd::store(&mut c[i..], (t - sv) - y);
+        simd::store(&mut s[i..], t);
+        i += LANES;
+    }
+    for k in i..n {
+        let (mut sk, mut ck) = (s[k], c[k]);
+        if b != 1.0 {
+            sk *= b;
+            ck *= b;
+        }
+        let y = a * x[k] - ck;
+        let t = sk + y;
+        c[k] = (t - sk) - y;
+        s[k] = t;
+    }
+}

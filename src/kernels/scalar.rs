@@ -113,3 +113,12 @@ pub fn linear<T: Elem>(x: &[f32], rows: usize, w: &[T], out: usize, y: &mut [f32
         );
     }
 }
+
+/// `s = b · s + a · x` in f64 (the compensated sum's reference; `c` is left at zero).
+pub fn kahan_scale_axpy(b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [f32]) {
+    for ((sk, ck), &xk) in s.iter_mut().zip(c.iter_mut()).zip(x) {
+        let exact = b as f64 * (*sk as f64 - *ck as f64) + a as f64 * xk as f64;
+        *sk = exact as f32;
+        *ck = 0.0;
+    }
+}
