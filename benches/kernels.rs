@@ -115,6 +115,8 @@ fn favor_head(c: &mut Criterion) {
         };
         let (q, k, v) = (randn(d, 9), randn(d, 10), randn(d, 11));
         let (mut a_mat, mut a_vec, mut v_sum) = (vec![0f32; m * d], vec![0f32; m], vec![0f32; d]);
+        let (mut a_mat_c, mut a_vec_c, mut v_sum_c) =
+            (vec![0f32; m * d], vec![0f32; m], vec![0f32; d]);
         let mut max = f32::NEG_INFINITY;
         let (mut key_feat, mut query_feat, mut out) = (vec![0f32; m], vec![0f32; m], vec![0f32; d]);
         let mut n = 0usize;
@@ -126,6 +128,11 @@ fn favor_head(c: &mut Criterion) {
                     a_mat: &mut a_mat,
                     a_vec: &mut a_vec,
                     v_sum: &mut v_sum,
+                    comp: favor::Compensation {
+                        a_mat: &mut a_mat_c,
+                        a_vec: &mut a_vec_c,
+                        v_sum: &mut v_sum_c,
+                    },
                     max: &mut max,
                     key_feat: &mut key_feat,
                     query_feat: &mut query_feat,
