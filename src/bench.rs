@@ -326,18 +326,29 @@ pub fn measure_read_bandwidth(bytes: usize, passes: usize, threads: usize) -> f6
     median(&rates)
 }
 
-/// The process's peak resident set (`VmHWM`) in bytes, where `/proc` has it.
-pub fn peak_rss_bytes() -> Option<u64> {
+/// A `kB` field of `/proc/self/status` in bytes, where `/proc` has it.
+fn proc_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line
-        .trim_start_matches("VmHWM:")
+        .trim_start_matches(field)
+        .trim_start_matches(':')
         .trim()
         .trim_end_matches("kB")
         .trim()
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// The process's peak resident set (`VmHWM`) in bytes, where `/proc` has it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmHWM")
+}
+
+/// The process's current resident set (`VmRSS`) in bytes, where `/proc` has it.
+pub fn rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmRSS")
 }
 
 /// Resets the peak-RSS mark to the current RSS (Linux ≥ 4.0); false where that is not possible.

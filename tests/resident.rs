@@ -6,16 +6,7 @@ use performer::synthetic::{self, SyntheticShape, WeightDtype};
 use performer::Model;
 
 fn resident_bytes() -> Option<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: usize = line
-        .trim_start_matches("VmRSS:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
+    performer::bench::rss_bytes().map(|b| b as usize)
 }
 
 #[test]
