@@ -33,7 +33,7 @@ pub const MAGIC: &[u8; 8] = b"PFSTATE\0";
 /// The current format version.
 pub const VERSION: u32 = 1;
 const HEADER: usize = 48;
-const BUFFERS: u32 = 11;
+const BUFFERS: u32 = crate::state::MEMORY_BUFFERS as u32;
 
 /// A fast 64-bit hash (four multiply-rotate lanes over 8-byte words, then a final mix); used
 /// for model fingerprints and snapshot checksums. Not cryptographic.
@@ -76,38 +76,6 @@ fn bad(msg: impl Into<String>) -> Error {
 }
 
 impl State {
-    fn buffers(&self) -> [&Vec<f32>; BUFFERS as usize] {
-        [
-            &self.a_mat,
-            &self.a_vec,
-            &self.v_sum,
-            &self.max,
-            &self.a_mat_c,
-            &self.a_vec_c,
-            &self.v_sum_c,
-            &self.local_keys,
-            &self.local_values,
-            &self.shift_prev,
-            &self.logits,
-        ]
-    }
-
-    fn buffers_mut(&mut self) -> [&mut Vec<f32>; BUFFERS as usize] {
-        [
-            &mut self.a_mat,
-            &mut self.a_vec,
-            &mut self.v_sum,
-            &mut self.max,
-            &mut self.a_mat_c,
-            &mut self.a_vec_c,
-            &mut self.v_sum_c,
-            &mut self.local_keys,
-            &mut self.local_values,
-            &mut self.shift_prev,
-            &mut self.logits,
-        ]
-    }
-
     /// An independent copy for branching generations: both continue from here.
     pub fn fork(&self) -> State {
         self.clone()
@@ -123,7 +91,7 @@ impl State {
             ));
         }
         let c = model.config();
-        let floats: usize = self.buffers().iter().map(|b| b.len()).sum();
+        let floats: usize = self.memory().iter().map(|b| b.len()).sum();
         let mut out = Vec::with_capacity(HEADER + 8 * BUFFERS as usize + 4 * floats + 8);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
@@ -134,7 +102,7 @@ impl State {
         out.extend_from_slice(&c.denominator_eps.to_le_bytes());
         out.extend_from_slice(&feature_code(model.feature_map(0).kind).to_le_bytes());
         out.extend_from_slice(&BUFFERS.to_le_bytes());
-        for b in self.buffers() {
+        for b in self.memory() {
             out.extend_from_slice(&(b.len() as u64).to_le_bytes());
             for v in b.iter() {
                 out.extend_from_slice(&v.to_le_bytes());
@@ -195,7 +163,7 @@ impl State {
         let position = usize::try_from(u64_at(24)).map_err(|_| bad("position overflows"))?;
         let mut state = State::new(model);
         let mut off = HEADER;
-        for (i, buf) in state.buffers_mut().into_iter().enumerate() {
+        for (i, buf) in state.memory_mut().into_iter().enumerate() {
             let n = body
                 .get(off..off + 8)
                 .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))

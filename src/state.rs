@@ -60,6 +60,9 @@ pub(crate) struct Acc64 {
     pub max: Vec<f64>,
 }
 
+/// Number of buffers in [`State::memory`].
+pub(crate) const MEMORY_BUFFERS: usize = 11;
+
 fn prefix_sums(v: &[usize]) -> Vec<usize> {
     let mut out = vec![0];
     for &x in v {
@@ -214,17 +217,7 @@ impl State {
     /// Back to position 0, keeping the allocations.
     pub fn reset(&mut self) {
         self.pos = 0;
-        for buf in [
-            &mut self.a_mat,
-            &mut self.a_vec,
-            &mut self.v_sum,
-            &mut self.a_mat_c,
-            &mut self.a_vec_c,
-            &mut self.v_sum_c,
-            &mut self.local_keys,
-            &mut self.local_values,
-            &mut self.shift_prev,
-        ] {
+        for buf in self.memory_mut() {
             buf.fill(0.0);
         }
         self.max.fill(f32::NEG_INFINITY);
@@ -289,15 +282,50 @@ impl State {
     /// Bytes of the sequence's memory proper: FAVOR+ state (A, a, s, M and the compensations of
     /// A, a, s), local-head windows and token shifts. Everything else is per-step scratch.
     pub fn attention_bytes(&self) -> usize {
-        (2 * (self.a_mat.len() + self.a_vec.len() + self.v_sum.len())
-            + self.max.len()
-            + self.local_keys.len()
-            + self.local_values.len()
-            + self.shift_prev.len())
+        // Every memory buffer but the last, the logits.
+        self.memory()[..MEMORY_BUFFERS - 1]
+            .iter()
+            .map(|b| b.len())
+            .sum::<usize>()
             * std::mem::size_of::<f32>()
             + self.acc64.as_ref().map_or(0, |a| {
                 (a.a_mat.len() + a.a_vec.len() + a.v_sum.len() + a.max.len()) * 8
             })
+    }
+
+    /// The buffers that make up the sequence's memory (everything a snapshot saves besides
+    /// the position), in snapshot order; the last is the logits.
+    pub(crate) fn memory(&self) -> [&Vec<f32>; MEMORY_BUFFERS] {
+        [
+            &self.a_mat,
+            &self.a_vec,
+            &self.v_sum,
+            &self.max,
+            &self.a_mat_c,
+            &self.a_vec_c,
+            &self.v_sum_c,
+            &self.local_keys,
+            &self.local_values,
+            &self.shift_prev,
+            &self.logits,
+        ]
+    }
+
+    /// [`State::memory`], mutably.
+    pub(crate) fn memory_mut(&mut self) -> [&mut Vec<f32>; MEMORY_BUFFERS] {
+        [
+            &mut self.a_mat,
+            &mut self.a_vec,
+            &mut self.v_sum,
+            &mut self.max,
+            &mut self.a_mat_c,
+            &mut self.a_vec_c,
+            &mut self.v_sum_c,
+            &mut self.local_keys,
+            &mut self.local_values,
+            &mut self.shift_prev,
+            &mut self.logits,
+        ]
     }
 
     pub(crate) fn check_fits(&self, model: &Model) -> Result<()> {
