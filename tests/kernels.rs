@@ -124,12 +124,12 @@ fn matvec_matches_scalar_including_parallel_blocks() {
 }
 
 #[test]
-fn axpy_and_scale_axpy_match_scalar() {
+fn axpy_matches_scalar() {
     let mut rng = TestRng(3);
     for &n in LENGTHS {
         let x = rng.vec(n, 3.0);
         let y0 = rng.vec(n, 1e3);
-        let (mut a, mut b) = (y0.clone(), y0.clone());
+        let (mut a, mut b) = (y0.clone(), y0);
         kernels::axpy(0.37, &x, &mut a);
         scalar::axpy(0.37, &x, &mut b);
         // One fused multiply-add versus a multiply then add: at most 1 ulp apart.
@@ -137,15 +137,6 @@ fn axpy_and_scale_axpy_match_scalar() {
             assert!(
                 (a[i] - b[i]).abs() <= b[i].abs() * 2e-7 + 1e-6,
                 "axpy {n} {i}"
-            );
-        }
-        let (mut a, mut b) = (y0.clone(), y0);
-        kernels::scale_axpy(0.25, -1.5, &x, &mut a);
-        scalar::scale_axpy(0.25, -1.5, &x, &mut b);
-        for i in 0..n {
-            assert!(
-                (a[i] - b[i]).abs() <= b[i].abs() * 2e-7 + 1e-6,
-                "scale_axpy {n} {i}"
             );
         }
     }

@@ -128,22 +128,6 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `y = b · y + a · x`: the rescale-and-accumulate of the streaming state.
-#[inline]
-pub fn scale_axpy(b: f32, a: f32, x: &[f32], y: &mut [f32]) {
-    let n = x.len().min(y.len());
-    let (av, bv) = (f32x16::splat(a), f32x16::splat(b));
-    let mut i = 0;
-    while i + LANES <= n {
-        let r = simd::load(&x[i..]).mul_add(av, simd::load(&y[i..]) * bv);
-        simd::store(&mut y[i..], r);
-        i += LANES;
-    }
-    for k in i..n {
-        y[k] = b * y[k] + a * x[k];
-    }
-}
-
 /// `x *= a`.
 #[inline]
 pub fn scale(a: f32, x: &mut [f32]) {

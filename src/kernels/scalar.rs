@@ -26,13 +26,6 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `y = b · y + a · x`.
-pub fn scale_axpy(b: f32, a: f32, x: &[f32], y: &mut [f32]) {
-    for (o, v) in y.iter_mut().zip(x) {
-        *o = b * *o + a * v;
-    }
-}
-
 /// `x[i] = exp(x[i] − shift)` with the standard library's `exp`.
 pub fn exp_shifted(x: &mut [f32], shift: f32) {
     for v in x.iter_mut() {
