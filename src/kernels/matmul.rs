@@ -117,6 +117,12 @@ pub fn gemm_f32(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], c_stride: usize, ac
 pub fn linear<T: Elem>(x: &[f32], rows: usize, w: &[T], out: usize, y: &mut [f32]) {
     let inp = x.len().checked_div(rows).unwrap_or(0);
     assert_eq!(w.len(), out * inp, "linear: weight is not [out, in]");
+    if rows == 1 {
+        // gemm's single-row path runs on one thread; the matrix-vector kernel splits rows
+        // across the pool and reads half-precision weights without widening them first.
+        super::matvec(w, &x[..inp], &mut y[..out]);
+        return;
+    }
     let xm = MatRef::row_major(&x[..rows * inp], rows, inp);
     if let Some(w32) = T::as_f32(w) {
         gemm_f32(xm, MatRef::row_major(w32, out, inp).t(), y, out, false);
