@@ -15,8 +15,9 @@
 //!
 //! Memory columns: *peak RSS* is the process-wide `VmHWM` of `/proc/self/status` after the
 //! group, with the high-water mark reset (`/proc/self/clear_refs` ← 5) before it where the
-//! kernel allows, so it is the peak during that group of everything in the process (the mapped
-//! weights it touched included); *state bytes* is the per-sequence state
+//! kernel allows, and memory the allocator holds unused (a depth fill's freed prefill scratch)
+//! handed back to the OS first ([`release_free_memory`]), so it is the peak during that group
+//! of everything in the process (the mapped weights it touched included); *state bytes* is the per-sequence state
 //! ([`crate::State::size_bytes`] for FAVOR+, constant in the depth; the key/value cache plus
 //! scratch for the softmax baseline, growing with it).
 //!
@@ -102,7 +103,7 @@ impl FromStr for Attention {
 }
 
 /// One sequence being decoded, whatever the attention.
-pub trait Session: Send + Sync {
+pub trait Session<'m>: Send + Sync {
     /// Consumes one token (computing the logits, which are discarded).
     fn step(&mut self, token: u32) -> Result<()>;
     /// Consumes several tokens (logits after the last one only).
@@ -112,7 +113,7 @@ pub trait Session: Send + Sync {
     /// An independent copy at the same depth, so that every `tg` repetition starts from the
     /// same state. `None` where copying is not supported: then the repetitions run back to back
     /// on the session itself, the r-th starting at depth `K + r·N` (plus two warm-up tokens).
-    fn fork(&self) -> Option<Box<dyn Session + '_>>;
+    fn fork(&self) -> Option<Box<dyn Session<'m> + 'm>>;
 }
 
 /// The FAVOR+ session: a [`State`] and the model it runs with.
@@ -121,7 +122,7 @@ struct FavorSession<'m> {
     state: State,
 }
 
-impl Session for FavorSession<'_> {
+impl<'m> Session<'m> for FavorSession<'m> {
     fn step(&mut self, token: u32) -> Result<()> {
         let logits = self.model.step(&mut self.state, token)?;
         std::hint::black_box(logits);
@@ -138,7 +139,7 @@ impl Session for FavorSession<'_> {
         self.state.size_bytes()
     }
 
-    fn fork(&self) -> Option<Box<dyn Session + '_>> {
+    fn fork(&self) -> Option<Box<dyn Session<'m> + 'm>> {
         Some(Box::new(FavorSession {
             model: self.model,
             state: self.state.clone(),
@@ -150,7 +151,7 @@ impl Session for FavorSession<'_> {
 /// grows with the depth.
 struct SoftmaxBench<'m>(crate::baseline::SoftmaxSession<'m>);
 
-impl Session for SoftmaxBench<'_> {
+impl<'m> Session<'m> for SoftmaxBench<'m> {
     fn step(&mut self, token: u32) -> Result<()> {
         std::hint::black_box(self.0.step(token)?);
         Ok(())
@@ -165,13 +166,13 @@ impl Session for SoftmaxBench<'_> {
         self.0.size_bytes()
     }
 
-    fn fork(&self) -> Option<Box<dyn Session + '_>> {
+    fn fork(&self) -> Option<Box<dyn Session<'m> + 'm>> {
         None
     }
 }
 
 /// A fresh session (depth 0) for `attention`. The one place that knows the attention kinds.
-pub fn new_session(model: &Model, attention: Attention) -> Result<Box<dyn Session + '_>> {
+pub fn new_session(model: &Model, attention: Attention) -> Result<Box<dyn Session<'_> + '_>> {
     match attention {
         Attention::Favor => Ok(Box::new(FavorSession {
             model,
@@ -351,8 +352,22 @@ pub fn rss_bytes() -> Option<u64> {
     proc_status_bytes("VmRSS")
 }
 
-/// Resets the peak-RSS mark to the current RSS (Linux ≥ 4.0); false where that is not possible.
+/// Hands memory the allocator holds but nobody uses back to the OS (glibc's `malloc_trim`), so
+/// that scratch freed by an earlier test (a depth fill's prefill buffers, kept by glibc in its
+/// arenas) is not counted in a later row's resident set. A no-op elsewhere.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no live
+    // allocation and is thread-safe (it takes each arena's lock).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Resets the peak-RSS mark to the current RSS (Linux ≥ 4.0) after [`release_free_memory`];
+/// false where that is not possible.
 pub fn reset_peak_rss() -> bool {
+    release_free_memory();
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
@@ -596,8 +611,14 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
         .iter()
         .map(|&t| build_pool(t).map(|p| (t, p)))
         .collect::<Result<_>>()?;
-    let fill_threads = *opts.threads.iter().max().unwrap_or(&1);
-    let fill_pool = build_pool(fill_threads)?;
+    // Depth fills run on the measuring pool with the most threads, not a pool of their own: a
+    // fresh pool's threads would bring their own allocator arenas and gemm buffers, and the
+    // peak RSS of later rows would count that scratch as if depth cost memory.
+    let (fill_threads, fill_pool) = pools
+        .iter()
+        .max_by_key(|(t, _)| *t)
+        .map(|(t, p)| (*t, p))
+        .ok_or_else(|| Error::invalid("threads", "at least one thread count is needed"))?;
 
     let groups = opts.attentions.len() * pools.len() * (pp.len() + depths.len() * tg.len());
     let progress = Progress::new(opts.progress, (groups * reps) as u64);
@@ -650,33 +671,116 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
         // tg: one session extended through the depths in ascending order.
         let mut base = new_session(model, attention)?;
         let mut at = 0usize;
+        let fill = |base: &mut Box<dyn Session<'_> + '_>,
+                    from: usize,
+                    depth: usize,
+                    rng: &mut Rng|
+         -> Result<Fill> {
+            let todo = depth - from;
+            let start = Instant::now();
+            fill_pool.install(|| -> Result<()> {
+                const CHUNK: usize = 4096;
+                let mut done = 0;
+                while done < todo {
+                    let k = CHUNK.min(todo - done);
+                    base.prefill(&rng.tokens(k, vocab))?;
+                    done += k;
+                    progress.bar.set_message(format!(
+                        "{attention} fill {}/{}",
+                        format_count(from + done),
+                        format_count(depth)
+                    ));
+                }
+                Ok(())
+            })?;
+            Ok(Fill {
+                attention,
+                depth,
+                tokens: todo,
+                seconds: start.elapsed().as_secs_f64(),
+                threads: fill_threads,
+            })
+        };
+        if base.fork().is_some() {
+            // Forkable sessions: keep a copy at every depth, then interleave the depths
+            // repetition by repetition, so that a machine's drifting speed (shared cores,
+            // clocks) falls on every depth alike and the depth columns compare side by side.
+            let mut at_depth = Vec::with_capacity(depths.len());
+            for &depth in &depths {
+                if depth > at {
+                    fills.push(fill(&mut base, at, depth, &mut rng)?);
+                    at = depth;
+                }
+                at_depth.push(base.fork().expect("forkable"));
+            }
+            let mut tg_rows = Vec::new();
+            for &n in &tg {
+                for (threads, pool) in &pools {
+                    progress
+                        .bar
+                        .set_message(format!("{attention} tg{n} t{threads}, depths interleaved"));
+                    pool.install(|| -> Result<()> {
+                        // The warm-up ingests its tokens as a (two-token) prompt and then
+                        // steps, as every real generation does: at depth 0 too the prefill
+                        // path's one-time per-thread buffers (gemm's 1 MiB L2 slab per thread)
+                        // then exist, as they do after a depth fill.
+                        let warm_tokens = rng.tokens(2, vocab);
+                        for snapshot in &at_depth {
+                            let mut warm = snapshot.fork().expect("forkable");
+                            warm.prefill(&warm_tokens)?;
+                            for &t in &warm_tokens {
+                                warm.step(t)?;
+                            }
+                        }
+                        let mut samples = vec![Vec::with_capacity(reps); depths.len()];
+                        let mut peaks: Vec<Option<u64>> = vec![None; depths.len()];
+                        let mut state_bytes = vec![0; depths.len()];
+                        for _ in 0..reps {
+                            let tokens = rng.tokens(n, vocab);
+                            for (i, snapshot) in at_depth.iter().enumerate() {
+                                let mut s = snapshot.fork().expect("forkable");
+                                reset_peak_rss();
+                                let start = Instant::now();
+                                for &t in &tokens {
+                                    s.step(t)?;
+                                }
+                                let secs = start.elapsed().as_secs_f64();
+                                samples[i].push(n as f64 / secs.max(1e-12));
+                                peaks[i] = peaks[i].max(peak_rss_bytes());
+                                state_bytes[i] = state_bytes[i].max(s.state_bytes());
+                                progress.bar.inc(1);
+                            }
+                        }
+                        for (i, &depth) in depths.iter().enumerate() {
+                            let stats = Stats::of(&samples[i]);
+                            tg_rows.push(Row {
+                                attention,
+                                test: TestKind::Tg,
+                                tokens: n,
+                                depth,
+                                threads: *threads,
+                                tokens_per_s: stats,
+                                samples: std::mem::take(&mut samples[i]),
+                                peak_rss_bytes: peaks[i],
+                                state_bytes: state_bytes[i],
+                                roofline: read_bandwidth
+                                    .map(|bw| info.weight_bytes_per_token as f64 * stats.mean / bw),
+                            });
+                        }
+                        Ok(())
+                    })?;
+                }
+            }
+            // Rows by depth, then as generated (tg size, threads): the table reads like the
+            // sequential path's.
+            tg_rows.sort_by_key(|r| r.depth);
+            rows.extend(tg_rows);
+            continue;
+        }
         for &depth in &depths {
             // A session that cannot fork has moved past earlier depths by its repetitions.
             if depth > at {
-                let todo = depth - at;
-                let start = Instant::now();
-                fill_pool.install(|| -> Result<()> {
-                    const CHUNK: usize = 4096;
-                    let mut done = 0;
-                    while done < todo {
-                        let k = CHUNK.min(todo - done);
-                        base.prefill(&rng.tokens(k, vocab))?;
-                        done += k;
-                        progress.bar.set_message(format!(
-                            "{attention} fill {}/{}",
-                            format_count(at + done),
-                            format_count(depth)
-                        ));
-                    }
-                    Ok(())
-                })?;
-                fills.push(Fill {
-                    attention,
-                    depth,
-                    tokens: todo,
-                    seconds: start.elapsed().as_secs_f64(),
-                    threads: fill_threads,
-                });
+                fills.push(fill(&mut base, at, depth, &mut rng)?);
                 at = depth;
             }
             for &n in &tg {
@@ -686,41 +790,24 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
                         format_count(depth)
                     ));
                     let row = pool.install(|| -> Result<Row> {
-                        let forkable = base.fork().is_some();
                         let warm_tokens = rng.tokens(2, vocab);
-                        if forkable {
-                            let mut warm = base.fork().expect("forkable");
-                            for &t in &warm_tokens {
-                                warm.step(t)?;
-                            }
-                        } else {
-                            for &t in &warm_tokens {
-                                base.step(t)?;
-                            }
-                            at += warm_tokens.len();
+                        for &t in &warm_tokens {
+                            base.step(t)?;
                         }
+                        at += warm_tokens.len();
                         reset_peak_rss();
                         let mut samples = Vec::with_capacity(reps);
                         let mut state_bytes = base.state_bytes();
                         for _ in 0..reps {
                             let tokens = rng.tokens(n, vocab);
-                            let (secs, bytes) = if forkable {
-                                let mut s = base.fork().expect("forkable");
-                                let start = Instant::now();
-                                for &t in &tokens {
-                                    s.step(t)?;
-                                }
-                                (start.elapsed().as_secs_f64(), s.state_bytes())
-                            } else {
-                                let start = Instant::now();
-                                for &t in &tokens {
-                                    base.step(t)?;
-                                }
-                                at += n;
-                                (start.elapsed().as_secs_f64(), base.state_bytes())
-                            };
+                            let start = Instant::now();
+                            for &t in &tokens {
+                                base.step(t)?;
+                            }
+                            let secs = start.elapsed().as_secs_f64();
+                            at += n;
                             samples.push(n as f64 / secs.max(1e-12));
-                            state_bytes = state_bytes.max(bytes);
+                            state_bytes = state_bytes.max(base.state_bytes());
                             progress.bar.inc(1);
                         }
                         let stats = Stats::of(&samples);

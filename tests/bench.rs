@@ -204,6 +204,24 @@ fn favor_and_softmax_side_by_side() {
     );
     assert!(s40 >= s0 + 40 * 2 * 2 * 16 * 4, "{s0} -> {s40}");
     assert!(tg(Attention::Softmax, 40).roofline.is_none());
+    // FAVOR+ interleaves its depths repetition by repetition; the rows still come per
+    // attention as pp, then tg by ascending depth, each with every repetition.
+    let order: Vec<_> = report
+        .rows
+        .iter()
+        .map(|r| (r.attention, r.test, r.depth, r.samples.len()))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            (Attention::Favor, TestKind::Pp, 0, 2),
+            (Attention::Favor, TestKind::Tg, 0, 2),
+            (Attention::Favor, TestKind::Tg, 40, 2),
+            (Attention::Softmax, TestKind::Pp, 0, 2),
+            (Attention::Softmax, TestKind::Tg, 0, 2),
+            (Attention::Softmax, TestKind::Tg, 40, 2),
+        ]
+    );
     // The softmax session cannot fork: its first depth's repetitions (2 warm-up + 2 × 3
     // tokens) count towards the next fill.
     let fill = |a: Attention| {
