@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::kernels;
 use crate::model::Model;
+use crate::parallel::{GlobalAttention, DEFAULT_CHUNK};
 use crate::state::State;
 
 /// One sequence decoded with exact softmax attention over a growing key/value cache.
@@ -89,16 +90,23 @@ impl<'m> SoftmaxSession<'m> {
         Ok(&self.state.logits)
     }
 
-    /// Consumes a prompt (token by token: the baseline has no parallel path).
+    /// Consumes a prompt in chunks, as [`Model::prefill`] does: matrix products for the
+    /// projections and every row of a chunk attending, in parallel, over the cache up to its own
+    /// position (the same per-row kernel as [`SoftmaxSession::step`], so the result equals
+    /// stepping up to the rounding of the projections). Returns the logits after the last token.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32]> {
-        let Some((&last, body)) = tokens.split_last() else {
-            return Err(crate::Error::EmptyInput("prefill needs at least one token"));
+        self.prefill_chunked(tokens, DEFAULT_CHUNK)
+    }
+
+    /// [`SoftmaxSession::prefill`] in chunks of `chunk` tokens.
+    pub fn prefill_chunked(&mut self, tokens: &[u32], chunk: usize) -> Result<&[f32]> {
+        let mut caches = Caches {
+            keys: &mut self.keys,
+            values: &mut self.values,
         };
-        self.model.check_tokens(self.state.pos, tokens)?;
-        for &t in body {
-            self.forward(t, false)?;
-        }
-        self.step(last)
+        self.model
+            .run_chunks(&mut self.state, tokens, chunk, None, &mut caches)?;
+        Ok(&self.state.logits)
     }
 
     fn forward(&mut self, token: u32, want_logits: bool) -> Result<()> {
@@ -133,5 +141,53 @@ impl<'m> SoftmaxSession<'m> {
                     .for_each(run);
             }
         })
+    }
+}
+
+/// The key/value caches as the global attention of a prefill chunk.
+struct Caches<'a> {
+    keys: &'a mut [Vec<f32>],
+    values: &'a mut [Vec<f32>],
+}
+
+impl GlobalAttention for Caches<'_> {
+    fn attend(
+        &mut self,
+        model: &Model,
+        l: usize,
+        _state: &mut State,
+        p0: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        att: &mut [f32],
+    ) {
+        let c = model.config();
+        let (d, inner) = (c.dim_head, c.heads * c.dim_head);
+        let w = (c.heads - model.layers[l].local_heads) * d;
+        for (k, v) in k.chunks(inner).zip(v.chunks(inner)) {
+            self.keys[l].extend_from_slice(&k[..w]);
+            self.values[l].extend_from_slice(&v[..w]);
+        }
+        let (kc, vc) = (&self.keys[l], &self.values[l]);
+        // Row r sees the cache through its own position p0 + r.
+        att.par_chunks_mut(inner)
+            .zip(q.par_chunks(inner))
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (r, (att, q))| {
+                let n = p0 + r + 1;
+                scores.resize(n, 0.0);
+                for hd in 0..w / d {
+                    attend_head(
+                        &q[hd * d..(hd + 1) * d],
+                        &kc[..n * w],
+                        &vc[..n * w],
+                        w,
+                        hd * d,
+                        scores,
+                        &mut att[hd * d..(hd + 1) * d],
+                    );
+                }
+            });
     }
 }

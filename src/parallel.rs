@@ -34,30 +34,37 @@ trait RowAttention {
     );
 }
 
-/// Rows are consecutive positions of one sequence.
-struct Chunk<'s> {
-    state: &'s mut State,
-    p0: usize,
+/// How the global (non-local) heads of a chunk's rows attend: FAVOR+ from the carried state
+/// ([`FavorGlobal`]), or exact softmax over a key/value cache (the benchmark baseline).
+pub(crate) trait GlobalAttention {
+    /// Attention of the global heads of rows at positions `p0..p0 + rows`, from their rotated
+    /// `q`, `k` and `v` (`rows × inner`), into the same columns of `att`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &mut self,
+        model: &Model,
+        layer: usize,
+        state: &mut State,
+        p0: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        att: &mut [f32],
+    );
 }
 
-impl RowAttention for Chunk<'_> {
-    fn position(&self, r: usize) -> usize {
-        self.p0 + r
-    }
+/// The chunkwise FAVOR+ form over the state's running sums.
+pub(crate) struct FavorGlobal;
 
-    fn shift(&mut self, offset: usize, xn: &mut [f32], dim: usize) {
-        // Each row takes its predecessor's features; the carried slot ends with the last row's.
-        for row in xn.chunks_mut(dim) {
-            shift_features(row, &mut self.state.shift_prev, offset);
-        }
-    }
-
+impl GlobalAttention for FavorGlobal {
     fn attend(
         &mut self,
         model: &Model,
         l: usize,
-        q: &mut [f32],
-        k: &mut [f32],
+        st: &mut State,
+        p0: usize,
+        q: &[f32],
+        k: &[f32],
         v: &[f32],
         att: &mut [f32],
     ) {
@@ -65,21 +72,7 @@ impl RowAttention for Chunk<'_> {
         let (heads, d, m) = (c.heads, c.dim_head, c.feature_count());
         let inner = heads * d;
         let rows = q.len() / inner;
-        let layer = &model.layers[l];
-        let gh = heads - layer.local_heads;
-        if let Some(rot) = model.positions.rotary() {
-            let mut row = vec![0f32; d];
-            for r in 0..rows {
-                rot.row(self.p0 + r, &mut row);
-                for hd in 0..gh {
-                    let o = r * inner + hd * d;
-                    rotary::rotate(&mut q[o..o + d], &row);
-                    rotary::rotate(&mut k[o..o + d], &row);
-                }
-            }
-        }
         let map = model.feature_map(l);
-        let st = &mut *self.state;
         let (h0, h1) = (st.favor_start[l], st.favor_start[l + 1]);
         let gather = |x: &[f32], hd: usize| -> Vec<f32> {
             (0..rows)
@@ -127,7 +120,7 @@ impl RowAttention for Chunk<'_> {
                             q: &gather(q, hd),
                             k: &gather(k, hd),
                             v: &gather(v, hd),
-                            n0: self.p0,
+                            n0: p0,
                         },
                         &mut out,
                     );
@@ -141,6 +134,59 @@ impl RowAttention for Chunk<'_> {
                     .copy_from_slice(&out[r * d..(r + 1) * d]);
             }
         }
+    }
+}
+
+/// Rows are consecutive positions of one sequence.
+struct Chunk<'s, G> {
+    state: &'s mut State,
+    p0: usize,
+    global: &'s mut G,
+}
+
+impl<G: GlobalAttention> RowAttention for Chunk<'_, G> {
+    fn position(&self, r: usize) -> usize {
+        self.p0 + r
+    }
+
+    fn shift(&mut self, offset: usize, xn: &mut [f32], dim: usize) {
+        // Each row takes its predecessor's features; the carried slot ends with the last row's.
+        for row in xn.chunks_mut(dim) {
+            shift_features(row, &mut self.state.shift_prev, offset);
+        }
+    }
+
+    fn attend(
+        &mut self,
+        model: &Model,
+        l: usize,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        att: &mut [f32],
+    ) {
+        let c = &model.config;
+        let (heads, d) = (c.heads, c.dim_head);
+        let inner = heads * d;
+        let rows = q.len() / inner;
+        let layer = &model.layers[l];
+        let gh = heads - layer.local_heads;
+        if let Some(rot) = model.positions.rotary() {
+            let mut row = vec![0f32; d];
+            for r in 0..rows {
+                rot.row(self.p0 + r, &mut row);
+                for hd in 0..gh {
+                    let o = r * inner + hd * d;
+                    rotary::rotate(&mut q[o..o + d], &row);
+                    rotary::rotate(&mut k[o..o + d], &row);
+                }
+            }
+        }
+        if gh > 0 {
+            self.global
+                .attend(model, l, self.state, self.p0, q, k, v, att);
+        }
+        let st = &mut *self.state;
         if layer.local_heads > 0 {
             let rows_iter = q
                 .chunks_mut(inner)
@@ -339,7 +385,7 @@ impl Model {
         tokens: &[u32],
         chunk: usize,
     ) -> Result<&'s [f32]> {
-        self.run_chunks(state, tokens, chunk, None)?;
+        self.run_chunks(state, tokens, chunk, None, &mut FavorGlobal)?;
         Ok(&state.logits)
     }
 
@@ -353,16 +399,19 @@ impl Model {
         chunk: usize,
     ) -> Result<Vec<f32>> {
         let mut all = vec![0f32; tokens.len() * self.config.num_tokens];
-        self.run_chunks(state, tokens, chunk, Some(&mut all))?;
+        self.run_chunks(state, tokens, chunk, Some(&mut all), &mut FavorGlobal)?;
         Ok(all)
     }
 
-    fn run_chunks(
+    /// Ingests `tokens` in chunks of `chunk`, the global heads attending through `global`;
+    /// with `all_logits`, writes every position's logits there.
+    pub(crate) fn run_chunks(
         &self,
         state: &mut State,
         tokens: &[u32],
         chunk: usize,
         mut all_logits: Option<&mut [f32]>,
+        global: &mut impl GlobalAttention,
     ) -> Result<()> {
         state.check_fits(self)?;
         if state.acc64.is_some() {
@@ -382,7 +431,11 @@ impl Model {
         let mut last_h = Vec::new();
         for (i, piece) in tokens.chunks(chunk).enumerate() {
             let p0 = state.pos;
-            let mut attn = Chunk { state, p0 };
+            let mut attn = Chunk {
+                state,
+                p0,
+                global: &mut *global,
+            };
             let mut h = self.embed_rows(piece, &attn);
             self.forward_rows(&mut h, piece.len(), &mut attn);
             state.pos += piece.len();
