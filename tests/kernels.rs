@@ -116,6 +116,13 @@ fn matvec_matches_scalar_including_parallel_blocks() {
         (130, 77),
         (515, 300),
         (1024, 129),
+        // Row counts around the 8- and 4-row groups.
+        (8, 16),
+        (9, 33),
+        (12, 31),
+        (15, 48),
+        (23, 5),
+        (1031, 257),
     ] {
         check_matvec::<f32>(rows, cols, &mut rng, |v| v);
         check_matvec::<f16>(rows, cols, &mut rng, f16::from_f32);
