@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::kernels;
+use crate::kernels::matmul::{gemm_f32, MatRef};
 use crate::model::Model;
 use crate::parallel::{GlobalAttention, DEFAULT_CHUNK};
 use crate::state::State;
@@ -118,13 +119,14 @@ impl<'m> SoftmaxSession<'m> {
         model.forward_token_with(&mut self.state, token, want_logits, |model, st, l| {
             let gh = heads - model.layers[l].local_heads;
             let w = gh * d;
-            keys[l].extend_from_slice(&st.k[..w]);
-            values[l].extend_from_slice(&st.v[..w]);
+            let inner = heads * d;
+            keys[l].extend_from_slice(&st.qkv[inner..inner + w]);
+            values[l].extend_from_slice(&st.qkv[2 * inner..2 * inner + w]);
             let n = st.pos + 1;
             for s in scores.iter_mut() {
                 s.resize(n, 0.0);
             }
-            let (kc, vc, q) = (&keys[l], &values[l], &st.q);
+            let (kc, vc, q) = (&keys[l], &values[l], &st.qkv[..inner]);
             let run = |(hd, (out, sc)): (usize, (&mut [f32], &mut Vec<f32>))| {
                 attend_head(&q[hd * d..(hd + 1) * d], kc, vc, w, hd * d, sc, out)
             };
@@ -143,6 +145,9 @@ impl<'m> SoftmaxSession<'m> {
         })
     }
 }
+
+/// Score elements per row block of a chunk (16 MiB): bounds the prefill's scratch at any depth.
+const SCORE_BUDGET: usize = 1 << 22;
 
 /// The key/value caches as the global attention of a prefill chunk.
 struct Caches<'a> {
@@ -169,25 +174,57 @@ impl GlobalAttention for Caches<'_> {
             self.keys[l].extend_from_slice(&k[..w]);
             self.values[l].extend_from_slice(&v[..w]);
         }
+        // Per head, scores of a block of rows against every key they can see as one matrix
+        // product, a masked softmax per row, and the weighted sum of values as a second
+        // product: the cache streams through once per row block, not once per row.
         let (kc, vc) = (&self.keys[l], &self.values[l]);
-        // Row r sees the cache through its own position p0 + r.
-        att.par_chunks_mut(inner)
-            .zip(q.par_chunks(inner))
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (r, (att, q))| {
-                let n = p0 + r + 1;
-                scores.resize(n, 0.0);
-                for hd in 0..w / d {
-                    attend_head(
-                        &q[hd * d..(hd + 1) * d],
-                        &kc[..n * w],
-                        &vc[..n * w],
-                        w,
-                        hd * d,
-                        scores,
-                        &mut att[hd * d..(hd + 1) * d],
-                    );
-                }
-            });
+        let rows = q.len() / inner;
+        let total = p0 + rows;
+        let scale = (d as f32).powf(-0.5);
+        let block = (SCORE_BUDGET / total).clamp(1, rows);
+        let mut scores = vec![0f32; block * total];
+        for hd in 0..w / d {
+            for r0 in (0..rows).step_by(block) {
+                let nr = block.min(rows - r0);
+                // Keys visible to the block's last row.
+                let n = p0 + r0 + nr;
+                let qm = MatRef {
+                    data: &q[r0 * inner + hd * d..],
+                    rows: nr,
+                    cols: d,
+                    row_stride: inner,
+                    col_stride: 1,
+                };
+                let kt = MatRef {
+                    data: &kc[hd * d..],
+                    rows: d,
+                    cols: n,
+                    row_stride: 1,
+                    col_stride: w,
+                };
+                let sc = &mut scores[..nr * n];
+                gemm_f32(qm, kt, sc, n, false);
+                sc.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+                    let (seen, masked) = row.split_at_mut(p0 + r0 + i + 1);
+                    kernels::scale(scale, seen);
+                    kernels::softmax(seen);
+                    masked.fill(0.0);
+                });
+                let vm = MatRef {
+                    data: &vc[hd * d..],
+                    rows: n,
+                    cols: d,
+                    row_stride: w,
+                    col_stride: 1,
+                };
+                gemm_f32(
+                    MatRef::row_major(sc, nr, n),
+                    vm,
+                    &mut att[r0 * inner + hd * d..],
+                    inner,
+                    false,
+                );
+            }
+        }
     }
 }

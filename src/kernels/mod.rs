@@ -77,6 +77,12 @@ fn dot_rows<T: Elem, const R: usize>(w: &[T], cols: usize, x: &[f32]) -> [f32; R
 const MATVEC_ROWS: usize = 8;
 
 fn matvec_rows<T: Elem>(w: &[T], cols: usize, x: &[f32], y: &mut [f32]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<half::bf16>() {
+        // Same size and both Pod: the cast cannot fail, T is bf16.
+        bf16_pairs::matvec_rows(bytemuck::cast_slice(w), cols, x, y);
+        return;
+    }
     let rows = y.len();
     let mut r = 0;
     while r + MATVEC_ROWS <= rows {
@@ -94,24 +100,126 @@ fn matvec_rows<T: Elem>(w: &[T], cols: usize, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// bf16 rows without the widening shuffle: a bf16 is the high half of an f32, so one 512-bit
+/// load of 32 weights yields the even-indexed ones as f32 by a 16-bit left shift of each 32-bit
+/// lane and the odd-indexed ones by masking the low half off. Paired with `x`'s even and odd
+/// elements (deinterleaved once per call), that is a load, two integer ops and two FMAs per 32
+/// weights instead of two zero-extending shuffles (one per cycle on Zen 4: the bound of the
+/// plain bf16 path), two shifts and two FMAs. Products are exact either way; only the order of
+/// the sum changes.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+mod bf16_pairs {
+    use half::bf16;
+    use std::arch::x86_64::{
+        __m512, _mm512_and_si512, _mm512_castsi512_ps, _mm512_fmadd_ps, _mm512_loadu_ps,
+        _mm512_loadu_si512, _mm512_reduce_add_ps, _mm512_set1_epi32, _mm512_setzero_ps,
+        _mm512_slli_epi32,
+    };
+    use std::cell::RefCell;
+
+    const ROWS: usize = super::MATVEC_ROWS;
+
+    thread_local! {
+        /// `x` deinterleaved per 32-column block: 16 even then 16 odd elements.
+        static SPLIT_X: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn matvec_rows(w: &[bf16], cols: usize, x: &[f32], y: &mut [f32]) {
+        assert!(w.len() >= y.len() * cols && x.len() >= cols);
+        let blocks = cols / 32;
+        SPLIT_X.with_borrow_mut(|split| {
+            split.clear();
+            for b in 0..blocks {
+                let xb = &x[32 * b..32 * b + 32];
+                split.extend(xb.iter().step_by(2));
+                split.extend(xb.iter().skip(1).step_by(2));
+            }
+            let rows = y.len();
+            let mut r = 0;
+            while r + ROWS <= rows {
+                // SAFETY: rows r..r + ROWS of `w` exist (assert above), `split` holds 32·blocks
+                // values, and the build enables avx512f (cfg on the module).
+                let d = unsafe { dot_rows::<ROWS>(&w[r * cols..], cols, split, x) };
+                y[r..r + ROWS].copy_from_slice(&d);
+                r += ROWS;
+            }
+            while r < rows {
+                // SAFETY: as above, for one row.
+                y[r] = unsafe { dot_rows::<1>(&w[r * cols..], cols, split, x) }[0];
+                r += 1;
+            }
+        })
+    }
+
+    /// Dot products of `R` rows (row `i` at `w[i·cols..]`) with `x`.
+    ///
+    /// # Safety
+    /// `w` holds `R · cols` elements, `split` the deinterleaved `x` of `cols / 32` blocks, `x`
+    /// at least `cols`; avx512f is enabled.
+    #[inline(always)]
+    unsafe fn dot_rows<const R: usize>(
+        w: &[bf16],
+        cols: usize,
+        split: &[f32],
+        x: &[f32],
+    ) -> [f32; R] {
+        debug_assert!(w.len() >= R * cols && split.len() >= cols / 32 * 32);
+        let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+        let mut acc: [__m512; R] = [_mm512_setzero_ps(); R];
+        let base = w.as_ptr();
+        for b in 0..cols / 32 {
+            let xe = _mm512_loadu_ps(split.as_ptr().add(32 * b));
+            let xo = _mm512_loadu_ps(split.as_ptr().add(32 * b + 16));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let v = _mm512_loadu_si512(base.add(r * cols + 32 * b).cast());
+                let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                let odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+                *a = _mm512_fmadd_ps(odd, xo, _mm512_fmadd_ps(even, xe, *a));
+            }
+        }
+        let mut out = [0f32; R];
+        for (r, o) in out.iter_mut().enumerate() {
+            let mut s = _mm512_reduce_add_ps(acc[r]);
+            for k in cols / 32 * 32..cols {
+                s += w[r * cols + k].to_f32() * x[k];
+            }
+            *o = s;
+        }
+        out
+    }
+}
+
+/// `y = W x` on the calling thread only (a block of rows of a larger product).
+pub fn matvec_serial<T: Elem>(w: &[T], x: &[f32], y: &mut [f32]) {
+    assert_eq!(w.len(), y.len() * x.len(), "matvec: weight is not [rows, cols]");
+    matvec_rows(w, x.len(), x, y);
+}
+
+/// Rows per parallel block of a `rows × cols` matrix-vector product on `threads` threads:
+/// whole row groups, about 4 blocks per thread for load balance, each at least
+/// `PAR_MIN_ELEMS / 4` weights; `None` when the product is too small to split.
+pub fn matvec_block_rows(rows: usize, cols: usize, threads: usize) -> Option<usize> {
+    if rows.saturating_mul(cols) < PAR_MIN_ELEMS || threads <= 1 {
+        return None;
+    }
+    let min_rows = (PAR_MIN_ELEMS / 4).div_ceil(cols.max(1)).max(MATVEC_ROWS);
+    Some(
+        rows.div_ceil(4 * threads)
+            .max(min_rows)
+            .next_multiple_of(MATVEC_ROWS),
+    )
+}
+
 /// `y = W x` for a row-major `W` of shape `[y.len(), x.len()]` (a torch `Linear` weight).
 ///
 /// Large matrices are split into row blocks across the rayon pool.
 pub fn matvec<T: Elem>(w: &[T], x: &[f32], y: &mut [f32]) {
     let (rows, cols) = (y.len(), x.len());
     assert_eq!(w.len(), rows * cols, "matvec: weight is not [rows, cols]");
-    if rows * cols < PAR_MIN_ELEMS || rayon::current_num_threads() == 1 {
+    let Some(block) = matvec_block_rows(rows, cols, rayon::current_num_threads()) else {
         matvec_rows(w, cols, x, y);
         return;
-    }
-    // Blocks of whole row groups, about 4 per thread for load balance, each at least
-    // PAR_MIN_ELEMS / 4 weights.
-    let threads = rayon::current_num_threads();
-    let min_rows = (PAR_MIN_ELEMS / 4).div_ceil(cols).max(MATVEC_ROWS);
-    let block = rows
-        .div_ceil(4 * threads)
-        .max(min_rows)
-        .next_multiple_of(MATVEC_ROWS);
+    };
     y.par_chunks_mut(block)
         .enumerate()
         .for_each(|(b, y_block)| {
