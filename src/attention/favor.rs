@@ -335,14 +335,21 @@ pub fn chunk(
         t_len,
         false,
     );
+    // Weights exp(M_j − M_t) of a row, vectorized; all exactly 1 while the running maximum
+    // stays put over the chunk (the common case once a sequence has warmed up).
+    let flat = !tracks_max || run_max[0] == run_max[t_len - 1];
+    let mut weight = vec![0f32; if flat { 0 } else { t_len }];
     for t in 0..t_len {
         let row = &mut g[t * t_len..(t + 1) * t_len];
-        for (j, x) in row.iter_mut().enumerate() {
-            *x = if j <= t {
-                *x * factor(run_max[j], run_max[t])
-            } else {
-                0.0
-            };
+        let (seen, future) = row.split_at_mut(t + 1);
+        future.fill(0.0);
+        if !flat {
+            let w = &mut weight[..t + 1];
+            w.copy_from_slice(&run_max[..t + 1]);
+            kernels::exp_shifted(w, run_max[t]);
+            for (x, f) in seen.iter_mut().zip(w.iter()) {
+                *x *= f;
+            }
         }
         wa[t] += kernels::sum(row);
     }
