@@ -1093,7 +1093,10 @@ mod tests {
             }
         };
         let mut tensors = Vec::new();
-        for (i, &(out, bias)) in [(200usize, true), (256, false), (144, true)].iter().enumerate() {
+        for (i, &(out, bias)) in [(200usize, true), (256, false), (144, true)]
+            .iter()
+            .enumerate()
+        {
             let w: Vec<f32> = (0..out * 500).map(|_| next()).collect();
             tensors.push((format!("l{i}.weight"), vec![out, 500], encode(&w)));
             if bias {
@@ -1122,7 +1125,9 @@ mod tests {
                 .collect::<Result<_>>()
                 .unwrap();
             let refs: Vec<&Linear> = lin.iter().collect();
-            let x: Vec<f32> = (0..500).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+            let x: Vec<f32> = (0..500)
+                .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                .collect();
             let want: Vec<f32> = lin.iter().flat_map(|l| l.forward_scalar(&x)).collect();
             // 600 × 500 weights split into blocks of 136 rows on two threads: blocks straddle
             // the 200- and 456-row boundaries; one thread runs the whole stack serially.
@@ -1138,7 +1143,10 @@ mod tests {
                 for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                     // f32 sums of 500 products of magnitude ≤ 0.5 in a different order than the
                     // f64 scalar twin: a few ulps of the row's absolute sum (< 125).
-                    assert!((a - b).abs() <= 1e-4, "{dtype:?} t{threads} row {i}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-4,
+                        "{dtype:?} t{threads} row {i}: {a} vs {b}"
+                    );
                 }
                 outs.push(y);
             }

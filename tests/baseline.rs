@@ -40,7 +40,11 @@ fn chunked_prefill_equals_stepping() {
         // summation order, f32 rounding amplified through the layers — the bound of the FAVOR+
         // chunked-prefill tests.
         let tol = 1e-5 * max_abs(&b).max(1.0);
-        assert!(max_diff(&a, &b) <= tol, "{name}/{chunk}: {}", max_diff(&a, &b));
+        assert!(
+            max_diff(&a, &b) <= tol,
+            "{name}/{chunk}: {}",
+            max_diff(&a, &b)
+        );
         // The caches they leave continue alike.
         let a = chunked.step(next).unwrap().to_vec();
         let b = stepped.step(next).unwrap().to_vec();

@@ -62,6 +62,37 @@ fn chunked_prefill_leaves_the_state_stepping_leaves() {
     }
 }
 
+/// Prompts longer than one row block (the projections run on up to 1024 rows, attention goes
+/// chunk by chunk inside): every position's logits and the state left agree with stepping, for
+/// chunk sizes that divide the block and one that does not (300: blocks of 900 rows).
+#[test]
+fn prefill_spanning_several_row_blocks() {
+    let mut rng = TestRng(43);
+    for name in ["default_b", "opt_local", "opt_rezero_shift"] {
+        let model = Model::load(fixture(name)).unwrap();
+        let prompt = rng.tokens(2500, 256);
+        let next = rng.tokens(1, 256)[0];
+        let mut stepped = State::new(&model);
+        let want: Vec<Vec<f32>> = prompt
+            .iter()
+            .map(|&t| model.step(&mut stepped, t).unwrap().to_vec())
+            .collect();
+        let want_next = model.step(&mut stepped, next).unwrap().to_vec();
+        let scale = scale_of(&want).max(scale_of(std::slice::from_ref(&want_next)));
+        for chunk in [7usize, 256, 300] {
+            let mut st = State::new(&model);
+            let all = model.prefill_all_logits(&mut st, &prompt, chunk).unwrap();
+            let vocab = model.vocab_size();
+            for (t, row) in all.chunks(vocab).enumerate() {
+                let d = max_diff(row, &want[t]);
+                assert!(d <= 1e-5 * scale, "{name} chunk={chunk} position {t}: {d}");
+            }
+            let d = max_diff(model.step(&mut st, next).unwrap(), &want_next);
+            assert!(d <= 1e-5 * scale, "{name} chunk={chunk} continuation: {d}");
+        }
+    }
+}
+
 #[test]
 fn chunked_prefill_continues_an_existing_state() {
     let model = Model::load(fixture("default_b")).unwrap();

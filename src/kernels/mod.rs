@@ -209,7 +209,11 @@ mod bf16_pairs {
 
 /// `y = W x` on the calling thread only (a block of rows of a larger product).
 pub fn matvec_serial<T: Elem>(w: &[T], x: &[f32], y: &mut [f32]) {
-    assert_eq!(w.len(), y.len() * x.len(), "matvec: weight is not [rows, cols]");
+    assert_eq!(
+        w.len(),
+        y.len() * x.len(),
+        "matvec: weight is not [rows, cols]"
+    );
     matvec_rows(w, x.len(), x, y);
 }
 
