@@ -287,6 +287,41 @@ fn softmax_max_sum_match_scalar() {
 }
 
 #[test]
+fn fused_state_update_and_readout() {
+    let mut rng = TestRng(9);
+    // d: register path (16, 64, 128) and the per-row fallback (odd, 144 > 128, 0); m odd too.
+    for &(m, d) in &[(1, 16), (7, 64), (33, 128), (5, 17), (3, 144), (4, 0), (0, 64)] {
+        let (a, w, x) = (rng.vec(m, 2.0), rng.vec(m, 1.0), rng.vec(d, 3.0));
+        for b in [1.0f32, 0.5] {
+            let s0 = rng.vec(m * d, 50.0);
+            let c0: Vec<f32> = rng.vec(m * d, 1e-6);
+            let out0 = rng.vec(d, 1.0);
+            let (mut s1, mut c1, mut o1) = (s0.clone(), c0.clone(), out0.clone());
+            kernels::kahan_update_readout(b, &a, &x, &w, &mut s1, &mut c1, &mut o1);
+            // Bit-identical to the unfused pair of kernels, row by row.
+            let (mut s2, mut c2, mut o2) = (s0.clone(), c0.clone(), out0.clone());
+            for f in 0..m {
+                let r = f * d..(f + 1) * d;
+                kernels::kahan_scale_axpy(b, a[f], &x, &mut s2[r.clone()], &mut c2[r.clone()]);
+                kernels::axpy(w[f], &s2[r], &mut o2);
+            }
+            assert_eq!((&s1, &c1, &o1), (&s2, &c2, &o2), "m={m} d={d} b={b}");
+            // And within f32 rounding of the f64 twin: |out| sums m terms of size ≤ ~100.
+            let (mut s3, mut c3, mut o3) = (s0.clone(), c0.clone(), out0.clone());
+            scalar::kahan_update_readout(b, &a, &x, &w, &mut s3, &mut c3, &mut o3);
+            for i in 0..d {
+                let tol = 1e-5 * (1.0 + 100.0 * m as f32);
+                assert!((o1[i] - o3[i]).abs() <= tol, "m={m} d={d} out[{i}]");
+            }
+            for i in 0..m * d {
+                let got = s1[i] as f64 - c1[i] as f64;
+                assert!((got - s3[i] as f64).abs() <= 1e-6 * (1.0 + s3[i].abs() as f64));
+            }
+        }
+    }
+}
+
+#[test]
 fn compensated_sums_match_f64_and_do_not_drift() {
     let mut rng = TestRng(6);
     // Against the f64 twin on odd lengths, with and without rescaling.

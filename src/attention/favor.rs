@@ -99,12 +99,7 @@ pub fn step(map: &FeatureMap<'_>, delta: f32, st: HeadState<'_>, tok: Token<'_>,
 
     // One pass over A: update row f (compensated), then accumulate its contribution to φ(q)ᵀA.
     out.fill(0.0);
-    for f in 0..m {
-        let r = f * d..(f + 1) * d;
-        let row = &mut st.a_mat[r.clone()];
-        kernels::kahan_scale_axpy(rescale, ek[f], v, row, &mut st.comp.a_mat[r]);
-        kernels::axpy(w[f], row, out);
-    }
+    kernels::kahan_update_readout(rescale, ek, v, w, st.a_mat, st.comp.a_mat, out);
     kernels::kahan_scale_axpy(rescale, 1.0, ek, st.a_vec, st.comp.a_vec);
     kernels::kahan_scale_axpy(1.0, 1.0, v, st.v_sum, st.comp.v_sum);
 

@@ -447,6 +447,81 @@ pub fn add_bias<T: Elem>(b: &[T], y: &mut [f32]) {
     }
 }
 
+/// A FAVOR+ decode step's one pass over a head's `m × d` state (`d = x.len()`, `m = a.len()`):
+/// row `f` of `s` becomes `b · s_f + a_f · x` exactly as [`kahan_scale_axpy`] computes it
+/// (compensation in `c`), and then `out += w_f · s_f` with the new row, as [`axpy`] would.
+/// Bit-identical to those two calls per row; for `d` a multiple of 16 up to 128 the output
+/// and `x` stay in registers across all rows instead of a call pair per 64-float row.
+pub fn kahan_update_readout(
+    b: f32,
+    a: &[f32],
+    x: &[f32],
+    w: &[f32],
+    s: &mut [f32],
+    c: &mut [f32],
+    out: &mut [f32],
+) {
+    const MAX_VECS: usize = 8;
+    let d = x.len();
+    let m = a.len().min(w.len());
+    assert!(s.len() >= m * d && c.len() >= m * d && out.len() >= d);
+    if d == 0 || !d.is_multiple_of(LANES) || d / LANES > MAX_VECS {
+        for f in 0..m {
+            let r = f * d..(f + 1) * d;
+            kahan_scale_axpy(b, a[f], x, &mut s[r.clone()], &mut c[r.clone()]);
+            axpy(w[f], &s[r], out);
+        }
+        return;
+    }
+    match d / LANES {
+        1 => update_readout_regs::<1>(b, a, x, w, s, c, out),
+        2 => update_readout_regs::<2>(b, a, x, w, s, c, out),
+        3 => update_readout_regs::<3>(b, a, x, w, s, c, out),
+        4 => update_readout_regs::<4>(b, a, x, w, s, c, out),
+        5 => update_readout_regs::<5>(b, a, x, w, s, c, out),
+        6 => update_readout_regs::<6>(b, a, x, w, s, c, out),
+        7 => update_readout_regs::<7>(b, a, x, w, s, c, out),
+        _ => update_readout_regs::<8>(b, a, x, w, s, c, out),
+    }
+}
+
+/// [`kahan_update_readout`] for `d = V · 16`: `x` and the output held in `2V` registers.
+#[inline(always)]
+fn update_readout_regs<const V: usize>(
+    b: f32,
+    a: &[f32],
+    x: &[f32],
+    w: &[f32],
+    s: &mut [f32],
+    c: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = V * LANES;
+    let bv = f32x16::splat(b);
+    let xs: [f32x16; V] = std::array::from_fn(|j| simd::load(&x[j * LANES..]));
+    let mut acc: [f32x16; V] = std::array::from_fn(|j| simd::load(&out[j * LANES..]));
+    for (f, (&af, &wf)) in a.iter().zip(w).enumerate() {
+        let (av, wv) = (f32x16::splat(af), f32x16::splat(wf));
+        let (row_s, row_c) = (&mut s[f * d..(f + 1) * d], &mut c[f * d..(f + 1) * d]);
+        for j in 0..V {
+            let o = j * LANES;
+            let (mut sv, mut cv) = (simd::load(&row_s[o..]), simd::load(&row_c[o..]));
+            if b != 1.0 {
+                sv *= bv;
+                cv *= bv;
+            }
+            let y = xs[j].mul_sub(av, cv);
+            let t = sv + y;
+            simd::store(&mut row_c[o..], (t - sv) - y);
+            simd::store(&mut row_s[o..], t);
+            acc[j] = t.mul_add(wv, acc[j]);
+        }
+    }
+    for (j, v) in acc.iter().enumerate() {
+        simd::store(&mut out[j * LANES..], *v);
+    }
+}
+
 /// Compensated (Kahan) `s = b · s + a · x`, keeping in `c` the low-order bits each addition
 /// lost, so that rounding does not accumulate over millions of additions (the true sum is
 /// `s − c`). `b` rescales sum and compensation alike.

@@ -115,3 +115,28 @@ pub fn kahan_scale_axpy(b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [f32])
         *ck = 0.0;
     }
 }
+
+/// The decode step's pass over a head's state in f64: `s_f = b · s_f + a_f · x` (compensation
+/// folded in and left at zero), then `out += w_f · s_f`.
+pub fn kahan_update_readout(
+    b: f32,
+    a: &[f32],
+    x: &[f32],
+    w: &[f32],
+    s: &mut [f32],
+    c: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = x.len();
+    let mut acc: Vec<f64> = out.iter().map(|&o| o as f64).collect();
+    for (f, (&af, &wf)) in a.iter().zip(w).enumerate() {
+        let r = f * d..(f + 1) * d;
+        kahan_scale_axpy(b, af, x, &mut s[r.clone()], &mut c[r.clone()]);
+        for (o, &v) in acc.iter_mut().zip(&s[r]) {
+            *o += wf as f64 * v as f64;
+        }
+    }
+    for (o, v) in out.iter_mut().zip(acc) {
+        *o = v as f32;
+    }
+}
