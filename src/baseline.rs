@@ -16,10 +16,11 @@ use crate::state::State;
 pub struct SoftmaxSession<'m> {
     model: &'m Model,
     state: State,
-    /// Per layer: rotated keys of the global heads, `[position][head][d]`.
-    keys: Vec<Vec<f32>>,
-    /// Per layer: values of the global heads, same layout.
-    values: Vec<Vec<f32>>,
+    /// Per layer and global head: rotated keys, `[position][d]` (each head's cache contiguous,
+    /// so scoring a query is one matrix-vector product over it).
+    keys: Vec<Vec<Vec<f32>>>,
+    /// Per layer and global head: values, same layout.
+    values: Vec<Vec<Vec<f32>>>,
     scores: Vec<Vec<f32>>,
 }
 
@@ -39,11 +40,23 @@ pub fn attend_head(
     let n = keys.len() / stride;
     let scale = (d as f32).powf(-0.5);
     let scores = &mut scores[..n];
-    for (j, s) in scores.iter_mut().enumerate() {
-        let k = &keys[j * stride + offset..j * stride + offset + d];
-        *s = kernels::dot::<f32>(k, q) * scale;
+    let contiguous = stride == d && offset == 0;
+    if contiguous {
+        // The decoder's layout: the same matrix-vector kernel as the weights (8 keys at a
+        // time, prefetched), then one row-by-matrix product for the values.
+        kernels::matvec_serial(&keys[..n * d], q, scores);
+        kernels::scale(scale, scores);
+    } else {
+        for (j, s) in scores.iter_mut().enumerate() {
+            let k = &keys[j * stride + offset..j * stride + offset + d];
+            *s = kernels::dot::<f32>(k, q) * scale;
+        }
     }
     kernels::softmax(scores);
+    if contiguous {
+        kernels::vecmat(scores, &values[..n * d], out);
+        return;
+    }
     out.fill(0.0);
     for (j, &p) in scores.iter().enumerate() {
         kernels::axpy(
@@ -62,8 +75,8 @@ impl<'m> SoftmaxSession<'m> {
         SoftmaxSession {
             model,
             state: State::new(model),
-            keys: vec![Vec::new(); c.depth],
-            values: vec![Vec::new(); c.depth],
+            keys: vec![vec![Vec::new(); heads]; c.depth],
+            values: vec![vec![Vec::new(); heads]; c.depth],
             scores: vec![Vec::new(); heads],
         }
     }
@@ -80,6 +93,7 @@ impl<'m> SoftmaxSession<'m> {
             .keys
             .iter()
             .chain(&self.values)
+            .flatten()
             .map(|v| v.len() * 4)
             .sum();
         cache + self.state.size_bytes()
@@ -118,20 +132,22 @@ impl<'m> SoftmaxSession<'m> {
         let (keys, values, scores) = (&mut self.keys, &mut self.values, &mut self.scores);
         model.forward_token_with(&mut self.state, token, want_logits, |model, st, l| {
             let gh = heads - model.layers[l].local_heads;
-            let w = gh * d;
             let inner = heads * d;
-            keys[l].extend_from_slice(&st.qkv[inner..inner + w]);
-            values[l].extend_from_slice(&st.qkv[2 * inner..2 * inner + w]);
+            for hd in 0..gh {
+                let o = hd * d;
+                keys[l][hd].extend_from_slice(&st.qkv[inner + o..inner + o + d]);
+                values[l][hd].extend_from_slice(&st.qkv[2 * inner + o..2 * inner + o + d]);
+            }
             let n = st.pos + 1;
             for s in scores.iter_mut() {
                 s.resize(n, 0.0);
             }
             let (kc, vc, q) = (&keys[l], &values[l], &st.qkv[..inner]);
             let run = |(hd, (out, sc)): (usize, (&mut [f32], &mut Vec<f32>))| {
-                attend_head(&q[hd * d..(hd + 1) * d], kc, vc, w, hd * d, sc, out)
+                attend_head(&q[hd * d..(hd + 1) * d], &kc[hd], &vc[hd], d, 0, sc, out)
             };
-            let att = &mut st.att[..w];
-            if n * w >= kernels::PAR_MIN_ELEMS / 4 {
+            let att = &mut st.att[..gh * d];
+            if n * gh * d >= kernels::PAR_MIN_ELEMS / 4 {
                 att.par_chunks_mut(d)
                     .zip(scores.par_iter_mut())
                     .enumerate()
@@ -151,8 +167,8 @@ const SCORE_BUDGET: usize = 1 << 22;
 
 /// The key/value caches as the global attention of a prefill chunk.
 struct Caches<'a> {
-    keys: &'a mut [Vec<f32>],
-    values: &'a mut [Vec<f32>],
+    keys: &'a mut [Vec<Vec<f32>>],
+    values: &'a mut [Vec<Vec<f32>>],
 }
 
 impl GlobalAttention for Caches<'_> {
@@ -169,10 +185,12 @@ impl GlobalAttention for Caches<'_> {
     ) {
         let c = model.config();
         let (d, inner) = (c.dim_head, c.heads * c.dim_head);
-        let w = (c.heads - model.layers[l].local_heads) * d;
+        let gh = c.heads - model.layers[l].local_heads;
         for (k, v) in k.chunks(inner).zip(v.chunks(inner)) {
-            self.keys[l].extend_from_slice(&k[..w]);
-            self.values[l].extend_from_slice(&v[..w]);
+            for hd in 0..gh {
+                self.keys[l][hd].extend_from_slice(&k[hd * d..(hd + 1) * d]);
+                self.values[l][hd].extend_from_slice(&v[hd * d..(hd + 1) * d]);
+            }
         }
         // Per head, scores of a block of rows against every key they can see as one matrix
         // product, a masked softmax per row, and the weighted sum of values as a second
@@ -183,7 +201,7 @@ impl GlobalAttention for Caches<'_> {
         let scale = (d as f32).powf(-0.5);
         let block = (SCORE_BUDGET / total).clamp(1, rows);
         let mut scores = vec![0f32; block * total];
-        for hd in 0..w / d {
+        for hd in 0..gh {
             for r0 in (0..rows).step_by(block) {
                 let nr = block.min(rows - r0);
                 // Keys visible to the block's last row.
@@ -195,13 +213,7 @@ impl GlobalAttention for Caches<'_> {
                     row_stride: inner,
                     col_stride: 1,
                 };
-                let kt = MatRef {
-                    data: &kc[hd * d..],
-                    rows: d,
-                    cols: n,
-                    row_stride: 1,
-                    col_stride: w,
-                };
+                let kt = MatRef::row_major(&kc[hd][..n * d], n, d).t();
                 let sc = &mut scores[..nr * n];
                 gemm_f32(qm, kt, sc, n, false);
                 sc.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
@@ -210,13 +222,7 @@ impl GlobalAttention for Caches<'_> {
                     kernels::softmax(seen);
                     masked.fill(0.0);
                 });
-                let vm = MatRef {
-                    data: &vc[hd * d..],
-                    rows: n,
-                    cols: d,
-                    row_stride: w,
-                    col_stride: 1,
-                };
+                let vm = MatRef::row_major(&vc[hd][..n * d], n, d);
                 gemm_f32(
                     MatRef::row_major(sc, nr, n),
                     vm,

@@ -70,7 +70,14 @@ use performer::{LoadOptions, Model, State};
 #[test]
 fn attend_head_matches_f64_softmax_attention() {
     let mut rng = TestRng(51);
-    for &(n, d, heads) in &[(1usize, 8usize, 1usize), (5, 16, 3), (300, 64, 2)] {
+    // One head: the contiguous (decoder) layout; several: keys interleaved by head.
+    for &(n, d, heads) in &[
+        (1usize, 8usize, 1usize),
+        (33, 17, 1),
+        (257, 64, 1),
+        (5, 16, 3),
+        (300, 64, 2),
+    ] {
         let w = d * heads;
         let keys = rng.vec(n * w, 2.0);
         let values = rng.vec(n * w, 1.0);

@@ -287,6 +287,36 @@ fn softmax_max_sum_match_scalar() {
 }
 
 #[test]
+fn vecmat_matches_scalar() {
+    let mut rng = TestRng(10);
+    // Register widths (16…128, odd and even row counts) and the fallback (odd, > 128, 0).
+    for &(rows, d) in &[
+        (0, 64),
+        (1, 16),
+        (2, 64),
+        (7, 64),
+        (300, 128),
+        (33, 48),
+        (5, 17),
+        (9, 144),
+        (3, 0),
+    ] {
+        let p = rng.vec(rows, 1.0);
+        for mag in [1.0f32, 1e-20, 1e15] {
+            let w: Vec<f32> = rng.vec(rows * d, mag);
+            let (mut fast, mut slow) = (vec![f32::NAN; d], vec![0f32; d]);
+            kernels::vecmat(&p, &w, &mut fast);
+            scalar::vecmat(&p, &w, &mut slow);
+            for i in 0..d {
+                // f32 sums of `rows` products ≤ mag in another order than the f64 twin.
+                let tol = 1e-6 * mag * (1.0 + rows as f32);
+                assert!((fast[i] - slow[i]).abs() <= tol, "{rows}x{d} {mag}: col {i}");
+            }
+        }
+    }
+}
+
+#[test]
 fn fused_state_update_and_readout() {
     let mut rng = TestRng(9);
     // d: register path (16, 64, 128) and the per-row fallback (odd, 144 > 128, 0); m odd too.

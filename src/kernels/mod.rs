@@ -522,6 +522,57 @@ fn update_readout_regs<const V: usize>(
     }
 }
 
+/// `out = pᵀ W = Σ_j p_j · W_j` for a row-major `W` of `p.len()` rows of width `out.len()`
+/// (attention's weighted sum of value rows). For widths that are a multiple of 16 up to 128
+/// the output stays in registers, with two accumulator sets so consecutive rows do not wait on
+/// each other's FMA.
+pub fn vecmat(p: &[f32], w: &[f32], out: &mut [f32]) {
+    let d = out.len();
+    assert!(w.len() >= p.len() * d, "vecmat: W has fewer than p.len() rows");
+    match d / LANES {
+        _ if d == 0 || !d.is_multiple_of(LANES) || d / LANES > 8 => {
+            out.fill(0.0);
+            for (j, &pj) in p.iter().enumerate() {
+                axpy(pj, &w[j * d..(j + 1) * d], out);
+            }
+        }
+        1 => vecmat_regs::<1>(p, w, out),
+        2 => vecmat_regs::<2>(p, w, out),
+        3 => vecmat_regs::<3>(p, w, out),
+        4 => vecmat_regs::<4>(p, w, out),
+        5 => vecmat_regs::<5>(p, w, out),
+        6 => vecmat_regs::<6>(p, w, out),
+        7 => vecmat_regs::<7>(p, w, out),
+        _ => vecmat_regs::<8>(p, w, out),
+    }
+}
+
+#[inline(always)]
+fn vecmat_regs<const V: usize>(p: &[f32], w: &[f32], out: &mut [f32]) {
+    let d = V * LANES;
+    let mut even = [f32x16::ZERO; V];
+    let mut odd = [f32x16::ZERO; V];
+    let mut pairs = p.chunks_exact(2);
+    let mut j = 0;
+    for pair in &mut pairs {
+        let (p0, p1) = (f32x16::splat(pair[0]), f32x16::splat(pair[1]));
+        for v in 0..V {
+            even[v] = simd::load(&w[j * d + v * LANES..]).mul_add(p0, even[v]);
+            odd[v] = simd::load(&w[(j + 1) * d + v * LANES..]).mul_add(p1, odd[v]);
+        }
+        j += 2;
+    }
+    if let [last] = pairs.remainder() {
+        let pl = f32x16::splat(*last);
+        for v in 0..V {
+            even[v] = simd::load(&w[j * d + v * LANES..]).mul_add(pl, even[v]);
+        }
+    }
+    for v in 0..V {
+        simd::store(&mut out[v * LANES..], even[v] + odd[v]);
+    }
+}
+
 /// Compensated (Kahan) `s = b · s + a · x`, keeping in `c` the low-order bits each addition
 /// lost, so that rounding does not accumulate over millions of additions (the true sum is
 /// `s − c`). `b` rescales sum and compensation alike.

@@ -140,3 +140,17 @@ pub fn kahan_update_readout(
         *o = v as f32;
     }
 }
+
+/// `out = pᵀ W` in f64, row by row.
+pub fn vecmat(p: &[f32], w: &[f32], out: &mut [f32]) {
+    let d = out.len();
+    let mut acc = vec![0f64; d];
+    for (j, &pj) in p.iter().enumerate() {
+        for (a, &x) in acc.iter_mut().zip(&w[j * d..(j + 1) * d]) {
+            *a += pj as f64 * x as f64;
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = a as f32;
+    }
+}
