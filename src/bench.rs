@@ -15,9 +15,10 @@
 //!
 //! Memory columns: *peak RSS* is the process-wide `VmHWM` of `/proc/self/status` after the
 //! group, with the high-water mark reset (`/proc/self/clear_refs` ← 5) before it where the
-//! kernel allows, and memory the allocator holds unused (a depth fill's freed prefill scratch)
-//! handed back to the OS first ([`release_free_memory`]), so it is the peak during that group
-//! of everything in the process (the mapped weights it touched included); *state bytes* is the per-sequence state
+//! kernel allows, so it is the peak during that group of everything in the process (the mapped
+//! weights it touched included, and memory the allocator kept from earlier tests, such as the
+//! freed scratch of the depth fills: the same for every depth, since the FAVOR+ depths are
+//! measured interleaved after all fills); *state bytes* is the per-sequence state
 //! ([`crate::State::size_bytes`] for FAVOR+, constant in the depth; the key/value cache plus
 //! scratch for the softmax baseline, growing with it).
 //!
@@ -352,22 +353,8 @@ pub fn rss_bytes() -> Option<u64> {
     proc_status_bytes("VmRSS")
 }
 
-/// Hands memory the allocator holds but nobody uses back to the OS (glibc's `malloc_trim`), so
-/// that scratch freed by an earlier test (a depth fill's prefill buffers, kept by glibc in its
-/// arenas) is not counted in a later row's resident set. A no-op elsewhere.
-pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no live
-    // allocation and is thread-safe (it takes each arena's lock).
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// Resets the peak-RSS mark to the current RSS (Linux ≥ 4.0) after [`release_free_memory`];
-/// false where that is not possible.
+/// Resets the peak-RSS mark to the current RSS (Linux ≥ 4.0); false where that is not possible.
 pub fn reset_peak_rss() -> bool {
-    release_free_memory();
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 

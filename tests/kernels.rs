@@ -310,7 +310,10 @@ fn vecmat_matches_scalar() {
             for i in 0..d {
                 // f32 sums of `rows` products ≤ mag in another order than the f64 twin.
                 let tol = 1e-6 * mag * (1.0 + rows as f32);
-                assert!((fast[i] - slow[i]).abs() <= tol, "{rows}x{d} {mag}: col {i}");
+                assert!(
+                    (fast[i] - slow[i]).abs() <= tol,
+                    "{rows}x{d} {mag}: col {i}"
+                );
             }
         }
     }
@@ -320,7 +323,15 @@ fn vecmat_matches_scalar() {
 fn fused_state_update_and_readout() {
     let mut rng = TestRng(9);
     // d: register path (16, 64, 128) and the per-row fallback (odd, 144 > 128, 0); m odd too.
-    for &(m, d) in &[(1, 16), (7, 64), (33, 128), (5, 17), (3, 144), (4, 0), (0, 64)] {
+    for &(m, d) in &[
+        (1, 16),
+        (7, 64),
+        (33, 128),
+        (5, 17),
+        (3, 144),
+        (4, 0),
+        (0, 64),
+    ] {
         let (a, w, x) = (rng.vec(m, 2.0), rng.vec(m, 1.0), rng.vec(d, 3.0));
         for b in [1.0f32, 0.5] {
             let s0 = rng.vec(m * d, 50.0);
