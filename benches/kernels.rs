@@ -86,6 +86,32 @@ fn elementwise(c: &mut Criterion) {
         })
     });
 
+    // One head's state pass of a decode step (m = 256 features, d = 64): compensated update
+    // and readout, in elements of the state.
+    let (m, d) = (256, 64);
+    let (a, w, v) = (randn(m, 12), randn(m, 13), randn(d, 14));
+    let (mut s, mut comp, mut out) = (randn(m * d, 15), vec![0f32; m * d], vec![0f32; d]);
+    g.throughput(Throughput::Elements((m * d) as u64));
+    g.bench_function("kahan_update_readout_256x64", |bch| {
+        bch.iter(|| {
+            out.fill(0.0);
+            kernels::kahan_update_readout(1.0, black_box(&a), &v, &w, &mut s, &mut comp, &mut out);
+            black_box(out[0])
+        })
+    });
+
+    // The softmax baseline's weighted sum of 4096 cached value rows of width 64.
+    let (rows, d) = (4096, 64);
+    let (p, vals) = (randn(rows, 16), randn(rows * d, 17));
+    let mut out = vec![0f32; d];
+    g.throughput(Throughput::Bytes((rows * d * 4) as u64));
+    g.bench_function("vecmat_4096x64", |bch| {
+        bch.iter(|| {
+            kernels::vecmat(black_box(&p), black_box(&vals), &mut out);
+            black_box(out[0])
+        })
+    });
+
     let n = 768;
     let x = randn(n, 7);
     let (gamma, beta) = (vec![1f32; n], vec![0f32; n]);

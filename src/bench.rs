@@ -23,8 +23,8 @@
 //! scratch for the softmax baseline, growing with it).
 //!
 //! *Roofline*: for `tg`, `weight_bytes_per_token × tokens/s ÷ read bandwidth`, the bandwidth
-//! being measured at startup by [`measure_read_bandwidth`] (a multi-threaded streaming read of
-//! a buffer far larger than L3). A model whose weights fit in cache can exceed 100%.
+//! being measured by the command itself (a multi-threaded streaming read of a buffer far larger
+//! than L3, half the passes before the tests and half after, the median of all). A model whose weights fit in cache can exceed 100%.
 //!
 //! # Running
 //!
@@ -302,6 +302,11 @@ fn sum_stream(x: &[f32]) -> f32 {
 /// times; the median pass counts. Use a buffer far larger than the last-level cache (1 GiB) for
 /// the DRAM figure.
 pub fn measure_read_bandwidth(bytes: usize, passes: usize, threads: usize) -> f64 {
+    median(&read_bandwidth_passes(bytes, passes, threads))
+}
+
+/// Every pass of [`measure_read_bandwidth`], bytes per second.
+fn read_bandwidth_passes(bytes: usize, passes: usize, threads: usize) -> Vec<f64> {
     let threads = threads.max(1);
     let per = (bytes / 4 / threads).max(64).next_multiple_of(64);
     let mut buf = vec![0f32; per * threads];
@@ -325,7 +330,7 @@ pub fn measure_read_bandwidth(bytes: usize, passes: usize, threads: usize) -> f6
         std::hint::black_box(sum);
         rates.push(total / secs.max(1e-9));
     }
-    median(&rates)
+    rates
 }
 
 /// A `kB` field of `/proc/self/status` in bytes, where `/proc` has it.
@@ -377,7 +382,7 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Buffer size of the bandwidth probe; 0 skips it (no roofline column).
     pub bandwidth_bytes: usize,
-    /// Passes of the bandwidth probe (median taken).
+    /// Passes of the bandwidth probe (half before the tests, half after; median taken).
     pub bandwidth_passes: usize,
     /// Show a progress bar on stderr when it is a terminal.
     pub progress: bool,
@@ -394,7 +399,7 @@ impl Default for BenchOptions {
             repetitions: 5,
             seed: 42,
             bandwidth_bytes: 1 << 30,
-            bandwidth_passes: 5,
+            bandwidth_passes: 6,
             progress: true,
         }
     }
@@ -587,9 +592,17 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
     let reps = opts.repetitions;
 
     let probe_threads = default_threads();
-    let read_bandwidth = (opts.bandwidth_bytes > 0).then(|| {
-        measure_read_bandwidth(opts.bandwidth_bytes, opts.bandwidth_passes, probe_threads)
-    });
+    // The probe runs before and after the tests (half the passes each) and the median of all
+    // passes counts: on a shared machine the bandwidth drifts too, and a single probe at the
+    // start can land on an unusually quiet or busy moment (25–45 GB/s seen here).
+    let probe = |passes: usize| {
+        if opts.bandwidth_bytes > 0 {
+            read_bandwidth_passes(opts.bandwidth_bytes, passes, probe_threads)
+        } else {
+            Vec::new()
+        }
+    };
+    let mut bandwidth_passes = probe(opts.bandwidth_passes.div_ceil(2));
     // The probe's buffer is freed; forget its peak.
     let peak_rss_reset = reset_peak_rss();
 
@@ -750,8 +763,7 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
                                 samples: std::mem::take(&mut samples[i]),
                                 peak_rss_bytes: peaks[i],
                                 state_bytes: state_bytes[i],
-                                roofline: read_bandwidth
-                                    .map(|bw| info.weight_bytes_per_token as f64 * stats.mean / bw),
+                                roofline: None,
                             });
                         }
                         Ok(())
@@ -808,8 +820,7 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
                             samples,
                             peak_rss_bytes: peak_rss_bytes(),
                             state_bytes,
-                            roofline: read_bandwidth
-                                .map(|bw| info.weight_bytes_per_token as f64 * stats.mean / bw),
+                            roofline: None,
                         })
                     })?;
                     rows.push(row);
@@ -818,6 +829,12 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
         }
     }
     progress.bar.finish_and_clear();
+    bandwidth_passes.extend(probe(opts.bandwidth_passes / 2));
+    let read_bandwidth = (!bandwidth_passes.is_empty()).then(|| median(&bandwidth_passes));
+    for row in rows.iter_mut().filter(|r| r.test == TestKind::Tg) {
+        row.roofline = read_bandwidth
+            .map(|bw| info.weight_bytes_per_token as f64 * row.tokens_per_s.mean / bw);
+    }
     Ok(Report {
         model: info,
         read_bandwidth,
@@ -847,7 +864,7 @@ pub fn markdown(r: &Report) -> String {
         Some(bw) => {
             let _ = writeln!(
                 s,
-                "read bandwidth: {:.1} GB/s (streaming read of {}, {} threads, median of passes)",
+                "read bandwidth: {:.1} GB/s (streaming read of {}, {} threads, median of passes before and after the tests)",
                 bw / 1e9,
                 format_bytes(r.bandwidth_probe_bytes as u64),
                 r.bandwidth_probe_threads
