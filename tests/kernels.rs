@@ -123,6 +123,7 @@ fn matvec_matches_scalar_including_parallel_blocks() {
         (15, 48),
         (23, 5),
         (1031, 257),
+        (2100, 300),
     ] {
         check_matvec::<f32>(rows, cols, &mut rng, |v| v);
         check_matvec::<f16>(rows, cols, &mut rng, f16::from_f32);
