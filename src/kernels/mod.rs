@@ -386,6 +386,23 @@ pub fn add_bias<T: Elem>(b: &[T], y: &mut [f32]) {
     }
 }
 
+/// `kernel::<V>(args)` for a row width of `V` registers, `V` in 1..=8 (the widths the
+/// register-blocked kernels below hold in registers; callers check the range).
+macro_rules! by_vectors {
+    ($vecs:expr, $kernel:ident($($arg:expr),*)) => {
+        match $vecs {
+            1 => $kernel::<1>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            4 => $kernel::<4>($($arg),*),
+            5 => $kernel::<5>($($arg),*),
+            6 => $kernel::<6>($($arg),*),
+            7 => $kernel::<7>($($arg),*),
+            _ => $kernel::<8>($($arg),*),
+        }
+    };
+}
+
 /// A FAVOR+ decode step's one pass over a head's `m × d` state (`d = x.len()`, `m = a.len()`):
 /// row `f` of `s` becomes `b · s_f + a_f · x` exactly as [`kahan_scale_axpy`] computes it
 /// (compensation in `c`), and then `out += w_f · s_f` with the new row, as [`axpy`] would.
@@ -412,16 +429,7 @@ pub fn kahan_update_readout(
         }
         return;
     }
-    match d / LANES {
-        1 => update_readout_regs::<1>(b, a, x, w, s, c, out),
-        2 => update_readout_regs::<2>(b, a, x, w, s, c, out),
-        3 => update_readout_regs::<3>(b, a, x, w, s, c, out),
-        4 => update_readout_regs::<4>(b, a, x, w, s, c, out),
-        5 => update_readout_regs::<5>(b, a, x, w, s, c, out),
-        6 => update_readout_regs::<6>(b, a, x, w, s, c, out),
-        7 => update_readout_regs::<7>(b, a, x, w, s, c, out),
-        _ => update_readout_regs::<8>(b, a, x, w, s, c, out),
-    }
+    by_vectors!(d / LANES, update_readout_regs(b, a, x, w, s, c, out));
 }
 
 /// [`kahan_update_readout`] for `d = V · 16`: `x` and the output held in `2V` registers.
@@ -471,22 +479,14 @@ pub fn vecmat(p: &[f32], w: &[f32], out: &mut [f32]) {
         w.len() >= p.len() * d,
         "vecmat: W has fewer than p.len() rows"
     );
-    match d / LANES {
-        _ if d == 0 || !d.is_multiple_of(LANES) || d / LANES > 8 => {
-            out.fill(0.0);
-            for (j, &pj) in p.iter().enumerate() {
-                axpy(pj, &w[j * d..(j + 1) * d], out);
-            }
+    if d == 0 || !d.is_multiple_of(LANES) || d / LANES > 8 {
+        out.fill(0.0);
+        for (j, &pj) in p.iter().enumerate() {
+            axpy(pj, &w[j * d..(j + 1) * d], out);
         }
-        1 => vecmat_regs::<1>(p, w, out),
-        2 => vecmat_regs::<2>(p, w, out),
-        3 => vecmat_regs::<3>(p, w, out),
-        4 => vecmat_regs::<4>(p, w, out),
-        5 => vecmat_regs::<5>(p, w, out),
-        6 => vecmat_regs::<6>(p, w, out),
-        7 => vecmat_regs::<7>(p, w, out),
-        _ => vecmat_regs::<8>(p, w, out),
+        return;
     }
+    by_vectors!(d / LANES, vecmat_regs(p, w, out));
 }
 
 #[inline(always)]
