@@ -18,6 +18,10 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Sampling parameters.
     pub sampling: SamplingParams,
+    /// Threads for the decoding steps, in a rayon pool of their own; `None` decodes in the
+    /// calling pool (the prompt is always ingested there). Small models decode faster on one
+    /// thread than on two, while their prompts still gain from two.
+    pub decode_threads: Option<usize>,
 }
 
 impl Default for GenerateOptions {
@@ -26,6 +30,7 @@ impl Default for GenerateOptions {
             max_tokens: 256,
             stop: Vec::new(),
             sampling: SamplingParams::default(),
+            decode_threads: None,
         }
     }
 }
@@ -82,6 +87,7 @@ pub struct Generation<'a> {
     max_tokens: usize,
     done: bool,
     stats: GenerationStats,
+    decode_pool: Option<rayon::ThreadPool>,
 }
 
 impl<'a> Generation<'a> {
@@ -97,6 +103,18 @@ impl<'a> Generation<'a> {
         if options.stop.iter().any(String::is_empty) {
             return Err(Error::invalid("stop", "stop strings must not be empty"));
         }
+        let decode_pool = match options.decode_threads {
+            None => None,
+            Some(0) => return Err(Error::invalid("decode_threads", "must be at least 1")),
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .map_err(|e| {
+                        Error::invalid("decode_threads", format!("cannot start {n}: {e}"))
+                    })?,
+            ),
+        };
         let start = Instant::now();
         if prompt.is_empty() {
             if state.logits().is_none() {
@@ -124,6 +142,7 @@ impl<'a> Generation<'a> {
             max_tokens: options.max_tokens,
             done: false,
             stats,
+            decode_pool,
         })
     }
 
@@ -172,7 +191,11 @@ impl<'a> Generation<'a> {
             self.history.push(token);
             self.stats.generated_tokens += 1;
             let t = Instant::now();
-            self.model.step(self.state, token)?;
+            let (model, state) = (self.model, &mut *self.state);
+            match &self.decode_pool {
+                Some(pool) => pool.install(|| model.step(state, token).map(|_| ())),
+                None => model.step(state, token).map(|_| ()),
+            }?;
             self.stats.decode_time += t.elapsed();
 
             // Ids past the byte range (a larger vocabulary) carry no text.

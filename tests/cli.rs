@@ -130,6 +130,15 @@ fn errors_are_one_line_with_nonzero_exit() {
             "x",
             "--temperature=-1",
         ],
+        vec![
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "x",
+            "--decode-threads",
+            "0",
+        ],
     ] {
         let out = performer(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");

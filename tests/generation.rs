@@ -20,6 +20,33 @@ fn run(model: &Model, prompt: &str, options: GenerateOptions) -> (String, Vec<u3
 }
 
 #[test]
+fn decoding_in_a_pool_of_its_own_changes_nothing() {
+    let m = model();
+    let opts = |decode_threads| GenerateOptions {
+        max_tokens: 30,
+        sampling: SamplingParams {
+            temperature: 0.8,
+            seed: 5,
+            ..SamplingParams::default()
+        },
+        decode_threads,
+        ..GenerateOptions::default()
+    };
+    let (text, tokens) = run(&m, "The ", opts(None));
+    for n in [1, 2, 3] {
+        assert_eq!(
+            run(&m, "The ", opts(Some(n))),
+            (text.clone(), tokens.clone())
+        );
+    }
+    let mut state = State::new(&m);
+    assert!(matches!(
+        Generation::new(&m, &mut state, &[1, 2], opts(Some(0))),
+        Err(Error::InvalidParameter { .. })
+    ));
+}
+
+#[test]
 fn same_seed_same_text_other_seed_other_text() {
     let m = model();
     let opts = |seed| GenerateOptions {
