@@ -18,6 +18,10 @@ pub struct BenchArgs {
     /// Model directory (config.json + model.safetensors).
     #[arg(long, conflicts_with = "shape")]
     model: Option<PathBuf>,
+    /// Load the weights into huge-page memory instead of mapping the file (see `generate
+    /// --huge-pages`).
+    #[arg(long)]
+    huge_pages: bool,
     /// A synthetic random model instead: tiny, gpt2-small or large (written to a temporary
     /// directory, or to --synthetic-dir).
     #[arg(long)]
@@ -119,7 +123,13 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         (None, Some(s)) => (synthetic_model(&a, s, &mut tmp)?, format!("synthetic {s}")),
         (None, None) => return Err("give a model with --model DIR or --shape NAME".into()),
     };
-    let model = Model::load(&dir)?;
+    let model = Model::load_with(
+        &dir,
+        performer::LoadOptions {
+            huge_pages: a.huge_pages,
+            ..Default::default()
+        },
+    )?;
     let options = BenchOptions {
         attentions: a.attention.clone(),
         pp: a.pp.clone(),

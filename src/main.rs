@@ -78,6 +78,10 @@ struct ModelArgs {
     /// Override the causal denominator's δ (config key denominator_eps).
     #[arg(long)]
     denominator_eps: Option<f32>,
+    /// Copy the weights into huge-page memory instead of mapping the file (faster decoding of
+    /// large models; reads the whole file at load and keeps a private copy).
+    #[arg(long)]
+    huge_pages: bool,
 }
 
 impl ModelArgs {
@@ -91,6 +95,7 @@ impl ModelArgs {
             LoadOptions {
                 kernel_eps: self.kernel_eps,
                 denominator_eps: self.denominator_eps,
+                huge_pages: self.huge_pages,
             },
         )
     }

@@ -116,6 +116,7 @@ fn first_position_equals_favor_and_the_cache_grows() {
         LoadOptions {
             kernel_eps: Some(0.0),
             denominator_eps: Some(0.0),
+            huge_pages: false,
         },
     )
     .unwrap();

@@ -51,6 +51,23 @@ fn generate_streams_text_and_reports_speed() {
         "5",
     ]);
     assert_eq!(out.stdout, again.stdout, "same seed, same text");
+    // Weights copied to huge pages and decoding on two threads: the same text.
+    let copied = performer(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "16",
+        "--seed",
+        "5",
+        "--huge-pages",
+        "--decode-threads",
+        "2",
+    ]);
+    assert!(copied.status.success());
+    assert_eq!(out.stdout, copied.stdout, "huge pages, two decode threads");
     let greedy = performer(&[
         "generate",
         "--model",

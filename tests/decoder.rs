@@ -11,6 +11,7 @@ fn load(name: &str, eps0: bool) -> Model {
         LoadOptions {
             kernel_eps: Some(0.0),
             denominator_eps: Some(0.0),
+            huge_pages: false,
         }
     } else {
         LoadOptions::default()

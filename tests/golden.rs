@@ -9,6 +9,7 @@ use performer::{LoadOptions, Model, State};
 const EPS0: LoadOptions = LoadOptions {
     kernel_eps: Some(0.0),
     denominator_eps: Some(0.0),
+    huge_pages: false,
 };
 
 /// Streams `tokens` one step at a time and returns the logits after each.

@@ -7,7 +7,7 @@ use std::path::Path;
 use common::fixture;
 use performer::config::{Config, Inferred, Origin};
 use performer::weights::{names, WeightFile};
-use performer::{Error, Model};
+use performer::{Error, LoadOptions, Model, State};
 
 const BASE: &str = r#""num_tokens": 256, "max_seq_len": 128, "dim": 64, "depth": 2, "heads": 2, "dim_head": 32, "causal": true"#;
 
@@ -127,8 +127,51 @@ fn write_raw(dir: &Path, header: &str, data: &[u8]) {
     std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
 }
 
+/// The error of opening the directory's weights, which the huge-page copy must report alike.
 fn open_err(dir: &Path) -> Error {
-    WeightFile::open(dir.join("model.safetensors")).unwrap_err()
+    let path = dir.join("model.safetensors");
+    let mapped = WeightFile::open(&path).unwrap_err();
+    let copied = WeightFile::open_huge_pages(&path).unwrap_err();
+    assert_eq!(
+        std::mem::discriminant(&mapped),
+        std::mem::discriminant(&copied),
+        "{mapped} / {copied}"
+    );
+    mapped
+}
+
+#[test]
+fn huge_page_copy_runs_the_same_model() {
+    for name in [
+        "default_a",
+        "default_a_f16",
+        "default_a_bf16",
+        "opt_relu_glu",
+    ] {
+        let mapped = Model::load(fixture(name)).unwrap();
+        let copied = Model::load_with(
+            fixture(name),
+            LoadOptions {
+                huge_pages: true,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        let (mut a, mut b) = (State::new(&mapped), State::new(&copied));
+        for t in [1u32, 50, 200, 7] {
+            // The same bytes through the same kernels: bit-identical.
+            assert_eq!(
+                mapped.step(&mut a, t).unwrap(),
+                copied.step(&mut b, t).unwrap(),
+                "{name}"
+            );
+        }
+        assert_eq!(mapped.fingerprint(), copied.fingerprint());
+    }
+    assert!(matches!(
+        WeightFile::open_huge_pages("/nonexistent/model.safetensors"),
+        Err(Error::Io { .. })
+    ));
 }
 
 #[test]

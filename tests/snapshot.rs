@@ -94,6 +94,7 @@ fn bad_snapshots_are_typed_errors() {
         LoadOptions {
             kernel_eps: Some(0.0),
             denominator_eps: Some(0.0),
+            huge_pages: false,
         },
     )
     .unwrap();
