@@ -207,3 +207,28 @@ fn absolute_and_axial_positions_end_at_max_seq_len_rotary_does_not() {
         assert!(state.logits().unwrap().iter().all(|v| v.is_finite()));
     }
 }
+
+#[test]
+fn rotary_rows_past_the_table_match_the_unreduced_formula() {
+    use performer::attention::rotary::Sinusoid;
+    // The angle is reduced modulo 2π before sin/cos; the result must stay within f32 rounding
+    // (6e-8) plus the reduction's f64 error (~1e-10 rad at a million positions) of the
+    // direct f64 evaluation.
+    let dim = 64;
+    let mut out = vec![0f32; dim];
+    for pos in [0usize, 1, 63, 1000, 123_457, 1 << 20, 10_000_019] {
+        Sinusoid::formula(dim, pos, &mut out);
+        for i in 0..dim / 2 {
+            let w = 1.0 / 10000f64.powf((2 * i) as f64 / dim as f64);
+            let a = pos as f64 * w;
+            assert!(
+                (out[i] as f64 - a.sin()).abs() <= 2e-7,
+                "sin pos {pos} i {i}"
+            );
+            assert!(
+                (out[dim / 2 + i] as f64 - a.cos()).abs() <= 2e-7,
+                "cos pos {pos} i {i}"
+            );
+        }
+    }
+}

@@ -13,12 +13,25 @@ use crate::weights::Tensor;
 pub struct Sinusoid {
     dim: usize,
     table: Option<Tensor>,
+    /// `ω_i` in f64, computed once: past the table every decode step needs a row.
+    inv_freq: Vec<f64>,
 }
 
 impl Sinusoid {
     /// A table of width `dim` backed by the checkpoint's buffer where it has one.
     pub fn new(dim: usize, table: Option<Tensor>) -> Self {
-        Sinusoid { dim, table }
+        Sinusoid {
+            dim,
+            table,
+            inv_freq: Self::inv_freq(dim),
+        }
+    }
+
+    /// torch: `inv_freq = 1 / 10000^(arange(0, dim, 2) / dim)`.
+    fn inv_freq(dim: usize) -> Vec<f64> {
+        (0..dim / 2)
+            .map(|i| 1.0 / 10000f64.powf((2 * i) as f64 / dim as f64))
+            .collect()
     }
 
     /// Writes row `pos` into `out[..dim]`.
@@ -29,18 +42,25 @@ impl Sinusoid {
                 return;
             }
         }
-        Self::formula(self.dim, pos, out);
+        Self::angles(&self.inv_freq, pos, out);
     }
 
     /// The formula, in f64 then rounded.
     pub fn formula(dim: usize, pos: usize, out: &mut [f32]) {
-        let half = dim / 2;
-        for i in 0..half {
-            // torch: inv_freq = 1 / 10000^(arange(0, dim, 2) / dim)
-            let inv_freq = 1.0 / 10000f64.powf((2 * i) as f64 / dim as f64);
-            let angle = pos as f64 * inv_freq;
-            out[i] = angle.sin() as f32;
-            out[half + i] = angle.cos() as f32;
+        Self::angles(&Self::inv_freq(dim), pos, out);
+    }
+
+    fn angles(inv_freq: &[f64], pos: usize, out: &mut [f32]) {
+        let half = inv_freq.len();
+        for (i, &w) in inv_freq.iter().enumerate() {
+            // Reduced to [0, 2π) first: the f64 product is exact to ~1e-10 rad even at a
+            // million positions, and sin/cos of huge arguments would take libm's slow
+            // argument-reduction path on every decode step.
+            let angle = pos as f64 * w;
+            let turns = (angle / std::f64::consts::TAU).floor();
+            let (sin, cos) = (turns.mul_add(-std::f64::consts::TAU, angle)).sin_cos();
+            out[i] = sin as f32;
+            out[half + i] = cos as f32;
         }
     }
 }
