@@ -277,12 +277,9 @@ enum Init {
     Sinusoid,
 }
 
-/// splitmix64: seeds the per-chunk generators.
+/// splitmix64 of a value: seeds the per-chunk generators.
 fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    crate::sampling::splitmix64(&mut z)
 }
 
 /// A small, fast generator (xorshift64* ), good enough for random weights and tokens.
