@@ -239,17 +239,7 @@ impl State {
 
     /// Bytes held by this state, attention state and scratch together. Fixed at creation.
     pub fn size_bytes(&self) -> usize {
-        let floats = [
-            &self.a_mat,
-            &self.a_vec,
-            &self.v_sum,
-            &self.max,
-            &self.a_mat_c,
-            &self.a_vec_c,
-            &self.v_sum_c,
-            &self.local_keys,
-            &self.local_values,
-            &self.shift_prev,
+        let scratch = [
             &self.h,
             &self.xn,
             &self.tmp,
@@ -260,16 +250,10 @@ impl State {
             &self.key_feat,
             &self.query_feat,
             &self.scores,
-            &self.logits,
-        ]
-        .iter()
-        .map(|v| v.len())
-        .sum::<usize>();
-        let doubles = self.acc64.as_ref().map_or(0, |a| {
-            a.a_mat.len() + a.a_vec.len() + a.v_sum.len() + a.max.len()
-        });
+        ];
+        let floats: usize = self.memory().iter().chain(&scratch).map(|v| v.len()).sum();
         floats * std::mem::size_of::<f32>()
-            + doubles * std::mem::size_of::<f64>()
+            + self.acc64_bytes()
             + std::mem::size_of::<Self>()
             + (self.favor_start.len() + self.local_start.len()) * 8
     }
@@ -283,9 +267,15 @@ impl State {
             .map(|b| b.len())
             .sum::<usize>()
             * std::mem::size_of::<f32>()
-            + self.acc64.as_ref().map_or(0, |a| {
-                (a.a_mat.len() + a.a_vec.len() + a.v_sum.len() + a.max.len()) * 8
-            })
+            + self.acc64_bytes()
+    }
+
+    /// Bytes of the f64 accumulators of a [`Precision::F64`] state (0 for f32 states).
+    fn acc64_bytes(&self) -> usize {
+        self.acc64.as_ref().map_or(0, |a| {
+            (a.a_mat.len() + a.a_vec.len() + a.v_sum.len() + a.max.len())
+                * std::mem::size_of::<f64>()
+        })
     }
 
     /// The buffers that make up the sequence's memory (everything a snapshot saves besides
