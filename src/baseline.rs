@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::kernels;
 use crate::kernels::matmul::{gemm_f32, MatRef};
-use crate::model::Model;
+use crate::model::{split_qkv, Model};
 use crate::parallel::{GlobalAttention, DEFAULT_CHUNK};
 use crate::state::State;
 
@@ -42,8 +42,8 @@ pub fn attend_head(
     let scores = &mut scores[..n];
     let contiguous = stride == d && offset == 0;
     if contiguous {
-        // The decoder's layout: the same matrix-vector kernel as the weights (8 keys at a
-        // time, prefetched), then one row-by-matrix product for the values.
+        // The decoder's layout: the same matrix-vector kernel as the weights, then the
+        // probability-weighted sum of value rows with the output in registers.
         kernels::matvec_serial(&keys[..n * d], q, scores);
         kernels::scale(scale, scores);
     } else {
@@ -101,48 +101,21 @@ impl<'m> SoftmaxSession<'m> {
 
     /// Consumes one token and returns the logits for the next.
     pub fn step(&mut self, token: u32) -> Result<&[f32]> {
-        self.forward(token, true)?;
-        Ok(&self.state.logits)
-    }
-
-    /// Consumes a prompt in chunks, as [`Model::prefill`] does: matrix products for the
-    /// projections and every row of a chunk attending, in parallel, over the cache up to its own
-    /// position (the same per-row kernel as [`SoftmaxSession::step`], so the result equals
-    /// stepping up to the rounding of the projections). Returns the logits after the last token.
-    pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32]> {
-        self.prefill_chunked(tokens, DEFAULT_CHUNK)
-    }
-
-    /// [`SoftmaxSession::prefill`] in chunks of `chunk` tokens.
-    pub fn prefill_chunked(&mut self, tokens: &[u32], chunk: usize) -> Result<&[f32]> {
-        let mut caches = Caches {
-            keys: &mut self.keys,
-            values: &mut self.values,
-        };
-        self.model
-            .run_chunks(&mut self.state, tokens, chunk, None, &mut caches)?;
-        Ok(&self.state.logits)
-    }
-
-    fn forward(&mut self, token: u32, want_logits: bool) -> Result<()> {
         let model = self.model;
         model.check_tokens(self.state.pos, &[token])?;
         let c = model.config();
         let (d, heads) = (c.dim_head, c.heads);
         let (keys, values, scores) = (&mut self.keys, &mut self.values, &mut self.scores);
-        model.forward_token_with(&mut self.state, token, want_logits, |model, st, l| {
+        model.forward_token_with(&mut self.state, token, true, |model, st, l| {
             let gh = heads - model.layers[l].local_heads;
-            let inner = heads * d;
-            for hd in 0..gh {
-                let o = hd * d;
-                keys[l][hd].extend_from_slice(&st.qkv[inner + o..inner + o + d]);
-                values[l][hd].extend_from_slice(&st.qkv[2 * inner + o..2 * inner + o + d]);
-            }
+            let (q, k, v) = split_qkv(&mut st.qkv);
+            append_rows(&mut keys[l], &mut values[l], k, v, gh, d);
             let n = st.pos + 1;
             for s in scores.iter_mut() {
                 s.resize(n, 0.0);
             }
-            let (kc, vc, q) = (&keys[l], &values[l], &st.qkv[..inner]);
+            let (kc, vc) = (&keys[l], &values[l]);
+            let q = &*q;
             let run = |(hd, (out, sc)): (usize, (&mut [f32], &mut Vec<f32>))| {
                 attend_head(&q[hd * d..(hd + 1) * d], &kc[hd], &vc[hd], d, 0, sc, out)
             };
@@ -158,7 +131,47 @@ impl<'m> SoftmaxSession<'m> {
                     .enumerate()
                     .for_each(run);
             }
-        })
+        })?;
+        Ok(&self.state.logits)
+    }
+
+    /// Consumes a prompt in chunks, as [`Model::prefill`] does: matrix products for the
+    /// projections, and per head the scores of a block of rows against the cache, a masked
+    /// softmax per row and the weighted sum of values as matrix products too, so the result
+    /// equals stepping up to the rounding of those products. Returns the logits after the last
+    /// token.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        self.prefill_chunked(tokens, DEFAULT_CHUNK)
+    }
+
+    /// [`SoftmaxSession::prefill`] in chunks of `chunk` tokens.
+    pub fn prefill_chunked(&mut self, tokens: &[u32], chunk: usize) -> Result<&[f32]> {
+        let mut caches = Caches {
+            keys: &mut self.keys,
+            values: &mut self.values,
+        };
+        self.model
+            .run_chunks(&mut self.state, tokens, chunk, None, &mut caches)?;
+        Ok(&self.state.logits)
+    }
+}
+
+/// Appends the keys and values of the first `gh` (global) heads of every row of `k` and `v`
+/// (rows of all `keys.len()` heads × `d`) to a layer's per-head caches.
+fn append_rows(
+    keys: &mut [Vec<f32>],
+    values: &mut [Vec<f32>],
+    k: &[f32],
+    v: &[f32],
+    gh: usize,
+    d: usize,
+) {
+    let inner = keys.len() * d;
+    for (k, v) in k.chunks(inner).zip(v.chunks(inner)) {
+        for hd in 0..gh {
+            keys[hd].extend_from_slice(&k[hd * d..(hd + 1) * d]);
+            values[hd].extend_from_slice(&v[hd * d..(hd + 1) * d]);
+        }
     }
 }
 
@@ -186,12 +199,7 @@ impl GlobalAttention for Caches<'_> {
         let c = model.config();
         let (d, inner) = (c.dim_head, c.heads * c.dim_head);
         let gh = c.heads - model.layers[l].local_heads;
-        for (k, v) in k.chunks(inner).zip(v.chunks(inner)) {
-            for hd in 0..gh {
-                self.keys[l][hd].extend_from_slice(&k[hd * d..(hd + 1) * d]);
-                self.values[l][hd].extend_from_slice(&v[hd * d..(hd + 1) * d]);
-            }
-        }
+        append_rows(&mut self.keys[l], &mut self.values[l], k, v, gh, d);
         // Per head, scores of a block of rows against every key they can see as one matrix
         // product, a masked softmax per row, and the weighted sum of values as a second
         // product: the cache streams through once per row block, not once per row.

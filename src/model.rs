@@ -779,12 +779,8 @@ impl Model {
         let delta = c.denominator_eps;
         let n = pos + 1;
         let (h0, h1) = (st.favor_start[l], st.favor_start[l + 1]);
-        let inner = heads * d;
-        let (q, k, v) = (
-            &st.qkv[..inner],
-            &st.qkv[inner..2 * inner],
-            &st.qkv[2 * inner..],
-        );
+        let (q, k, v) = split_qkv(&mut st.qkv);
+        let (q, k, v) = (&*q, &*k, &*v);
         if let Some(acc) = &mut st.acc64 {
             for (i, hd) in (0..gh).enumerate() {
                 let g = h0 + i;

@@ -108,72 +108,70 @@ fn favor_chunk(
     (q, k, v): (&[f32], &[f32], &[f32]),
     att: &mut [f32],
 ) {
-    {
-        let c = &model.config;
-        let (heads, d, m) = (c.heads, c.dim_head, c.feature_count());
-        let inner = heads * d;
-        let rows = q.len() / inner;
-        let map = model.feature_map(l);
-        let (h0, h1) = (st.favor_start[l], st.favor_start[l + 1]);
-        let gather = |x: &[f32], hd: usize| -> Vec<f32> {
-            (0..rows)
-                .flat_map(|r| {
-                    x[r * inner + hd * d..r * inner + (hd + 1) * d]
-                        .iter()
-                        .copied()
-                })
-                .collect()
-        };
-        let (md, hm, hdr) = (h0 * m * d..h1 * m * d, h0 * m..h1 * m, h0 * d..h1 * d);
-        let outs: Vec<Vec<f32>> = st.a_mat[md.clone()]
-            .par_chunks_mut(m * d)
-            .zip(st.a_mat_c[md].par_chunks_mut(m * d))
-            .zip(
-                st.a_vec[hm.clone()]
-                    .par_chunks_mut(m)
-                    .zip(st.a_vec_c[hm].par_chunks_mut(m)),
-            )
-            .zip(
-                st.v_sum[hdr.clone()]
-                    .par_chunks_mut(d)
-                    .zip(st.v_sum_c[hdr].par_chunks_mut(d)),
-            )
-            .zip(st.max[h0..h1].par_iter_mut())
-            .enumerate()
-            .map(
-                |(hd, ((((a_mat, a_mat_c), (a_vec, a_vec_c)), (v_sum, v_sum_c)), max))| {
-                    let mut out = vec![0f32; rows * d];
-                    favor::chunk(
-                        &map,
-                        c.denominator_eps,
-                        HeadStateRef {
-                            a_mat,
-                            a_vec,
-                            v_sum,
-                            comp: favor::Compensation {
-                                a_mat: a_mat_c,
-                                a_vec: a_vec_c,
-                                v_sum: v_sum_c,
-                            },
-                            max,
+    let c = &model.config;
+    let (heads, d, m) = (c.heads, c.dim_head, c.feature_count());
+    let inner = heads * d;
+    let rows = q.len() / inner;
+    let map = model.feature_map(l);
+    let (h0, h1) = (st.favor_start[l], st.favor_start[l + 1]);
+    let gather = |x: &[f32], hd: usize| -> Vec<f32> {
+        (0..rows)
+            .flat_map(|r| {
+                x[r * inner + hd * d..r * inner + (hd + 1) * d]
+                    .iter()
+                    .copied()
+            })
+            .collect()
+    };
+    let (md, hm, hdr) = (h0 * m * d..h1 * m * d, h0 * m..h1 * m, h0 * d..h1 * d);
+    let outs: Vec<Vec<f32>> = st.a_mat[md.clone()]
+        .par_chunks_mut(m * d)
+        .zip(st.a_mat_c[md].par_chunks_mut(m * d))
+        .zip(
+            st.a_vec[hm.clone()]
+                .par_chunks_mut(m)
+                .zip(st.a_vec_c[hm].par_chunks_mut(m)),
+        )
+        .zip(
+            st.v_sum[hdr.clone()]
+                .par_chunks_mut(d)
+                .zip(st.v_sum_c[hdr].par_chunks_mut(d)),
+        )
+        .zip(st.max[h0..h1].par_iter_mut())
+        .enumerate()
+        .map(
+            |(hd, ((((a_mat, a_mat_c), (a_vec, a_vec_c)), (v_sum, v_sum_c)), max))| {
+                let mut out = vec![0f32; rows * d];
+                favor::chunk(
+                    &map,
+                    c.denominator_eps,
+                    HeadStateRef {
+                        a_mat,
+                        a_vec,
+                        v_sum,
+                        comp: favor::Compensation {
+                            a_mat: a_mat_c,
+                            a_vec: a_vec_c,
+                            v_sum: v_sum_c,
                         },
-                        favor::Rows {
-                            q: &gather(q, hd),
-                            k: &gather(k, hd),
-                            v: &gather(v, hd),
-                            n0: p0,
-                        },
-                        &mut out,
-                    );
-                    out
-                },
-            )
-            .collect();
-        for (hd, out) in outs.iter().enumerate() {
-            for r in 0..rows {
-                att[r * inner + hd * d..r * inner + (hd + 1) * d]
-                    .copy_from_slice(&out[r * d..(r + 1) * d]);
-            }
+                        max,
+                    },
+                    favor::Rows {
+                        q: &gather(q, hd),
+                        k: &gather(k, hd),
+                        v: &gather(v, hd),
+                        n0: p0,
+                    },
+                    &mut out,
+                );
+                out
+            },
+        )
+        .collect();
+    for (hd, out) in outs.iter().enumerate() {
+        for r in 0..rows {
+            att[r * inner + hd * d..r * inner + (hd + 1) * d]
+                .copy_from_slice(&out[r * d..(r + 1) * d]);
         }
     }
 }
