@@ -1155,8 +1155,8 @@ mod tests {
                 }
                 outs.push(y);
             }
-            // Row groups start at block boundaries (multiples of 8), so the split changes
-            // nothing: bit-identical.
+            // Every row's dot product is computed the same way whichever block it falls in, so
+            // the split changes nothing: bit-identical.
             assert_eq!(outs[0], outs[1]);
         }
     }

@@ -46,7 +46,8 @@ pub fn dot<T: Elem>(w: &[T], x: &[f32]) -> f32 {
     sum
 }
 
-/// Row alignment of the parallel blocks of a matrix-vector product.
+/// Parallel blocks of a matrix-vector product are whole multiples of this many rows (each
+/// thread's slice of the output then starts on a 32-byte boundary of it).
 const MATVEC_ROWS: usize = 8;
 
 /// `y = W x`, one row after another. Rows are read strictly in order as one sequential stream,
@@ -116,26 +117,26 @@ mod bf16_pairs {
         let blocks = cols / 32;
         debug_assert!(split.len() >= blocks * 32 && x.len() >= cols);
         let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
-        // Two blocks per iteration into four accumulators: no FMA waits on the previous one.
-        let mut acc: [__m512; 4] = [_mm512_setzero_ps(); 4];
         let (base, xs) = (w.as_ptr(), split.as_ptr());
-        let mut b = 0;
-        while b + 2 <= blocks {
-            for (j, pair) in acc.chunks_exact_mut(2).enumerate() {
-                let v = _mm512_loadu_si512(base.add(32 * (b + j)).cast());
-                let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
-                let odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-                pair[0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xs.add(32 * (b + j))), pair[0]);
-                pair[1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xs.add(32 * (b + j) + 16)), pair[1]);
-            }
-            b += 2;
-        }
-        if b < blocks {
+        // Block `b` (32 weights) into an (even, odd) accumulator pair.
+        let block = |b: usize, pair: &mut [__m512]| {
             let v = _mm512_loadu_si512(base.add(32 * b).cast());
             let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
             let odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-            acc[0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xs.add(32 * b)), acc[0]);
-            acc[1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xs.add(32 * b + 16)), acc[1]);
+            pair[0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xs.add(32 * b)), pair[0]);
+            pair[1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xs.add(32 * b + 16)), pair[1]);
+        };
+        // Two blocks per iteration into four accumulators: no FMA waits on the previous one.
+        let mut acc: [__m512; 4] = [_mm512_setzero_ps(); 4];
+        let mut b = 0;
+        while b + 2 <= blocks {
+            let (first, second) = acc.split_at_mut(2);
+            block(b, first);
+            block(b + 1, second);
+            b += 2;
+        }
+        if b < blocks {
+            block(b, &mut acc[..2]);
         }
         let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
         let mut s = _mm512_reduce_add_ps(sum);
@@ -157,7 +158,7 @@ pub fn matvec_serial<T: Elem>(w: &[T], x: &[f32], y: &mut [f32]) {
 }
 
 /// Rows per parallel block of a `rows × cols` matrix-vector product on `threads` threads:
-/// whole row groups, about 4 blocks per thread for load balance, each at least
+/// multiples of 8 rows, about 4 blocks per thread for load balance, each at least
 /// `PAR_MIN_ELEMS / 4` weights; `None` when the product is too small to split.
 pub fn matvec_block_rows(rows: usize, cols: usize, threads: usize) -> Option<usize> {
     if rows.saturating_mul(cols) < PAR_MIN_ELEMS || threads <= 1 {

@@ -246,15 +246,21 @@ fn malformed(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
+/// Opens a weights file and its length, an empty file being malformed.
+fn open_nonempty(path: &Path) -> Result<(File, u64)> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len == 0 {
+        return Err(malformed(path, "the file is empty"));
+    }
+    Ok((file, len))
+}
+
 impl WeightFile {
     /// Maps and validates a safetensors file. No tensor data is read.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        if len == 0 {
-            return Err(malformed(path, "the file is empty"));
-        }
+        let (file, _) = open_nonempty(path)?;
         // SAFETY: the mapping is read-only and private to this process. The one hazard of
         // mapping a file is another process truncating or rewriting it while mapped (a SIGBUS
         // or changed weights); like every mmap-based loader we document that model files must
@@ -273,11 +279,7 @@ impl WeightFile {
     pub fn open_huge_pages(path: impl AsRef<Path>) -> Result<Self> {
         use std::io::Read;
         let path = path.as_ref();
-        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        if len == 0 {
-            return Err(malformed(path, "the file is empty"));
-        }
+        let (mut file, len) = open_nonempty(path)?;
         let len = usize::try_from(len)
             .map_err(|_| malformed(path, "the file does not fit in the address space"))?;
         let mut buf = memmap2::MmapMut::map_anon(len).map_err(|e| Error::io(path, e))?;
