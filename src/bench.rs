@@ -62,6 +62,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::synthetic::Rng;
+use crate::weights::PageReport;
 use crate::{Model, State};
 
 /// Which attention a session runs.
@@ -523,6 +524,9 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Depth fills.
     pub fills: Vec<Fill>,
+    /// The weights' residency after the tests, and how much of it sits on 2 MiB pages
+    /// (None where `/proc/self/smaps` is not available).
+    pub weight_pages: Option<PageReport>,
 }
 
 fn validate(opts: &BenchOptions) -> Result<()> {
@@ -829,6 +833,7 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
         }
     }
     progress.bar.finish_and_clear();
+    let weight_pages = model.weights().page_report();
     bandwidth_passes.extend(probe(opts.bandwidth_passes / 2));
     let read_bandwidth = (!bandwidth_passes.is_empty()).then(|| median(&bandwidth_passes));
     for row in rows.iter_mut().filter(|r| r.test == TestKind::Tg) {
@@ -844,6 +849,7 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
         peak_rss_reset,
         rows,
         fills,
+        weight_pages,
     })
 }
 
@@ -873,6 +879,14 @@ pub fn markdown(r: &Report) -> String {
         None => {
             let _ = writeln!(s, "read bandwidth: not measured");
         }
+    }
+    if let Some(p) = r.weight_pages {
+        let _ = writeln!(
+            s,
+            "weights in memory: {}, {:.0}% of it on 2 MiB pages",
+            format_bytes(p.resident_bytes),
+            p.huge_fraction() * 100.0
+        );
     }
     let _ = writeln!(
         s,

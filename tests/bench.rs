@@ -5,6 +5,7 @@ use performer::bench::{
     self, Attention, BenchOptions, Fill, ModelInfo, Report, Row, Stats, TestKind,
 };
 use performer::synthetic::{self, SyntheticShape, WeightDtype};
+use performer::weights::PageReport;
 use performer::Model;
 
 #[test]
@@ -103,6 +104,10 @@ fn sample_report() -> Report {
             seconds: 2.0,
             threads: 2,
         }],
+        weight_pages: Some(PageReport {
+            resident_bytes: 6 << 20,
+            huge_page_bytes: 3 << 20,
+        }),
     }
 }
 
@@ -110,6 +115,10 @@ fn sample_report() -> Report {
 fn markdown_table() {
     let md = bench::markdown(&sample_report());
     assert!(md.contains("read bandwidth: 30.0 GB/s"), "{md}");
+    assert!(
+        md.contains("weights in memory: 6.0 MiB, 50% of it on 2 MiB pages"),
+        "{md}"
+    );
     assert!(md.contains(
         "| model | dtype | attention | test | depth | threads | t/s | peak RSS | state/seq | roofline |"
     ));
@@ -143,6 +152,7 @@ fn json_report() {
     assert_eq!(v["rows"][0]["tokens_per_s"]["mean"], 2500.0);
     assert_eq!(v["rows"][0]["roofline"], serde_json::Value::Null);
     assert_eq!(v["fills"][0]["seconds"], 2.0);
+    assert_eq!(v["weight_pages"]["huge_page_bytes"], 3 << 20);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use common::fixture;
 use performer::config::{Config, Inferred, Origin};
-use performer::weights::{names, WeightFile};
+use performer::weights::{names, PageReport, WeightFile};
 use performer::{Error, LoadOptions, Model, State};
 
 const BASE: &str = r#""num_tokens": 256, "max_seq_len": 128, "dim": 64, "depth": 2, "heads": 2, "dim_head": 32, "causal": true"#;
@@ -172,6 +172,72 @@ fn huge_page_copy_runs_the_same_model() {
         WeightFile::open_huge_pages("/nonexistent/model.safetensors"),
         Err(Error::Io { .. })
     ));
+}
+
+#[test]
+fn page_report_parses_smaps_entries_inside_the_range() {
+    // Three entries of one mapping at 0x10000..0x40000 (the kernel splits a mapping when parts
+    // differ), one entry before it and one after it, which must not count.
+    let smaps = "\
+0000f000-00010000 r--p 00000000 fd:00 1 /other
+Rss:                   4 kB
+FilePmdMapped:         0 kB
+00010000-00020000 r--p 00000000 fd:00 2 /m.safetensors
+Size:                 64 kB
+Rss:                  64 kB
+FilePmdMapped:         0 kB
+VmFlags: rd mr mw me hg
+00020000-00030000 r--p 00010000 fd:00 2 /m.safetensors
+Rss:                  32 kB
+FilePmdMapped:        32 kB
+00030000-00040000 r--p 00000000 00:00 0
+Rss:                  16 kB
+AnonHugePages:         8 kB
+00040000-00050000 rw-p 00000000 00:00 0 [heap]
+Rss:                  64 kB
+AnonHugePages:        64 kB
+";
+    let r = PageReport::from_smaps(smaps, 0x10000..0x40000);
+    assert_eq!(r.resident_bytes, (64 + 32 + 16) * 1024);
+    assert_eq!(r.huge_page_bytes, (32 + 8) * 1024);
+    assert!((r.huge_fraction() - 40.0 / 112.0).abs() < 1e-12);
+    // An unmapped range, an empty or garbled file: nothing resident, no division by zero.
+    for (text, range) in [
+        (smaps, 0x60000..0x70000),
+        ("", 0..usize::MAX),
+        ("zz-yy nonsense\nRss: lots kB\n", 0..usize::MAX),
+    ] {
+        let r = PageReport::from_smaps(text, range);
+        assert_eq!(r, PageReport::default());
+        assert_eq!(r.huge_fraction(), 0.0);
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn page_report_counts_the_weights_once_read() {
+    // Whether the kernel uses 2 MiB pages depends on it and the file system, so only the
+    // accounting is checked: a fully read mapping is resident, the huge share within it.
+    for huge_pages in [false, true] {
+        let path = fixture("default_a").join("model.safetensors");
+        let file = if huge_pages {
+            WeightFile::open_huge_pages(&path)
+        } else {
+            WeightFile::open(&path)
+        }
+        .unwrap();
+        let checksum = file.bytes().iter().fold(0u8, |a, &b| a.wrapping_add(b));
+        std::hint::black_box(checksum);
+        let r = file
+            .page_report()
+            .expect("/proc/self/smaps is readable on Linux");
+        let size = file.file_size() as u64;
+        assert!(
+            r.resident_bytes >= size && r.resident_bytes < size + (2 << 20),
+            "{huge_pages}: {r:?} for {size} bytes"
+        );
+        assert!(r.huge_page_bytes <= r.resident_bytes, "{r:?}");
+    }
 }
 
 #[test]

@@ -266,6 +266,15 @@ impl WeightFile {
         // or changed weights); like every mmap-based loader we document that model files must
         // not be modified while loaded. All accesses below stay inside `len` bytes.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // Only advice, and zero-copy still: where the file system caches files in large
+        // folios (ext4 and xfs on recent Linux), a mapping advised `MADV_HUGEPAGE` makes
+        // readahead bring the file in as 2 MiB folios, which the kernel then maps with 2 MiB
+        // pages. Decoding streams every weight once per token, and with 4 KiB pages a TLB
+        // miss every 4 KiB costs a memory-bound model a measurable share of its bandwidth
+        // (README "Performance"). Pages already cached in small folios stay small; see
+        // [`WeightFile::page_report`] to tell which case a process is in.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
         Self::from_map(path, Arc::new(map))
     }
 
@@ -334,6 +343,18 @@ impl WeightFile {
         self.map.len()
     }
 
+    /// How much of the weights' memory is resident and how much of it the kernel maps with
+    /// 2 MiB pages, read from `/proc/self/smaps` (Linux; `None` elsewhere or when it cannot
+    /// be read). Pages are counted once touched, so ask after decoding has read the weights.
+    pub fn page_report(&self) -> Option<PageReport> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let start = self.map.as_ptr() as usize;
+        Some(PageReport::from_smaps(
+            &smaps,
+            start..start + self.map.len(),
+        ))
+    }
+
     /// Names and metadata of every entry, in name order.
     pub fn entries(&self) -> impl Iterator<Item = (&str, &EntryInfo)> {
         self.entries.iter().map(|(k, (e, _, _))| (k.as_str(), e))
@@ -384,6 +405,62 @@ impl WeightFile {
             shape: info.shape.clone(),
             storage: Arc::new(storage),
         })
+    }
+}
+
+/// Residency of a memory range: see [`WeightFile::page_report`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct PageReport {
+    /// Bytes of the range in memory.
+    pub resident_bytes: u64,
+    /// Of those, bytes mapped with 2 MiB pages (a file's `FilePmdMapped` or, for the
+    /// `--huge-pages` copy, `AnonHugePages`).
+    pub huge_page_bytes: u64,
+}
+
+impl PageReport {
+    /// Sums the `Rss`, `FilePmdMapped` and `AnonHugePages` fields of the `smaps` entries that
+    /// start inside `range`. `range` is a whole mapping (page-aligned start): the kernel may
+    /// list it as one or several entries, each starting inside it, and entries never overlap.
+    pub fn from_smaps(smaps: &str, range: Range<usize>) -> PageReport {
+        let mut report = PageReport::default();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let mut fields = line.split_whitespace();
+            let Some(first) = fields.next() else { continue };
+            if let Some((lo, hi)) = first.split_once('-') {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = lo < hi && range.contains(&lo);
+                    continue;
+                }
+            }
+            if !inside {
+                continue;
+            }
+            let kib = || -> u64 {
+                line.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            match first {
+                "Rss:" => report.resident_bytes += kib() * 1024,
+                "FilePmdMapped:" | "AnonHugePages:" => report.huge_page_bytes += kib() * 1024,
+                _ => {}
+            }
+        }
+        report
+    }
+
+    /// Share of the resident bytes on 2 MiB pages (0 when nothing is resident).
+    pub fn huge_fraction(&self) -> f64 {
+        if self.resident_bytes == 0 {
+            0.0
+        } else {
+            self.huge_page_bytes as f64 / self.resident_bytes as f64
+        }
     }
 }
 
