@@ -5,6 +5,10 @@
 #
 #   scripts/ab_bench.sh RUNS OLD_BINARY NEW_BINARY -- BENCH_ARGS…
 #   scripts/ab_bench.sh 5 /tmp/performer-old target/release/performer -- --shape tiny --pp 0 --tg 256 -r 3 --threads 1
+#
+# AB_BEFORE_EACH, if set, is a shell command run before every run, e.g. to drop a kept
+# synthetic model from the page cache so that each binary maps it fresh from disk:
+#   AB_BEFORE_EACH='scripts/drop_page_cache.py /tmp/syn/model.safetensors' scripts/ab_bench.sh …
 set -euo pipefail
 if [[ $# -lt 4 || $4 != "--" ]]; then
     echo "usage: $0 RUNS OLD_BINARY NEW_BINARY -- BENCH_ARGS..." >&2
@@ -17,8 +21,11 @@ means() {
         python3 -c "import json,sys; print(' '.join(str(r['tokens_per_s']['mean']) for r in json.load(sys.stdin)['rows']))"
 }
 ra=() rb=()
+before() { if [[ -n ${AB_BEFORE_EACH:-} ]]; then eval "$AB_BEFORE_EACH"; fi; }
 for _ in $(seq "$runs"); do
+    before
     ra+=($(means "$a" "$@"))
+    before
     rb+=($(means "$b" "$@"))
 done
 python3 - "${ra[*]}" "${rb[*]}" <<'PY'

@@ -48,8 +48,10 @@ pub struct LoadOptions {
     /// Overrides `denominator_eps` (δ of the causal denominator).
     pub denominator_eps: Option<f32>,
     /// Copy the weights into huge-page memory instead of mapping the file
-    /// ([`WeightFile::open_huge_pages`]): faster decoding of memory-bound models, at the cost of
-    /// reading the whole file at load and a private copy of it in memory.
+    /// ([`WeightFile::open_huge_pages`]), at the cost of reading the whole file at load and a
+    /// private copy of it in memory. The default mapping already gets 2 MiB pages when the
+    /// file is read from disk; the copy is for a file the page cache holds in small pages (just
+    /// written or copied), which [`WeightFile::page_report`] shows.
     pub huge_pages: bool,
 }
 

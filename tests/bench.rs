@@ -112,6 +112,31 @@ fn sample_report() -> Report {
 }
 
 #[test]
+fn interleaved_depths_alternate_their_order() {
+    let order = |rep, n| bench::depth_visit_order(rep, n).collect::<Vec<_>>();
+    assert_eq!(order(0, 3), [0, 1, 2]);
+    assert_eq!(order(1, 3), [2, 1, 0]);
+    assert_eq!(order(2, 3), [0, 1, 2]);
+    assert_eq!(order(5, 1), [0]);
+    assert!(order(0, 0).is_empty());
+    // Over an even number of repetitions every depth is visited first and last equally often.
+    for n in 2..6 {
+        let firsts: Vec<usize> = (0..4).map(|r| order(r, n)[0]).collect();
+        assert_eq!(firsts.iter().filter(|&&i| i == 0).count(), 2);
+        assert_eq!(firsts.iter().filter(|&&i| i == n - 1).count(), 2);
+        for r in 0..4 {
+            let mut seen = order(r, n);
+            seen.sort_unstable();
+            assert_eq!(
+                seen,
+                (0..n).collect::<Vec<_>>(),
+                "each depth once per repetition"
+            );
+        }
+    }
+}
+
+#[test]
 fn markdown_table() {
     let md = bench::markdown(&sample_report());
     assert!(md.contains("read bandwidth: 30.0 GB/s"), "{md}");

@@ -209,6 +209,42 @@ fn absolute_and_axial_positions_end_at_max_seq_len_rotary_does_not() {
 }
 
 #[test]
+fn vector_rotary_rows_match_the_scalar_twin() {
+    use performer::attention::rotary::Sinusoid;
+    // Both reduce the angle the same way and evaluate sin/cos to ~1 ulp in f64 (wide's f64x4
+    // polynomial vs libm), so after rounding to f32 they may differ by one f32 ulp at most
+    // (≤ 6e-8 for values in [−1, 1]) where the f64 results straddle a rounding boundary.
+    // Half-widths 1, 3, 4, 5, 32 cover no vector block, a block with no tail, and tails.
+    for dim in [2usize, 6, 8, 10, 64] {
+        let (mut fast, mut slow) = (vec![0f32; dim], vec![0f32; dim]);
+        for pos in [
+            0usize,
+            1,
+            2,
+            7,
+            1023,
+            1024,
+            65_537,
+            1 << 20,
+            10_000_019,
+            usize::MAX >> 12,
+        ] {
+            Sinusoid::formula(dim, pos, &mut fast);
+            Sinusoid::formula_scalar(dim, pos, &mut slow);
+            for i in 0..dim {
+                assert!(
+                    (fast[i] - slow[i]).abs() <= 6e-8,
+                    "dim {dim} pos {pos} i {i}: {} vs {}",
+                    fast[i],
+                    slow[i]
+                );
+                assert!(fast[i].abs() <= 1.0);
+            }
+        }
+    }
+}
+
+#[test]
 fn rotary_rows_past_the_table_match_the_unreduced_formula() {
     use performer::attention::rotary::Sinusoid;
     // The angle is reduced modulo 2π before sin/cos; the result must stay within f32 rounding

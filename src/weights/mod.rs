@@ -4,7 +4,8 @@
 //! The file is mapped, its header parsed and validated (offsets inside the data, sorted and
 //! non-overlapping, byte counts matching dtype × shape) by the `safetensors` crate, and each
 //! tensor becomes a [`Tensor`]: a handle to a byte range of the mapping. Nothing is copied up
-//! front; pages are read on first use. A tensor whose data is not aligned for its element type
+//! front; pages are read on first use, and on Linux the mapping is advised `MADV_HUGEPAGE` so
+//! that a file read from disk is mapped with 2 MiB pages ([`WeightFile::page_report`]). A tensor whose data is not aligned for its element type
 //! (possible with third-party writers) is the one exception: it is copied once into an aligned
 //! buffer, since unaligned typed access would be undefined behaviour.
 
@@ -281,9 +282,10 @@ impl WeightFile {
     /// Reads a safetensors file into anonymous memory, advised (on Linux) to be backed by
     /// transparent huge pages, instead of mapping the file: a stated trade-off against the
     /// zero-copy default. Loading reads the whole file and the process holds its own copy
-    /// (the page cache's can no longer be shared), but the weights then sit on 2 MiB pages:
-    /// far fewer TLB misses while decoding streams them, which read a memory-bound model's
-    /// weights faster here (README "Performance"). Tensors are still views into this one
+    /// (the page cache's can no longer be shared), but the weights then sit on 2 MiB pages
+    /// whatever the page cache holds. [`WeightFile::open`] gets 2 MiB pages too when the file
+    /// comes from disk (or was cached that way); this copy is for a file the page cache holds
+    /// in small pages, e.g. one just written or copied. Tensors are still views into this one
     /// buffer, never copied again. Validation is the same as [`WeightFile::open`].
     pub fn open_huge_pages(path: impl AsRef<Path>) -> Result<Self> {
         use std::io::Read;
