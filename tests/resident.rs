@@ -31,9 +31,12 @@ fn loading_maps_weights_without_reading_them() {
     );
     let grown = after.saturating_sub(before);
     // Loading reads the header and a few small tensors' pages at most: well under 10% of a
-    // 14 MB file (measured: a few hundred KB, mostly the header and allocator pages).
+    // 14 MB file (measured: a few hundred KB, mostly the header and allocator pages) plus,
+    // where the kernel maps the file with 2 MiB pages (the mapping is advised MADV_HUGEPAGE
+    // and the file comes fresh from disk: measured 2,101,248 bytes), the one 2 MiB page the
+    // header sits in. Reading the weights would grow it by the whole file.
     assert!(
-        grown < file_size / 10,
+        grown < file_size / 10 + (2 << 20),
         "resident memory grew by {grown} bytes for a {file_size}-byte file"
     );
     drop(model);
