@@ -15,12 +15,6 @@ use performer::{GenerateOptions, Generation, LoadOptions, Model, SamplingParams,
 /// The model shipped in `models/`.
 const DEFAULT_MODEL: &str = "models/performer-byte";
 
-/// Weights read per token up to which decoding defaults to one thread: they stay in this
-/// machine's 32 MiB L3, and two threads measured slower than one there (`performer bench
-/// --model models/performer-byte --threads 1,2`: 5118 ± 149 vs 4197 ± 1374 tokens/s; tiny f32
-/// 3457 ± 330 vs 3149 ± 373).
-const CACHE_RESIDENT_BYTES: usize = 32 << 20;
-
 #[derive(Parser)]
 #[command(
     name = "performer",
@@ -106,9 +100,8 @@ impl ModelArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Threads for decoding (the prompt uses --threads). Default: one when the weights read
-    /// per token fit in the last-level cache (32 MiB; a fork-join per product costs such small
-    /// models more than a second thread gives), otherwise --threads.
+    /// Threads for decoding, in a pool of their own (the prompt uses --threads). Default:
+    /// --threads.
     #[arg(long)]
     decode_threads: Option<usize>,
     /// The prompt text.
@@ -233,11 +226,7 @@ fn generate(a: GenerateArgs) -> CliResult {
             seed: a.seed,
             ..SamplingParams::default()
         },
-        decode_threads: match a.decode_threads {
-            Some(n) => Some(n),
-            None if model.weight_bytes_per_token() <= CACHE_RESIDENT_BYTES => Some(1),
-            None => None,
-        },
+        decode_threads: a.decode_threads,
     };
     let mut generation = Generation::new(&model, &mut state, &prompt, options)?;
     let stdout = std::io::stdout();

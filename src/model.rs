@@ -841,8 +841,8 @@ impl Model {
                 query_feat,
             };
         // Each head's step touches its m×d state about five times (feature maps, compensated
-        // update, readout): from 64k state elements per layer (gpt2-small: 12 × 256 × 64) that
-        // outweighs a fork-join; tiny models (4 × 128 × 64) stay on one thread.
+        // update, readout): from 4k state elements per layer that outweighs handing heads to
+        // the pool's awake workers (tiny models, 4 × 128 × 64, gain too: see PAR_MIN_ELEMS).
         if gh > 1 && gh * m * d >= kernels::PAR_MIN_ELEMS / 4 {
             a_mat
                 .0
@@ -1136,9 +1136,9 @@ mod tests {
                 .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
                 .collect();
             let want: Vec<f32> = lin.iter().flat_map(|l| l.forward_scalar(&x)).collect();
-            // 600 × 500 weights split into blocks of 136 rows on two threads: blocks straddle
-            // the 200- and 456-row boundaries; one thread runs the whole stack serially.
-            assert_eq!(kernels::matvec_block_rows(600, 500, 2), Some(136));
+            // 600 × 500 weights split into two blocks of 304 rows on two threads: they
+            // straddle the 200- and 456-row boundaries; one thread runs the stack serially.
+            assert_eq!(kernels::matvec_block_rows(600, 500, 2), Some(304));
             let mut outs = Vec::new();
             for threads in [1, 2] {
                 let pool = rayon::ThreadPoolBuilder::new()

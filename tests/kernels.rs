@@ -132,6 +132,86 @@ fn matvec_matches_scalar_including_parallel_blocks() {
 }
 
 #[test]
+fn matvec_blocks_cover_the_rows_one_to_four_per_thread() {
+    use performer::kernels::{matvec_block_rows, PAR_MIN_ELEMS};
+    // Too small, one thread, or a single block: no split.
+    assert_eq!(matvec_block_rows(1, PAR_MIN_ELEMS - 1, 2), None);
+    assert_eq!(matvec_block_rows(4096, 4096, 1), None);
+    assert_eq!(matvec_block_rows(8, 4096, 2), None);
+    for threads in [2usize, 3, 4, 16] {
+        for &(rows, cols) in &[
+            (128, 128),
+            (256, 256),
+            (768, 256),
+            (1024, 256),
+            (256, 1024),
+            (2304, 768),
+            (50257, 768),
+            (9, 1 << 14),
+            (100_000, 1),
+        ] {
+            let Some(block) = matvec_block_rows(rows, cols, threads) else {
+                assert!(rows * cols < PAR_MIN_ELEMS || rows <= 8, "{rows}x{cols}");
+                continue;
+            };
+            assert_eq!(
+                block % 8,
+                0,
+                "{rows}x{cols} t{threads}: whole groups of 8 rows"
+            );
+            assert!(block < rows);
+            let blocks = rows.div_ceil(block);
+            // Rounding blocks up to 8 rows can leave fewer than `threads` of them for a
+            // matrix of few rows, never more than four per thread.
+            assert!(blocks <= 4 * threads, "{rows}x{cols} t{threads}: {blocks}");
+            if rows % (8 * threads) == 0 && rows >= 8 * threads * 4 {
+                assert_eq!(blocks % threads, 0, "{rows}x{cols} t{threads}: {blocks}");
+            }
+            if rows >= 8 * threads * 4 {
+                assert!(blocks >= threads, "{rows}x{cols} t{threads}: {blocks}");
+            }
+        }
+    }
+    // Large products get more than one block per thread, small ones exactly one, and the
+    // count is a multiple of the threads (three blocks on two threads would leave one thread
+    // a third of the product idle).
+    assert_eq!(matvec_block_rows(256, 256, 2), Some(128));
+    assert_eq!(matvec_block_rows(1024, 256, 2), Some(512));
+    assert_eq!(matvec_block_rows(768, 768, 2), Some(192)); // 590k weights: 4 blocks
+    assert_eq!(matvec_block_rows(3072, 768, 2), Some(384)); // 2.4M: 8 blocks (at most 4 each)
+    assert_eq!(matvec_block_rows(50257, 768, 2), Some(6288));
+    assert_eq!(matvec_block_rows(3072, 768, 3), Some(344)); // 9 blocks, 3 per thread
+}
+
+#[test]
+fn matvec_split_across_threads_is_bit_identical() {
+    let mut rng = TestRng(21);
+    // Around the split threshold and up to several blocks per thread: every row is one dot
+    // product computed the same way in whichever block it lands, so thread counts agree
+    // exactly, f32 and bf16 (which has its own row kernel) alike.
+    for &(rows, cols) in &[(128, 128), (127, 129), (300, 300), (4100, 300)] {
+        let w = rng.vec(rows * cols, 1.0);
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let x = rng.vec(cols, 1.0);
+        let mut outs = Vec::new();
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let (mut y, mut yb) = (vec![0f32; rows], vec![0f32; rows]);
+            pool.install(|| {
+                kernels::matvec(&w, &x, &mut y);
+                kernels::matvec(&wb, &x, &mut yb);
+            });
+            outs.push((y, yb));
+        }
+        assert_eq!(outs[0], outs[1], "{rows}x{cols}");
+        assert_eq!(outs[0], outs[2], "{rows}x{cols}");
+    }
+}
+
+#[test]
 fn axpy_matches_scalar() {
     let mut rng = TestRng(3);
     for &n in LENGTHS {

@@ -13,10 +13,21 @@ use wide::f32x16;
 
 pub use simd::{Elem, LANES};
 
-/// Below this many weight elements a matrix-vector product runs on the calling thread: a rayon
-/// fork-join costs a few microseconds (far more when the other core is busy), about what
-/// streaming 256K f32 weights (1 MiB) from L2/L3 takes on one core.
-pub const PAR_MIN_ELEMS: usize = 1 << 18;
+/// Below this many weight elements (64 KiB of f32) a matrix-vector product runs on the calling
+/// thread. Above it the product is split into at least one row block per thread: during decode
+/// the pool's workers are awake (products follow each other microseconds apart), so handing
+/// one block to the other core costs about a microsecond, and even the 256×256 products of a
+/// small model gain. Measured on the tiny shape with two threads: 3.6–3.9k tokens/s when only
+/// products of 1 MiB and more were split (four blocks per thread), 5.7–5.9k with this
+/// threshold and one block per thread (README "Performance").
+pub const PAR_MIN_ELEMS: usize = 1 << 14;
+
+/// Weight elements (1 MiB of f32) per parallel block that a large product aims at: products up
+/// to `threads` × this get one block per thread (each extra block is one more hand-off);
+/// larger ones get more, a multiple of the thread count up to four per thread, so a thread
+/// slowed by the other work of a shared machine holds up less of the product (the split of
+/// gpt2-small's products is the one measured before this threshold changed).
+const BLOCK_ELEMS: usize = 1 << 18;
 
 /// Dot product of a weight row and an f32 vector.
 ///
@@ -158,18 +169,20 @@ pub fn matvec_serial<T: Elem>(w: &[T], x: &[f32], y: &mut [f32]) {
 }
 
 /// Rows per parallel block of a `rows × cols` matrix-vector product on `threads` threads:
-/// multiples of 8 rows, about 4 blocks per thread for load balance, each at least
-/// `PAR_MIN_ELEMS / 4` weights; `None` when the product is too small to split.
+/// multiples of 8 rows, one to four blocks per thread and a multiple of the thread count (about
+/// [`BLOCK_ELEMS`] weights each); `None` when the product is too small to split ([`PAR_MIN_ELEMS`], one thread, or a
+/// single block).
 pub fn matvec_block_rows(rows: usize, cols: usize, threads: usize) -> Option<usize> {
-    if rows.saturating_mul(cols) < PAR_MIN_ELEMS || threads <= 1 {
+    let elems = rows.saturating_mul(cols);
+    if elems < PAR_MIN_ELEMS || threads <= 1 {
         return None;
     }
-    let min_rows = (PAR_MIN_ELEMS / 4).div_ceil(cols.max(1)).max(MATVEC_ROWS);
-    Some(
-        rows.div_ceil(4 * threads)
-            .max(min_rows)
-            .next_multiple_of(MATVEC_ROWS),
-    )
+    let blocks = elems
+        .div_ceil(BLOCK_ELEMS)
+        .next_multiple_of(threads)
+        .clamp(threads, 4 * threads);
+    let block = rows.div_ceil(blocks).next_multiple_of(MATVEC_ROWS);
+    (block < rows).then_some(block)
 }
 
 /// `y = W x` for a row-major `W` of shape `[y.len(), x.len()]` (a torch `Linear` weight).
