@@ -19,8 +19,9 @@ pub struct GenerateOptions {
     /// Sampling parameters.
     pub sampling: SamplingParams,
     /// Threads for the decoding steps, in a rayon pool of their own; `None` decodes in the
-    /// calling pool (the prompt is always ingested there). Small models decode faster on one
-    /// thread than on two, while their prompts still gain from two.
+    /// calling pool (the prompt is always ingested there). For a decode thread count other
+    /// than the prompt's, e.g. to leave cores to other sequences of a server. The pool is
+    /// built per generation (thread start-up: tens of microseconds).
     pub decode_threads: Option<usize>,
 }
 
