@@ -1,5 +1,6 @@
 //! The generation loop as an iterator of text pieces.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -20,9 +21,29 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     /// Threads for the decoding steps, in a rayon pool of their own; `None` decodes in the
     /// calling pool (the prompt is always ingested there). For a decode thread count other
-    /// than the prompt's, e.g. to leave cores to other sequences of a server. The pool is
-    /// built per generation (thread start-up: tens of microseconds).
+    /// than the prompt's. The pool is built per generation (thread start-up: tens of
+    /// microseconds); a server starting many generations passes [`Self::decode_pool`] instead.
     pub decode_threads: Option<usize>,
+    /// A pool, shared and kept by the caller, to decode in (e.g. one pool for all the
+    /// sequences of a server, sized to leave cores to other work). Setting both this and
+    /// `decode_threads` is an [`Error::InvalidParameter`].
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use performer::{GenerateOptions, Generation, Model, State};
+    /// let model = Model::load("models/performer-byte")?;
+    /// let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap());
+    /// for prompt in ["The sea", "A road"] {
+    ///     let mut state = State::new(&model);
+    ///     let options = GenerateOptions { decode_pool: Some(pool.clone()), ..Default::default() };
+    ///     let tokens: Vec<u32> = prompt.bytes().map(u32::from).collect();
+    ///     let text: String = Generation::new(&model, &mut state, &tokens, options)?
+    ///         .collect::<Result<_, _>>()?;
+    ///     println!("{text}");
+    /// }
+    /// # Ok::<(), performer::Error>(())
+    /// ```
+    pub decode_pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl Default for GenerateOptions {
@@ -32,6 +53,7 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             sampling: SamplingParams::default(),
             decode_threads: None,
+            decode_pool: None,
         }
     }
 }
@@ -88,7 +110,7 @@ pub struct Generation<'a> {
     max_tokens: usize,
     done: bool,
     stats: GenerationStats,
-    decode_pool: Option<rayon::ThreadPool>,
+    decode_pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl<'a> Generation<'a> {
@@ -104,17 +126,23 @@ impl<'a> Generation<'a> {
         if options.stop.iter().any(String::is_empty) {
             return Err(Error::invalid("stop", "stop strings must not be empty"));
         }
-        let decode_pool = match options.decode_threads {
-            None => None,
-            Some(0) => return Err(Error::invalid("decode_threads", "must be at least 1")),
-            Some(n) => Some(
+        let decode_pool = match (options.decode_threads, options.decode_pool) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    "decode_threads",
+                    "give decode_threads or decode_pool, not both",
+                ))
+            }
+            (None, pool) => pool,
+            (Some(0), None) => return Err(Error::invalid("decode_threads", "must be at least 1")),
+            (Some(n), None) => Some(Arc::new(
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(n)
                     .build()
                     .map_err(|e| {
                         Error::invalid("decode_threads", format!("cannot start {n}: {e}"))
                     })?,
-            ),
+            )),
         };
         let start = Instant::now();
         if prompt.is_empty() {

@@ -227,6 +227,7 @@ fn generate(a: GenerateArgs) -> CliResult {
             ..SamplingParams::default()
         },
         decode_threads: a.decode_threads,
+        ..GenerateOptions::default()
     };
     let mut generation = Generation::new(&model, &mut state, &prompt, options)?;
     let stdout = std::io::stdout();

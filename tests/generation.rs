@@ -44,6 +44,38 @@ fn decoding_in_a_pool_of_its_own_changes_nothing() {
         Generation::new(&m, &mut state, &[1, 2], opts(Some(0))),
         Err(Error::InvalidParameter { .. })
     ));
+    // One caller-owned pool shared by several generations, one after another and at once.
+    let pool = std::sync::Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap(),
+    );
+    let shared = || GenerateOptions {
+        decode_pool: Some(pool.clone()),
+        ..opts(None)
+    };
+    for _ in 0..2 {
+        assert_eq!(run(&m, "The ", shared()), (text.clone(), tokens.clone()));
+    }
+    let together: Vec<(String, Vec<u32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| run(&m, "The ", shared())))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(together
+        .iter()
+        .all(|r| *r == (text.clone(), tokens.clone())));
+    // Both ways of choosing the decode threads at once is an error, not a silent choice.
+    let both = GenerateOptions {
+        decode_threads: Some(2),
+        ..shared()
+    };
+    assert!(matches!(
+        Generation::new(&m, &mut state, &[1, 2], both),
+        Err(Error::InvalidParameter { .. })
+    ));
 }
 
 #[test]
