@@ -99,6 +99,13 @@ impl<'m> SoftmaxSession<'m> {
         cache + self.state.size_bytes()
     }
 
+    /// Bytes the key/value caches grow by per token (keys and values of every global head of
+    /// every layer, f32).
+    pub fn cache_bytes_per_token(&self) -> usize {
+        let heads: usize = self.keys.iter().map(|layer| layer.len()).sum();
+        2 * 4 * heads * self.model.config().dim_head
+    }
+
     /// Consumes one token and returns the logits for the next.
     pub fn step(&mut self, token: u32) -> Result<&[f32]> {
         let model = self.model;

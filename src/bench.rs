@@ -112,6 +112,8 @@ pub trait Session<'m>: Send + Sync {
     fn prefill(&mut self, tokens: &[u32]) -> Result<()>;
     /// Bytes of per-sequence state held now (for a KV cache: grows with the depth).
     fn state_bytes(&self) -> usize;
+    /// Bytes the state grows by per token consumed (0 for FAVOR+'s constant-size state).
+    fn bytes_per_token(&self) -> usize;
     /// An independent copy at the same depth, so that every `tg` repetition starts from the
     /// same state. `None` where copying is not supported: then the repetitions run back to back
     /// on the session itself, the r-th starting at depth `K + r·N` (plus two warm-up tokens).
@@ -141,6 +143,10 @@ impl<'m> Session<'m> for FavorSession<'m> {
         self.state.size_bytes()
     }
 
+    fn bytes_per_token(&self) -> usize {
+        0
+    }
+
     fn fork(&self) -> Option<Box<dyn Session<'m> + 'm>> {
         Some(Box::new(FavorSession {
             model: self.model,
@@ -166,6 +172,10 @@ impl<'m> Session<'m> for SoftmaxBench<'m> {
 
     fn state_bytes(&self) -> usize {
         self.0.size_bytes()
+    }
+
+    fn bytes_per_token(&self) -> usize {
+        self.0.cache_bytes_per_token()
     }
 
     fn fork(&self) -> Option<Box<dyn Session<'m> + 'm>> {
@@ -349,6 +359,15 @@ fn proc_status_bytes(field: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Memory the kernel reports available for new allocations without swapping
+/// (`MemAvailable` of `/proc/meminfo`), where it has it.
+pub fn available_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// The process's peak resident set (`VmHWM`) in bytes, where `/proc` has it.
 pub fn peak_rss_bytes() -> Option<u64> {
     proc_status_bytes("VmHWM")
@@ -387,6 +406,12 @@ pub struct BenchOptions {
     pub bandwidth_passes: usize,
     /// Show a progress bar on stderr when it is a terminal.
     pub progress: bool,
+    /// Bytes a growing state (the softmax baseline's cache) may add to reach a depth and run
+    /// its repetitions there; a depth that would need more is skipped and reported in
+    /// [`Report::skipped`], as are the larger ones. `None`: 80% of the memory the kernel
+    /// reports available (`MemAvailable`) when the depth is reached; no limit where that is
+    /// unknown.
+    pub memory_budget: Option<u64>,
 }
 
 impl Default for BenchOptions {
@@ -402,6 +427,7 @@ impl Default for BenchOptions {
             bandwidth_bytes: 1 << 30,
             bandwidth_passes: 6,
             progress: true,
+            memory_budget: None,
         }
     }
 }
@@ -527,6 +553,21 @@ pub struct Report {
     /// The weights' residency after the tests, and how much of it sits on 2 MiB pages
     /// (None where `/proc/self/smaps` is not available).
     pub weight_pages: Option<PageReport>,
+    /// Depths not measured because the state would not fit in memory there.
+    pub skipped: Vec<Skipped>,
+}
+
+/// A depth left out because its state would not fit (see [`BenchOptions::memory_budget`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    /// Attention kind.
+    pub attention: Attention,
+    /// The depth.
+    pub depth: usize,
+    /// Bytes the state would have grown by to reach it and run the repetitions there.
+    pub needed_bytes: u64,
+    /// The budget it was held against.
+    pub budget_bytes: u64,
 }
 
 fn validate(opts: &BenchOptions) -> Result<()> {
@@ -629,6 +670,7 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
     let info = ModelInfo::of(model, name);
     let mut rows = Vec::new();
     let mut fills = Vec::new();
+    let mut skipped = Vec::new();
 
     for &attention in &opts.attentions {
         // pp: a fresh state per repetition.
@@ -780,7 +822,25 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
             rows.extend(tg_rows);
             continue;
         }
-        for &depth in &depths {
+        // Tokens one depth's tests add on top of the depth (warm-up and repetitions, per tg
+        // size and thread count).
+        let per_depth: usize = pools.len() * tg.iter().map(|&n| 2 + reps * n).sum::<usize>();
+        for (i, &depth) in depths.iter().enumerate() {
+            let grow = base.bytes_per_token() as u64;
+            let needed = grow.saturating_mul((depth.max(at) - at + per_depth) as u64);
+            let budget = opts
+                .memory_budget
+                .or_else(|| available_memory_bytes().map(|b| b / 10 * 8));
+            if let Some(budget) = budget.filter(|&b| needed > b) {
+                // This depth and every larger one would not fit: reported, not attempted.
+                skipped.extend(depths[i..].iter().map(|&depth| Skipped {
+                    attention,
+                    depth,
+                    needed_bytes: grow.saturating_mul((depth.max(at) - at + per_depth) as u64),
+                    budget_bytes: budget,
+                }));
+                break;
+            }
             // A session that cannot fork has moved past earlier depths by its repetitions.
             if depth > at {
                 fills.push(fill(&mut base, at, depth, &mut rng)?);
@@ -850,6 +910,7 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
         rows,
         fills,
         weight_pages,
+        skipped,
     })
 }
 
@@ -930,6 +991,16 @@ pub fn markdown(r: &Report) -> String {
             format_bytes(row.state_bytes as u64),
             row.roofline
                 .map_or_else(|| "-".to_string(), |f| format!("{:.0}%", f * 100.0)),
+        );
+    }
+    for k in &r.skipped {
+        let _ = writeln!(
+            s,
+            "\nskipped: {} at depth {}: its state would grow by {}, more than the {} it may take",
+            k.attention,
+            format_count(k.depth),
+            format_bytes(k.needed_bytes),
+            format_bytes(k.budget_bytes)
         );
     }
     if !r.fills.is_empty() {

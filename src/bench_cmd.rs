@@ -145,6 +145,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         bandwidth_bytes: a.bandwidth_mib << 20,
         bandwidth_passes: 5,
         progress: !a.no_progress && std::io::stderr().is_terminal(),
+        memory_budget: None,
     };
     let report = bench::run(&model, &name, &options)?;
     if a.json {

@@ -108,6 +108,7 @@ fn sample_report() -> Report {
             resident_bytes: 6 << 20,
             huge_page_bytes: 3 << 20,
         }),
+        skipped: vec![],
     }
 }
 
@@ -218,6 +219,7 @@ fn favor_and_softmax_side_by_side() {
     };
     let report = bench::run(&model, "micro", &opts).unwrap();
     assert_eq!(report.rows.len(), 2 * 3);
+    assert!(report.skipped.is_empty());
     assert!(report.read_bandwidth.is_none());
     let tg = |a: Attention, depth: usize| {
         report
@@ -282,6 +284,88 @@ fn favor_and_softmax_side_by_side() {
 }
 
 #[test]
+fn depths_whose_cache_would_not_fit_are_skipped_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = SyntheticShape {
+        name: "micro".into(),
+        dim: 32,
+        depth: 1,
+        heads: 2,
+        dim_head: 16,
+        ff_mult: 2,
+        nb_features: 16,
+        vocab: 256,
+        max_seq_len: 16,
+    };
+    synthetic::write(dir.path(), &shape, WeightDtype::F32, 1).unwrap();
+    let model = Model::load(dir.path()).unwrap();
+    let per_token = performer::baseline::SoftmaxSession::new(&model).cache_bytes_per_token();
+    // 1 layer × 2 heads × 16 wide, keys and values in f32.
+    assert_eq!(per_token, 2 * 4 * 2 * 16);
+    let opts = BenchOptions {
+        attentions: vec![Attention::Favor, Attention::Softmax],
+        pp: vec![0],
+        tg: vec![3],
+        depths: vec![0, 40, 5000, 1 << 40],
+        threads: vec![1],
+        repetitions: 2,
+        bandwidth_bytes: 0,
+        progress: false,
+        // Room for depth 40 and its repetitions, not for 5000.
+        memory_budget: Some(per_token as u64 * 1000),
+        ..BenchOptions::default()
+    };
+    // FAVOR+ would have to fill 2^40 tokens: only the softmax kind runs here.
+    let opts = BenchOptions {
+        attentions: vec![Attention::Softmax],
+        ..opts
+    };
+    let report = bench::run(&model, "micro", &opts).unwrap();
+    let depths: Vec<usize> = report.rows.iter().map(|r| r.depth).collect();
+    assert_eq!(depths, [0, 40]);
+    let skipped: Vec<(usize, u64)> = report
+        .skipped
+        .iter()
+        .map(|k| (k.depth, k.needed_bytes))
+        .collect();
+    // From the position after depth 40's tests (40 + 2 warm-up + 2 × 3 tokens = 48) to the
+    // depth, plus that depth's own 8 tokens.
+    let at = 48u64;
+    assert_eq!(
+        skipped,
+        [
+            (5000, (5000 - at + 8) * per_token as u64),
+            (1 << 40, ((1u64 << 40) - at + 8) * per_token as u64)
+        ]
+    );
+    assert!(report
+        .skipped
+        .iter()
+        .all(|k| k.attention == Attention::Softmax && k.budget_bytes == per_token as u64 * 1000));
+    let md = bench::markdown(&report);
+    assert!(
+        md.contains("skipped: softmax at depth 5000: its state would grow by"),
+        "{md}"
+    );
+
+    // Without a budget the kernel's available memory is the limit: no machine holds a
+    // 2^40-token cache, and asking must not try to build one.
+    #[cfg(target_os = "linux")]
+    {
+        assert!(bench::available_memory_bytes().is_some_and(|b| b > 0));
+        let opts = BenchOptions {
+            depths: vec![0, 1 << 40],
+            memory_budget: None,
+            ..opts
+        };
+        let report = bench::run(&model, "micro", &opts).unwrap();
+        assert_eq!(report.rows.len(), 1);
+        assert_eq!(report.skipped.len(), 1);
+        assert_eq!(report.skipped[0].depth, 1 << 40);
+    }
+}
+
+#[test]
 fn tiny_run_with_plot() {
     let dir = tempfile::tempdir().unwrap();
     let shape = SyntheticShape::named("tiny").unwrap();
@@ -298,6 +382,7 @@ fn tiny_run_with_plot() {
         bandwidth_bytes: 4 << 20,
         bandwidth_passes: 2,
         progress: false,
+        memory_budget: None,
     };
     let report = bench::run(&model, "synthetic tiny", &opts).unwrap();
     // pp8 per thread count, then tg4 at depths 0 and 16 per thread count.
