@@ -190,9 +190,8 @@ fn bandwidth_probe_and_rss() {
     }
 }
 
-#[test]
-fn favor_and_softmax_side_by_side() {
-    let dir = tempfile::tempdir().unwrap();
+/// A one-layer, two-head model of width 32 (heads 16 wide, 16 features), written to `dir`.
+fn micro_model(dir: &std::path::Path) -> Model {
     let shape = SyntheticShape {
         name: "micro".into(),
         dim: 32,
@@ -204,8 +203,14 @@ fn favor_and_softmax_side_by_side() {
         vocab: 256,
         max_seq_len: 16,
     };
-    synthetic::write(dir.path(), &shape, WeightDtype::F32, 1).unwrap();
-    let model = Model::load(dir.path()).unwrap();
+    synthetic::write(dir, &shape, WeightDtype::F32, 1).unwrap();
+    Model::load(dir).unwrap()
+}
+
+#[test]
+fn favor_and_softmax_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = micro_model(dir.path());
     let opts = BenchOptions {
         attentions: vec![Attention::Favor, Attention::Softmax],
         pp: vec![4],
@@ -286,19 +291,7 @@ fn favor_and_softmax_side_by_side() {
 #[test]
 fn depths_whose_cache_would_not_fit_are_skipped_and_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let shape = SyntheticShape {
-        name: "micro".into(),
-        dim: 32,
-        depth: 1,
-        heads: 2,
-        dim_head: 16,
-        ff_mult: 2,
-        nb_features: 16,
-        vocab: 256,
-        max_seq_len: 16,
-    };
-    synthetic::write(dir.path(), &shape, WeightDtype::F32, 1).unwrap();
-    let model = Model::load(dir.path()).unwrap();
+    let model = micro_model(dir.path());
     let per_token = performer::baseline::SoftmaxSession::new(&model).cache_bytes_per_token();
     // 1 layer × 2 heads × 16 wide, keys and values in f32.
     assert_eq!(per_token, 2 * 4 * 2 * 16);
