@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels;
 use crate::kernels::matmul::{gemm_f32, MatRef};
 use crate::model::{split_qkv, Model};
@@ -106,10 +106,35 @@ impl<'m> SoftmaxSession<'m> {
         2 * 4 * heads * self.model.config().dim_head
     }
 
+    /// Makes room in the caches for `tokens` more positions, e.g. before a long fill: an
+    /// [`Error::OutOfMemory`] instead of an abort when the allocator refuses, with the session
+    /// unchanged. [`SoftmaxSession::step`] and [`SoftmaxSession::prefill`] call it themselves.
+    pub fn reserve(&mut self, tokens: usize) -> Result<()> {
+        let d = self.model.config().dim_head;
+        let bytes = tokens
+            .saturating_mul(self.cache_bytes_per_token())
+            .max(tokens.saturating_mul(4));
+        let oom = || Error::OutOfMemory {
+            what: "the softmax key/value cache",
+            bytes,
+        };
+        let elems = tokens.checked_mul(d).ok_or_else(oom)?;
+        for cache in self.keys.iter_mut().chain(self.values.iter_mut()).flatten() {
+            cache.try_reserve(elems).map_err(|_| oom())?;
+        }
+        let n = self.state.pos.saturating_add(tokens);
+        for s in &mut self.scores {
+            s.try_reserve(n.saturating_sub(s.len()))
+                .map_err(|_| oom())?;
+        }
+        Ok(())
+    }
+
     /// Consumes one token and returns the logits for the next.
     pub fn step(&mut self, token: u32) -> Result<&[f32]> {
         let model = self.model;
         model.check_tokens(self.state.pos, &[token])?;
+        self.reserve(1)?;
         let c = model.config();
         let (d, heads) = (c.dim_head, c.heads);
         let (keys, values, scores) = (&mut self.keys, &mut self.values, &mut self.scores);
@@ -153,6 +178,8 @@ impl<'m> SoftmaxSession<'m> {
 
     /// [`SoftmaxSession::prefill`] in chunks of `chunk` tokens.
     pub fn prefill_chunked(&mut self, tokens: &[u32], chunk: usize) -> Result<&[f32]> {
+        self.model.check_tokens(self.state.pos, tokens)?;
+        self.reserve(tokens.len())?;
         let mut caches = Caches {
             keys: &mut self.keys,
             values: &mut self.values,

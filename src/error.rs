@@ -142,6 +142,15 @@ pub enum Error {
     /// A state was used with a model of another shape.
     #[error("state does not fit this model: {0}")]
     StateMismatch(String),
+
+    /// Memory for a growing buffer could not be had.
+    #[error("cannot allocate {bytes} more bytes for {what}")]
+    OutOfMemory {
+        /// What was to grow.
+        what: &'static str,
+        /// The bytes asked for (saturated at `usize::MAX`).
+        bytes: usize,
+    },
 }
 
 /// The library's result type.

@@ -64,6 +64,31 @@ fn prefill_rejects_bad_input_without_change() {
     s.prefill(&[1, 2, 3]).unwrap();
     assert!(s.size_bytes() > before);
 }
+
+#[test]
+fn a_cache_that_cannot_grow_is_an_error_not_an_abort() {
+    let model = Model::load(fixture("default_a")).unwrap();
+    let mut s = SoftmaxSession::new(&model);
+    let logits = s.prefill(&[1, 2, 3]).unwrap().to_vec();
+    let (pos, size) = (s.position(), s.size_bytes());
+    // No allocator can give a cache for this many positions (elements overflow isize).
+    for tokens in [usize::MAX / 2, usize::MAX / 64, 1 << 58] {
+        match s.reserve(tokens) {
+            Err(performer::Error::OutOfMemory { what, bytes }) => {
+                assert!(what.contains("key/value cache"));
+                assert!(bytes >= tokens, "{bytes} for {tokens} tokens");
+            }
+            other => panic!("{tokens} tokens: {other:?}"),
+        }
+        assert_eq!((s.position(), s.size_bytes()), (pos, size));
+    }
+    // Still usable, and a reasonable reservation is fine: it changes no result.
+    s.reserve(1000).unwrap();
+    let mut fresh = SoftmaxSession::new(&model);
+    fresh.prefill(&[1, 2, 3]).unwrap();
+    assert_eq!(fresh.step(9).unwrap(), s.step(9).unwrap());
+    assert_eq!(logits.len(), model.vocab_size());
+}
 use performer::baseline::{attend_head, SoftmaxSession};
 use performer::{LoadOptions, Model, State};
 

@@ -177,7 +177,8 @@ fn huge_page_copy_runs_the_same_model() {
 #[test]
 fn page_report_parses_smaps_entries_inside_the_range() {
     // Three entries of one mapping at 0x10000..0x40000 (the kernel splits a mapping when parts
-    // differ), one entry before it and one after it, which must not count.
+    // differ), one entry before it and one after it, which must not count; the range's end
+    // need not be page-aligned (a file's length).
     let smaps = "\
 0000f000-00010000 r--p 00000000 fd:00 1 /other
 Rss:                   4 kB
@@ -201,6 +202,26 @@ AnonHugePages:        64 kB
     assert_eq!(r.resident_bytes, (64 + 32 + 16) * 1024);
     assert_eq!(r.huge_page_bytes, (32 + 8) * 1024);
     assert!((r.huge_fraction() - 40.0 / 112.0).abs() < 1e-12);
+    assert_eq!(PageReport::from_smaps(smaps, 0x10000..0x3ff01), r);
+    // An anonymous mapping merged with its neighbours into one entry (same permissions):
+    // their pages cannot be told apart, so the entry counts at most the overlap.
+    let merged = "\
+00008000-00050000 r--p 00000000 00:00 0
+Rss:                 288 kB
+AnonHugePages:       288 kB
+";
+    let r = PageReport::from_smaps(merged, 0x10000..0x20000);
+    assert_eq!(
+        (r.resident_bytes, r.huge_page_bytes),
+        (64 * 1024, 64 * 1024)
+    );
+    let sparse = "\
+00008000-00050000 r--p 00000000 00:00 0
+Rss:                  16 kB
+AnonHugePages:         0 kB
+";
+    let r = PageReport::from_smaps(sparse, 0x10000..0x20000);
+    assert_eq!((r.resident_bytes, r.huge_page_bytes), (16 * 1024, 0));
     // An unmapped range, an empty or garbled file: nothing resident, no division by zero.
     for (text, range) in [
         (smaps, 0x60000..0x70000),

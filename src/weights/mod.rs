@@ -422,11 +422,21 @@ pub struct PageReport {
 
 impl PageReport {
     /// Sums the `Rss`, `FilePmdMapped` and `AnonHugePages` fields of the `smaps` entries that
-    /// start inside `range`. `range` is a whole mapping (page-aligned start): the kernel may
-    /// list it as one or several entries, each starting inside it, and entries never overlap.
+    /// overlap `range`, each entry's figures capped at the size of its overlap. A file mapping
+    /// is one or several entries of its own, counted exactly; an anonymous one (the
+    /// `--huge-pages` copy) may have been merged by the kernel with a neighbour of the same
+    /// permissions, whose pages cannot be told apart from ours, hence the cap: for a range
+    /// that is fully resident the result is still exact.
     pub fn from_smaps(smaps: &str, range: Range<usize>) -> PageReport {
         let mut report = PageReport::default();
-        let mut inside = false;
+        // Bytes of the current entry inside `range` (0: outside), and its figures so far.
+        let mut overlap = 0u64;
+        let (mut rss, mut huge) = (0u64, 0u64);
+        let mut flush = |overlap: u64, rss: u64, huge: u64| {
+            let resident = rss.min(overlap);
+            report.resident_bytes += resident;
+            report.huge_page_bytes += huge.min(resident);
+        };
         for line in smaps.lines() {
             let mut fields = line.split_whitespace();
             let Some(first) = fields.next() else { continue };
@@ -434,25 +444,26 @@ impl PageReport {
                 if let (Ok(lo), Ok(hi)) =
                     (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
                 {
-                    inside = lo < hi && range.contains(&lo);
+                    flush(overlap, rss, huge);
+                    (rss, huge) = (0, 0);
+                    overlap = hi.min(range.end).saturating_sub(lo.max(range.start)) as u64;
                     continue;
                 }
             }
-            if !inside {
+            if overlap == 0 {
                 continue;
             }
-            let kib = || -> u64 {
-                line.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0)
-            };
+            let kib = fields
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
             match first {
-                "Rss:" => report.resident_bytes += kib() * 1024,
-                "FilePmdMapped:" | "AnonHugePages:" => report.huge_page_bytes += kib() * 1024,
+                "Rss:" => rss += kib * 1024,
+                "FilePmdMapped:" | "AnonHugePages:" => huge += kib * 1024,
                 _ => {}
             }
         }
+        flush(overlap, rss, huge);
         report
     }
 
