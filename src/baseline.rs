@@ -111,9 +111,7 @@ impl<'m> SoftmaxSession<'m> {
     /// unchanged. [`SoftmaxSession::step`] and [`SoftmaxSession::prefill`] call it themselves.
     pub fn reserve(&mut self, tokens: usize) -> Result<()> {
         let d = self.model.config().dim_head;
-        let bytes = tokens
-            .saturating_mul(self.cache_bytes_per_token())
-            .max(tokens.saturating_mul(4));
+        let bytes = tokens.saturating_mul(self.cache_bytes_per_token());
         let oom = || Error::OutOfMemory {
             what: "the softmax key/value cache",
             bytes,

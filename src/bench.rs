@@ -825,18 +825,20 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
         // Tokens one depth's tests add on top of the depth (warm-up and repetitions, per tg
         // size and thread count).
         let per_depth: usize = pools.len() * tg.iter().map(|&n| 2 + reps * n).sum::<usize>();
+        let grow = base.bytes_per_token() as u64;
+        // Bytes the state grows by from position `at` to `depth` and that depth's tests.
+        let needed =
+            |depth: usize, at: usize| grow.saturating_mul((depth.max(at) - at + per_depth) as u64);
         for (i, &depth) in depths.iter().enumerate() {
-            let grow = base.bytes_per_token() as u64;
-            let needed = grow.saturating_mul((depth.max(at) - at + per_depth) as u64);
             let budget = opts
                 .memory_budget
                 .or_else(|| available_memory_bytes().map(|b| b / 10 * 8));
-            if let Some(budget) = budget.filter(|&b| needed > b) {
+            if let Some(budget) = budget.filter(|&b| needed(depth, at) > b) {
                 // This depth and every larger one would not fit: reported, not attempted.
                 skipped.extend(depths[i..].iter().map(|&depth| Skipped {
                     attention,
                     depth,
-                    needed_bytes: grow.saturating_mul((depth.max(at) - at + per_depth) as u64),
+                    needed_bytes: needed(depth, at),
                     budget_bytes: budget,
                 }));
                 break;

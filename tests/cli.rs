@@ -20,17 +20,22 @@ fn model_dir() -> String {
 #[test]
 fn generate_streams_text_and_reports_speed() {
     let m = model_dir();
-    let out = performer(&[
-        "generate",
-        "--model",
-        &m,
-        "--prompt",
-        "Hello",
-        "--max-tokens",
-        "16",
-        "--seed",
-        "5",
-    ]);
+    // `generate` on the fixture with "Hello", 16 tokens, seed 5, plus `extra` options.
+    let hello = |extra: &[&str]| {
+        let base = [
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "16",
+            "--seed",
+            "5",
+        ];
+        performer(&[&base[..], extra].concat())
+    };
+    let out = hello(&[]);
     assert!(
         out.status.success(),
         "{}",
@@ -39,33 +44,10 @@ fn generate_streams_text_and_reports_speed() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("generation: 16 tokens"), "{stderr}");
     assert!(stderr.contains("tokens/s"));
-    let again = performer(&[
-        "generate",
-        "--model",
-        &m,
-        "--prompt",
-        "Hello",
-        "--max-tokens",
-        "16",
-        "--seed",
-        "5",
-    ]);
+    let again = hello(&[]);
     assert_eq!(out.stdout, again.stdout, "same seed, same text");
     // Weights copied to huge pages and decoding on two threads: the same text.
-    let copied = performer(&[
-        "generate",
-        "--model",
-        &m,
-        "--prompt",
-        "Hello",
-        "--max-tokens",
-        "16",
-        "--seed",
-        "5",
-        "--huge-pages",
-        "--decode-threads",
-        "2",
-    ]);
+    let copied = hello(&["--huge-pages", "--decode-threads", "2"]);
     assert!(copied.status.success());
     assert_eq!(out.stdout, copied.stdout, "huge pages, two decode threads");
     let greedy = performer(&[
