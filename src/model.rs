@@ -508,6 +508,8 @@ impl Model {
     /// tensor's presence, dtype and shape.
     pub fn from_parts(config: Config, file: WeightFile) -> Result<Self> {
         config.validate()?;
+        // An invalid PERFORMER_ISA is reported here (the kernels cannot fail; they ignore it).
+        crate::kernels::isa::check_env()?;
         let c = &config;
         let token_emb = load_tensor(&file, "token_emb.weight", &[c.num_tokens, c.dim])?;
         let positions = Positions::load(&file, c)?;

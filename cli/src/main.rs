@@ -299,6 +299,12 @@ fn info(a: InfoArgs) -> CliResult {
         state.size_bytes(),
         state.attention_bytes()
     );
+    println!(
+        "kernels: {} (best this CPU runs: {}; {} can force a lower level)",
+        performer::kernels::isa::check_env()?,
+        performer::kernels::Isa::detected(),
+        performer::kernels::isa::ISA_ENV
+    );
     Ok(())
 }
 
