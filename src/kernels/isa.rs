@@ -1,7 +1,8 @@
 //! Run-time choice of the kernels' instruction set.
 //!
 //! The binary holds every kernel compiled three times, once per [`Isa`] level, each inside a
-//! `#[target_feature]` function (pulp's `vectorize`, see [`super::simd`]). The level is detected
+//! `#[target_feature]` entry point (see [`super::simd`] and the `kernels!` macro of
+//! [`super`]). The level is detected
 //! once per process, the best the CPU has, and cached; the environment variable
 //! `PERFORMER_ISA` (`portable`, `avx2` or `avx512`) can force a lower one for testing and
 //! benchmarking (a higher one than the CPU has falls back to the detected level).
@@ -160,32 +161,3 @@ fn choose_active() -> Kernels {
     ACTIVE.store(isa as u8 + 1, Ordering::Relaxed);
     Kernels { isa }
 }
-
-/// Runs `$body` with `$s` bound to the [`super::simd::Lanes`] token of `$k`'s level, inside that
-/// level's `#[target_feature]` function. The body is compiled once per level; it must call only
-/// `#[inline(always)]` generic kernels so that they are compiled inside that function.
-macro_rules! dispatch {
-    ($k:expr, $s:ident => $body:expr) => {{
-        let k: $crate::kernels::isa::Kernels = $k;
-        match k.isa() {
-            #[cfg(target_arch = "x86_64")]
-            $crate::kernels::isa::Isa::Avx512 => {
-                // SAFETY: a `Kernels` holds a level only when the CPU supports it
-                // (`Kernels::new`, `active`), so the token's features are present.
-                let $s = unsafe { $crate::kernels::simd::Avx512::new_unchecked() };
-                $s.vectorize(move || $body)
-            }
-            #[cfg(target_arch = "x86_64")]
-            $crate::kernels::isa::Isa::Avx2 => {
-                // SAFETY: as above, the CPU supports the level `k` holds.
-                let $s = unsafe { $crate::kernels::simd::Avx2::new_unchecked() };
-                $s.vectorize(move || $body)
-            }
-            _ => {
-                let $s = $crate::kernels::simd::Portable;
-                $body
-            }
-        }
-    }};
-}
-pub(crate) use dispatch;

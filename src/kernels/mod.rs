@@ -19,7 +19,6 @@ use rayon::prelude::*;
 pub use isa::{Isa, Kernels};
 pub use simd::{Elem, LANES};
 
-use isa::dispatch;
 use simd::Lanes;
 
 /// Below this many weight elements (64 KiB of f32) a matrix-vector product runs on the calling
@@ -59,13 +58,76 @@ pub fn matvec_block_rows(rows: usize, cols: usize, threads: usize) -> Option<usi
     (block < rows).then_some(block)
 }
 
+/// Generates, from one list of kernel signatures: for each x86 level a module of
+/// `#[target_feature]` entry points that run the generic body with that level's token (the
+/// body and the intrinsics it calls are all `#[inline(always)]`, so they compile inside the
+/// entry point with its instructions); the [`Kernels`] method that picks the entry point of its
+/// level; and, for public kernels, the free function at the process's level.
+macro_rules! kernels {
+    ($(
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident $(<$g:ident: $b:ident>)? ($($arg:ident: $ty:ty),* $(,)?)
+            $(-> $ret:ty)? => $body:ident;
+    )*) => {
+        #[cfg(target_arch = "x86_64")]
+        mod avx512_entry {
+            use super::*;
+            $(
+                #[target_feature(enable = "avx512f,avx512bw,avx512cd,avx512dq,avx512vl,avx,avx2,fma,f16c,bmi1,bmi2,lzcnt,popcnt,sse3,ssse3,sse4.1,sse4.2")]
+                #[allow(clippy::too_many_arguments)]
+                pub(super) unsafe fn $name $(<$g: $b>)? ($($arg: $ty),*) $(-> $ret)? {
+                    // SAFETY: callers hold a `Kernels` of this level, which exists only when
+                    // the CPU has the token's features (the same list as this function's).
+                    let s = unsafe { simd::Avx512::new_unchecked() };
+                    super::$body(s, $($arg),*)
+                }
+            )*
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        mod avx2_entry {
+            use super::*;
+            $(
+                #[target_feature(enable = "avx,avx2,fma,f16c,bmi1,bmi2,lzcnt,popcnt,sse3,ssse3,sse4.1,sse4.2")]
+                #[allow(clippy::too_many_arguments)]
+                pub(super) unsafe fn $name $(<$g: $b>)? ($($arg: $ty),*) $(-> $ret)? {
+                    // SAFETY: as for the AVX-512 entry points, with the AVX2 token.
+                    let s = unsafe { simd::Avx2::new_unchecked() };
+                    super::$body(s, $($arg),*)
+                }
+            )*
+        }
+
+        impl Kernels {
+            $(
+                $(#[$attr])*
+                #[allow(clippy::too_many_arguments)]
+                #[inline]
+                $vis fn $name $(<$g: $b>)? (self, $($arg: $ty),*) $(-> $ret)? {
+                    match self.isa() {
+                        // SAFETY: `self` holds a level only when the CPU supports it
+                        // (`Kernels::new`, `isa::active`): the entry point's features exist.
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx512 => unsafe { avx512_entry::$name($($arg),*) },
+                        // SAFETY: as above.
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2 => unsafe { avx2_entry::$name($($arg),*) },
+                        _ => $body(simd::Portable, $($arg),*),
+                    }
+                }
+            )*
+        }
+    };
+}
+
 /// The free functions: each kernel at the process's level ([`isa::active`]).
 macro_rules! at_active_level {
     ($(
         $(#[$attr:meta])*
-        pub fn $name:ident $(<$g:ident: $b:ident>)? ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?;
+        pub fn $name:ident $(<$g:ident: $b:ident>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;
     )*) => {$(
         $(#[$attr])*
+        #[allow(clippy::too_many_arguments)]
         #[inline]
         pub fn $name $(<$g: $b>)? ($($arg: $ty),*) $(-> $ret)? {
             isa::active().$name($($arg),*)
@@ -108,7 +170,7 @@ at_active_level! {
         w: &[f32],
         s: &mut [f32],
         c: &mut [f32],
-        out: &mut [f32]
+        out: &mut [f32],
     );
     /// `out = pᵀ W` ([`Kernels::vecmat`]).
     pub fn vecmat(p: &[f32], w: &[f32], out: &mut [f32]);
@@ -116,16 +178,81 @@ at_active_level! {
     pub fn kahan_scale_axpy(b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [f32]);
 }
 
-impl Kernels {
+kernels! {
     /// Dot product of a weight row and an f32 vector.
     ///
     /// # Panics
     /// Never for equal lengths; extra elements of the longer slice are ignored.
-    #[inline]
-    pub fn dot<T: Elem>(self, w: &[T], x: &[f32]) -> f32 {
-        dispatch!(self, s => dot_k(s, w, x))
-    }
+    pub fn dot<T: Elem>(w: &[T], x: &[f32]) -> f32 => dot_k;
 
+    /// `y = W x` over the rows of `w` (`cols` wide) on this thread.
+    fn matvec_rows<T: Elem>(w: &[T], cols: usize, x: &[f32], y: &mut [f32]) => matvec_rows_k;
+
+    /// `y += a · x`.
+    pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) => axpy_k;
+
+    /// `x *= a`.
+    pub fn scale(a: f32, x: &mut [f32]) => scale_k;
+
+    /// Maximum of a slice (`-inf` for an empty one; NaN propagates as a non-maximum).
+    pub fn max(x: &[f32]) -> f32 => max_k;
+
+    /// Sum of a slice (four accumulators, so a long sum runs at the read bandwidth).
+    pub fn sum(x: &[f32]) -> f32 => sum_k;
+
+    /// `x[i] = exp(x[i] - shift)` in place. The vector `exp` reduces the range by ln 2 and
+    /// evaluates a degree-6 polynomial, about 2 ulp on [-87, 88]; inputs below -87.3 give
+    /// exactly 0 (no denormals), above 88.7 give +inf, NaN stays NaN.
+    pub fn exp_shifted(x: &mut [f32], shift: f32) => exp_shifted_k;
+
+    /// Exact (erf) GELU in place: `x · Φ(x)`, as `torch.nn.GELU()`; the vector error function
+    /// is Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7).
+    pub fn gelu(x: &mut [f32]) => gelu_k;
+
+    /// LayerNorm over the whole vector: `(x − mean) / sqrt(var + eps) · gamma + beta`, biased
+    /// variance, as `torch.nn.LayerNorm`.
+    pub fn layer_norm<T: Elem>(x: &[f32], gamma: &[T], beta: &[T], eps: f32, out: &mut [f32])
+        => layer_norm_k;
+
+    /// Numerically stable softmax in place.
+    pub fn softmax(x: &mut [f32]) => softmax_k;
+
+    /// `y += b` for a bias vector stored in any weight dtype.
+    pub fn add_bias<T: Elem>(b: &[T], y: &mut [f32]) => add_bias_k;
+
+    /// `dst[i] = src[i]` widened to f32 (exact), over the shorter of the two.
+    pub fn widen<T: Elem>(src: &[T], dst: &mut [f32]) => widen_k;
+
+    /// A FAVOR+ decode step's one pass over a head's `m × d` state (`d = x.len()`,
+    /// `m = a.len()`): row `f` of `s` becomes `b · s_f + a_f · x` exactly as
+    /// [`Kernels::kahan_scale_axpy`] computes it (compensation in `c`), and then
+    /// `out += w_f · s_f` with the new row, as [`Kernels::axpy`] would. Bit-identical to those
+    /// two calls per row; for `d` a multiple of 16 up to 128 the output and `x` stay in
+    /// registers across all rows instead of a call pair per 64-float row.
+    pub fn kahan_update_readout(
+        b: f32,
+        a: &[f32],
+        x: &[f32],
+        w: &[f32],
+        s: &mut [f32],
+        c: &mut [f32],
+        out: &mut [f32],
+    ) => kahan_update_readout_k;
+
+    /// `out = pᵀ W = Σ_j p_j · W_j` for a row-major `W` of `p.len()` rows of width `out.len()`
+    /// (attention's weighted sum of value rows). For widths that are a multiple of 16 up to
+    /// 128 the output stays in registers, with two accumulator sets so consecutive rows do not
+    /// wait on each other's FMA.
+    pub fn vecmat(p: &[f32], w: &[f32], out: &mut [f32]) => vecmat_k;
+
+    /// Compensated (Kahan) `s = b · s + a · x`, keeping in `c` the low-order bits each
+    /// addition lost, so that rounding does not accumulate over millions of additions (the
+    /// true sum is `s − c`). `b` rescales sum and compensation alike.
+    pub fn kahan_scale_axpy(b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [f32])
+        => kahan_scale_axpy_k;
+}
+
+impl Kernels {
     /// `y = W x` on the calling thread only (a block of rows of a larger product).
     pub fn matvec_serial<T: Elem>(self, w: &[T], x: &[f32], y: &mut [f32]) {
         assert_eq!(
@@ -157,124 +284,6 @@ impl Kernels {
                     y_block,
                 );
             });
-    }
-
-    /// `y = W x` over the rows of `w` (`cols` wide) on this thread: one dot product per row,
-    /// or at the AVX-512 level for bf16 weights the paired-lane kernel ([`bf16_pairs`]).
-    fn matvec_rows<T: Elem>(self, w: &[T], cols: usize, x: &[f32], y: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if self.isa() == Isa::Avx512 && T::KIND == simd::ElemKind::Bf16 {
-            // SAFETY: this `Kernels` holds Avx512 only when the CPU has it (`Kernels::new`).
-            let t = unsafe { simd::Avx512::new_unchecked() };
-            // Same size and both Pod: the cast cannot fail, T is bf16.
-            let w: &[half::bf16] = bytemuck::cast_slice(w);
-            t.vectorize(move || bf16_pairs::matvec_rows(t, w, cols, x, y));
-            return;
-        }
-        dispatch!(self, s => matvec_rows_k(s, w, cols, x, y))
-    }
-
-    /// `y += a · x`.
-    #[inline]
-    pub fn axpy(self, a: f32, x: &[f32], y: &mut [f32]) {
-        dispatch!(self, s => axpy_k(s, a, x, y))
-    }
-
-    /// `x *= a`.
-    #[inline]
-    pub fn scale(self, a: f32, x: &mut [f32]) {
-        dispatch!(self, s => scale_k(s, a, x))
-    }
-
-    /// Maximum of a slice (`-inf` for an empty one; NaN propagates as a non-maximum).
-    pub fn max(self, x: &[f32]) -> f32 {
-        dispatch!(self, s => max_k(s, x))
-    }
-
-    /// Sum of a slice (four accumulators, so a long sum runs at the read bandwidth).
-    pub fn sum(self, x: &[f32]) -> f32 {
-        dispatch!(self, s => sum_k(s, x))
-    }
-
-    /// `x[i] = exp(x[i] - shift)` in place. The vector `exp` reduces the range by ln 2 and
-    /// evaluates a degree-6 polynomial, about 2 ulp on [-87, 88]; inputs below -87.3 give
-    /// exactly 0 (no denormals), above 88.7 give +inf, NaN stays NaN.
-    pub fn exp_shifted(self, x: &mut [f32], shift: f32) {
-        dispatch!(self, s => exp_shifted_k(s, x, shift))
-    }
-
-    /// Exact (erf) GELU in place: `x · Φ(x)`, as `torch.nn.GELU()`; the vector error function
-    /// is Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7).
-    pub fn gelu(self, x: &mut [f32]) {
-        dispatch!(self, s => gelu_k(s, x))
-    }
-
-    /// LayerNorm over the whole vector: `(x − mean) / sqrt(var + eps) · gamma + beta`, biased
-    /// variance, as `torch.nn.LayerNorm`.
-    pub fn layer_norm<T: Elem>(
-        self,
-        x: &[f32],
-        gamma: &[T],
-        beta: &[T],
-        eps: f32,
-        out: &mut [f32],
-    ) {
-        dispatch!(self, s => layer_norm_k(s, x, gamma, beta, eps, out))
-    }
-
-    /// Numerically stable softmax in place.
-    pub fn softmax(self, x: &mut [f32]) {
-        dispatch!(self, s => softmax_k(s, x))
-    }
-
-    /// `y += b` for a bias vector stored in any weight dtype.
-    pub fn add_bias<T: Elem>(self, b: &[T], y: &mut [f32]) {
-        dispatch!(self, s => add_bias_k(s, b, y))
-    }
-
-    /// `dst[i] = src[i]` widened to f32 (exact), over the shorter of the two.
-    pub fn widen<T: Elem>(self, src: &[T], dst: &mut [f32]) {
-        dispatch!(self, s => widen_k(s, src, dst))
-    }
-
-    /// A FAVOR+ decode step's one pass over a head's `m × d` state (`d = x.len()`, `m = a.len()`):
-    /// row `f` of `s` becomes `b · s_f + a_f · x` exactly as [`Kernels::kahan_scale_axpy`]
-    /// computes it (compensation in `c`), and then `out += w_f · s_f` with the new row, as
-    /// [`Kernels::axpy`] would. Bit-identical to those two calls per row; for `d` a multiple
-    /// of 16 up to 128 the output and `x` stay in registers across all rows instead of a call
-    /// pair per 64-float row.
-    #[allow(clippy::too_many_arguments)]
-    pub fn kahan_update_readout(
-        self,
-        b: f32,
-        a: &[f32],
-        x: &[f32],
-        w: &[f32],
-        s: &mut [f32],
-        c: &mut [f32],
-        out: &mut [f32],
-    ) {
-        dispatch!(self, l => kahan_update_readout_k(l, b, a, x, w, s, c, out))
-    }
-
-    /// `out = pᵀ W = Σ_j p_j · W_j` for a row-major `W` of `p.len()` rows of width `out.len()`
-    /// (attention's weighted sum of value rows). For widths that are a multiple of 16 up to 128
-    /// the output stays in registers, with two accumulator sets so consecutive rows do not wait
-    /// on each other's FMA.
-    pub fn vecmat(self, p: &[f32], w: &[f32], out: &mut [f32]) {
-        assert!(
-            w.len() >= p.len() * out.len(),
-            "vecmat: W has fewer than p.len() rows"
-        );
-        dispatch!(self, s => vecmat_k(s, p, w, out))
-    }
-
-    /// Compensated (Kahan) `s = b · s + a · x`, keeping in `c` the low-order bits each addition
-    /// lost, so that rounding does not accumulate over millions of additions (the true sum is
-    /// `s − c`). `b` rescales sum and compensation alike.
-    #[inline]
-    pub fn kahan_scale_axpy(self, b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [f32]) {
-        dispatch!(self, l => kahan_scale_axpy_k(l, b, a, x, s, c))
     }
 }
 
@@ -312,6 +321,10 @@ fn dot_k<S: Lanes, T: Elem>(s: S, w: &[T], x: &[f32]) -> f32 {
 /// does not make up for); bf16 23 against 12 GB/s.
 #[inline(always)]
 fn matvec_rows_k<S: Lanes, T: Elem>(s: S, w: &[T], cols: usize, x: &[f32], y: &mut [f32]) {
+    // Same size and both Pod: the cast cannot fail when T is bf16.
+    if T::KIND == simd::ElemKind::Bf16 && s.bf16_matvec_rows(bytemuck::cast_slice(w), cols, x, y) {
+        return;
+    }
     for (r, out) in y.iter_mut().enumerate() {
         *out = dot_k(s, &w[r * cols..(r + 1) * cols], x);
     }
@@ -325,7 +338,7 @@ fn matvec_rows_k<S: Lanes, T: Elem>(s: S, w: &[T], cols: usize, x: &[f32], y: &m
 /// zero-extending shuffles, two shifts and two FMAs. Products are exact either way; only the
 /// order of the sum changes.
 #[cfg(target_arch = "x86_64")]
-mod bf16_pairs {
+pub(crate) mod bf16_pairs {
     use super::simd::Avx512;
     use half::bf16;
     use std::arch::x86_64::__m512;
@@ -337,20 +350,22 @@ mod bf16_pairs {
     }
 
     #[inline(always)]
-    pub(super) fn matvec_rows(t: Avx512, w: &[bf16], cols: usize, x: &[f32], y: &mut [f32]) {
+    pub(crate) fn matvec_rows(t: Avx512, w: &[bf16], cols: usize, x: &[f32], y: &mut [f32]) {
         assert!(w.len() >= y.len() * cols && x.len() >= cols);
         let blocks = cols / 32;
-        SPLIT_X.with_borrow_mut(|split| {
-            split.clear();
-            for b in 0..blocks {
-                let xb = &x[32 * b..32 * b + 32];
-                split.extend(xb.iter().step_by(2));
-                split.extend(xb.iter().skip(1).step_by(2));
-            }
-            for (r, out) in y.iter_mut().enumerate() {
-                *out = dot_row(t, &w[r * cols..(r + 1) * cols], split, x);
-            }
-        })
+        // Taken out of the thread-local and put back, not borrowed in a closure: the row loop
+        // must stay in this function, which is inlined into the target-feature entry point.
+        let mut split = SPLIT_X.take();
+        split.clear();
+        for b in 0..blocks {
+            let xb = &x[32 * b..32 * b + 32];
+            split.extend(xb.iter().step_by(2));
+            split.extend(xb.iter().skip(1).step_by(2));
+        }
+        for (r, out) in y.iter_mut().enumerate() {
+            *out = dot_row(t, &w[r * cols..(r + 1) * cols], &split, x);
+        }
+        SPLIT_X.set(split);
     }
 
     /// Dot product of one row (`cols = w.len()`) with `x`, `split` the deinterleaved `x` of
@@ -533,24 +548,24 @@ fn erf16<S: Lanes>(s: S, x: S::V) -> S::V {
     s.flip_sign(y, x)
 }
 
+/// `x · Φ(x)` on one vector.
+#[inline(always)]
+fn gelu16<S: Lanes>(s: S, v: S::V) -> S::V {
+    let inv_sqrt2 = s.splat(std::f32::consts::FRAC_1_SQRT_2);
+    let phi = s.add(s.splat(1.0), erf16(s, s.mul(v, inv_sqrt2)));
+    s.mul(s.mul(s.splat(0.5), v), phi)
+}
+
 #[inline(always)]
 fn gelu_k<S: Lanes>(s: S, x: &mut [f32]) {
-    let half = s.splat(0.5);
-    let inv_sqrt2 = s.splat(std::f32::consts::FRAC_1_SQRT_2);
-    let apply = |v: S::V| {
-        s.mul(
-            s.mul(half, v),
-            s.add(s.splat(1.0), erf16(s, s.mul(v, inv_sqrt2))),
-        )
-    };
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
-        let v = apply(s.load(c));
+        let v = gelu16(s, s.load(c));
         s.store(c, v);
     }
     let tail = chunks.into_remainder();
     if !tail.is_empty() {
-        let v = apply(s.load_partial(tail));
+        let v = gelu16(s, s.load_partial(tail));
         s.store_partial(tail, v);
     }
 }
@@ -714,6 +729,10 @@ fn update_readout_regs<S: Lanes, const V: usize>(
 #[inline(always)]
 fn vecmat_k<S: Lanes>(s: S, p: &[f32], w: &[f32], out: &mut [f32]) {
     let d = out.len();
+    assert!(
+        w.len() >= p.len() * d,
+        "vecmat: W has fewer than p.len() rows"
+    );
     if d == 0 || !d.is_multiple_of(LANES) || d / LANES > 8 {
         out.fill(0.0);
         for (j, &pj) in p.iter().enumerate() {

@@ -140,6 +140,13 @@ pub trait Lanes: Copy + Send + Sync + 'static + sealed::Sealed {
     /// `if m { a } else { b }` per lane.
     fn select(self, m: Self::M, a: Self::V, b: Self::V) -> Self::V;
 
+    /// A level's own whole-kernel specialisation of `y = W x` for bf16 rows (`cols` wide):
+    /// `true` when it ran, `false` when the level has none and the generic kernel runs.
+    #[inline(always)]
+    fn bf16_matvec_rows(self, w: &[bf16], cols: usize, x: &[f32], y: &mut [f32]) -> bool {
+        let _ = (w, cols, x, y);
+        false
+    }
     /// All lanes zero.
     #[inline(always)]
     fn zero(self) -> Self::V {
@@ -567,6 +574,11 @@ mod x86 {
     impl Lanes for Avx512 {
         type V = __m512;
         type M = __mmask16;
+        #[inline(always)]
+        fn bf16_matvec_rows(self, w: &[bf16], cols: usize, x: &[f32], y: &mut [f32]) -> bool {
+            crate::kernels::bf16_pairs::matvec_rows(self, w, cols, x, y);
+            true
+        }
         #[inline(always)]
         fn splat(self, x: f32) -> Self::V {
             self.avx512f._mm512_set1_ps(x)
