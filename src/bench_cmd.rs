@@ -1,7 +1,7 @@
 //! `performer bench`: argument parsing and output for [`performer::bench`]; the measuring is
 //! in the library.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::Args;
@@ -44,12 +44,13 @@ pub struct BenchArgs {
     /// Generation sizes (comma-separated; 0 skips tg).
     #[arg(long, value_delimiter = ',', value_parser = bench::parse_count, default_value = "128")]
     tg: Vec<usize>,
-    /// Thread counts, comma-separated (default: all cores).
-    #[arg(long, value_delimiter = ',')]
+    /// Thread counts, comma-separated (default: all cores; each at most 4 × the cores and
+    /// 1024).
+    #[arg(long, value_delimiter = ',', value_parser = crate::args::threads)]
     threads: Vec<usize>,
-    /// Timed repetitions of each test.
-    #[arg(long, short = 'r', default_value_t = 5)]
-    repetitions: usize,
+    /// Timed repetitions of each test (at least 1).
+    #[arg(long, short = 'r', default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    repetitions: u32,
     /// Seed of the random tokens and the synthetic weights.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -98,7 +99,7 @@ fn synthetic_model(
     if !reuse {
         let start = std::time::Instant::now();
         synthetic::write(&dir, &shape, a.dtype, a.seed)?;
-        std::fs::write(&stamp_path, &stamp)?;
+        performer::fsutil::write_atomic(&stamp_path, |w| w.write_all(stamp.as_bytes()))?;
         eprintln!(
             "wrote synthetic {name} ({:.1}M parameters, {}) to {} in {:.1} s",
             shape.parameter_count() as f64 / 1e6,
@@ -111,6 +112,9 @@ fn synthetic_model(
 }
 
 pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(p) = &a.plot {
+        performer::fsutil::check_writable_dir(p)?;
+    }
     let mut tmp = None;
     let (dir, name) = match (&a.model, &a.shape) {
         (Some(m), _) => {
@@ -129,7 +133,8 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             huge_pages: a.huge_pages,
             ..Default::default()
         },
-    )?;
+    )
+    .map_err(|e| crate::name_config(e, &dir))?;
     let options = BenchOptions {
         attentions: a.attention.clone(),
         pp: a.pp.clone(),
@@ -140,7 +145,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         } else {
             a.threads.clone()
         },
-        repetitions: a.repetitions,
+        repetitions: a.repetitions as usize,
         seed: a.seed,
         bandwidth_bytes: a.bandwidth_mib << 20,
         bandwidth_passes: 5,
@@ -148,11 +153,15 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         memory_budget: None,
     };
     let report = bench::run(&model, &name, &options)?;
-    if a.json {
-        println!("{}", bench::json(&report));
+    let text = if a.json {
+        format!("{}\n", bench::json(&report))
     } else {
-        print!("{}", bench::markdown(&report));
-    }
+        bench::markdown(&report)
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(crate::out::stdout_error)?;
     if let Some(p) = &a.plot {
         bench::plot_svg(&report, p)?;
         eprintln!("wrote {}", p.display());
