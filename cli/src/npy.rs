@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use performer::error::{Error, Result};
 
-/// Writes `data` as a float32 array of `shape`, atomically ([`crate::fsutil::write_atomic`]).
+/// Writes `data` as a float32 array of `shape`, atomically ([`performer::fsutil::write_atomic`]).
 pub fn write_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Result<()> {
     let path = path.as_ref();
     if shape.iter().product::<usize>() != data.len() {
@@ -30,5 +30,5 @@ pub fn write_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Resul
     for v in data {
         out.extend_from_slice(&v.to_le_bytes());
     }
-    crate::fsutil::write_atomic(path, |w| w.write_all(&out))
+    performer::fsutil::write_atomic(path, |w| w.write_all(&out))
 }
