@@ -506,6 +506,10 @@ pub struct Model {
 
 impl Model {
     /// Loads `DIR/config.json` and `DIR/model.safetensors`.
+    ///
+    /// The weights file is memory-mapped: truncating or rewriting it in place while the model
+    /// is loaded ends the process with `SIGBUS`. Replace a model by writing a new file and
+    /// renaming it over the old one (the mapping keeps the old file).
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
         Self::load_with(dir, LoadOptions::default())
     }
