@@ -487,3 +487,44 @@ fn the_stop_matcher_asks_for_checkpoints_and_rollbacks() {
         .all(|(_, a)| *a == step(Checkpoint::Keep)));
     assert!(StopMatcher::new(vec![String::new()]).is_err());
 }
+
+#[test]
+fn prefill_progress_counts_up_and_changes_nothing() {
+    let m = model();
+    let prompt: Vec<u32> = (0..1500u32).map(|i| (i * 7 + 3) % 256).collect();
+    let mut plain = State::new(&m);
+    m.prefill(&mut plain, &prompt).unwrap();
+    let mut watched = State::new(&m);
+    let mut seen = Vec::new();
+    m.prefill_with_progress(&mut watched, &prompt, &mut |n| seen.push(n))
+        .unwrap();
+    assert_eq!(
+        plain.to_bytes(&m).unwrap(),
+        watched.to_bytes(&m).unwrap(),
+        "bit-identical to prefill"
+    );
+    assert!(seen.len() >= 2, "several row blocks report: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert_eq!(seen.last(), Some(&prompt.len()));
+    // Through a generation: the same reports, and the same text as without them.
+    let opts = GenerateOptions {
+        max_tokens: 8,
+        sampling: SamplingParams::greedy(),
+        ..GenerateOptions::default()
+    };
+    let mut again = Vec::new();
+    let mut state = State::new(&m);
+    let text: String = Generation::with_progress(&m, &mut state, &prompt, opts.clone(), &mut |n| {
+        again.push(n)
+    })
+    .unwrap()
+    .map(|p| p.unwrap())
+    .collect();
+    assert_eq!(again, seen);
+    let mut state = State::new(&m);
+    let plain_text: String = Generation::new(&m, &mut state, &prompt, opts)
+        .unwrap()
+        .map(|p| p.unwrap())
+        .collect();
+    assert_eq!(text, plain_text);
+}

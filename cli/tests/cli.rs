@@ -938,3 +938,44 @@ fn errors_name_the_file() {
     std::fs::create_dir(dir.join("model.safetensors")).unwrap();
     run_all("model.safetensors: is a directory");
 }
+
+#[test]
+fn long_prompts_show_progress_on_a_terminal_only() {
+    let m = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let prompt = tmp.path().join("p.txt");
+    // 6000 bytes: several prefill row blocks, so the bar is drawn after the first.
+    std::fs::write(&prompt, "a long prompt ".repeat(430)).unwrap();
+    let p = prompt.to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        &m,
+        "--prompt-file",
+        p,
+        "--max-tokens",
+        "2",
+    ];
+    // Off a terminal: stderr holds the statistics line only.
+    let out = performer(&args);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("prompt: 6020 tokens"), "{stderr}");
+    // On a terminal (util-linux `script` gives the command a pseudo-terminal): a bar.
+    let command = std::iter::once(env!("CARGO_BIN_EXE_performer"))
+        .chain(args)
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("util-linux `script` runs the command on a pseudo-terminal");
+    assert!(out.status.success());
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("prompt ") && shown.contains("/6020 tokens"),
+        "{shown}"
+    );
+}
