@@ -474,8 +474,12 @@ pub fn model_files(dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf
 /// naming the path.
 pub fn read_config_text(path: &Path) -> Result<String> {
     let bytes = crate::fsutil::read_regular_file(path, MAX_CONFIG_BYTES)?;
-    String::from_utf8(bytes)
-        .map_err(|_| Error::Config(format!("{}: not UTF-8 text", path.display())))
+    String::from_utf8(bytes).map_err(|_| {
+        Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not valid UTF-8 text"),
+        )
+    })
 }
 
 /// A loaded causal `PerformerLM`: immutable and shareable across threads.
