@@ -201,6 +201,8 @@ pub struct StopMatcher {
     since: Vec<(u32, usize)>,
     /// Whether the caller holds a checkpoint.
     holding: bool,
+    /// Whether any stop string has a non-ASCII character.
+    multibyte: bool,
 }
 
 impl StopMatcher {
@@ -212,6 +214,7 @@ impl StopMatcher {
             return Err(Error::invalid("stop", "stop strings must not be empty"));
         }
         Ok(StopMatcher {
+            multibyte: stops.iter().any(|s| !s.is_ascii()),
             stops,
             tokenizer: ByteTokenizer,
             decoder: Utf8Stream::default(),
@@ -297,7 +300,8 @@ impl StopMatcher {
             .drain(..self.pending.len() - hold)
             .collect::<String>();
         self.base += text.len();
-        let needed = hold > 0 || !clean;
+        // A partial character can only begin a stop string that is not all ASCII.
+        let needed = hold > 0 || (!clean && self.multibyte);
         let checkpoint = match (needed, self.holding) {
             (true, true) => Checkpoint::Keep,
             (true, false) => {
@@ -325,7 +329,8 @@ impl StopMatcher {
 
     /// Ends the stream (the token limit was reached): returns the held-back text and any
     /// partial character (as U+FFFD). The state keeps every token stepped so far; a held
-    /// checkpoint can be dropped.
+    /// checkpoint can be dropped. (A stop string that only the U+FFFD of a partial character
+    /// at the very end would complete is not matched.)
     pub fn finish(&mut self) -> String {
         let mut rest = std::mem::take(&mut self.pending);
         rest.push_str(&self.decoder.finish());

@@ -480,6 +480,11 @@ fn the_stop_matcher_asks_for_checkpoints_and_rollbacks() {
             replay: vec![]
         }
     );
+    // An ASCII stop: a partial character cannot begin it, so none is held for one.
+    let mut m = StopMatcher::new(vec!["b".into()]).unwrap();
+    let got = push_all(&mut m, "é");
+    assert_eq!(got[0], ("".into(), step(Checkpoint::Keep)));
+    assert_eq!(got[1], ("é".into(), step(Checkpoint::Keep)));
     // No stop strings: text passes straight through, no checkpoints.
     let mut m = StopMatcher::new(vec![]).unwrap();
     assert!(push_all(&mut m, "abc")
@@ -527,4 +532,98 @@ fn prefill_progress_counts_up_and_changes_nothing() {
         .map(|p| p.unwrap())
         .collect();
     assert_eq!(text, plain_text);
+}
+
+#[test]
+fn the_stop_rule_holds_on_random_streams() {
+    use performer::generate::{Checkpoint, StopAction, StopMatcher};
+    // Bytes from a small alphabet with valid and broken multi-byte sequences, so that stops
+    // are often completed, often only begun, and partial characters are frequent.
+    let alphabet = [b'a', b'b', b'\n', 0xC3, 0xA9, 0xE2, 0x80, 0xFF];
+    let stop_sets: [&[&str]; 6] = [
+        &["ab"],
+        &["\n\n"],
+        &["é"],
+        &["b\u{FFFD}"],
+        &["aab", "ba"],
+        &["é\n", "bb"],
+    ];
+    let mut rng = TestRng(99);
+    let mut stopped = 0;
+    for round in 0..600 {
+        let stops: Vec<String> = stop_sets[round % stop_sets.len()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let stream: Vec<u32> = rng
+            .tokens(40, alphabet.len() as u32)
+            .into_iter()
+            .map(|i| alphabet[i as usize] as u32)
+            .collect();
+        // The "state" is the list of consumed tokens; a checkpoint is a copy of it.
+        let mut state: Vec<u32> = Vec::new();
+        let mut checkpoint: Option<Vec<u32>> = None;
+        let mut m = StopMatcher::new(stops.clone()).unwrap();
+        let mut text = String::new();
+        let mut stop_hit = false;
+        for &t in &stream {
+            let p = m.push(t);
+            text.push_str(&p.text);
+            match p.action {
+                StopAction::Step(c) => {
+                    match c {
+                        Checkpoint::Take => {
+                            assert!(checkpoint.is_none());
+                            checkpoint = Some(state.clone());
+                        }
+                        Checkpoint::Release => {
+                            assert!(checkpoint.take().is_some());
+                        }
+                        Checkpoint::Keep => {}
+                    }
+                    state.push(t);
+                }
+                StopAction::Stop { restore, replay } => {
+                    if restore {
+                        state = checkpoint.take().expect("a checkpoint to restore");
+                    }
+                    state.extend(replay);
+                    stop_hit = true;
+                    break;
+                }
+            }
+        }
+        if !stop_hit {
+            text.push_str(&m.finish());
+        }
+        let bytes: Vec<u8> = state.iter().map(|&t| t as u8).collect();
+        // The state is a prefix of the stream and decodes to exactly the returned text.
+        assert_eq!(state, stream[..state.len()], "{stops:?} {stream:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            text,
+            "{stops:?} {stream:?}"
+        );
+        if stop_hit {
+            // The returned text holds no stop string.
+            assert!(stops.iter().all(|s| !text.contains(s.as_str())));
+            stopped += 1;
+            // The stop string follows the returned text in the stream's decoding.
+            let all: Vec<u8> = stream.iter().map(|&t| t as u8).collect();
+            let all = String::from_utf8_lossy(&all);
+            assert!(all.starts_with(&text), "{stops:?} {stream:?}");
+            assert!(
+                stops
+                    .iter()
+                    .any(|s| all[text.len()..].starts_with(s.as_str())),
+                "{stops:?} {stream:?}"
+            );
+        } else {
+            assert_eq!(state, stream, "no stop: every token consumed");
+        }
+    }
+    assert!(
+        stopped > 100,
+        "the streams exercise stops: {stopped} of 600"
+    );
 }
