@@ -321,9 +321,9 @@ mod x86 {
     use std::arch::x86_64::{__m128i, __m256, __m256i, __m512, __mmask16};
 
     // The two x86 levels as pulp tokens: a token is a zero-sized proof that the CPU has every
-    // listed feature (pulp detects them once and caches the answer), its fields call the
-    // intrinsics of those features safely, and `vectorize` runs a closure inside a
-    // `#[target_feature]` function enabling all of them.
+    // listed feature (pulp detects them once and caches the answer) and its fields call the
+    // intrinsics of those features safely. The kernels' `#[target_feature]` entry points (the
+    // `kernels!` macro in `super`) enable the same lists.
     pulp::simd_type! {
         /// AVX2 with FMA and F16C (x86-64-v3: Intel Haswell and AMD Zen onwards).
         pub struct Avx2 {
