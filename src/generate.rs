@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::state::State;
-use crate::tokenizer::{ByteTokenizer, Utf8Stream};
+use crate::tokenizer::TextStream;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -102,8 +102,7 @@ pub struct Generation<'a> {
     model: &'a Model,
     state: &'a mut State,
     sampler: Sampler,
-    tokenizer: ByteTokenizer,
-    decoder: Utf8Stream,
+    decoder: TextStream<'a>,
     history: Vec<u32>,
     pending: String,
     stop: Vec<String>,
@@ -163,8 +162,7 @@ impl<'a> Generation<'a> {
             model,
             state,
             sampler,
-            tokenizer: ByteTokenizer,
-            decoder: Utf8Stream::default(),
+            decoder: model.tokenizer().stream(prompt),
             history: prompt.to_vec(),
             pending: String::new(),
             stop: options.stop,
@@ -210,7 +208,7 @@ impl<'a> Generation<'a> {
             if self.stats.generated_tokens >= self.max_tokens {
                 self.done = true;
                 let mut rest = std::mem::take(&mut self.pending);
-                rest.push_str(&self.decoder.finish());
+                rest.push_str(&self.decoder.finish()?);
                 return Ok((!rest.is_empty()).then_some(rest));
             }
             let logits = self.state.logits().ok_or(Error::EmptyInput(
@@ -227,11 +225,8 @@ impl<'a> Generation<'a> {
             }?;
             self.stats.decode_time += t.elapsed();
 
-            // Ids past the byte range (a larger vocabulary) carry no text.
-            if let Some(b) = self.tokenizer.token_byte(token) {
-                let text = self.decoder.push(b);
-                self.pending.push_str(&text);
-            }
+            let text = self.decoder.push(token)?;
+            self.pending.push_str(&text);
             if let Some(idx) = self
                 .stop
                 .iter()
