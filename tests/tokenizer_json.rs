@@ -227,3 +227,33 @@ fn tokenizer_file_errors_are_typed() {
         other => panic!("expected a tokenizer error, got {other:?}"),
     }
 }
+
+#[test]
+fn streaming_after_context_keeps_the_spaces_a_sentencepiece_decoder_strips_at_the_start() {
+    // A Metaspace (SentencePiece-style) tokenizer writes `▁word` as " word", except at the
+    // start of a text, where the space is dropped. Tokens streamed after a prompt are decoded
+    // in its context, so the first generated word keeps its space.
+    let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true},
+        "post_processor": null,
+        "decoder": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true},
+        "model": {"type": "WordLevel", "unk_token": "<unk>",
+                  "vocab": {"<unk>": 0, "▁To": 1, "▁be,": 2, "▁or": 3, "▁not": 4, "▁to": 5, "▁be": 6}}}"#;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, json).unwrap();
+    let t = Tokenizer::load_file(&path).unwrap();
+    let ids = t.encode("To be, or not to be").unwrap();
+    assert_eq!(ids, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(t.decode(&ids).unwrap(), "To be, or not to be");
+    // Without context the first token is at the start of a text: no space.
+    assert_eq!(stream_pieces(&t, &[], &ids[2..]).concat(), "or not to be");
+    // After the prompt's tokens: exactly the text they add.
+    assert_eq!(
+        stream_pieces(&t, &ids[..2], &ids[2..]).concat(),
+        " or not to be"
+    );
+    let pieces = stream_pieces(&t, &ids[..2], &ids[2..]);
+    assert_eq!(pieces[..4], [" or", " not", " to", " be"]);
+}
