@@ -5,8 +5,8 @@
 //! Hugging Face `tokenizer.json` file in the model directory. [`TextStream`] turns generated
 //! token ids into text one token at a time without ever emitting part of a character.
 
-use std::marker::PhantomData;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::config::TokenizerKind;
 use crate::error::{Error, Result};
@@ -28,7 +28,7 @@ pub enum Tokenizer {
     Byte(ByteTokenizer),
     /// A Hugging Face `tokenizer.json` (feature `hf-tokenizer`).
     #[cfg(feature = "hf-tokenizer")]
-    HuggingFace(Box<tokenizers::Tokenizer>),
+    HuggingFace(Arc<tokenizers::Tokenizer>),
 }
 
 impl Default for Tokenizer {
@@ -74,7 +74,7 @@ impl Tokenizer {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let t = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Tokenizer::HuggingFace(Box::new(t)))
+        Ok(Tokenizer::HuggingFace(Arc::new(t)))
     }
 
     /// Reads a Hugging Face `tokenizer.json` file: without the `hf-tokenizer` feature, an
@@ -183,9 +183,9 @@ impl Tokenizer {
     /// tokenizers write a token differently at the start of a text). Its pieces, concatenated,
     /// are the text the tokens add to `context`.
     #[cfg_attr(not(feature = "hf-tokenizer"), allow(unused_variables))]
-    pub fn stream(&self, context: &[u32]) -> TextStream<'_> {
+    pub fn stream(&self, context: &[u32]) -> TextStream {
         match self {
-            Tokenizer::Byte(_) => TextStream(Inner::Byte(Utf8Stream::default(), PhantomData)),
+            Tokenizer::Byte(_) => TextStream(Inner::Byte(Utf8Stream::default())),
             #[cfg(feature = "hf-tokenizer")]
             Tokenizer::HuggingFace(t) => {
                 // A few tokens of context are enough for a decoder to know it is not at the
@@ -196,7 +196,7 @@ impl Tokenizer {
                     _ => (Vec::new(), 0),
                 };
                 TextStream(Inner::Hf {
-                    tokenizer: t,
+                    tokenizer: t.clone(),
                     read: ids.len(),
                     read_text_len: read,
                     ids,
@@ -218,15 +218,15 @@ const CONTEXT_TOKENS: usize = 4;
 /// and emits the new text once it does not end in an incomplete character (U+FFFD), so a
 /// character split over several byte-level BPE tokens comes out whole, and a decoder that
 /// writes a token differently at the start of a text (SentencePiece's `▁`) sees its context.
-#[derive(Debug)]
-pub struct TextStream<'t>(Inner<'t>);
+#[derive(Debug, Clone)]
+pub struct TextStream(Inner);
 
-#[derive(Debug)]
-enum Inner<'t> {
-    Byte(Utf8Stream, PhantomData<&'t ()>),
+#[derive(Debug, Clone)]
+enum Inner {
+    Byte(Utf8Stream),
     #[cfg(feature = "hf-tokenizer")]
     Hf {
-        tokenizer: &'t tokenizers::Tokenizer,
+        tokenizer: Arc<tokenizers::Tokenizer>,
         /// The decoding window: context, then tokens whose text is not emitted yet.
         ids: Vec<u32>,
         /// `ids[..read]` is context (text already emitted, or the prompt's).
@@ -236,13 +236,13 @@ enum Inner<'t> {
     },
 }
 
-impl TextStream<'_> {
+impl TextStream {
     /// Adds a token and returns the text it completes (often empty, never part of a
     /// character).
     pub fn push(&mut self, token: u32) -> Result<String> {
         match &mut self.0 {
             // Ids past the byte range (a larger vocabulary) carry no text.
-            Inner::Byte(s, _) => Ok(u8::try_from(token).map(|b| s.push(b)).unwrap_or_default()),
+            Inner::Byte(s) => Ok(u8::try_from(token).map(|b| s.push(b)).unwrap_or_default()),
             #[cfg(feature = "hf-tokenizer")]
             Inner::Hf {
                 tokenizer,
@@ -271,7 +271,7 @@ impl TextStream<'_> {
     /// The text still held back at the end (an incomplete character, as U+FFFD).
     pub fn finish(&mut self) -> Result<String> {
         match &mut self.0 {
-            Inner::Byte(s, _) => Ok(s.finish()),
+            Inner::Byte(s) => Ok(s.finish()),
             #[cfg(feature = "hf-tokenizer")]
             Inner::Hf {
                 tokenizer,
@@ -285,6 +285,39 @@ impl TextStream<'_> {
                 *read = ids.len();
                 *read_text_len = text.len();
                 Ok(piece)
+            }
+        }
+    }
+}
+
+impl TextStream {
+    /// Whether nothing is pending: every token pushed so far came out as text.
+    pub fn is_empty(&self) -> bool {
+        match &self.0 {
+            Inner::Byte(s) => s.is_empty(),
+            #[cfg(feature = "hf-tokenizer")]
+            Inner::Hf { ids, read, .. } => *read == ids.len(),
+        }
+    }
+
+    /// Whether the tokens are bytes (a token's text is at most its one byte).
+    pub fn is_byte_level(&self) -> bool {
+        matches!(self.0, Inner::Byte(_))
+    }
+
+    /// Drops pending tokens and context: the next token starts a new text.
+    pub fn reset(&mut self) {
+        match &mut self.0 {
+            Inner::Byte(s) => *s = Utf8Stream::default(),
+            #[cfg(feature = "hf-tokenizer")]
+            Inner::Hf {
+                ids,
+                read,
+                read_text_len,
+                ..
+            } => {
+                ids.clear();
+                (*read, *read_text_len) = (0, 0);
             }
         }
     }
@@ -365,6 +398,11 @@ impl Utf8Stream {
                 }
             }
         }
+    }
+
+    /// Whether no partial character is pending (every byte pushed so far came out as text).
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
     }
 
     /// Flushes a trailing incomplete sequence as U+FFFD.

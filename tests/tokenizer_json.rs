@@ -134,6 +134,36 @@ fn generate_and_score_with_a_tokenizer_json_model() {
     assert_eq!(format!("{prompt_text}{}", pieces.concat()), full);
     assert_eq!(pieces.concat(), t.decode(&tokens[prompt.len()..]).unwrap());
 
+    // A stop string in that text: generation ends before it; the state keeps the tokens
+    // whose text begins before it (a BPE token may carry the stop string's first bytes).
+    let greedy = |stop: Vec<String>| {
+        let mut state = State::new(&model);
+        let options = GenerateOptions {
+            max_tokens: 60,
+            stop,
+            sampling: SamplingParams::greedy(),
+            ..GenerateOptions::default()
+        };
+        let mut g = Generation::new(&model, &mut state, &prompt, options).unwrap();
+        let text: String = g.by_ref().map(Result::unwrap).collect();
+        let tokens = g.tokens().to_vec();
+        drop(g);
+        assert_eq!(state.position(), tokens.len());
+        (text, tokens)
+    };
+    let (whole, _) = greedy(vec![]);
+    let chars: Vec<char> = whole.chars().collect();
+    assert!(chars.len() > 20, "{whole:?}");
+    let stop: String = chars[12..15].iter().collect();
+    let cut = whole.find(&stop).unwrap();
+    let (text, tokens) = greedy(vec![stop.clone()]);
+    assert_eq!(text, whole[..cut], "stop {stop:?}");
+    let kept = t.decode(&tokens[prompt.len()..]).unwrap();
+    assert!(
+        kept.starts_with(&text) && kept.len() < cut + stop.len(),
+        "{kept:?} {text:?}"
+    );
+
     // Perplexity: token counts from the tokenizer, bits per byte over the text's bytes.
     let text = "HAMLET:\nTo be, or not to be, that is the question.\nCafé 🎭\n";
     let ids = t.encode(text).unwrap();

@@ -61,7 +61,7 @@ fn generate_perplexity_and_info_use_the_tokenizer() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{text}\n"));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), text);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(&format!("prompt: {} tokens", ids.len())),
