@@ -6,6 +6,7 @@
 //! token ids into text one token at a time without ever emitting part of a character.
 
 use std::path::Path;
+#[cfg(feature = "hf-tokenizer")]
 use std::sync::Arc;
 
 use crate::config::TokenizerKind;
