@@ -22,6 +22,7 @@ pub mod attention;
 pub mod baseline;
 pub mod bench;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod kernels;
