@@ -20,14 +20,12 @@
 
 pub mod attention;
 pub mod baseline;
-pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod model;
-pub mod npy;
 pub mod parallel;
 pub mod perplexity;
 pub mod sampling;
