@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod bench_cmd;
+mod loadtest_cmd;
+mod serve_cmd;
 use performer::config::{Config, Origin};
 use performer::weights::{names, WeightFile};
 use performer::{GenerateOptions, Generation, LoadOptions, Model, SamplingParams, State};
@@ -41,6 +43,10 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Measure prefill and generation throughput by context depth (llama-bench style).
     Bench(bench_cmd::BenchArgs),
+    /// Serve the model over HTTP: OpenAI completions, sessions, metrics, a playground.
+    Serve(serve_cmd::ServeArgs),
+    /// Load-test a running server with concurrent streaming requests.
+    Loadtest(loadtest_cmd::LoadtestArgs),
 }
 
 #[derive(Args)]
@@ -190,6 +196,10 @@ fn main() -> ExitCode {
         Command::Logits(a) => logits(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Bench(a) => bench_cmd::run(a),
+        Command::Loadtest(a) => loadtest_cmd::run(a).map_err(Into::into),
+        Command::Serve(a) => {
+            serve_cmd::run(a, cli.threads, default_model_dir()).map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

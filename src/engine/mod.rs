@@ -29,8 +29,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use request::{
-    CancelHandle, CompletionRequest, Event, FinishReason, SessionInfo, Sink, Target,
-    TokenLogprob, Usage, MAX_LOGPROBS,
+    CancelHandle, CompletionRequest, Event, FinishReason, SessionInfo, Sink, Target, TokenLogprob,
+    Usage, MAX_LOGPROBS,
 };
 pub use sessions::SessionStats;
 pub use store::{DiskStore, SessionMeta, SessionStore, StoredSession};
@@ -295,24 +295,20 @@ impl Engine {
             return Err(Error::ShuttingDown);
         }
         self.validate(&req)?;
-        if let Target::Session(id) = &req.target {
-            let sessions = self.sessions();
-            let info = sessions.get(&req.tenant, id)?;
-            if let Some(limit) = self.shared.model.config().max_positions() {
-                if info.position + req.prompt.len() > limit {
-                    return Err(Error::PositionOutOfRange {
-                        position: info.position + req.prompt.len(),
-                        max_seq_len: limit,
-                        kind: "absolute",
-                    });
-                }
-            }
-        } else if let Some(limit) = self.shared.model.config().max_positions() {
-            if req.prompt.len() > limit {
+        let start = match &req.target {
+            Target::Session(id) => self.sessions().get(&req.tenant, id)?.position,
+            _ => 0,
+        };
+        let config = self.shared.model.config();
+        if let Some(limit) = config.max_positions() {
+            if start + req.prompt.len() > limit {
                 return Err(Error::PositionOutOfRange {
-                    position: req.prompt.len(),
+                    position: start + req.prompt.len(),
                     max_seq_len: limit,
-                    kind: "absolute",
+                    kind: match config.position_kind() {
+                        crate::config::PositionKind::Axial => "axial",
+                        _ => "absolute",
+                    },
                 });
             }
         }
@@ -401,7 +397,12 @@ impl Engine {
 
     /// Creates or replaces session `id` from snapshot bytes. A snapshot of another model, a
     /// corrupted one or one of an unknown version is an error naming the reason.
-    pub fn put_session_snapshot(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<SessionInfo> {
+    pub fn put_session_snapshot(
+        &self,
+        tenant: &str,
+        id: &str,
+        bytes: &[u8],
+    ) -> Result<SessionInfo> {
         let state = State::from_bytes(&self.shared.model, bytes)?;
         self.sessions().put_state(tenant, id, state)
     }

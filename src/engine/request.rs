@@ -183,7 +183,9 @@ pub(crate) fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogp
     }
     TokenLogprob {
         token,
-        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| lp(l)),
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| lp(l)),
         top: best.into_iter().map(|(i, l)| (i, lp(l))).collect(),
     }
 }

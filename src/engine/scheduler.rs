@@ -39,7 +39,7 @@ pub(crate) struct Job {
 
 enum Phase {
     Queued,
-    Prefill { state: State, done: usize },
+    Prefill { state: Box<State>, done: usize },
     Decode { rows: Vec<Row> },
 }
 
@@ -95,8 +95,8 @@ pub(crate) struct Scheduler {
     shared: Arc<Shared>,
     pool: rayon::ThreadPool,
     rx: Receiver<Cmd>,
-    queue: VecDeque<Box<Job>>,
-    active: Vec<Box<Job>>,
+    queue: VecDeque<Job>,
+    active: Vec<Job>,
     prefill_slice: usize,
     deadline: Option<Instant>,
     last_expiry: Instant,
@@ -141,7 +141,12 @@ impl Scheduler {
                 self.shared.sessions.lock().expect("poisoned").expire();
             }
             if self.deadline.is_some_and(|d| Instant::now() >= d) {
-                for job in self.queue.drain(..).chain(self.active.drain(..)).collect::<Vec<_>>() {
+                for job in self
+                    .queue
+                    .drain(..)
+                    .chain(self.active.drain(..))
+                    .collect::<Vec<_>>()
+                {
                     self.fail(job, Error::ShuttingDown);
                 }
                 break;
@@ -157,7 +162,7 @@ impl Scheduler {
 
     fn handle(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Job(job) => self.queue.push_back(job),
+            Cmd::Job(job) => self.queue.push_back(*job),
             Cmd::Shutdown(deadline) => self.deadline = Some(deadline),
         }
     }
@@ -165,7 +170,9 @@ impl Scheduler {
     fn publish(&self) {
         let rows: usize = self.active.iter().map(|j| j.req.n).sum();
         self.shared.running.store(rows, Ordering::Relaxed);
-        self.shared.queued.store(self.queue.len(), Ordering::Relaxed);
+        self.shared
+            .queued
+            .store(self.queue.len(), Ordering::Relaxed);
     }
 
     /// Releases a finished, failed or cancelled job's slots.
@@ -173,7 +180,7 @@ impl Scheduler {
         self.shared.inflight.fetch_sub(job.req.n, Ordering::AcqRel);
     }
 
-    fn fail(&self, mut job: Box<Job>, err: Error) {
+    fn fail(&self, mut job: Job, err: Error) {
         if let Target::Session(id) = &job.req.target {
             let id = id.clone();
             let original = job.original.take();
@@ -233,7 +240,10 @@ impl Scheduler {
                 }
                 _ => State::new(&self.shared.model),
             };
-            job.phase = Phase::Prefill { state, done: 0 };
+            job.phase = Phase::Prefill {
+                state: Box::new(state),
+                done: 0,
+            };
             self.active.push(job);
         }
     }
@@ -257,7 +267,9 @@ impl Scheduler {
                 let end = (*done + self.prefill_slice).min(prompt.len());
                 let model = &self.shared.model;
                 let slice = &prompt[*done..end];
-                let r = self.pool.install(|| model.prefill(state, slice).map(|_| ()));
+                let r = self
+                    .pool
+                    .install(|| model.prefill(state, slice).map(|_| ()));
                 budget = budget.saturating_sub(slice.len());
                 *done = end;
                 if let Err(e) = r {
@@ -283,12 +295,12 @@ impl Scheduler {
 
     /// Turns a prefilled job into decoding rows (or finishes it when nothing is to be
     /// sampled).
-    fn start_decode(&mut self, mut job: Box<Job>) -> Option<Box<Job>> {
+    fn start_decode(&mut self, mut job: Job) -> Option<Job> {
         let Phase::Prefill { state, .. } = std::mem::replace(&mut job.phase, Phase::Queued) else {
             unreachable!("called on prefilled jobs only")
         };
         if job.req.max_tokens == 0 {
-            self.complete(job, Some(state));
+            self.complete(job, Some(*state));
             return None;
         }
         if state.logits().is_none() {
@@ -307,7 +319,7 @@ impl Scheduler {
         let tail = job.req.prompt.len().saturating_sub(window);
         let history = job.req.prompt[tail..].to_vec();
         let mut rows = Vec::with_capacity(job.req.n);
-        let mut state = Some(state);
+        let mut state = Some(*state);
         for choice in 0..job.req.n {
             let mut params = job.req.sampling.clone();
             params.seed = params.seed.wrapping_add(choice as u64);
@@ -377,9 +389,7 @@ impl Scheduler {
                 o.batch(states.len());
             }
             let model = &self.shared.model;
-            let result = self
-                .pool
-                .install(|| model.step_batch(&mut states, &tokens));
+            let result = self.pool.install(|| model.step_batch(&mut states, &tokens));
             if let Err(e) = result {
                 owners.dedup();
                 for j in owners {
@@ -413,12 +423,12 @@ impl Scheduler {
         }
     }
 
-    fn complete(&mut self, job: Box<Job>, state: Option<State>) {
+    fn complete(&mut self, job: Job, state: Option<State>) {
         self.complete_with(job, state, 0);
     }
 
     /// Sends `Done`, hands the state to its session, frees the slots.
-    fn complete_with(&mut self, mut job: Box<Job>, state: Option<State>, returned: usize) {
+    fn complete_with(&mut self, mut job: Job, state: Option<State>, returned: usize) {
         let usage = Usage {
             prompt_tokens: job.req.prompt.len(),
             completion_tokens: returned,
@@ -478,10 +488,9 @@ fn sample_job(job: &mut Job, shared: &Shared) -> Result<()> {
     let mut events = Vec::new();
     let mut first = false;
     for r in rows.iter_mut().filter(|r| r.finished.is_none()) {
-        let logits = r
-            .state
-            .logits()
-            .ok_or(Error::EmptyInput("the state holds no logits to sample from"))?;
+        let logits = r.state.logits().ok_or(Error::EmptyInput(
+            "the state holds no logits to sample from",
+        ))?;
         let token = r.sampler.sample(logits, &r.history)?;
         if let Some(k) = want {
             r.logprobs.push(token_logprob(logits, token, k));

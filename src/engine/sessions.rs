@@ -148,7 +148,12 @@ impl Sessions {
     }
 
     /// Creates or replaces session `id` with `state`.
-    pub(crate) fn put_state(&mut self, tenant: &str, id: &str, state: State) -> Result<SessionInfo> {
+    pub(crate) fn put_state(
+        &mut self,
+        tenant: &str,
+        id: &str,
+        state: State,
+    ) -> Result<SessionInfo> {
         if !valid_id(id) {
             return Err(Error::invalid(
                 "session id",
@@ -211,9 +216,9 @@ impl Sessions {
         let store = self.store.as_ref().ok_or_else(|| {
             Error::SessionStorage(format!("session `{id}` has no state and no store"))
         })?;
-        let stored = store
-            .get(id)?
-            .ok_or_else(|| Error::SessionStorage(format!("session `{id}` vanished from the store")))?;
+        let stored = store.get(id)?.ok_or_else(|| {
+            Error::SessionStorage(format!("session `{id}` vanished from the store"))
+        })?;
         let state = State::from_bytes(&self.model, &stored.snapshot)?;
         self.memory_bytes += state.size_bytes();
         self.map.get_mut(id).expect("present").state = Some(state);

@@ -200,7 +200,11 @@ mod tests {
     fn stop_cuts_and_keeps_the_returned_tokens() {
         let (text, keep) = run(&["\n\n"], b"ab\ncd\n\nef");
         assert_eq!(text, "ab\ncd");
-        assert_eq!(keep, Some(5), "the state keeps exactly the 5 returned bytes");
+        assert_eq!(
+            keep,
+            Some(5),
+            "the state keeps exactly the 5 returned bytes"
+        );
     }
 
     #[test]

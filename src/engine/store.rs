@@ -47,6 +47,10 @@ pub struct StoredSession {
     pub snapshot: Vec<u8>,
 }
 
+/// What [`SessionStore::list`] finds: the readable sessions' metadata, and the entries that
+/// could not be read, each with its reason.
+pub type Listing = (Vec<SessionMeta>, Vec<(String, Error)>);
+
 /// Storage for sessions out of memory. Implementations must be safe to call from several
 /// threads; the engine holds its session table's lock while calling them.
 pub trait SessionStore: Send + Sync {
@@ -59,7 +63,7 @@ pub trait SessionStore: Send + Sync {
     fn delete(&self, id: &str) -> Result<()>;
     /// The metadata of every stored session. Entries that cannot be read are reported in the
     /// second list, with the reason, and otherwise skipped.
-    fn list(&self) -> Result<(Vec<SessionMeta>, Vec<(String, Error)>)>;
+    fn list(&self) -> Result<Listing>;
 }
 
 /// Whether `id` is a valid session id: 1–64 ASCII letters, digits, `-` or `_` (it names a
@@ -167,7 +171,7 @@ impl SessionStore for DiskStore {
         }
     }
 
-    fn list(&self) -> Result<(Vec<SessionMeta>, Vec<(String, Error)>)> {
+    fn list(&self) -> Result<Listing> {
         let mut metas = Vec::new();
         let mut bad = Vec::new();
         let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
@@ -264,7 +268,10 @@ mod tests {
         store.delete("a").unwrap();
         store.delete("a").unwrap();
         assert!(store.get("a").unwrap().is_none());
-        assert!(store.get("../x").is_err(), "ids are checked before touching files");
+        assert!(
+            store.get("../x").is_err(),
+            "ids are checked before touching files"
+        );
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .filter_map(|e| e.ok())

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Loads the playground in headless Chromium (Debian's `chromium`), submits a prompt through the
+# page (its ?run=1 link clicks Generate), waits for the streamed text, checks it reached the
+# page, and saves a screenshot. Usage: scripts/playground_screenshot.sh [OUT.png] [PERFORMER_BINARY]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-docs/playground.png}"
+BIN="${2:-}"
+if [[ -z "$BIN" ]]; then
+    cargo build --quiet -p performer-cli --bin performer
+    BIN=target/debug/performer
+fi
+WORK="$(mktemp -d)"
+SERVER_PID=""
+cleanup() {
+    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then kill "$SERVER_PID"; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$BIN" serve --model models/performer-byte --host 127.0.0.1 --port 0 2>"$WORK/server.log" &
+SERVER_PID=$!
+BASE=""
+for _ in $(seq 1 300); do
+    BASE="$(grep -o 'http://127.0.0.1:[0-9]*' "$WORK/server.log" || true)"
+    [[ -n "$BASE" ]] && break
+    sleep 0.1
+done
+[[ -n "$BASE" ]] || { cat "$WORK/server.log"; exit 1; }
+
+URL="$BASE/?prompt=The%20sea&max_tokens=200&temperature=0.7&seed=7&run=1"
+FLAGS=(--headless --no-sandbox --disable-gpu --disable-background-networking
+       --disable-component-update --disable-sync --no-first-run
+       --user-data-dir="$WORK/profile" --window-size=1100,800 --virtual-time-budget=15000)
+chromium "${FLAGS[@]}" --dump-dom "$URL" >"$WORK/dom.html" 2>/dev/null
+grep -q "done: 200 tokens" "$WORK/dom.html" || { echo "no finished generation in the page:"; grep -o '<div id="status">[^<]*' "$WORK/dom.html"; exit 1; }
+mkdir -p "$(dirname "$OUT")"
+chromium "${FLAGS[@]}" --user-data-dir="$WORK/profile2" --screenshot="$OUT" "$URL" 2>/dev/null
+echo "playground: generation streamed into the page; screenshot in $OUT"
