@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Loads the playground in headless Chromium (Debian's `chromium`), submits a prompt through the
-# page (its ?run=1 link clicks Generate), waits for the streamed text, checks it reached the
-# page, and saves a screenshot. Usage: scripts/playground_screenshot.sh [OUT.png] [PERFORMER_BINARY]
+# page's form (DevTools protocol, scripts/playground_check.py), waits for the streamed text,
+# checks it reached the page, and saves a screenshot. Usage: scripts/playground_screenshot.sh [OUT.png] [PERFORMER_BINARY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-docs/playground.png}"
@@ -28,12 +28,6 @@ for _ in $(seq 1 300); do
 done
 [[ -n "$BASE" ]] || { cat "$WORK/server.log"; exit 1; }
 
-URL="$BASE/?prompt=The%20sea&max_tokens=200&temperature=0.7&seed=7&run=1"
-FLAGS=(--headless --no-sandbox --disable-gpu --disable-background-networking
-       --disable-component-update --disable-sync --no-first-run
-       --user-data-dir="$WORK/profile" --window-size=1100,800 --virtual-time-budget=15000)
-chromium "${FLAGS[@]}" --dump-dom "$URL" >"$WORK/dom.html" 2>/dev/null
-grep -q "done: 200 tokens" "$WORK/dom.html" || { echo "no finished generation in the page:"; grep -o '<div id="status">[^<]*' "$WORK/dom.html"; exit 1; }
 mkdir -p "$(dirname "$OUT")"
-chromium "${FLAGS[@]}" --user-data-dir="$WORK/profile2" --screenshot="$OUT" "$URL" 2>/dev/null
-echo "playground: generation streamed into the page; screenshot in $OUT"
+python3 scripts/playground_check.py chromium "$BASE/" "$OUT" "$WORK/profile"
+echo "playground: a prompt submitted through the page streamed its text; screenshot in $OUT"
