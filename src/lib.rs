@@ -23,6 +23,7 @@ pub mod baseline;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod fsutil;
 pub mod generate;
 pub mod kernels;
 pub mod model;
