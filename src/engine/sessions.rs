@@ -53,6 +53,8 @@ pub(crate) struct Sessions {
     ttl: Option<Duration>,
     clock: u64,
     rng: u64,
+    /// Ids of stored sessions this engine does not serve (another model's): never reused.
+    foreign: std::collections::HashSet<String>,
 }
 
 impl Sessions {
@@ -64,8 +66,16 @@ impl Sessions {
         max_bytes: usize,
         ttl: Option<Duration>,
     ) -> Result<Self> {
-        let seed = now_unix() ^ ((std::process::id() as u64) << 32);
-        let seed = seed ^ (&seed as *const u64 as u64);
+        // Ids must differ between engines, even two in one process within one second.
+        static ENGINES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let seed = nanos
+            ^ ((std::process::id() as u64) << 32)
+            ^ ENGINES
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut s = Sessions {
             model,
             map: HashMap::new(),
@@ -75,6 +85,7 @@ impl Sessions {
             ttl,
             clock: 0,
             rng: seed,
+            foreign: Default::default(),
         };
         if let Some(store) = &s.store {
             let (metas, bad) = store.list()?;
@@ -88,6 +99,7 @@ impl Sessions {
                         "performer: skipping session {} (made with another model)",
                         meta.id
                     );
+                    s.foreign.insert(meta.id);
                     continue;
                 }
                 s.map.insert(
@@ -108,7 +120,7 @@ impl Sessions {
     fn new_id(&mut self) -> String {
         loop {
             let id = format!("sess-{:016x}", splitmix64(&mut self.rng));
-            if !self.map.contains_key(&id) {
+            if !self.map.contains_key(&id) && !self.foreign.contains(&id) {
                 return id;
             }
         }
@@ -167,6 +179,11 @@ impl Sessions {
             }
             Some(e) if e.busy => return Err(Error::SessionBusy(id.to_string())),
             Some(e) => (e.meta.created, e.meta.version),
+            None if self.foreign.contains(id) => {
+                return Err(Error::SessionStorage(format!(
+                    "`{id}` is taken by a stored session of another model"
+                )))
+            }
             None => (now, 0),
         };
         self.remove_memory(id);

@@ -8,7 +8,6 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -159,7 +158,9 @@ impl SessionStore for DiskStore {
         bytes.extend_from_slice(&(json.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&json);
         bytes.extend_from_slice(&session.snapshot);
-        write_atomic(&path, &bytes)
+        // Temporary file in the same directory, fsync, rename: a crash leaves the old
+        // session or the new one, never a torn file.
+        crate::fsutil::write_atomic(&path, |w| w.write_all(&bytes))
     }
 
     fn delete(&self, id: &str) -> Result<()> {
@@ -198,34 +199,6 @@ impl SessionStore for DiskStore {
         }
         Ok((metas, bad))
     }
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename,
-/// then fsync of the directory. Readers see the old file or the new one, never a mix.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-        if let Ok(d) = File::open(dir) {
-            // Best effort: makes the rename durable; some file systems refuse fsync on dirs.
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]
