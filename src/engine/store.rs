@@ -6,7 +6,7 @@
 //! JSON length (`u32`, little-endian), the JSON, then the snapshot bytes.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
