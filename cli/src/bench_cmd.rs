@@ -154,7 +154,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             batches: a.batch.clone(),
             depths: a.depths.clone(),
             tg: a.tg.first().copied().unwrap_or(32).max(1),
-            repetitions: a.repetitions.max(1),
+            repetitions: a.repetitions.max(1) as usize,
             threads,
             seed: a.seed,
         };
