@@ -3,9 +3,10 @@
 //! server's resident memory.
 //!
 //! Each of C workers sends streaming requests back to back for a fixed duration. Time to first
-//! token runs from sending the request to the first chunk with text; inter-token latency is
-//! the gap between consecutive text chunks divided by the tokens they carry (one per chunk
-//! but for held-back text). Tokens are counted from the usage chunk.
+//! token runs from sending the request to the first chunk carrying a token (requests ask for
+//! `logprobs: 0`, so every token's chunk counts, with or without text); inter-token latency
+//! is the gap between consecutive such chunks (one token each, but for text held back by
+//! UTF-8 or stop strings, which merges tokens). Tokens are counted from the usage chunk.
 
 use std::time::{Duration, Instant};
 
@@ -116,7 +117,7 @@ impl Client {
     async fn one(&self, path: &str, w: &mut Worker) {
         let body = json!({
             "prompt": self.opts.prompt, "max_tokens": self.opts.max_tokens,
-            "temperature": 0.8, "top_k": 40, "stream": true,
+            "temperature": 0.8, "top_k": 40, "stream": true, "logprobs": 0,
             "stream_options": {"include_usage": true},
         });
         let start = Instant::now();
