@@ -160,9 +160,14 @@ impl Client {
                 if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                     tokens = Some(n as usize);
                 }
+                // A chunk carries tokens when it has text or logprobs (asked for with
+                // `logprobs: 0`, so that tokens without text, e.g. ids past the bytes of a
+                // large vocabulary, are timed too).
                 let has_text = v["choices"].as_array().is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c["text"].as_str().is_some_and(|t| !t.is_empty()))
+                    c.iter().any(|c| {
+                        c["text"].as_str().is_some_and(|t| !t.is_empty())
+                            || !c["logprobs"].is_null()
+                    })
                 });
                 if has_text {
                     let now = Instant::now();
