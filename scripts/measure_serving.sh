@@ -37,7 +37,7 @@ serve_and_load shipped-d0 models/performer-byte 0
 serve_and_load shipped-d4k models/performer-byte 4096
 serve_and_load tiny-d0 "$OUT/tiny" 0
 serve_and_load gpt2-small-d0 "$OUT/gpt2-small" 0
-serve_and_load gpt2-small-d4k "$OUT/gpt2-small" 4096
+serve_and_load gpt2-small-d4k "$OUT/gpt2-small" 4096 --max-session-memory 4GiB
 
 # 1,000 idle sessions.
 "$BIN" serve --model models/performer-byte --host 127.0.0.1 --port 0 --threads 2 \
