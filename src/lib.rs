@@ -21,6 +21,7 @@
 pub mod attention;
 pub mod baseline;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod fsutil;
 pub mod generate;

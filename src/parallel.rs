@@ -491,6 +491,14 @@ impl Model {
         Ok(all)
     }
 
+    /// Tokens [`Model::prefill`] processes per row block. Prefilling a prompt in slices whose
+    /// lengths (all but the last) are multiples of this leaves exactly the state one prefill
+    /// of the whole prompt leaves: a server can interleave long prompts with decoding without
+    /// changing any result.
+    pub fn prefill_block_tokens(&self) -> usize {
+        self.prefill_row_block(DEFAULT_CHUNK)
+    }
+
     /// Rows of a prefill's row block for attention chunks of `chunk`: whole chunks, about
     /// [`PROJECTION_ROWS`], within [`ROW_BLOCK_BYTES`] of activations.
     fn prefill_row_block(&self, chunk: usize) -> usize {

@@ -13,7 +13,8 @@ use performer_cli::bench::{self, Attention, BenchOptions};
 #[command(after_help = "Examples:
   performer bench --shape tiny --depths 0,1k,4k,16k --tg 128 --pp 512 --repetitions 3
   performer bench --shape gpt2-small --dtype bf16 --depths 0,4k --tg 32 --pp 256 --plot out.svg
-  performer bench --model models/performer-byte --threads 1,2 --json")]
+  performer bench --model models/performer-byte --threads 1,2 --json
+  performer bench --shape gpt2-small --batch 1,4,16,64 --depths 0,4k --tg 16 --threads 2")]
 pub struct BenchArgs {
     /// Model directory (config.json + model.safetensors).
     #[arg(long, conflicts_with = "shape")]
@@ -57,6 +58,11 @@ pub struct BenchArgs {
     /// Buffer of the startup read-bandwidth probe, in MiB (0 skips the probe and the roofline).
     #[arg(long, default_value_t = 1024)]
     bandwidth_mib: usize,
+    /// Batched decode instead: aggregate tokens/s of B sequences stepped together, for each
+    /// comma-separated B, at each of --depths (first --tg and --threads; llama-batched-bench
+    /// style).
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
     /// Print JSON instead of a markdown table.
     #[arg(long)]
     json: bool,
@@ -138,6 +144,27 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         },
     )
     .map_err(|e| crate::name_config(e, &dir))?;
+    if !a.batch.is_empty() {
+        let threads = a
+            .threads
+            .first()
+            .copied()
+            .unwrap_or_else(bench::default_threads);
+        let opts = performer_cli::batch_bench::BatchOptions {
+            batches: a.batch.clone(),
+            depths: a.depths.clone(),
+            tg: a.tg.first().copied().unwrap_or(32).max(1),
+            repetitions: a.repetitions.max(1) as usize,
+            threads,
+            seed: a.seed,
+        };
+        let rows = performer_cli::batch_bench::run(&model, &opts)?;
+        print!(
+            "{}",
+            performer_cli::batch_bench::markdown(&name, threads, &rows)
+        );
+        return Ok(());
+    }
     let options = BenchOptions {
         attentions: a.attention.clone(),
         pp: a.pp.clone(),

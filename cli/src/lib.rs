@@ -6,6 +6,8 @@
 //! messages and exit codes. Keeping these here keeps clap, indicatif and plotters out of the
 //! runtime crate's dependencies.
 
+pub mod batch_bench;
 pub mod bench;
+pub mod loadtest;
 pub mod npy;
 pub mod page_cache;

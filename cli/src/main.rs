@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand};
 
 mod args;
 mod bench_cmd;
+mod loadtest_cmd;
 mod out;
+mod serve_cmd;
 
 use out::{stdout_error, StdoutClosed};
 use performer::config::{Config, Origin};
@@ -45,6 +47,10 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Measure prefill and generation throughput by context depth (llama-bench style).
     Bench(bench_cmd::BenchArgs),
+    /// Serve the model over HTTP: OpenAI completions, sessions, metrics, a playground.
+    Serve(serve_cmd::ServeArgs),
+    /// Load-test a running server with concurrent streaming requests.
+    Loadtest(loadtest_cmd::LoadtestArgs),
 }
 
 #[derive(Args)]
@@ -211,6 +217,10 @@ fn main() -> ExitCode {
         Command::Logits(a) => logits(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Bench(a) => bench_cmd::run(a),
+        Command::Loadtest(a) => loadtest_cmd::run(a).map_err(Into::into),
+        Command::Serve(a) => {
+            serve_cmd::run(a, cli.threads, default_model_dir()).map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,114 @@
+//! `performer serve`: the HTTP server (see the `performer-server` crate).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use performer::engine::EngineConfig;
+use performer_server::{load_api_keys, ServeConfig, ServerOptions};
+
+/// Arguments of `performer serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Model directory (config.json + model.safetensors); default: the model in models/.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Most generations stepped together per tick.
+    #[arg(long, default_value_t = 64)]
+    max_batch: usize,
+    /// Most requests waiting for a slot; beyond, 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Longest prompt, in tokens.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_prompt_tokens: usize,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 1 << 16)]
+    max_tokens: usize,
+    /// Bytes of session states kept in memory (suffixes KiB, MiB, GiB); beyond, the least
+    /// recently used go to --session-dir.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    max_session_memory: usize,
+    /// Directory where sessions spill and persist across restarts (default: memory only).
+    #[arg(long)]
+    session_dir: Option<PathBuf>,
+    /// Drop sessions idle for this many seconds (default: never).
+    #[arg(long)]
+    session_ttl: Option<u64>,
+    /// File with one API key per line; each key is a tenant. Without it, no authentication.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// Largest request body (JSON), with suffixes as above.
+    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+    max_body: usize,
+    /// Seconds in-flight requests may run after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 10)]
+    grace: u64,
+}
+
+/// `1048576`, `512KiB`, `256MiB`, `1GiB`.
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = [
+        ("GiB", 1usize << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
+    .unwrap_or((s, 1));
+    let n: usize = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a byte count (e.g. 256MiB)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn run(a: ServeArgs, threads: Option<usize>, model_dir: PathBuf) -> Result<(), String> {
+    let api_keys = a.api_key_file.as_deref().map(load_api_keys).transpose()?;
+    let engine = EngineConfig {
+        max_batch: a.max_batch,
+        max_queue: a.max_queue,
+        max_prompt_tokens: a.max_prompt_tokens,
+        max_tokens: a.max_tokens,
+        max_session_memory: a.max_session_memory,
+        session_ttl: a.session_ttl.map(Duration::from_secs),
+        threads: threads.unwrap_or(EngineConfig::default().threads),
+        ..EngineConfig::default()
+    };
+    performer_server::run(ServeConfig {
+        model_dir: a.model.unwrap_or(model_dir),
+        host: a.host,
+        port: a.port,
+        engine,
+        session_dir: a.session_dir,
+        options: ServerOptions {
+            api_keys,
+            max_body_bytes: a.max_body,
+            grace: Duration::from_secs(a.grace),
+            ..ServerOptions::default()
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("42"), Ok(42));
+        assert!(parse_bytes("lots").is_err());
+    }
+}

@@ -1,0 +1,283 @@
+//! `POST /v1/completions` and its session twin: JSON or server-sent events.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures_util::stream;
+use performer::engine::{CancelHandle, CompletionRequest, Event, Target, TokenLogprob};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::error::ApiError;
+use crate::openai::{logprobs_json, parse, usage_json, CompletionBody};
+use crate::{App, Tenant};
+
+/// Cancels the generation when the response (or the handler) is dropped: a client that goes
+/// away frees its batch slot within one tick.
+pub(crate) struct CancelOnDrop(pub(crate) CancelHandle);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Maps a body rejection (too large, unreadable) to the OpenAI error shape.
+pub(crate) fn body_bytes(
+    app: &App,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        let status = r.status();
+        let too_large = status == StatusCode::PAYLOAD_TOO_LARGE;
+        app.metrics
+            .reject(if too_large { "too_large" } else { "invalid" });
+        ApiError {
+            status,
+            kind: "invalid_request_error",
+            code: if too_large {
+                "body_too_large"
+            } else {
+                "invalid_body"
+            },
+            message: r.body_text(),
+        }
+    })
+}
+
+/// Submits `req` to the engine with a channel sink.
+pub(crate) fn submit(
+    app: &App,
+    req: CompletionRequest,
+) -> Result<(UnboundedReceiver<Event>, CancelOnDrop), ApiError> {
+    let (tx, rx) = unbounded_channel();
+    match app
+        .engine
+        .submit(req, Box::new(move |e| tx.send(e).is_ok()))
+    {
+        Ok(h) => Ok((rx, CancelOnDrop(h))),
+        Err(e) => {
+            let err = ApiError::from(e);
+            match err.status.as_u16() {
+                429 => app.metrics.reject("queue_full"),
+                409 => app.metrics.reject("session_busy"),
+                400 => app.metrics.reject("invalid"),
+                _ => {}
+            }
+            Err(err)
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn completion_id() -> String {
+    let mut s = now() ^ (std::process::id() as u64) << 40;
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    s ^= N.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 20;
+    format!("cmpl-{:016x}", performer::sampling::splitmix64(&mut s))
+}
+
+/// `POST /v1/completions`.
+pub(crate) async fn stateless(
+    State(app): State<Arc<App>>,
+    Extension(tenant): Extension<Tenant>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    run(&app, &tenant.0, Target::Stateless, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Runs a completion request on `target`.
+pub(crate) async fn run(
+    app: &Arc<App>,
+    tenant: &str,
+    target: Target,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body_bytes(app, body)?;
+    let parsed: CompletionBody = parse(&bytes).inspect_err(|_| app.metrics.reject("invalid"))?;
+    let req = parsed
+        .to_request(tenant, target)
+        .inspect_err(|_| app.metrics.reject("invalid"))?;
+    let n = req.n;
+    let (rx, guard) = submit(app, req)?;
+    let head = Head {
+        id: completion_id(),
+        created: now(),
+        model: app.options.model_id.clone(),
+    };
+    if parsed.streams() {
+        Ok(stream_response(head, rx, guard, parsed.include_usage(), n))
+    } else {
+        collect(head, rx, guard, n).await
+    }
+}
+
+struct Head {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Head {
+    fn chunk(&self, choices: Value, usage: Option<Value>) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        v
+    }
+}
+
+fn lp_value(lps: &[TokenLogprob], offset: usize, want: bool) -> Value {
+    if want {
+        logprobs_json(lps, offset)
+    } else {
+        Value::Null
+    }
+}
+
+async fn collect(
+    head: Head,
+    mut rx: UnboundedReceiver<Event>,
+    _guard: CancelOnDrop,
+    n: usize,
+) -> Result<Response, ApiError> {
+    let mut texts = vec![String::new(); n];
+    let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
+    let mut reasons = vec!["length"; n];
+    let mut any_lp = false;
+    while let Some(e) = rx.recv().await {
+        match e {
+            Event::Text {
+                choice,
+                text,
+                logprobs,
+            } => {
+                texts[choice].push_str(&text);
+                any_lp |= !logprobs.is_empty();
+                lps[choice].extend(logprobs);
+            }
+            Event::Finished { choice, reason } => reasons[choice] = reason.as_str(),
+            Event::Failed(e) => return Err(e.into()),
+            Event::Done { usage, .. } => {
+                let choices: Vec<Value> = (0..n)
+                    .map(|i| {
+                        json!({
+                            "text": texts[i],
+                            "index": i,
+                            "logprobs": lp_value(&lps[i], 0, any_lp),
+                            "finish_reason": reasons[i],
+                        })
+                    })
+                    .collect();
+                let body = head.chunk(Value::Array(choices), Some(usage_json(&usage)));
+                return Ok(Json(body).into_response());
+            }
+        }
+    }
+    Err(performer::Error::ShuttingDown.into())
+}
+
+struct StreamState {
+    head: Head,
+    rx: UnboundedReceiver<Event>,
+    _guard: CancelOnDrop,
+    include_usage: bool,
+    offsets: Vec<usize>,
+    out: VecDeque<String>,
+    ended: bool,
+}
+
+fn stream_response(
+    head: Head,
+    rx: UnboundedReceiver<Event>,
+    guard: CancelOnDrop,
+    include_usage: bool,
+    n: usize,
+) -> Response {
+    let st = StreamState {
+        head,
+        rx,
+        _guard: guard,
+        include_usage,
+        offsets: vec![0; n],
+        out: VecDeque::new(),
+        ended: false,
+    };
+    let s = stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(data) = st.out.pop_front() {
+                return Some((Ok::<_, Infallible>(SseEvent::default().data(data)), st));
+            }
+            if st.ended {
+                return None;
+            }
+            match st.rx.recv().await {
+                None => return None,
+                Some(e) => st.push(e),
+            }
+        }
+    });
+    Sse::new(s).into_response()
+}
+
+impl StreamState {
+    fn push(&mut self, e: Event) {
+        let chunk = match e {
+            Event::Text {
+                choice,
+                text,
+                logprobs,
+            } => {
+                let lp = lp_value(&logprobs, self.offsets[choice], !logprobs.is_empty());
+                self.offsets[choice] += logprobs.iter().filter(|l| l.token < 256).count();
+                self.head.chunk(
+                    json!([{"text": text, "index": choice, "logprobs": lp, "finish_reason": null}]),
+                    None,
+                )
+            }
+            Event::Finished { choice, reason } => self.head.chunk(
+                json!([{"text": "", "index": choice, "logprobs": null, "finish_reason": reason.as_str()}]),
+                None,
+            ),
+            Event::Done { usage, .. } => {
+                if self.include_usage {
+                    let c = self.head.chunk(json!([]), Some(usage_json(&usage)));
+                    self.out.push_back(c.to_string());
+                }
+                self.out.push_back("[DONE]".into());
+                self.ended = true;
+                return;
+            }
+            Event::Failed(e) => {
+                self.out.push_back(ApiError::from(e).body().to_string());
+                self.out.push_back("[DONE]".into());
+                self.ended = true;
+                return;
+            }
+        };
+        self.out.push_back(chunk.to_string());
+    }
+}

@@ -1,0 +1,79 @@
+//! Errors as HTTP responses in the OpenAI shape: `{"error":{"message","type","code"}}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use performer::Error;
+
+/// An HTTP error: status, OpenAI `type` and `code`, and a message.
+#[derive(Debug)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// OpenAI's error `type`.
+    pub kind: &'static str,
+    /// A short machine-readable code.
+    pub code: &'static str,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A 400 `invalid_request_error`.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "code": self.code,
+        }})
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let (status, kind, code) = match &e {
+            Error::InvalidParameter { .. } => (400, "invalid_request_error", "invalid_parameter"),
+            Error::EmptyInput(_) => (400, "invalid_request_error", "empty_input"),
+            Error::TokenOutOfRange { .. } => (400, "invalid_request_error", "token_out_of_range"),
+            Error::PositionOutOfRange { .. } => {
+                (400, "invalid_request_error", "context_length_exceeded")
+            }
+            Error::InvalidSnapshot(_) => (400, "invalid_request_error", "invalid_snapshot"),
+            Error::StateMismatch(_) => (422, "invalid_request_error", "snapshot_model_mismatch"),
+            Error::QueueFull { .. } => (429, "rate_limit_error", "queue_full"),
+            Error::SessionBusy(_) => (409, "conflict_error", "session_busy"),
+            Error::SessionNotFound(_) => (404, "not_found_error", "session_not_found"),
+            Error::VersionConflict { .. } => (409, "conflict_error", "version_conflict"),
+            Error::ShuttingDown => (503, "server_error", "shutting_down"),
+            Error::SessionStorage(_) => (507, "server_error", "session_storage"),
+            _ => (500, "server_error", "internal_error"),
+        };
+        ApiError {
+            status: StatusCode::from_u16(status).expect("valid status"),
+            kind,
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}

@@ -1,0 +1,179 @@
+//! The OpenAI Completions request body and the JSON of responses and stream chunks.
+
+use performer::engine::{CompletionRequest, Target, TokenLogprob, Usage};
+use performer::SamplingParams;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop string.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with the usage.
+    pub include_usage: Option<bool>,
+}
+
+/// The body of `POST /v1/completions` (unknown fields are ignored).
+#[derive(Debug, Default, Deserialize)]
+pub struct CompletionBody {
+    /// The prompt text.
+    pub prompt: Option<String>,
+    /// Tokens to generate per choice (default 16).
+    pub max_tokens: Option<u64>,
+    /// Sampling temperature (default 1; 0 is greedy).
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass (default 1: off).
+    pub top_p: Option<f32>,
+    /// Seed of the sampler (default: random).
+    pub seed: Option<u64>,
+    /// Stop strings.
+    pub stop: Option<Stop>,
+    /// Stream server-sent events.
+    pub stream: Option<bool>,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// Top alternatives per token, 0–5.
+    pub logprobs: Option<u32>,
+    /// Choices.
+    pub n: Option<u32>,
+    /// Extension: keep the k most likely tokens (0: all).
+    pub top_k: Option<u32>,
+    /// Extension: CTRL-style repetition penalty (1: off).
+    pub repetition_penalty: Option<f32>,
+}
+
+/// Parses a JSON body into `T`, as a 400 in the OpenAI shape when it is malformed.
+pub fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let code = if e.is_data() {
+            "invalid_type"
+        } else {
+            "invalid_json"
+        };
+        ApiError::bad_request(code, format!("invalid request body: {e}"))
+    })
+}
+
+impl CompletionBody {
+    /// Whether the response streams.
+    pub fn streams(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    /// Whether the stream ends with a usage chunk.
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+
+    /// The engine request for `tenant` on `target`.
+    pub fn to_request(&self, tenant: &str, target: Target) -> Result<CompletionRequest, ApiError> {
+        let prompt = self.prompt.clone().unwrap_or_default();
+        let seed = self.seed.unwrap_or_else(random_seed);
+        let sampling = SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_k: self.top_k.filter(|&k| k > 0).map(|k| k as usize),
+            top_p: self.top_p.filter(|&p| p < 1.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            seed,
+            ..SamplingParams::default()
+        };
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > 4 {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                "stop takes at most 4 strings",
+            ));
+        }
+        let max_tokens = usize::try_from(self.max_tokens.unwrap_or(16))
+            .map_err(|_| ApiError::bad_request("invalid_parameter", "max_tokens is too large"))?;
+        Ok(CompletionRequest {
+            tenant: tenant.to_string(),
+            prompt: prompt.bytes().map(u32::from).collect(),
+            max_tokens,
+            sampling,
+            stop,
+            logprobs: self.logprobs.map(|k| k as usize),
+            n: self.n.unwrap_or(1) as usize,
+            target,
+        })
+    }
+}
+
+/// A seed from the clock and a counter, for requests that give none.
+fn random_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut s = t ^ COUNTER.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    performer::sampling::splitmix64(&mut s)
+}
+
+/// A token's text in logprobs: the byte as text when it is ASCII, else `bytes:\xNN`.
+fn token_text(token: u32) -> String {
+    match u8::try_from(token) {
+        Ok(b) if b.is_ascii() => (b as char).to_string(),
+        Ok(b) => format!("bytes:\\x{b:02x}"),
+        Err(_) => format!("<{token}>"),
+    }
+}
+
+/// The OpenAI `logprobs` object of a run of tokens, with text offsets from `offset`.
+pub fn logprobs_json(lps: &[TokenLogprob], offset: usize) -> Value {
+    let tokens: Vec<String> = lps.iter().map(|l| token_text(l.token)).collect();
+    let token_logprobs: Vec<f32> = lps.iter().map(|l| l.logprob).collect();
+    let top: Vec<Value> = lps
+        .iter()
+        .map(|l| {
+            let m: serde_json::Map<String, Value> = l
+                .top
+                .iter()
+                .map(|(t, lp)| (token_text(*t), json!(lp)))
+                .collect();
+            Value::Object(m)
+        })
+        .collect();
+    let mut off = offset;
+    let text_offset: Vec<usize> = lps
+        .iter()
+        .map(|l| {
+            let o = off;
+            off += usize::from(l.token < 256);
+            o
+        })
+        .collect();
+    json!({
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": text_offset,
+    })
+}
+
+/// The `usage` object.
+pub fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}

@@ -1,0 +1,165 @@
+//! The sessions API: create, continue, fork, inspect, download, upload, delete.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use performer::engine::{CompletionRequest, Event, SessionInfo, Target};
+use performer::SamplingParams;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::completions::{body_bytes, run, submit};
+use crate::error::ApiError;
+use crate::openai::parse;
+use crate::{App, Tenant};
+
+#[derive(Deserialize, Default)]
+struct CreateBody {
+    prompt: Option<String>,
+}
+
+fn created(info: &SessionInfo) -> Response {
+    (
+        StatusCode::CREATED,
+        Json(json!({"id": info.id, "position": info.position, "state_bytes": info.state_bytes})),
+    )
+        .into_response()
+}
+
+fn full(info: &SessionInfo) -> Json<serde_json::Value> {
+    Json(json!({
+        "id": info.id,
+        "object": "session",
+        "position": info.position,
+        "state_bytes": info.state_bytes,
+        "created": info.created,
+        "last_used": info.last_used,
+    }))
+}
+
+/// Runs a blocking engine call (session table, store) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> performer::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "server_error",
+            code: "internal_error",
+            message: e.to_string(),
+        })?
+        .map_err(ApiError::from)
+}
+
+/// `POST /v1/sessions`: 201 `{"id","position","state_bytes"}`.
+pub(crate) async fn create(
+    State(app): State<Arc<App>>,
+    Extension(tenant): Extension<Tenant>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body_bytes(&app, body)?;
+    let parsed: CreateBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        CreateBody::default()
+    } else {
+        parse(&bytes)?
+    };
+    let prompt = parsed.prompt.unwrap_or_default();
+    let mut req = CompletionRequest::new(
+        prompt.bytes().map(u32::from).collect(),
+        0,
+        SamplingParams::greedy(),
+    );
+    req.tenant = tenant.0;
+    req.target = Target::NewSession;
+    let (mut rx, _guard) = submit(&app, req)?;
+    while let Some(e) = rx.recv().await {
+        match e {
+            Event::Done {
+                session: Some(info),
+                ..
+            } => return Ok(created(&info)),
+            Event::Failed(e) => return Err(e.into()),
+            _ => {}
+        }
+    }
+    Err(performer::Error::ShuttingDown.into())
+}
+
+/// `POST /v1/sessions/{id}/completions`.
+pub(crate) async fn complete(
+    State(app): State<Arc<App>>,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    run(&app, &tenant.0, Target::Session(id), body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /v1/sessions/{id}/fork`: 201 with the new id.
+pub(crate) async fn fork(
+    State(app): State<Arc<App>>,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let engine = app.engine.clone();
+    let info = blocking(move || engine.fork_session(&tenant.0, &id)).await?;
+    Ok(created(&info))
+}
+
+/// `GET /v1/sessions/{id}`.
+pub(crate) async fn info(
+    State(app): State<Arc<App>>,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let info = app.engine.session_info(&tenant.0, &id)?;
+    Ok(full(&info))
+}
+
+/// `DELETE /v1/sessions/{id}`: 204.
+pub(crate) async fn delete(
+    State(app): State<Arc<App>>,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let engine = app.engine.clone();
+    blocking(move || engine.delete_session(&tenant.0, &id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/sessions/{id}/state`: the snapshot bytes.
+pub(crate) async fn download(
+    State(app): State<Arc<App>>,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let engine = app.engine.clone();
+    let bytes = blocking(move || engine.session_snapshot(&tenant.0, &id)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// `PUT /v1/sessions/{id}/state`: 201 when created, 200 when replaced.
+pub(crate) async fn upload(
+    State(app): State<Arc<App>>,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body_bytes(&app, body)?;
+    let engine = app.engine.clone();
+    let existed = engine.session_info(&tenant.0, &id).is_ok();
+    let info = blocking(move || engine.put_session_snapshot(&tenant.0, &id, &bytes)).await?;
+    Ok(if existed {
+        full(&info).into_response()
+    } else {
+        created(&info)
+    })
+}

@@ -1,0 +1,849 @@
+//! The server in-process on an ephemeral 127.0.0.1 port, driven by a real HTTP client: every
+//! route and error case, SSE streaming, cancellation on disconnect, 429, 409, tenants, and a
+//! restart that serves the sessions again.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use performer::engine::{DiskStore, Engine, EngineConfig, SessionStore};
+use performer::generate::{GenerateOptions, Generation};
+use performer::{Model, SamplingParams, State};
+use performer_server::{App, Metrics, ServerOptions};
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn shipped() -> Arc<Model> {
+    Arc::new(Model::load(root().join("models/performer-byte")).unwrap())
+}
+
+/// A synthetic tiny model (rotary positions: no length limit) for long generations.
+fn endless() -> (tempfile::TempDir, Arc<Model>) {
+    use performer::synthetic::{self, SyntheticShape, WeightDtype};
+    let dir = tempfile::tempdir().unwrap();
+    let shape = SyntheticShape::named("tiny").unwrap();
+    synthetic::write(dir.path(), &shape, WeightDtype::F32, 1).unwrap();
+    let model = Arc::new(Model::load(dir.path()).unwrap());
+    (dir, model)
+}
+
+struct Server {
+    base: String,
+    engine: Arc<Engine>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<usize, String>>,
+    http: Client,
+}
+
+impl Server {
+    async fn start(
+        model: Arc<Model>,
+        cfg: EngineConfig,
+        dir: Option<&Path>,
+        keys: Option<Vec<String>>,
+    ) -> Server {
+        let store = dir.map(|d| Box::new(DiskStore::open(d).unwrap()) as Box<dyn SessionStore>);
+        let metrics = Arc::new(Metrics::new());
+        let engine = Arc::new(
+            Engine::start_with_observer(model, cfg, store, Some(metrics.clone())).unwrap(),
+        );
+        let options = ServerOptions {
+            model_id: "performer-byte".into(),
+            api_keys: keys,
+            max_body_bytes: 64 << 10,
+            grace: Duration::from_secs(2),
+            ..ServerOptions::default()
+        };
+        let app = App::new(engine.clone(), metrics, options);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(performer_server::serve(listener, app, async {
+            let _ = rx.await;
+        }));
+        Server {
+            base,
+            engine,
+            stop: Some(tx),
+            task,
+            http: Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn shutdown(mut self) -> usize {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.task.await.unwrap().unwrap()
+    }
+}
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        threads: 2,
+        max_tokens: 1 << 20,
+        ..EngineConfig::default()
+    }
+}
+
+fn generate_text(model: &Model, prompt: &str, max_tokens: usize) -> String {
+    let mut state = State::new(model);
+    let options = GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        ..GenerateOptions::default()
+    };
+    let tokens: Vec<u32> = prompt.bytes().map(u32::from).collect();
+    Generation::new(model, &mut state, &tokens, options)
+        .unwrap()
+        .collect::<performer::Result<String>>()
+        .unwrap()
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data:")))
+        .map(|d| d.trim().to_string())
+        .collect()
+}
+
+async fn assert_error(resp: reqwest::Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(resp.status(), status);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+    assert!(v["error"]["type"].is_string());
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_health_models_metrics_and_errors() {
+    let model = shipped();
+    let s = Server::start(model.clone(), config(), None, None).await;
+    let h: Value = s
+        .http
+        .get(s.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h, json!({"status": "ok"}));
+    let m: Value = s
+        .http
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["object"], "list");
+    assert_eq!(m["data"][0]["id"], "performer-byte");
+    let page = s.http.get(s.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("performer playground"));
+
+    // Non-streaming, greedy: the text of `performer generate`; unknown fields ignored.
+    let want = generate_text(&model, "The sea", 20);
+    let r = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "The sea", "max_tokens": 20, "temperature": 0,
+            "model": "whatever", "user": "x", "frequency_penalty": 0}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(v["model"], "performer-byte");
+    assert!(v["created"].as_u64().unwrap() > 0);
+    assert_eq!(v["choices"][0]["text"], want.as_str());
+    assert_eq!(v["choices"][0]["index"], 0);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null);
+    assert_eq!(v["usage"]["prompt_tokens"], 7);
+    assert_eq!(v["usage"]["completion_tokens"], 20);
+    assert_eq!(v["usage"]["total_tokens"], 27);
+
+    // Streaming with include_usage: chunks, a usage chunk with no choices, then [DONE].
+    let r = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "The sea", "max_tokens": 20, "temperature": 0,
+            "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let data = sse_data(&r.text().await.unwrap());
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap().iter())
+        .filter_map(|c| c["text"].as_str())
+        .collect();
+    assert_eq!(text, want);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["completion_tokens"], 20);
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == "length"));
+
+    // Stop strings, n, logprobs.
+    let stop = want[5..8].to_string();
+    let v: Value = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "The sea", "max_tokens": 20,
+        "temperature": 0, "stop": [stop]}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["choices"][0]["text"], &want[..want.find(&stop).unwrap()]);
+    let v: Value = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "The sea", "max_tokens": 8,
+        "n": 3, "seed": 5, "logprobs": 2}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["choices"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        v["usage"]["prompt_tokens"], 7,
+        "one prefill for all choices"
+    );
+    let lp = &v["choices"][1]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 8);
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+
+    // Errors: malformed JSON, wrong types, out-of-range values, caps, unknown routes.
+    let r = s
+        .http
+        .post(s.url("/v1/completions"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, StatusCode::BAD_REQUEST, "invalid_json").await;
+    assert_error(
+        s.post("/v1/completions", json!({"prompt": 5})).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_type",
+    )
+    .await;
+    assert_error(
+        s.post(
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": "many"}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_type",
+    )
+    .await;
+    assert_error(
+        s.post("/v1/completions", json!({"prompt": "x", "temperature": -1}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_parameter",
+    )
+    .await;
+    assert_error(
+        s.post("/v1/completions", json!({"prompt": "x", "logprobs": 9}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_parameter",
+    )
+    .await;
+    assert_error(
+        s.post("/v1/completions", json!({"prompt": ""})).await,
+        StatusCode::BAD_REQUEST,
+        "empty_input",
+    )
+    .await;
+    assert_error(
+        s.post(
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 2_000_000}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_parameter",
+    )
+    .await;
+    assert_error(
+        s.post("/v1/completions", json!({"prompt": "x".repeat(70_000)}))
+            .await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+    )
+    .await;
+    assert_error(
+        s.http.get(s.url("/v2/nothing")).send().await.unwrap(),
+        StatusCode::NOT_FOUND,
+        "unknown_route",
+    )
+    .await;
+    // Still serving after all that.
+    assert_eq!(
+        s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 2}))
+            .await
+            .status(),
+        200
+    );
+
+    let metrics = s
+        .http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "performer_http_requests_total{route=\"/v1/completions\",status=\"200\"}",
+        "performer_http_requests_total{route=\"/v1/completions\",status=\"400\"}",
+        "performer_running_generations",
+        "performer_queued_requests",
+        "performer_sessions_in_memory",
+        "performer_sessions_on_disk",
+        "performer_session_memory_bytes",
+        "performer_session_disk_bytes",
+        "performer_prompt_tokens_total",
+        "performer_generated_tokens_total",
+        "performer_time_to_first_token_seconds_bucket",
+        "performer_inter_token_latency_seconds_bucket",
+        "performer_batch_size_bucket",
+        "performer_rejected_requests_total{reason=\"invalid\"}",
+        "performer_rejected_requests_total{reason=\"too_large\"}",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_and_tenant_isolation() {
+    let keys = Some(vec!["key-a".to_string(), "key-b".to_string()]);
+    let s = Server::start(shipped(), config(), None, keys).await;
+    assert_eq!(
+        s.http.get(s.url("/health")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(s.http.get(s.url("/")).send().await.unwrap().status(), 200);
+    let r = s.http.get(s.url("/v1/models")).send().await.unwrap();
+    assert_error(r, StatusCode::UNAUTHORIZED, "invalid_api_key").await;
+    let r = s
+        .http
+        .get(s.url("/v1/models"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, StatusCode::UNAUTHORIZED, "invalid_api_key").await;
+    let r = s.post("/v1/completions", json!({"prompt": "x"})).await;
+    assert_error(r, StatusCode::UNAUTHORIZED, "invalid_api_key").await;
+    assert_eq!(
+        s.http
+            .get(s.url("/v1/models"))
+            .bearer_auth("key-a")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let r = s
+        .http
+        .post(s.url("/v1/sessions"))
+        .bearer_auth("key-a")
+        .json(&json!({"prompt": "Hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let a = |req: reqwest::RequestBuilder| req.bearer_auth("key-a");
+    let b = |req: reqwest::RequestBuilder| req.bearer_auth("key-b");
+    assert_eq!(
+        a(s.http.get(s.url(&format!("/v1/sessions/{id}"))))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    for req in [
+        b(s.http.get(s.url(&format!("/v1/sessions/{id}")))),
+        b(s.http.get(s.url(&format!("/v1/sessions/{id}/state")))),
+        b(s.http.post(s.url(&format!("/v1/sessions/{id}/fork")))),
+        b(s.http.delete(s.url(&format!("/v1/sessions/{id}")))),
+        b(s.http
+            .post(s.url(&format!("/v1/sessions/{id}/completions")))
+            .json(&json!({"prompt": "x"}))),
+    ] {
+        assert_error(
+            req.send().await.unwrap(),
+            StatusCode::NOT_FOUND,
+            "session_not_found",
+        )
+        .await;
+    }
+    // Uploading over another tenant's id is refused the same way.
+    let snap = a(s.http.get(s.url(&format!("/v1/sessions/{id}/state"))))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let r = b(s.http.put(s.url(&format!("/v1/sessions/{id}/state"))))
+        .body(snap)
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, StatusCode::NOT_FOUND, "session_not_found").await;
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_api() {
+    let model = shipped();
+    let s = Server::start(model.clone(), config(), None, None).await;
+    let r = s
+        .post("/v1/sessions", json!({"prompt": "Once upon a time"}))
+        .await;
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(v["position"], 16);
+    let state_bytes = v["state_bytes"].as_u64().unwrap();
+    assert!(state_bytes > 0);
+    let empty = s.http.post(s.url("/v1/sessions")).send().await.unwrap();
+    assert_eq!(empty.status(), 201, "the body is optional");
+
+    let v: Value = s
+        .http
+        .get(s.url(&format!("/v1/sessions/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["position"], 16);
+    assert_eq!(v["state_bytes"], state_bytes);
+    assert!(v["created"].as_u64().unwrap() > 0 && v["last_used"].as_u64().unwrap() > 0);
+
+    // Fork, then continue both: the same greedy text, the text of one whole generation.
+    let r = s
+        .http
+        .post(s.url(&format!("/v1/sessions/{id}/fork")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let fork = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(fork, id);
+    let want = generate_text(&model, "Once upon a time there", 12);
+    for sid in [&id, &fork] {
+        let v: Value = s
+            .post(
+                &format!("/v1/sessions/{sid}/completions"),
+                json!({"prompt": " there", "max_tokens": 12, "temperature": 0}),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["choices"][0]["text"], want.as_str());
+    }
+    // An empty prompt continues from the session's context.
+    let r = s
+        .post(
+            &format!("/v1/sessions/{id}/completions"),
+            json!({"max_tokens": 3, "temperature": 0, "stream": true}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(sse_data(&r.text().await.unwrap()).last().unwrap(), "[DONE]");
+    let v: Value = s
+        .http
+        .get(s.url(&format!("/v1/sessions/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["position"], 16 + 6 + 12 + 3);
+
+    // Download, upload as a new session (201) and over an existing one (200).
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sessions/{id}/state")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    let snap = r.bytes().await.unwrap().to_vec();
+    assert_eq!(State::from_bytes(&model, &snap).unwrap().position(), 37);
+    let r = s
+        .http
+        .put(s.url("/v1/sessions/my-copy/state"))
+        .body(snap.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = s
+        .http
+        .put(s.url("/v1/sessions/my-copy/state"))
+        .body(snap.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["position"], 37);
+
+    // Bad uploads name the reason, and the server keeps serving.
+    let mut corrupt = snap.clone();
+    corrupt[200] ^= 0xFF;
+    let v = assert_error(
+        s.http
+            .put(s.url("/v1/sessions/bad/state"))
+            .body(corrupt)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_snapshot",
+    )
+    .await;
+    assert!(v["error"]["message"].as_str().unwrap().contains("checksum"));
+    let mut version = snap.clone();
+    version[8] = 7;
+    let v = assert_error(
+        s.http
+            .put(s.url("/v1/sessions/bad/state"))
+            .body(version)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_snapshot",
+    )
+    .await;
+    assert!(v["error"]["message"].as_str().unwrap().contains("version"));
+    let other = Model::load(root().join("tests/fixtures/default_a")).unwrap();
+    let mut st = State::new(&other);
+    other.prefill(&mut st, &[1, 2, 3]).unwrap();
+    let v = assert_error(
+        s.http
+            .put(s.url("/v1/sessions/bad/state"))
+            .body(st.to_bytes(&other).unwrap())
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "snapshot_model_mismatch",
+    )
+    .await;
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("another model"));
+    assert_error(
+        s.http
+            .put(s.url("/v1/sessions/bad/state"))
+            .body("junk")
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_snapshot",
+    )
+    .await;
+    assert_error(
+        s.http.get(s.url("/v1/sessions/bad")).send().await.unwrap(),
+        StatusCode::NOT_FOUND,
+        "session_not_found",
+    )
+    .await;
+
+    // Delete: 204, then 404.
+    let r = s
+        .http
+        .delete(s.url(&format!("/v1/sessions/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_error(
+        s.http
+            .get(s.url(&format!("/v1/sessions/{id}")))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+        "session_not_found",
+    )
+    .await;
+    assert_error(
+        s.post(
+            &format!("/v1/sessions/{id}/completions"),
+            json!({"prompt": "x"}),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "session_not_found",
+    )
+    .await;
+    s.shutdown().await;
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_queue_full_and_cancel_on_disconnect() {
+    let (_dir, model) = endless();
+    let cfg = EngineConfig {
+        max_batch: 1,
+        max_queue: 1,
+        ..config()
+    };
+    let s = Server::start(model, cfg, None, None).await;
+    let id = s
+        .post("/v1/sessions", json!({"prompt": "a"}))
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A long streaming generation on the session: a second request on it is 409.
+    let mut long = s
+        .post(
+            &format!("/v1/sessions/{id}/completions"),
+            json!({"prompt": "b", "max_tokens": 1_000_000, "stream": true}),
+        )
+        .await;
+    assert_eq!(long.status(), 200);
+    assert!(
+        long.chunk().await.unwrap().is_some(),
+        "the stream has started"
+    );
+    assert_error(
+        s.post(
+            &format!("/v1/sessions/{id}/completions"),
+            json!({"prompt": "c"}),
+        )
+        .await,
+        StatusCode::CONFLICT,
+        "session_busy",
+    )
+    .await;
+    assert_error(
+        s.http
+            .get(s.url(&format!("/v1/sessions/{id}/state")))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::CONFLICT,
+        "session_busy",
+    )
+    .await;
+    // One slot running, one queued: the next is 429 with Retry-After.
+    let queued = tokio::spawn({
+        let (http, url) = (s.http.clone(), s.url("/v1/completions"));
+        async move {
+            http.post(url)
+                .json(&json!({"prompt": "q", "max_tokens": 2}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    wait_until("the queued request", || s.engine.stats().inflight == 2).await;
+    let r = s.post("/v1/completions", json!({"prompt": "x"})).await;
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_error(r, StatusCode::TOO_MANY_REQUESTS, "queue_full").await;
+    // The client goes away: its generation is cancelled and its slot frees at once.
+    drop(long);
+    assert_eq!(
+        queued.await.unwrap(),
+        200,
+        "the queued request ran once the slot was free"
+    );
+    wait_until("the slots to free", || s.engine.stats().inflight == 0).await;
+    let r = s
+        .post(
+            &format!("/v1/sessions/{id}/completions"),
+            json!({"prompt": "c", "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "the session is free again");
+    let metrics = s
+        .http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("performer_rejected_requests_total{reason=\"queue_full\"} 1"));
+    assert!(
+        metrics.contains("performer_rejected_requests_total{reason=\"session_busy\"} 1"),
+        "{metrics}"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_serves_the_sessions_again() {
+    let model = shipped();
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(model.clone(), config(), Some(dir.path()), None).await;
+    let id = s
+        .post("/v1/sessions", json!({"prompt": "Once upon a time"}))
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let written = s.shutdown().await;
+    assert_eq!(written, 1);
+
+    let s = Server::start(model.clone(), config(), Some(dir.path()), None).await;
+    let v: Value = s
+        .http
+        .get(s.url(&format!("/v1/sessions/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["position"], 16);
+    let v: Value = s
+        .post(
+            &format!("/v1/sessions/{id}/completions"),
+            json!({"prompt": " there", "max_tokens": 12, "temperature": 0}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v["choices"][0]["text"],
+        generate_text(&model, "Once upon a time there", 12).as_str()
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_streams_a_grace_period_then_ends_them() {
+    let (_dir, model) = endless();
+    let s = Server::start(model, config(), None, None).await;
+    let mut r = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "a", "max_tokens": 1_000_000, "stream": true}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.chunk().await.unwrap().is_some());
+    let start = Instant::now();
+    let engine = s.engine.clone();
+    let base = s.base.clone();
+    let stopping = tokio::spawn(s.shutdown());
+    let reader = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Ok(Some(c)) = r.chunk().await {
+            rest.extend_from_slice(&c);
+        }
+        rest
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fresh = Client::new().get(format!("{base}/health")).send().await;
+    assert!(fresh.is_err(), "the port no longer accepts connections");
+    let rest = reader.await.unwrap();
+    stopping.await.unwrap();
+    let waited = start.elapsed();
+    // The grace period is 2 s; the stream ran through it, then ended with an error chunk.
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(20),
+        "{waited:?}"
+    );
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        text.contains("shutting_down"),
+        "the stream ends with the reason"
+    );
+    assert_eq!(engine.stats().inflight, 0);
+    assert!(matches!(
+        engine.submit(
+            performer::engine::CompletionRequest::new(vec![1], 1, SamplingParams::greedy()),
+            Box::new(|_| true)
+        ),
+        Err(performer::Error::ShuttingDown)
+    ));
+}

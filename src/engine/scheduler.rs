@@ -1,0 +1,592 @@
+//! The scheduler thread: admission, chunked prefill and one batched decode step per tick.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::request::{
+    token_logprob, CancelHandle, CompletionRequest, Event, FinishReason, Sink, Target,
+    TokenLogprob, Usage,
+};
+use super::stop::{Outcome, TextOut};
+use super::Shared;
+use crate::error::{Error, Result};
+use crate::sampling::Sampler;
+use crate::state::State;
+
+/// A message to the scheduler.
+pub(crate) enum Cmd {
+    /// A validated, counted request.
+    Job(Box<Job>),
+    /// Finish what runs until the deadline, cancel the rest, exit.
+    Shutdown(Instant),
+}
+
+/// A request inside the engine.
+pub(crate) struct Job {
+    pub(crate) req: CompletionRequest,
+    pub(crate) sink: Sink,
+    pub(crate) cancel: CancelHandle,
+    pub(crate) submitted: Instant,
+    phase: Phase,
+    /// The session's state before the request (restored if it fails or is cancelled).
+    original: Option<State>,
+    first_token: bool,
+    cancelled: bool,
+}
+
+enum Phase {
+    Queued,
+    Prefill { state: Box<State>, done: usize },
+    Decode { rows: Vec<Row> },
+}
+
+/// One choice being decoded.
+struct Row {
+    choice: usize,
+    state: State,
+    sampler: Sampler,
+    out: TextOut,
+    /// Prompt and sampled tokens for the repetition penalty (the last `penalty_window`).
+    history: Vec<u32>,
+    /// Every sampled token.
+    generated: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    /// State and sampled-token count to roll back to after a stop (sessions only).
+    checkpoint: Option<(State, usize)>,
+    budget: usize,
+    finished: Option<FinishReason>,
+    last_token: Option<Instant>,
+    /// Tokens of this choice returned to the caller.
+    returned: usize,
+    /// Whether the last sampled token goes through the model this tick.
+    needs_step: bool,
+}
+
+impl Job {
+    pub(crate) fn new(req: CompletionRequest, sink: Sink, cancel: CancelHandle) -> Self {
+        Job {
+            req,
+            sink,
+            cancel,
+            submitted: Instant::now(),
+            phase: Phase::Queued,
+            original: None,
+            first_token: false,
+            cancelled: false,
+        }
+    }
+
+    fn send(&mut self, event: Event) {
+        if !self.cancelled && !(self.sink)(event) {
+            self.cancelled = true;
+        }
+    }
+
+    fn keeps_state(&self) -> bool {
+        self.req.target != Target::Stateless
+    }
+}
+
+/// The scheduler's own data.
+pub(crate) struct Scheduler {
+    shared: Arc<Shared>,
+    pool: rayon::ThreadPool,
+    rx: Receiver<Cmd>,
+    queue: VecDeque<Job>,
+    active: Vec<Job>,
+    prefill_slice: usize,
+    deadline: Option<Instant>,
+    last_expiry: Instant,
+}
+
+impl Scheduler {
+    pub(crate) fn new(shared: Arc<Shared>, pool: rayon::ThreadPool, rx: Receiver<Cmd>) -> Self {
+        let block = shared.model.prefill_block_tokens();
+        let want = shared.config.prefill_chunk.max(1);
+        // A multiple of the model's prefill block, so that slicing changes no result.
+        let prefill_slice = want.div_ceil(block) * block;
+        Scheduler {
+            shared,
+            pool,
+            rx,
+            queue: VecDeque::new(),
+            active: Vec::new(),
+            prefill_slice,
+            deadline: None,
+            last_expiry: Instant::now(),
+        }
+    }
+
+    /// Runs until shut down (or every sender is gone and no work is left).
+    pub(crate) fn run(mut self) {
+        loop {
+            if self.active.is_empty() && self.queue.is_empty() {
+                if self.deadline.is_some() {
+                    break;
+                }
+                match self.rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.handle(cmd);
+            }
+            if self.last_expiry.elapsed() >= Duration::from_secs(1) {
+                self.last_expiry = Instant::now();
+                self.shared.sessions.lock().expect("poisoned").expire();
+            }
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                for job in self
+                    .queue
+                    .drain(..)
+                    .chain(self.active.drain(..))
+                    .collect::<Vec<_>>()
+                {
+                    self.fail(job, Error::ShuttingDown);
+                }
+                break;
+            }
+            self.reap_cancelled();
+            self.admit();
+            self.prefill();
+            self.decode();
+            self.publish();
+        }
+        self.publish();
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Job(job) => self.queue.push_back(*job),
+            Cmd::Shutdown(deadline) => self.deadline = Some(deadline),
+        }
+    }
+
+    fn publish(&self) {
+        let rows: usize = self.active.iter().map(|j| j.req.n).sum();
+        self.shared.running.store(rows, Ordering::Relaxed);
+        self.shared
+            .queued
+            .store(self.queue.len(), Ordering::Relaxed);
+    }
+
+    /// Releases a finished, failed or cancelled job's slots.
+    fn release(&self, job: &Job) {
+        self.shared.inflight.fetch_sub(job.req.n, Ordering::AcqRel);
+    }
+
+    fn fail(&self, mut job: Job, err: Error) {
+        if let Target::Session(id) = &job.req.target {
+            let id = id.clone();
+            let original = job.original.take();
+            self.shared
+                .sessions
+                .lock()
+                .expect("poisoned")
+                .checkin(&id, original);
+        }
+        job.send(Event::Failed(err));
+        self.release(&job);
+    }
+
+    fn reap_cancelled(&mut self) {
+        let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|j| !(j.cancelled || j.cancel.is_cancelled()));
+        self.active = keep;
+        let (keep, gone_q): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|j| !(j.cancelled || j.cancel.is_cancelled()));
+        self.queue = keep;
+        for mut job in gone.into_iter().chain(gone_q) {
+            job.cancelled = true;
+            self.fail(job, Error::invalid("request", "cancelled"));
+        }
+    }
+
+    fn admit(&mut self) {
+        let max = self.shared.config.max_batch;
+        let mut rows: usize = self.active.iter().map(|j| j.req.n).sum();
+        while let Some(job) = self.queue.front() {
+            if rows + job.req.n > max {
+                break;
+            }
+            let mut job = self.queue.pop_front().expect("front");
+            rows += job.req.n;
+            let state = match &job.req.target {
+                Target::Session(id) => {
+                    let taken = self
+                        .shared
+                        .sessions
+                        .lock()
+                        .expect("poisoned")
+                        .take_reserved(id);
+                    match taken {
+                        Ok(st) => {
+                            job.original = Some(st.clone());
+                            st
+                        }
+                        Err(e) => {
+                            rows -= job.req.n;
+                            self.fail(job, e);
+                            continue;
+                        }
+                    }
+                }
+                _ => State::new(&self.shared.model),
+            };
+            job.phase = Phase::Prefill {
+                state: Box::new(state),
+                done: 0,
+            };
+            self.active.push(job);
+        }
+    }
+
+    /// Ingests prompt slices: each job's prompt in slices of `prefill_slice` tokens, jobs in
+    /// arrival order, until this tick's budget (one slice) is spent.
+    fn prefill(&mut self) {
+        let mut budget = self.prefill_slice;
+        let mut i = 0;
+        while i < self.active.len() {
+            if budget == 0 {
+                break;
+            }
+            let job = &mut self.active[i];
+            let Phase::Prefill { state, done } = &mut job.phase else {
+                i += 1;
+                continue;
+            };
+            let prompt = &job.req.prompt;
+            if *done < prompt.len() {
+                let end = (*done + self.prefill_slice).min(prompt.len());
+                let model = &self.shared.model;
+                let slice = &prompt[*done..end];
+                let r = self
+                    .pool
+                    .install(|| model.prefill(state, slice).map(|_| ()));
+                budget = budget.saturating_sub(slice.len());
+                *done = end;
+                if let Err(e) = r {
+                    let job = self.active.remove(i);
+                    self.fail(job, e);
+                    continue;
+                }
+                if let Some(o) = &self.shared.observer {
+                    o.prompt_tokens(slice.len());
+                }
+            }
+            if *done == prompt.len() {
+                let job = self.active.remove(i);
+                if let Some(job) = self.start_decode(job) {
+                    self.active.insert(i, job);
+                } else {
+                    continue;
+                }
+            }
+            i += 1;
+        }
+    }
+
+    /// Turns a prefilled job into decoding rows (or finishes it when nothing is to be
+    /// sampled).
+    fn start_decode(&mut self, mut job: Job) -> Option<Job> {
+        let Phase::Prefill { state, .. } = std::mem::replace(&mut job.phase, Phase::Queued) else {
+            unreachable!("called on prefilled jobs only")
+        };
+        if job.req.max_tokens == 0 {
+            self.complete(job, Some(*state));
+            return None;
+        }
+        if state.logits().is_none() {
+            self.fail(
+                job,
+                Error::EmptyInput("the prompt is empty and the session holds no context yet"),
+            );
+            return None;
+        }
+        let limit = self.shared.model.config().max_positions();
+        let budget = match limit {
+            Some(l) => job.req.max_tokens.min(l.saturating_sub(state.position())),
+            None => job.req.max_tokens,
+        };
+        let window = job.req.sampling.penalty_window;
+        let tail = job.req.prompt.len().saturating_sub(window);
+        let history = job.req.prompt[tail..].to_vec();
+        let mut rows = Vec::with_capacity(job.req.n);
+        let mut state = Some(*state);
+        for choice in 0..job.req.n {
+            let mut params = job.req.sampling.clone();
+            params.seed = params.seed.wrapping_add(choice as u64);
+            let sampler = match Sampler::new(params) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.fail(job, e);
+                    return None;
+                }
+            };
+            let st = if choice + 1 == job.req.n {
+                state.take().expect("last choice")
+            } else {
+                state.as_ref().expect("kept").fork()
+            };
+            rows.push(Row {
+                choice,
+                state: st,
+                sampler,
+                out: TextOut::new(&job.req.stop),
+                history: history.clone(),
+                generated: Vec::new(),
+                logprobs: Vec::new(),
+                checkpoint: None,
+                budget,
+                finished: None,
+                last_token: None,
+                returned: 0,
+                needs_step: false,
+            });
+        }
+        if budget == 0 {
+            for r in &mut rows {
+                r.finished = Some(FinishReason::Length);
+            }
+        }
+        job.phase = Phase::Decode { rows };
+        Some(job)
+    }
+
+    /// One tick of decoding: every active row samples a token, and those that continue are
+    /// stepped together.
+    fn decode(&mut self) {
+        let mut failed: Vec<(usize, Error)> = Vec::new();
+        for (j, job) in self.active.iter_mut().enumerate() {
+            if let Err(e) = sample_job(job, &self.shared) {
+                failed.push((j, e));
+            }
+        }
+        // Step every row that goes on (and rows of sessions that ended by length: the
+        // session keeps the last token).
+        let mut states: Vec<&mut State> = Vec::new();
+        let mut tokens: Vec<u32> = Vec::new();
+        let mut owners: Vec<usize> = Vec::new();
+        for (j, job) in self.active.iter_mut().enumerate() {
+            if let Phase::Decode { rows } = &mut job.phase {
+                for r in rows.iter_mut().filter(|r| r.needs_step) {
+                    r.needs_step = false;
+                    states.push(&mut r.state);
+                    tokens.push(*r.generated.last().expect("a sampled token"));
+                    owners.push(j);
+                }
+            }
+        }
+        if !states.is_empty() {
+            if let Some(o) = &self.shared.observer {
+                o.batch(states.len());
+            }
+            let model = &self.shared.model;
+            let result = self.pool.install(|| model.step_batch(&mut states, &tokens));
+            if let Err(e) = result {
+                owners.dedup();
+                for j in owners {
+                    failed.push((j, clone_err(&e)));
+                }
+            }
+        }
+        failed.sort_by_key(|f| std::cmp::Reverse(f.0));
+        failed.dedup_by_key(|f| f.0);
+        for (j, e) in failed {
+            let job = self.active.remove(j);
+            self.fail(job, e);
+        }
+        // Complete jobs whose rows are all finished.
+        let mut i = 0;
+        while i < self.active.len() {
+            let done = matches!(&self.active[i].phase,
+                Phase::Decode { rows } if rows.iter().all(|r| r.finished.is_some()));
+            if done {
+                let mut job = self.active.remove(i);
+                let Phase::Decode { mut rows } = std::mem::replace(&mut job.phase, Phase::Queued)
+                else {
+                    unreachable!()
+                };
+                let returned = rows.iter().map(|r| r.returned).sum();
+                let state = rows.pop().map(|r| r.state);
+                self.complete_with(job, state, returned);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn complete(&mut self, job: Job, state: Option<State>) {
+        self.complete_with(job, state, 0);
+    }
+
+    /// Sends `Done`, hands the state to its session, frees the slots.
+    fn complete_with(&mut self, mut job: Job, state: Option<State>, returned: usize) {
+        let usage = Usage {
+            prompt_tokens: job.req.prompt.len(),
+            completion_tokens: returned,
+        };
+        let session = {
+            let mut sessions = self.shared.sessions.lock().expect("poisoned");
+            match (&job.req.target, state) {
+                (Target::Session(id), st) => sessions.checkin(id, st),
+                (Target::NewSession, Some(st)) => match sessions.insert(&job.req.tenant, st) {
+                    Ok(info) => Some(info),
+                    Err(e) => {
+                        drop(sessions);
+                        job.send(Event::Failed(e));
+                        self.release(&job);
+                        return;
+                    }
+                },
+                _ => None,
+            }
+        };
+        job.send(Event::Done { usage, session });
+        self.release(&job);
+    }
+}
+
+/// The same error for every request of a failed batch (`Error` is not `Clone`).
+fn clone_err(e: &Error) -> Error {
+    match e {
+        Error::NonFiniteLogits { position } => Error::NonFiniteLogits {
+            position: *position,
+        },
+        Error::PositionOutOfRange {
+            position,
+            max_seq_len,
+            kind,
+        } => Error::PositionOutOfRange {
+            position: *position,
+            max_seq_len: *max_seq_len,
+            kind,
+        },
+        Error::TokenOutOfRange { token, vocab } => Error::TokenOutOfRange {
+            token: *token,
+            vocab: *vocab,
+        },
+        other => Error::StateMismatch(format!("batched decode failed: {other}")),
+    }
+}
+
+/// Samples one token for every unfinished row of a decoding job and sends the text it
+/// completes.
+fn sample_job(job: &mut Job, shared: &Shared) -> Result<()> {
+    let keeps = job.keeps_state();
+    let want = job.req.logprobs;
+    let Phase::Decode { rows } = &mut job.phase else {
+        return Ok(());
+    };
+    let mut events = Vec::new();
+    let mut first = false;
+    for r in rows.iter_mut().filter(|r| r.finished.is_none()) {
+        let logits = r.state.logits().ok_or(Error::EmptyInput(
+            "the state holds no logits to sample from",
+        ))?;
+        let token = r.sampler.sample(logits, &r.history)?;
+        if let Some(k) = want {
+            r.logprobs.push(token_logprob(logits, token, k));
+        }
+        let now = Instant::now();
+        if let Some(o) = &shared.observer {
+            match r.last_token {
+                Some(t) => o.inter_token(now - t),
+                None => first = true,
+            }
+            o.generated_tokens(1);
+        }
+        r.last_token = Some(now);
+        r.history.push(token);
+        let window = r.sampler.params().penalty_window.max(1);
+        if r.history.len() > 2 * window {
+            r.history.drain(..r.history.len() - window);
+        }
+        r.generated.push(token);
+        let s = r.generated.len();
+        match r.out.push(token) {
+            Outcome::Emit { text, tokens } => {
+                r.returned += tokens.len();
+                events.push(text_event(r, text, tokens, want));
+                if s >= r.budget {
+                    if let Outcome::Emit { text, tokens } = r.out.finish() {
+                        r.returned += tokens.len();
+                        events.push(text_event(r, text, tokens, want));
+                    }
+                    r.finished = Some(FinishReason::Length);
+                } else if keeps && !job.req.stop.is_empty() {
+                    if r.out.all_emitted() {
+                        r.checkpoint = None;
+                    } else if r.checkpoint.is_none() {
+                        r.checkpoint = Some((r.state.clone(), s - 1));
+                    }
+                }
+            }
+            Outcome::Stop { text, tokens, keep } => {
+                r.returned += tokens.len();
+                events.push(text_event(r, text, tokens, want));
+                r.finished = Some(FinishReason::Stop);
+                if keeps && keep < s - 1 {
+                    let (cp, c) = r
+                        .checkpoint
+                        .take()
+                        .expect("a checkpoint exists while text is held back");
+                    r.state = cp;
+                    if keep > c {
+                        let replay = &r.generated[c..keep];
+                        shared.model.prefill(&mut r.state, replay)?;
+                    }
+                }
+            }
+        }
+        r.needs_step = match r.finished {
+            None => true,
+            Some(FinishReason::Length) => keeps,
+            Some(FinishReason::Stop) => false,
+        };
+        if let Some(reason) = r.finished {
+            events.push(Some(Event::Finished {
+                choice: r.choice,
+                reason,
+            }));
+        }
+    }
+    if first && !job.first_token {
+        job.first_token = true;
+        if let Some(o) = &shared.observer {
+            o.first_token(job.submitted.elapsed());
+        }
+    }
+    for e in events.into_iter().flatten() {
+        job.send(e);
+    }
+    Ok(())
+}
+
+fn text_event(
+    r: &Row,
+    text: String,
+    tokens: std::ops::Range<usize>,
+    want: Option<usize>,
+) -> Option<Event> {
+    let logprobs = if want.is_some() {
+        r.logprobs[tokens.clone()].to_vec()
+    } else {
+        Vec::new()
+    };
+    if text.is_empty() && logprobs.is_empty() {
+        return None;
+    }
+    Some(Event::Text {
+        choice: r.choice,
+        text,
+        logprobs,
+    })
+}

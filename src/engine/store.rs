@@ -1,0 +1,255 @@
+//! Where sessions go when they leave memory: the [`SessionStore`] trait and its directory
+//! implementation, [`DiskStore`].
+//!
+//! A stored session is its metadata plus the library's state snapshot
+//! ([`crate::snapshot`]). File format of [`DiskStore`]: magic `PFSESS1\0`, the metadata's
+//! JSON length (`u32`, little-endian), the JSON, then the snapshot bytes.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"PFSESS1\0";
+const EXT: &str = "session";
+
+/// A stored session's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionMeta {
+    /// The session id.
+    pub id: String,
+    /// The tenant that owns it.
+    pub tenant: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    /// Last use, seconds since the Unix epoch.
+    pub last_used: u64,
+    /// Tokens the state has consumed.
+    pub position: usize,
+    /// Bytes of the state in memory.
+    pub state_bytes: usize,
+    /// Incremented on every write of the session.
+    pub version: u64,
+    /// [`crate::Model::fingerprint`] of the model the state belongs to.
+    pub fingerprint: u64,
+}
+
+/// A session at rest: metadata and snapshot bytes.
+#[derive(Debug, Clone)]
+pub struct StoredSession {
+    /// Metadata.
+    pub meta: SessionMeta,
+    /// [`crate::State::to_bytes`] output.
+    pub snapshot: Vec<u8>,
+}
+
+/// What [`SessionStore::list`] finds: the readable sessions' metadata, and the entries that
+/// could not be read, each with its reason.
+pub type Listing = (Vec<SessionMeta>, Vec<(String, Error)>);
+
+/// Storage for sessions out of memory. Implementations must be safe to call from several
+/// threads; the engine holds its session table's lock while calling them.
+pub trait SessionStore: Send + Sync {
+    /// The session of that id, if stored.
+    fn get(&self, id: &str) -> Result<Option<StoredSession>>;
+    /// Stores a session. With `expected` set, the write happens only if the stored version is
+    /// that one (`Some(0)`: only if absent), else [`Error::VersionConflict`].
+    fn put(&self, session: &StoredSession, expected: Option<u64>) -> Result<()>;
+    /// Removes a session (absent is not an error).
+    fn delete(&self, id: &str) -> Result<()>;
+    /// The metadata of every stored session. Entries that cannot be read are reported in the
+    /// second list, with the reason, and otherwise skipped.
+    fn list(&self) -> Result<Listing>;
+}
+
+/// Whether `id` is a valid session id: 1–64 ASCII letters, digits, `-` or `_` (it names a
+/// file).
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Sessions as files in one directory, written atomically.
+#[derive(Debug)]
+pub struct DiskStore {
+    dir: PathBuf,
+}
+
+impl DiskStore {
+    /// A store in `dir`, created if missing.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(DiskStore { dir })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, id: &str) -> Result<PathBuf> {
+        if !valid_id(id) {
+            return Err(Error::invalid("session id", format!("`{id}` is not valid")));
+        }
+        Ok(self.dir.join(format!("{id}.{EXT}")))
+    }
+
+    /// Reads the header (metadata) of a session file, leaving `file` at the snapshot.
+    fn read_meta(path: &Path, file: &mut File) -> Result<SessionMeta> {
+        let bad = |m: &str| Error::SessionStorage(format!("{}: {m}", path.display()));
+        let mut head = [0u8; 12];
+        file.read_exact(&mut head)
+            .map_err(|_| bad("shorter than a session header"))?;
+        if &head[..8] != MAGIC {
+            return Err(bad("not a session file (bad magic)"));
+        }
+        let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize;
+        if len > 1 << 20 {
+            return Err(bad("metadata larger than 1 MiB"));
+        }
+        let mut json = vec![0u8; len];
+        file.read_exact(&mut json)
+            .map_err(|_| bad("truncated metadata"))?;
+        serde_json::from_slice(&json).map_err(|e| bad(&format!("metadata: {e}")))
+    }
+}
+
+impl SessionStore for DiskStore {
+    fn get(&self, id: &str) -> Result<Option<StoredSession>> {
+        let path = self.path(id)?;
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let meta = Self::read_meta(&path, &mut file)?;
+        let mut snapshot = Vec::new();
+        file.read_to_end(&mut snapshot)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(Some(StoredSession { meta, snapshot }))
+    }
+
+    fn put(&self, session: &StoredSession, expected: Option<u64>) -> Result<()> {
+        let path = self.path(&session.meta.id)?;
+        if let Some(want) = expected {
+            let found = match File::open(&path) {
+                Ok(mut f) => Self::read_meta(&path, &mut f)?.version,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(Error::io(&path, e)),
+            };
+            if found != want {
+                return Err(Error::VersionConflict {
+                    id: session.meta.id.clone(),
+                    expected: want,
+                    found,
+                });
+            }
+        }
+        let json = serde_json::to_vec(&session.meta)
+            .map_err(|e| Error::SessionStorage(format!("metadata: {e}")))?;
+        let mut bytes = Vec::with_capacity(12 + json.len() + session.snapshot.len());
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&json);
+        bytes.extend_from_slice(&session.snapshot);
+        // Temporary file in the same directory, fsync, rename: a crash leaves the old
+        // session or the new one, never a torn file.
+        crate::fsutil::write_atomic(&path, |w| w.write_all(&bytes))
+    }
+
+    fn delete(&self, id: &str) -> Result<()> {
+        let path = self.path(id)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    fn list(&self) -> Result<Listing> {
+        let mut metas = Vec::new();
+        let mut bad = Vec::new();
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&self.dir, e))?;
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some(EXT) {
+                continue;
+            }
+            let name = path.display().to_string();
+            let meta = File::open(&path)
+                .map_err(|e| Error::io(&path, e))
+                .and_then(|mut f| Self::read_meta(&path, &mut f));
+            match meta {
+                Ok(m) if path.file_stem().and_then(|s| s.to_str()) == Some(m.id.as_str()) => {
+                    metas.push(m)
+                }
+                Ok(m) => bad.push((
+                    name,
+                    Error::SessionStorage(format!("holds session `{}` under another name", m.id)),
+                )),
+                Err(e) => bad.push((name, e)),
+            }
+        }
+        Ok((metas, bad))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: &str, version: u64) -> StoredSession {
+        StoredSession {
+            meta: SessionMeta {
+                id: id.into(),
+                tenant: "t".into(),
+                created: 1,
+                last_used: 2,
+                position: 3,
+                state_bytes: 4,
+                version,
+                fingerprint: 5,
+            },
+            snapshot: vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn put_get_list_delete_with_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        store.put(&session("a", 1), Some(0)).unwrap();
+        assert!(matches!(
+            store.put(&session("a", 2), Some(0)),
+            Err(Error::VersionConflict { found: 1, .. })
+        ));
+        store.put(&session("a", 2), Some(1)).unwrap();
+        let got = store.get("a").unwrap().unwrap();
+        assert_eq!(got.meta, session("a", 2).meta);
+        assert_eq!(got.snapshot, [1, 2, 3]);
+        std::fs::write(dir.path().join("junk.session"), b"nope").unwrap();
+        let (metas, bad) = store.list().unwrap();
+        assert_eq!(metas.len(), 1);
+        assert_eq!(bad.len(), 1);
+        store.delete("a").unwrap();
+        store.delete("a").unwrap();
+        assert!(store.get("a").unwrap().is_none());
+        assert!(
+            store.get("../x").is_err(),
+            "ids are checked before touching files"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "no temporary files are left behind");
+    }
+}
