@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod bench_cmd;
+mod perplexity_plot;
 use performer::config::{Config, Origin};
 use performer::weights::{names, WeightFile};
 use performer::{GenerateOptions, Generation, LoadOptions, Model, SamplingParams, State};
@@ -59,6 +60,18 @@ struct PerplexityArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Also report bits per byte by position (tokens of context) in buckets 0–511, 512–2k,
+    /// 2k–8k, 8k–32k, 32k–128k, 128k+ (empty ones left out): a markdown table, or
+    /// `by_position` in the JSON.
+    #[arg(long)]
+    by_position: bool,
+    /// Plot bits per byte against position (log x axis) to this SVG file.
+    #[arg(long, requires = "by_position")]
+    plot: Option<PathBuf>,
+    /// Add the curve of an earlier `--by-position --json` output (e.g. another model) to the
+    /// plot.
+    #[arg(long, requires = "plot")]
+    plot_with: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -362,6 +375,15 @@ fn logits(a: LogitsArgs) -> CliResult {
 
 fn perplexity(a: PerplexityArgs) -> CliResult {
     use std::io::IsTerminal;
+    // Curves to compare are read first: a bad file fails before the scoring.
+    let others = a
+        .plot_with
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            perplexity_plot::Curve::from_json(&text).map_err(|e| format!("{}: {e}", p.display()))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let model = a.model.load()?;
     let file = std::fs::File::open(&a.file).map_err(|e| format!("{}: {e}", a.file.display()))?;
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -385,26 +407,59 @@ fn perplexity(a: PerplexityArgs) -> CliResult {
     })?;
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
+    let model_name = a
+        .model
+        .model
+        .as_deref()
+        .unwrap_or(Path::new(DEFAULT_MODEL))
+        .display()
+        .to_string();
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "file": a.file.display().to_string(),
-                "tokens": r.tokens,
-                "scored": r.scored,
-                "mean_nll": r.mean_nll,
-                "perplexity": r.perplexity,
-                "bits_per_byte": r.bits_per_byte,
-                "window": a.window,
-                "seconds": secs,
-            })
-        );
+        let mut v = serde_json::json!({
+            "file": a.file.display().to_string(),
+            "tokens": r.tokens,
+            "scored": r.scored,
+            "mean_nll": r.mean_nll,
+            "perplexity": r.perplexity,
+            "bits_per_byte": r.bits_per_byte,
+            "window": a.window,
+            "seconds": secs,
+        });
+        if a.by_position {
+            v["model"] = model_name.clone().into();
+            v["by_position"] = perplexity_plot::json(&r.by_position);
+        }
+        println!("{v}");
     } else {
         println!("tokens: {} ({} scored)", r.tokens, r.scored);
         println!("mean NLL: {:.6} nats", r.mean_nll);
         println!("perplexity: {:.4}", r.perplexity);
         println!("bits per byte: {:.6}", r.bits_per_byte);
+        if a.by_position {
+            println!();
+            print!("{}", perplexity_plot::markdown(&r.by_position));
+        }
         eprintln!("{:.1} tokens/s", r.tokens as f64 / secs.max(1e-9));
+    }
+    if let Some(p) = &a.plot {
+        let mut curves = vec![perplexity_plot::Curve::from_buckets(
+            &model_name,
+            &r.by_position,
+        )];
+        curves.extend(others);
+        let file_name = a.file.file_name().map_or_else(
+            || a.file.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let how = a
+            .window
+            .map_or_else(|| "one stream".to_string(), |w| format!("windows of {w}"));
+        perplexity_plot::plot_svg(
+            &curves,
+            &format!("bits per byte by position: {file_name}, {how}"),
+            p,
+        )?;
+        eprintln!("wrote {}", p.display());
     }
     Ok(())
 }
