@@ -157,14 +157,16 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error on `path` ([`Error::Io`]).
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,
         }
     }
 
-    pub(crate) fn invalid(name: &'static str, message: impl Into<String>) -> Self {
+    /// A parameter outside its domain ([`Error::InvalidParameter`]); `name` is the parameter.
+    pub fn invalid(name: &'static str, message: impl Into<String>) -> Self {
         Error::InvalidParameter {
             name,
             message: message.into(),

@@ -20,13 +20,11 @@
 
 pub mod attention;
 pub mod baseline;
-pub mod bench;
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod model;
-pub mod npy;
 pub mod parallel;
 pub mod perplexity;
 pub mod sampling;

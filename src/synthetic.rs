@@ -394,21 +394,6 @@ fn generate(shape: &[usize], init: Init, dtype: WeightDtype, seed: u64) -> Vec<u
     data
 }
 
-/// Flushes a file just written to disk and asks the kernel to drop it from the page cache,
-/// so that the next load reads it the way a checkpoint on disk is read. That matters for
-/// benchmarks: pages left cached by the writes stay in the small folios the writes made,
-/// while a mapped read from disk (the loader advises `MADV_HUGEPAGE`) comes in as 2 MiB
-/// folios mapped with 2 MiB pages, and a memory-bound decode runs measurably faster on those
-/// (README "Performance"). Dropping is only advice: where it is not available it does nothing.
-fn drop_from_page_cache(path: &Path) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    // Dirty pages cannot be dropped; write them out first.
-    file.sync_all().map_err(|e| Error::io(path, e))?;
-    #[cfg(target_os = "linux")]
-    let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
-    Ok(())
-}
-
 /// Writes `dir/config.json` and `dir/model.safetensors` of a random model (creating `dir`).
 /// The same shape, dtype and seed always give the same bytes.
 pub fn write(dir: &Path, shape: &SyntheticShape, dtype: WeightDtype, seed: u64) -> Result<()> {
@@ -439,7 +424,6 @@ pub fn write(dir: &Path, shape: &SyntheticShape, dtype: WeightDtype, seed: u64) 
         &path,
     )
     .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
-    drop_from_page_cache(&path)?;
     let config = dir.join("config.json");
     std::fs::write(&config, shape.config_json()).map_err(|e| Error::io(&config, e))?;
     Ok(())

@@ -6,11 +6,20 @@ use std::path::PathBuf;
 
 use safetensors::{Dtype, SafeTensors};
 
+/// The workspace root (where `tests/fixtures` and `models/` are), also for the tests of the
+/// member crates that include this module.
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .find(|dir| dir.join("tests/fixtures").is_dir())
+        .unwrap_or(&manifest)
+        .to_path_buf()
+}
+
 /// Path of a fixture directory.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    workspace_root().join("tests/fixtures").join(name)
 }
 
 /// A [T, V] matrix of expected logits.

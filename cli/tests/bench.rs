@@ -1,12 +1,12 @@
 //! The benchmark runner: parsing, statistics, formatting, the bandwidth probe and a whole
 //! (tiny) run with its SVG.
 
-use performer::bench::{
-    self, Attention, BenchOptions, Fill, ModelInfo, Report, Row, Stats, TestKind,
-};
 use performer::synthetic::{self, SyntheticShape, WeightDtype};
 use performer::weights::PageReport;
 use performer::Model;
+use performer_cli::bench::{
+    self, Attention, BenchOptions, Fill, ModelInfo, Report, Row, Stats, TestKind,
+};
 
 #[test]
 fn counts_parse_with_suffixes() {

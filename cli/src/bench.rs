@@ -19,7 +19,7 @@
 //! weights it touched included, and memory the allocator kept from earlier tests, such as the
 //! freed scratch of the depth fills: the same for every depth, since the FAVOR+ depths are
 //! measured interleaved after all fills); *state bytes* is the per-sequence state
-//! ([`crate::State::size_bytes`] for FAVOR+, constant in the depth; the key/value cache plus
+//! ([`performer::State::size_bytes`] for FAVOR+, constant in the depth; the key/value cache plus
 //! scratch for the softmax baseline, growing with it).
 //!
 //! *Roofline*: for `tg`, `weight_bytes_per_token × tokens/s ÷ read bandwidth`, the bandwidth
@@ -36,7 +36,7 @@
 //! target/release/performer bench --model models/performer-byte --threads 1,2 --json
 //! ```
 //!
-//! `--shape` writes a random model ([`crate::synthetic`]) to a temporary directory (or to
+//! `--shape` writes a random model ([`performer::synthetic`]) to a temporary directory (or to
 //! `--synthetic-dir`, reused on later runs with the same shape, dtype and seed).
 //!
 //! Depth fills cost one prefill token per token of depth. Measured on the project's shared
@@ -60,10 +60,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::synthetic::Rng;
-use crate::weights::PageReport;
-use crate::{Model, State};
+use performer::error::{Error, Result};
+use performer::synthetic::Rng;
+use performer::weights::PageReport;
+use performer::{Model, State};
 
 /// Which attention a session runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -71,7 +71,7 @@ use crate::{Model, State};
 pub enum Attention {
     /// The constant-size streaming FAVOR+ state ([`State`]).
     Favor,
-    /// Exact softmax attention over a growing key/value cache ([`crate::baseline`]).
+    /// Exact softmax attention over a growing key/value cache ([`performer::baseline`]).
     Softmax,
 }
 
@@ -155,9 +155,9 @@ impl<'m> Session<'m> for FavorSession<'m> {
     }
 }
 
-/// The exact-softmax baseline ([`crate::baseline::SoftmaxSession`]): a key/value cache that
+/// The exact-softmax baseline ([`performer::baseline::SoftmaxSession`]): a key/value cache that
 /// grows with the depth.
-struct SoftmaxBench<'m>(crate::baseline::SoftmaxSession<'m>);
+struct SoftmaxBench<'m>(performer::baseline::SoftmaxSession<'m>);
 
 impl<'m> Session<'m> for SoftmaxBench<'m> {
     fn step(&mut self, token: u32) -> Result<()> {
@@ -191,7 +191,7 @@ pub fn new_session(model: &Model, attention: Attention) -> Result<Box<dyn Sessio
             state: State::new(model),
         })),
         Attention::Softmax => Ok(Box::new(SoftmaxBench(
-            crate::baseline::SoftmaxSession::new(model),
+            performer::baseline::SoftmaxSession::new(model),
         ))),
     }
 }

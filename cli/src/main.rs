@@ -176,7 +176,10 @@ fn default_model_dir() -> PathBuf {
     if local.is_dir() {
         return local;
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL)
+    // A binary run from the source tree (`cargo run` in a subdirectory): the workspace root's model.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(DEFAULT_MODEL)
 }
 
 fn main() -> ExitCode {
@@ -363,7 +366,7 @@ fn logits(a: LogitsArgs) -> CliResult {
     for &t in &a.tokens {
         all.extend_from_slice(model.step(&mut state, t)?);
     }
-    performer::npy::write_f32(&a.out, &[a.tokens.len(), vocab], &all)?;
+    performer_cli::npy::write_f32(&a.out, &[a.tokens.len(), vocab], &all)?;
     eprintln!(
         "wrote {} × {} logits to {}",
         a.tokens.len(),

@@ -1,5 +1,7 @@
 //! The `performer` binary end to end: output, files and one-line errors with exit codes.
 
+// The runtime's test helpers and fixtures, shared from the workspace root.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::process::Command;

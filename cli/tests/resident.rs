@@ -6,7 +6,7 @@ use performer::synthetic::{self, SyntheticShape, WeightDtype};
 use performer::Model;
 
 fn resident_bytes() -> Option<usize> {
-    performer::bench::rss_bytes().map(|b| b as usize)
+    performer_cli::bench::rss_bytes().map(|b| b as usize)
 }
 
 #[test]
