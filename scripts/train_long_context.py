@@ -28,6 +28,7 @@ Usage (python 3.11 venv, `pip install -r scripts/requirements.txt`, one CPU thre
     python scripts/train_long_context.py train --name NAME [--local-heads K] [--steps N] ...
     python scripts/train_long_context.py eval CKPT_OR_MODEL_DIR [--file F] [--json OUT]
     python scripts/train_long_context.py export CKPT OUT_DIR
+    python scripts/train_long_context.py heldsplit [data/heldsplit.txt]
 Checkpoints: checkpoints/NAME.pt (every 3 min and at the end; a rerun of the same command resumes).
 """
 import argparse
@@ -524,6 +525,14 @@ def cmd_export(a):
     json.dump(res, open(os.path.join(a.out, "eval.json"), "w"), indent=2)
 
 
+def cmd_heldsplit(a):
+    """Writes the whole held-out split (last 5% of the corpus, never trained on) to a file."""
+    corpus, _, _ = base.load_corpus()
+    _, held = base.split_corpus(corpus)
+    open(a.out, "wb").write(held.tobytes())
+    print(f"wrote {len(held)} bytes to {a.out}")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     p = argparse.ArgumentParser()
@@ -555,5 +564,8 @@ if __name__ == "__main__":
     x.add_argument("ckpt")
     x.add_argument("out")
     x.add_argument("--heldout", default=os.path.join(SHIPPED, "heldout.txt"))
+    hs = sub.add_parser("heldsplit")
+    hs.add_argument("out", nargs="?", default=os.path.join(base.DATA_DIR, "heldsplit.txt"))
     a = p.parse_args()
-    {"train": cmd_train, "check": cmd_check, "eval": cmd_eval, "export": cmd_export}[a.cmd](a)
+    {"train": cmd_train, "check": cmd_check, "eval": cmd_eval, "export": cmd_export,
+     "heldsplit": cmd_heldsplit}[a.cmd](a)

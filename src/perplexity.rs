@@ -62,7 +62,7 @@ impl BucketStats {
     /// `"0–511"`, `"512–2k"`, …, `"128k+"`.
     pub fn label(&self) -> String {
         let k = |n: usize| {
-            if n >= 1024 && n % 1024 == 0 {
+            if n >= 1024 && n.is_multiple_of(1024) {
                 format!("{}k", n / 1024)
             } else {
                 n.to_string()

@@ -115,7 +115,10 @@ fn position_buckets_boundaries_and_accounting() {
         ne.iter().map(|s| s.label()).collect::<Vec<_>>(),
         ["0–511", "512–2k", "128k+"]
     );
-    assert_eq!((ne[0].scored, ne[0].nll_sum, ne[0].max_position), (2, 4.0, 511));
+    assert_eq!(
+        (ne[0].scored, ne[0].nll_sum, ne[0].max_position),
+        (2, 4.0, 511)
+    );
     // Sums of a few exact doubles: the division by ln 2 is the only rounding.
     assert!((ne[0].bits_per_byte() - 2.0 / ln2).abs() < 1e-12);
     assert!((ne[1].bits_per_byte() - 2.0).abs() < 1e-12);

@@ -34,7 +34,9 @@ impl Curve {
                 .non_empty()
                 .map(|s| Point {
                     start: s.start,
-                    end: s.end.map_or(s.max_position + 1, |e| e.min(s.max_position + 1)),
+                    end: s
+                        .end
+                        .map_or(s.max_position + 1, |e| e.min(s.max_position + 1)),
                     bits_per_byte: s.bits_per_byte(),
                 })
                 .collect(),
@@ -59,7 +61,9 @@ impl Curve {
             let last = get("max_position")? as usize;
             points.push(Point {
                 start,
-                end: r["end"].as_f64().map_or(last + 1, |e| (e as usize).min(last + 1)),
+                end: r["end"]
+                    .as_f64()
+                    .map_or(last + 1, |e| (e as usize).min(last + 1)),
                 bits_per_byte: get("bits_per_byte")?,
             });
         }
@@ -150,7 +154,7 @@ fn plot_inner(
         .y_desc("bits per byte")
         .x_label_formatter(&|x: &f64| {
             let x = x.round() as u64;
-            if x >= 1024 && x % 1024 == 0 {
+            if x >= 1024 && x.is_multiple_of(1024) {
                 format!("{}k", x / 1024)
             } else {
                 x.to_string()

@@ -293,11 +293,19 @@ fn perplexity_by_position_table_json_and_plot() {
         "--by-position",
         "--json",
     ]);
-    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    assert!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     let rows = v["by_position"].as_array().expect("by_position array");
     let labels: Vec<&str> = rows.iter().map(|r| r["label"].as_str().unwrap()).collect();
-    assert_eq!(labels, ["0–511", "512–2k", "2k–8k"], "empty buckets left out");
+    assert_eq!(
+        labels,
+        ["0–511", "512–2k", "2k–8k"],
+        "empty buckets left out"
+    );
     let scored: Vec<u64> = rows.iter().map(|r| r["scored"].as_u64().unwrap()).collect();
     assert_eq!(scored, [511, 1536, 952]);
     assert_eq!(rows[2]["start"], 2048);
@@ -310,9 +318,15 @@ fn perplexity_by_position_table_json_and_plot() {
         .map(|r| r["bits_per_byte"].as_f64().unwrap() * r["scored"].as_f64().unwrap())
         .sum();
     let whole = v["bits_per_byte"].as_f64().unwrap();
-    assert!((bits / 2999.0 - whole).abs() < 1e-9 * whole, "{bits} vs {whole}");
+    assert!(
+        (bits / 2999.0 - whole).abs() < 1e-9 * whole,
+        "{bits} vs {whole}"
+    );
     for r in rows {
-        let (nll, bpb) = (r["mean_nll"].as_f64().unwrap(), r["bits_per_byte"].as_f64().unwrap());
+        let (nll, bpb) = (
+            r["mean_nll"].as_f64().unwrap(),
+            r["bits_per_byte"].as_f64().unwrap(),
+        );
         assert!((bpb - nll / std::f64::consts::LN_2).abs() < 1e-12);
     }
 
@@ -334,9 +348,16 @@ fn perplexity_by_position_table_json_and_plot() {
         "--plot-with",
         earlier.to_str().unwrap(),
     ]);
-    assert!(table.status.success(), "{}", String::from_utf8_lossy(&table.stderr));
+    assert!(
+        table.status.success(),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
     let out = String::from_utf8_lossy(&table.stdout);
-    assert!(out.contains("| positions | bytes scored | bits per byte |"), "{out}");
+    assert!(
+        out.contains("| positions | bytes scored | bits per byte |"),
+        "{out}"
+    );
     // Windows of 1000: contexts 1..=999 and 1000 for each window's first token.
     assert!(out.contains("| 0–511 | 1533 |"), "{out}");
     assert!(out.contains("| 512–2k | 1466 |"), "{out}");
@@ -349,11 +370,23 @@ fn perplexity_by_position_table_json_and_plot() {
         .filter(|n| n.is_text())
         .filter_map(|n| n.text())
         .collect();
-    assert!(texts.iter().any(|t| t.contains("bits per byte")), "{texts:?}");
+    assert!(
+        texts.iter().any(|t| t.contains("bits per byte")),
+        "{texts:?}"
+    );
     // Both curves are in the legend: this run's model and the earlier one, under the same
     // directory name, so it appears twice.
-    assert_eq!(texts.iter().filter(|t| t.contains(m.as_str())).count(), 2, "{texts:?}");
-    assert!(xml.descendants().filter(|n| n.has_tag_name("circle")).count() >= 5);
+    assert_eq!(
+        texts.iter().filter(|t| t.contains(m.as_str())).count(),
+        2,
+        "{texts:?}"
+    );
+    assert!(
+        xml.descendants()
+            .filter(|n| n.has_tag_name("circle"))
+            .count()
+            >= 5
+    );
 
     // Usage errors: --plot needs --by-position; a bad --plot-with file is a one-line error.
     let usage = performer(&["perplexity", "--model", &m, "--file", t, "--plot", "x.svg"]);
@@ -371,7 +404,10 @@ fn perplexity_by_position_table_json_and_plot() {
         t,
     ]);
     assert_eq!(bad.status.code(), Some(1));
-    assert_eq!(String::from_utf8_lossy(&bad.stderr).trim().lines().count(), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&bad.stderr).trim().lines().count(),
+        1
+    );
 }
 
 #[test]
