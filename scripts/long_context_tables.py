@@ -41,20 +41,22 @@ for m in ("old", "new"):
         print(f"| {m} | {s} | {a['share']:.1%} ({a['dictionary_words']}/{a['words']}) | "
               f"{b['share']:.1%} ({b['dictionary_words']}/{b['words']}) |")
 
-print("\n### decode speed, one thread (tg 256 tokens/s, mean of 3 repetitions per run; runs alternate)\n")
+print("\n### speed, one thread (tokens/s: mean of 3 repetitions per run; new and old alternate, one pair per round)\n")
+import glob
+rounds = sorted({int(f.split("bench")[-1].split(".")[0]) for f in glob.glob(f"{o}/new-bench*.json")})
 rows = {}
-for r in (1, 2, 3):
-    for m in ("new", "old"):
-        try:
-            v = J(f"{m}-bench{r}.json")
-        except FileNotFoundError:
-            continue
+for r in rounds:
+    try:
+        pair = {m: J(f"{m}-bench{r}.json") for m in ("new", "old")}
+    except (FileNotFoundError, ValueError):  # a round not (yet) written
+        continue
+    for m, v in pair.items():
         for x in v["rows"]:
-            key = (x["test"], x["depth"], x["tokens"])
+            key = (x["test"], x["tokens"], x["depth"])
             rows.setdefault(key, {}).setdefault(m, []).append(x["tokens_per_s"]["mean"])
-print("| test | depth | old runs (tokens/s) | new runs (tokens/s) | new/old (median) |\n|---|---:|---|---|---:|")
-for (t, d, n), v in sorted(rows.items()):
-    if "old" in v and "new" in v:
-        mo, mn = statistics.median(v["old"]), statistics.median(v["new"])
-        print(f"| {t}{n} | {d} | {', '.join(f'{x:,.0f}' for x in v['old'])} | "
-              f"{', '.join(f'{x:,.0f}' for x in v['new'])} | {mn / mo:.3f} |")
+print("| test | depth | rounds | old median | new median | new/old per round | median new/old |")
+print("|---|---:|---:|---:|---:|---|---:|")
+for (t, n, d), v in sorted(rows.items()):
+    ratios = [a / b for a, b in zip(v["new"], v["old"])]
+    print(f"| {t}{n} | {d} | {len(ratios)} | {statistics.median(v['old']):,.0f} | {statistics.median(v['new']):,.0f} | "
+          f"{', '.join(f'{x:.2f}' for x in ratios)} | {statistics.median(ratios):.3f} |")
