@@ -42,6 +42,8 @@ pub struct BucketStats {
     pub end: Option<usize>,
     /// Tokens scored in it.
     pub scored: usize,
+    /// Bytes of text those tokens stand for (one per token with the byte tokenizer).
+    pub bytes: usize,
     /// Their total negative log-likelihood, in nats.
     pub nll_sum: f64,
     /// The largest position scored in it (meaningful when `scored > 0`).
@@ -54,9 +56,10 @@ impl BucketStats {
         self.nll_sum / self.scored as f64
     }
 
-    /// Bits per byte of the bucket (a byte-level model: one token, one byte).
+    /// Bits per byte of the bucket: its NLL in bits over the bytes its tokens stand for
+    /// (`NaN` when empty).
     pub fn bits_per_byte(&self) -> f64 {
-        self.mean_nll() / std::f64::consts::LN_2
+        self.nll_sum / std::f64::consts::LN_2 / self.bytes as f64
     }
 
     /// `"0–511"`, `"512–2k"`, …, `"128k+"`.
@@ -110,10 +113,12 @@ impl PositionBuckets {
             .unwrap_or(POSITION_BUCKETS.len() - 1)
     }
 
-    /// Adds one scored token: its position and its NLL in nats.
-    pub fn add(&mut self, position: usize, nll: f64) {
+    /// Adds one scored token: its position, its NLL in nats and the bytes of text it stands
+    /// for.
+    pub fn add(&mut self, position: usize, nll: f64, bytes: usize) {
         let s = &mut self.stats[Self::bucket_of(position)];
         s.scored += 1;
+        s.bytes += bytes;
         s.nll_sum += nll;
         s.max_position = s.max_position.max(position);
     }
@@ -168,8 +173,10 @@ pub fn nll(logits: &[f32], target: u32) -> f64 {
     lse - logits[target as usize] as f64
 }
 
-/// Scores the bytes of `input` with a byte-level model. `progress` is called with the number
-/// of tokens read so far after each block.
+/// Scores the text of `input`. A byte-level model reads it in blocks (any bytes); a model with
+/// another tokenizer reads the whole text (UTF-8), tokenizes it, and scores its tokens in the
+/// same blocks, with bits per byte counted on the text's bytes. `progress` is called with the
+/// number of tokens read so far after each block.
 pub fn evaluate(
     model: &Model,
     mut input: impl Read,
@@ -187,16 +194,38 @@ pub fn evaluate(
     let mut pending: Option<Vec<f32>> = None;
     let mut buf = vec![0u8; BLOCK];
     let limit = options.max_tokens.unwrap_or(usize::MAX);
+    let tokenizer = model.tokenizer();
+    let tokenized = match tokenizer.is_byte_level() {
+        true => None,
+        false => {
+            let mut bytes = Vec::new();
+            input
+                .read_to_end(&mut bytes)
+                .map_err(|e| Error::io("<input>", e))?;
+            Some(tokenizer.tokenize(std::str::from_utf8(&bytes).map_err(|e| {
+                Error::invalid(
+                    "text",
+                    format!("this model's tokenizer needs UTF-8 text: {e}"),
+                )
+            })?)?)
+        }
+    };
     loop {
         let want = BLOCK.min(limit - tokens);
         if want == 0 {
             break;
         }
-        let n = read_full(&mut input, &mut buf[..want])?;
+        let block: Vec<u32> = match &tokenized {
+            None => {
+                let n = read_full(&mut input, &mut buf[..want])?;
+                buf[..n].iter().map(|&b| b as u32).collect()
+            }
+            Some(t) => t.ids[tokens.min(t.ids.len())..(tokens + want).min(t.ids.len())].to_vec(),
+        };
+        let n = block.len();
         if n == 0 {
             break;
         }
-        let block: Vec<u32> = buf[..n].iter().map(|&b| b as u32).collect();
         // Split the block at window boundaries.
         let mut start = 0;
         while start < block.len() {
@@ -218,11 +247,14 @@ pub fn evaluate(
                 Some(w) if pos_in_window == 0 => w,
                 _ => pos_in_window,
             };
+            // Bytes of text the token at stream index `i` stands for.
+            let token_bytes =
+                |i: usize| tokenized.as_ref().map_or(1, |t| t.bytes_between(i, i + 1));
             if let Some(prev) = pending.take() {
                 let x = nll(&prev, piece[0]);
                 total += x;
                 scored += 1;
-                by_position.add(context, x);
+                by_position.add(context, x, token_bytes(tokens + start));
             }
             let logits =
                 model.prefill_all_logits(&mut state, piece, crate::parallel::DEFAULT_CHUNK)?;
@@ -230,7 +262,7 @@ pub fn evaluate(
                 let x = nll(&logits[(t - 1) * vocab..t * vocab], next);
                 total += x;
                 scored += 1;
-                by_position.add(pos_in_window + t, x);
+                by_position.add(pos_in_window + t, x, token_bytes(tokens + start + t));
             }
             pending = Some(logits[(piece.len() - 1) * vocab..].to_vec());
             start = end;
@@ -244,13 +276,15 @@ pub fn evaluate(
         ));
     }
     let mean_nll = total / scored as f64;
+    // Every token after the first is scored: the bytes of tokens 1..tokens.
+    let bytes = tokenized.map_or(scored, |t| t.bytes_between(1, tokens));
     Ok(PerplexityReport {
         tokens,
         scored,
-        bytes: scored,
+        bytes,
         mean_nll,
         perplexity: mean_nll.exp(),
-        bits_per_byte: total / std::f64::consts::LN_2 / scored as f64,
+        bits_per_byte: total / std::f64::consts::LN_2 / bytes as f64,
         by_position,
     })
 }

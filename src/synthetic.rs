@@ -394,7 +394,9 @@ fn generate(shape: &[usize], init: Init, dtype: WeightDtype, seed: u64) -> Vec<u
     data
 }
 
-/// Writes `dir/config.json` and `dir/model.safetensors` of a random model (creating `dir`).
+/// Writes `dir/config.json` and `dir/model.safetensors` of a random model (creating `dir`),
+/// each atomically: the config through [`crate::fsutil::write_atomic`], the weights through
+/// `safetensors::serialize_to_file`, which also writes a temporary file and renames it.
 /// The same shape, dtype and seed always give the same bytes.
 pub fn write(dir: &Path, shape: &SyntheticShape, dtype: WeightDtype, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -425,6 +427,6 @@ pub fn write(dir: &Path, shape: &SyntheticShape, dtype: WeightDtype, seed: u64) 
     )
     .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
     let config = dir.join("config.json");
-    std::fs::write(&config, shape.config_json()).map_err(|e| Error::io(&config, e))?;
+    crate::fsutil::write_atomic(&config, |w| w.write_all(shape.config_json().as_bytes()))?;
     Ok(())
 }

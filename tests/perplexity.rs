@@ -104,10 +104,11 @@ fn position_buckets_boundaries_and_accounting() {
     // A hand-computed case: NLLs in nats, so bucket bpb = mean / ln 2.
     let ln2 = std::f64::consts::LN_2;
     let mut b = PositionBuckets::new();
-    b.add(1, 1.0);
-    b.add(511, 3.0);
-    b.add(512, 2.0 * ln2);
-    b.add(200_000, 0.5);
+    b.add(1, 1.0, 1);
+    b.add(511, 3.0, 1);
+    // A token of two bytes (another tokenizer): its bits count over both.
+    b.add(512, 4.0 * ln2, 2);
+    b.add(200_000, 0.5, 1);
     assert_eq!(b.scored(), 4);
     let ne: Vec<_> = b.non_empty().collect();
     assert_eq!(ne.len(), 3, "the empty buckets are left out");
@@ -122,6 +123,7 @@ fn position_buckets_boundaries_and_accounting() {
     // Sums of a few exact doubles: the division by ln 2 is the only rounding.
     assert!((ne[0].bits_per_byte() - 2.0 / ln2).abs() < 1e-12);
     assert!((ne[1].bits_per_byte() - 2.0).abs() < 1e-12);
+    assert_eq!((ne[1].scored, ne[1].bytes), (1, 2));
     assert_eq!((ne[2].start, ne[2].end, ne[2].scored), (131072, None, 1));
     assert_eq!(
         b.all().iter().map(|s| s.label()).collect::<Vec<_>>(),
@@ -147,7 +149,7 @@ fn by_position_matches_direct_scoring_in_streams_and_windows() {
                 state.reset();
             }
             if let Some(p) = &prev {
-                expect.add(context, nll(p, b as u32));
+                expect.add(context, nll(p, b as u32), 1);
             }
             prev = Some(model.step(&mut state, b as u32).unwrap().to_vec());
             context = if window.is_some_and(|w| i % w == 0) {
@@ -164,8 +166,8 @@ fn by_position_matches_direct_scoring_in_streams_and_windows() {
         let (got, want) = (r.by_position.all(), expect.all());
         for (g, w) in got.iter().zip(want) {
             assert_eq!(
-                (g.scored, g.max_position),
-                (w.scored, w.max_position),
+                (g.scored, g.bytes, g.max_position),
+                (w.scored, w.bytes, w.max_position),
                 "{window:?} {}",
                 g.label()
             );

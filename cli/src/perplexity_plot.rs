@@ -81,7 +81,7 @@ pub fn markdown(b: &PositionBuckets) -> String {
         s += &format!(
             "| {} | {} | {:.4} |\n",
             st.label(),
-            st.scored,
+            st.bytes,
             st.bits_per_byte()
         );
     }
@@ -97,6 +97,7 @@ pub fn json(b: &PositionBuckets) -> serde_json::Value {
             "end": s.end,
             "max_position": s.max_position,
             "scored": s.scored,
+            "bytes": s.bytes,
             "mean_nll": s.mean_nll(),
             "bits_per_byte": s.bits_per_byte(),
         })
