@@ -11,6 +11,7 @@ mod args;
 mod bench_cmd;
 mod loadtest_cmd;
 mod out;
+mod perplexity_plot;
 mod serve_cmd;
 
 use out::{stdout_error, StdoutClosed};
@@ -70,6 +71,18 @@ struct PerplexityArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Also report bits per byte by position (tokens of context) in buckets 0–511, 512–2k,
+    /// 2k–8k, 8k–32k, 32k–128k, 128k+ (empty ones left out): a markdown table, or
+    /// `by_position` in the JSON.
+    #[arg(long)]
+    by_position: bool,
+    /// Plot bits per byte against position (log x axis) to this SVG file.
+    #[arg(long, requires = "by_position")]
+    plot: Option<PathBuf>,
+    /// Add the curve of an earlier `--by-position --json` output (e.g. another model) to the
+    /// plot.
+    #[arg(long, requires = "plot")]
+    plot_with: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -440,6 +453,15 @@ fn logits(a: LogitsArgs) -> CliResult {
 }
 
 fn perplexity(a: PerplexityArgs) -> CliResult {
+    // Curves to compare are read first: a bad file fails before the scoring.
+    let others = a
+        .plot_with
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            perplexity_plot::Curve::from_json(&text).map_err(|e| format!("{}: {e}", p.display()))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let model = a.model.load()?;
     let file = std::fs::File::open(&a.file).map_err(|e| format!("{}: {e}", a.file.display()))?;
     if file.metadata().is_ok_and(|m| m.is_dir()) {
@@ -466,9 +488,16 @@ fn perplexity(a: PerplexityArgs) -> CliResult {
     })?;
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
+    let model_name = a
+        .model
+        .model
+        .as_deref()
+        .unwrap_or(Path::new(DEFAULT_MODEL))
+        .display()
+        .to_string();
     let mut out = std::io::stdout().lock();
     if a.json {
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "file": a.file.display().to_string(),
             "tokens": r.tokens,
             "scored": r.scored,
@@ -479,18 +508,47 @@ fn perplexity(a: PerplexityArgs) -> CliResult {
             "window": a.window,
             "seconds": secs,
         });
+        if a.by_position {
+            json["model"] = model_name.clone().into();
+            json["by_position"] = perplexity_plot::json(&r.by_position);
+        }
         writeln!(out, "{json}")
             .and_then(|()| out.flush())
             .map_err(stdout_error)?;
     } else {
+        let table = if a.by_position {
+            format!("\n{}", perplexity_plot::markdown(&r.by_position))
+        } else {
+            String::new()
+        };
         write!(
             out,
-            "tokens: {} ({} scored)\nmean NLL: {:.6} nats\nperplexity: {:.4}\nbits per byte: {:.6}\n",
+            "tokens: {} ({} scored)\nmean NLL: {:.6} nats\nperplexity: {:.4}\nbits per byte: {:.6}\n{table}",
             r.tokens, r.scored, r.mean_nll, r.perplexity, r.bits_per_byte
         )
         .and_then(|()| out.flush())
         .map_err(stdout_error)?;
         eprintln!("{:.1} tokens/s", r.tokens as f64 / secs.max(1e-9));
+    }
+    if let Some(p) = &a.plot {
+        let mut curves = vec![perplexity_plot::Curve::from_buckets(
+            &model_name,
+            &r.by_position,
+        )];
+        curves.extend(others);
+        let file_name = a.file.file_name().map_or_else(
+            || a.file.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let how = a
+            .window
+            .map_or_else(|| "one stream".to_string(), |w| format!("windows of {w}"));
+        perplexity_plot::plot_svg(
+            &curves,
+            &format!("bits per byte by position: {file_name}, {how}"),
+            p,
+        )?;
+        eprintln!("wrote {}", p.display());
     }
     Ok(())
 }

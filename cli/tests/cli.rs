@@ -347,6 +347,145 @@ fn perplexity_prints_text_and_json() {
 }
 
 #[test]
+fn perplexity_by_position_table_json_and_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("t.txt");
+    // 3000 bytes: positions 1..=2999 fill 0–511 (511), 512–2k (1536) and part of 2k–8k (952).
+    let body: String = "To be, or not to be, that is the question. "
+        .repeat(80)
+        .chars()
+        .take(3000)
+        .collect();
+    std::fs::write(&text, &body).unwrap();
+    let t = text.to_str().unwrap();
+    let m = model_dir();
+    let json = performer(&[
+        "perplexity",
+        "--model",
+        &m,
+        "--file",
+        t,
+        "--by-position",
+        "--json",
+    ]);
+    assert!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let rows = v["by_position"].as_array().expect("by_position array");
+    let labels: Vec<&str> = rows.iter().map(|r| r["label"].as_str().unwrap()).collect();
+    assert_eq!(
+        labels,
+        ["0–511", "512–2k", "2k–8k"],
+        "empty buckets left out"
+    );
+    let scored: Vec<u64> = rows.iter().map(|r| r["scored"].as_u64().unwrap()).collect();
+    assert_eq!(scored, [511, 1536, 952]);
+    assert_eq!(rows[2]["start"], 2048);
+    assert_eq!(rows[2]["end"], 8192);
+    assert_eq!(rows[2]["max_position"], 2999);
+    // The buckets' bits, weighted by their counts, are the whole file's (f64 sums in another
+    // order: 1e-9 relative).
+    let bits: f64 = rows
+        .iter()
+        .map(|r| r["bits_per_byte"].as_f64().unwrap() * r["scored"].as_f64().unwrap())
+        .sum();
+    let whole = v["bits_per_byte"].as_f64().unwrap();
+    assert!(
+        (bits / 2999.0 - whole).abs() < 1e-9 * whole,
+        "{bits} vs {whole}"
+    );
+    for r in rows {
+        let (nll, bpb) = (
+            r["mean_nll"].as_f64().unwrap(),
+            r["bits_per_byte"].as_f64().unwrap(),
+        );
+        assert!((bpb - nll / std::f64::consts::LN_2).abs() < 1e-12);
+    }
+
+    // Markdown table and plot, with a second curve read from the JSON above.
+    let earlier = tmp.path().join("earlier.json");
+    std::fs::write(&earlier, &json.stdout).unwrap();
+    let svg = tmp.path().join("curve.svg");
+    let table = performer(&[
+        "perplexity",
+        "--model",
+        &m,
+        "--file",
+        t,
+        "--by-position",
+        "--window",
+        "1000",
+        "--plot",
+        svg.to_str().unwrap(),
+        "--plot-with",
+        earlier.to_str().unwrap(),
+    ]);
+    assert!(
+        table.status.success(),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
+    let out = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        out.contains("| positions | bytes scored | bits per byte |"),
+        "{out}"
+    );
+    // Windows of 1000: contexts 1..=999 and 1000 for each window's first token.
+    assert!(out.contains("| 0–511 | 1533 |"), "{out}");
+    assert!(out.contains("| 512–2k | 1466 |"), "{out}");
+    assert!(!out.contains("2k–8k"), "{out}");
+    let doc = std::fs::read_to_string(&svg).unwrap();
+    let xml = roxmltree::Document::parse(&doc).expect("the SVG is well-formed XML");
+    assert_eq!(xml.root_element().tag_name().name(), "svg");
+    let texts: Vec<&str> = xml
+        .descendants()
+        .filter(|n| n.is_text())
+        .filter_map(|n| n.text())
+        .collect();
+    assert!(
+        texts.iter().any(|t| t.contains("bits per byte")),
+        "{texts:?}"
+    );
+    // Both curves are in the legend: this run's model and the earlier one, under the same
+    // directory name, so it appears twice.
+    assert_eq!(
+        texts.iter().filter(|t| t.contains(m.as_str())).count(),
+        2,
+        "{texts:?}"
+    );
+    assert!(
+        xml.descendants()
+            .filter(|n| n.has_tag_name("circle"))
+            .count()
+            >= 5
+    );
+
+    // Usage errors: --plot needs --by-position; a bad --plot-with file is a one-line error.
+    let usage = performer(&["perplexity", "--model", &m, "--file", t, "--plot", "x.svg"]);
+    assert_eq!(usage.status.code(), Some(2));
+    let bad = performer(&[
+        "perplexity",
+        "--model",
+        &m,
+        "--file",
+        t,
+        "--by-position",
+        "--plot",
+        svg.to_str().unwrap(),
+        "--plot-with",
+        t,
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&bad.stderr).trim().lines().count(),
+        1
+    );
+}
+
+#[test]
 fn runtime_input_edge_cases_through_the_cli() {
     let m = model_dir();
     let tmp = tempfile::tempdir().unwrap();
