@@ -41,6 +41,21 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Measure prefill and generation throughput by context depth (llama-bench style).
     Bench(bench_cmd::BenchArgs),
+    /// Write a copy of a model with block-quantized linear weights (q8_0 or q4_0).
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The float model directory; default: the model in models/.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The format: q8_0 (int8, f16 scale per 32) or q4_0 (4-bit, f16 scale per 32).
+    #[arg(long)]
+    to: performer::quant::QuantFormat,
+    /// The directory to write (must not exist; written atomically).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -190,6 +205,7 @@ fn main() -> ExitCode {
         Command::Logits(a) => logits(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Bench(a) => bench_cmd::run(a),
+        Command::Quantize(a) => quantize(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -255,6 +271,34 @@ fn generate(a: GenerateArgs) -> CliResult {
     Ok(())
 }
 
+fn quantize(a: QuantizeArgs) -> CliResult {
+    use std::io::IsTerminal;
+    let src = a.model.unwrap_or_else(default_model_dir);
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {percent}% of the weights, eta {eta}")
+            .map_err(|e| e.to_string())?,
+    );
+    performer::quant::quantize_dir(&src, &a.out, a.to, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let size = |d: &Path| std::fs::metadata(d.join("model.safetensors")).map_or(0, |m| m.len());
+    eprintln!(
+        "wrote {} ({}, model.safetensors {} bytes, was {})",
+        a.out.display(),
+        a.to,
+        size(&a.out),
+        size(&src)
+    );
+    Ok(())
+}
+
 fn info(a: InfoArgs) -> CliResult {
     let dir = a.model.unwrap_or_else(default_model_dir);
     let weights_path = dir.join("model.safetensors");
@@ -285,6 +329,19 @@ fn info(a: InfoArgs) -> CliResult {
         .map(|(d, n)| format!("{d} ({n} elements)"))
         .collect();
     println!("dtypes: {}", dtypes.join(", "));
+    if let Some(f) = model.config().weight_format {
+        let q: Vec<String> = model
+            .quantized_counts()
+            .iter()
+            .map(|(f, n)| format!("{f} ({n} weights)"))
+            .collect();
+        println!(
+            "quantized ({f}, {:.3} bytes per weight with scales): {} in {} tensors; embeddings, norms, biases and projection matrices in the dtypes above",
+            f.bytes_per_weight(),
+            q.join(", "),
+            model.quantized().count()
+        );
+    }
     println!(
         "file: {} ({} bytes)",
         weights_path.display(),
@@ -339,6 +396,10 @@ fn print_config(c: &Config) {
         ("kernel_eps", c.kernel_eps.to_string()),
         ("denominator_eps", c.denominator_eps.to_string()),
         ("tokenizer", "byte".to_string()),
+        (
+            "weight_format",
+            c.weight_format.map_or("none".into(), |f| f.to_string()),
+        ),
     ];
     for (k, v) in rows {
         println!("  {k:<22} {v:<12} ({})", mark(k));

@@ -5,6 +5,7 @@
 //! over [`Elem`] so f16 and bf16 weights are widened in registers, never copied to f32.
 
 pub mod matmul;
+pub mod quant;
 pub mod scalar;
 pub mod simd;
 
