@@ -421,3 +421,31 @@ fn a_q4_model_infers_its_widths_from_the_packed_shapes() {
     assert_eq!(model.config().ff_mult, 4);
     assert_eq!(model.config().dim, 256);
 }
+
+#[test]
+fn synthetic_quantized_models_load_with_the_predicted_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shape = SyntheticShape::named("tiny").unwrap();
+    for (dtype, format) in [
+        (WeightDtype::Q8_0, QuantFormat::Q8_0),
+        (WeightDtype::Q4_0, QuantFormat::Q4_0),
+    ] {
+        assert_eq!(dtype.to_string().parse::<WeightDtype>().unwrap(), dtype);
+        let dir = tmp.path().join(dtype.to_string());
+        synthetic::write(&dir, &shape, dtype, 1).unwrap();
+        assert!(!dir.join(".float").exists());
+        let model = Model::load(&dir).unwrap();
+        assert_eq!(model.config().weight_format, Some(format));
+        assert_eq!(model.parameter_count(), shape.parameter_count());
+        let file = std::fs::metadata(dir.join("model.safetensors"))
+            .unwrap()
+            .len() as usize;
+        let predicted = shape.file_bytes(dtype);
+        // The prediction counts tensor data only; the header (names, shapes, offsets of ~80
+        // tensors) adds a few KB.
+        assert!(
+            file >= predicted && file - predicted < 16 << 10,
+            "{dtype}: {file} vs {predicted}"
+        );
+    }
+}

@@ -26,7 +26,8 @@ pub struct BenchArgs {
     /// directory, or to --synthetic-dir).
     #[arg(long)]
     shape: Option<String>,
-    /// Stored dtype of the synthetic model: f32, f16 or bf16.
+    /// Stored dtype of the synthetic model: f32, f16, bf16, or q8_0 / q4_0 (linear weights
+    /// quantized from f32, the rest f32).
     #[arg(long, default_value = "f32", requires = "shape")]
     dtype: WeightDtype,
     /// Keep (and reuse) the synthetic model in this directory.

@@ -222,13 +222,15 @@ pub fn matvec_serial_with(method: Method, m: QMatrix<'_>, x: &[f32], y: &mut [f3
     SCRATCH.with_borrow_mut(|s| {
         let Scratch { row_scales, act } = s;
         let blocks = m.cols / BLOCK;
-        row_scales.resize(blocks, 0.0);
+        // All scales of these rows widened at once (one call instead of one per row).
+        row_scales.resize(m.scales.len(), 0.0);
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(m.scales, row_scales);
         if method == Method::Int8 {
             act.quantize(x);
         }
         for (r, out) in y.iter_mut().enumerate() {
-            let (codes, scales) = m.row(r);
-            half::slice::HalfFloatSliceExt::convert_to_f32_slice(scales, row_scales);
+            let (codes, _) = m.row(r);
+            let row_scales = &mut row_scales[r * blocks..(r + 1) * blocks];
             *out = match method {
                 Method::Portable => portable_row(m.format, codes, row_scales, x),
                 #[cfg(target_arch = "x86_64")]
