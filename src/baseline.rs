@@ -182,8 +182,14 @@ impl<'m> SoftmaxSession<'m> {
             keys: &mut self.keys,
             values: &mut self.values,
         };
-        self.model
-            .run_chunks(&mut self.state, tokens, chunk, None, &mut caches)?;
+        self.model.run_chunks(
+            &mut self.state,
+            tokens,
+            chunk,
+            None,
+            &mut caches,
+            &mut |_| {},
+        )?;
         Ok(&self.state.logits)
     }
 }

@@ -325,6 +325,40 @@ impl Resolver<'_> {
     }
 }
 
+/// Message prefixes of the errors [`TopLevel`]'s visitor raises.
+const DUPLICATE: &str = "duplicate key ";
+const NOT_OBJECT: &str = "invalid type";
+
+/// The top-level object of `config.json`, refusing a key given twice (serde_json's `Value`
+/// silently keeps the last).
+struct TopLevel(Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for TopLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TopLevel;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> std::result::Result<TopLevel, A::Error> {
+                let mut map = Map::new();
+                while let Some((key, value)) = access.next_entry::<String, Value>()? {
+                    if map.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!("{DUPLICATE}`{key}`")));
+                    }
+                    map.insert(key, value);
+                }
+                Ok(TopLevel(map))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
 impl Config {
     /// Parses `config.json` text and resolves it against what the weights imply.
     ///
@@ -339,12 +373,24 @@ impl Config {
     /// assert_eq!(config.nb_features, 110); // int(32 · ln 32), performer-pytorch's default
     /// assert!(Config::from_json(r#"{"dimm": 3}"#, &Inferred::default()).is_err());
     /// ```
+    ///
+    /// A UTF-8 byte order mark at the start is skipped. A key given twice is an
+    /// [`Error::Config`] naming the key (JSON parsers disagree on which one wins).
     pub fn from_json(text: &str, inferred: &Inferred) -> Result<Self> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| Error::Config(format!("invalid JSON: {e}")))?;
-        let Value::Object(map) = value else {
-            return Err(Error::Config("the top level must be a JSON object".into()));
-        };
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let TopLevel(map) = serde_json::from_str(text).map_err(|e| {
+            let msg = e.to_string();
+            match msg.strip_prefix(DUPLICATE) {
+                Some(rest) => Error::Config(format!(
+                    "duplicate key {}",
+                    rest.split(" at line").next().unwrap_or(rest)
+                )),
+                None if msg.starts_with(NOT_OBJECT) => {
+                    Error::Config("the top level must be a JSON object".into())
+                }
+                None => Error::Config(format!("invalid JSON: {e}")),
+            }
+        })?;
         Self::from_map(&map, inferred)
     }
 

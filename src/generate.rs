@@ -14,8 +14,9 @@ use crate::tokenizer::{ByteTokenizer, Utf8Stream};
 pub struct GenerateOptions {
     /// How many tokens to sample at most (0 generates nothing).
     pub max_tokens: usize,
-    /// Generation ends at the first occurrence of any of these; the stop string itself is not
-    /// emitted.
+    /// Generation ends at the first occurrence of any of these. The stop string, and anything
+    /// generated after it, is neither emitted nor left in the state: see [`StopMatcher`] for
+    /// the exact rule.
     pub stop: Vec<String>,
     /// Sampling parameters.
     pub sampling: SamplingParams,
@@ -83,10 +84,275 @@ impl GenerationStats {
     }
 }
 
+/// What the caller of [`StopMatcher::push`] does with the state before stepping the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Nothing to do (no checkpoint is needed, or the one held stays).
+    Keep,
+    /// Fork the state now, before stepping the token, and hold the fork as the checkpoint
+    /// (replacing none: a matcher asks for one only when none is held).
+    Take,
+    /// Drop the held checkpoint: everything up to this token is emitted text.
+    Release,
+}
+
+/// What the caller does after [`StopMatcher::push`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopAction {
+    /// No stop string was completed: apply the [`Checkpoint`] instruction, then step the
+    /// token into the state as usual, emit the text, and sample the next token.
+    Step(Checkpoint),
+    /// A stop string was completed; generation ends. Do not step the pushed token. If
+    /// `restore`, replace the state by the held checkpoint; then step each token of `replay`
+    /// (in order, as decoding steps). The state then holds exactly the prompt and the tokens
+    /// whose text was returned.
+    Stop {
+        /// Replace the state by the checkpoint taken on [`Checkpoint::Take`].
+        restore: bool,
+        /// Tokens to step after the restore (possibly none).
+        replay: Vec<u32>,
+    },
+}
+
+/// The result of [`StopMatcher::push`]: text that is final (never part of a stop string) and
+/// what to do with the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// Text to emit now (possibly empty): whole UTF-8 characters, known not to be part of a
+    /// stop string.
+    pub text: String,
+    /// What to do with the state.
+    pub action: StopAction,
+}
+
+/// Stop strings for streamed generation, with the state rollback that keeps the rule below.
+/// It holds back text that may be the start of a stop string until it is known not to be,
+/// and tells the caller when to checkpoint (fork) the state so that a completed stop string
+/// can be taken out of it again. [`Generation`] uses it; a batched engine uses it per
+/// sequence with its own states.
+///
+/// **The rule:** when generation stops at a stop string, the text returned is everything
+/// before the stop string, and the state has consumed exactly the prompt followed by the
+/// generated tokens of that text: neither the stop string nor anything generated after it.
+/// A continuation from that state (or from a snapshot of it) therefore continues the
+/// returned text itself, as if the stop string had never been sampled. Precisely, the state
+/// holds the generated tokens whose bytes come before the first byte of the stop string, and
+/// the returned text is their decoding: for valid UTF-8 exactly the text, and bytes that are
+/// not valid UTF-8 are in the state and come out as U+FFFD, as everywhere. (A token that
+/// carries no text, from a vocabulary larger than the bytes, is kept when it comes before
+/// the stop string.)
+///
+/// Cost: one fork of the state ([`crate::State::fork`], a copy of a few megabytes at most)
+/// each time held-back text begins, and on a stop at most as many re-steps as the
+/// held-back text has tokens (usually none: the state is restored to the fork taken just
+/// before the stop string began). With no stop strings nothing is forked.
+///
+/// Protocol, per sampled token:
+///
+/// ```no_run
+/// use performer::generate::{Checkpoint, StopAction, StopMatcher};
+/// use performer::{Model, State};
+/// # fn sample(_: &[f32]) -> u32 { 0 }
+/// let model = Model::load("models/performer-byte")?;
+/// let mut state = State::new(&model);
+/// model.prefill(&mut state, &[72, 105])?;
+/// let mut stops = StopMatcher::new(vec!["\n\n".into()])?;
+/// let mut checkpoint: Option<State> = None;
+/// let mut out = String::new();
+/// for _ in 0..100 {
+///     let token = sample(state.logits().unwrap());
+///     let pushed = stops.push(token);
+///     out.push_str(&pushed.text);
+///     match pushed.action {
+///         StopAction::Step(c) => {
+///             match c {
+///                 Checkpoint::Take => checkpoint = Some(state.fork()),
+///                 Checkpoint::Release => checkpoint = None,
+///                 Checkpoint::Keep => {}
+///             }
+///             model.step(&mut state, token)?;
+///         }
+///         StopAction::Stop { restore, replay } => {
+///             if restore {
+///                 state = checkpoint.take().unwrap();
+///             }
+///             for t in replay {
+///                 model.step(&mut state, t)?;
+///             }
+///             break;
+///         }
+///     }
+/// }
+/// out.push_str(&stops.finish()); // at the token limit: the held-back text, and the state
+///                                // has consumed every token
+/// # Ok::<(), performer::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    tokenizer: ByteTokenizer,
+    decoder: Utf8Stream,
+    /// Decoded text not yet emitted (a possible stop-string prefix).
+    pending: String,
+    /// Bytes emitted since the checkpoint.
+    base: usize,
+    /// Tokens since the checkpoint: (token, offset in the text since the checkpoint at which
+    /// its byte's character begins).
+    since: Vec<(u32, usize)>,
+    /// Whether the caller holds a checkpoint.
+    holding: bool,
+    /// Whether any stop string has a non-ASCII character.
+    multibyte: bool,
+}
+
+impl StopMatcher {
+    /// A matcher for these stop strings (none: every token's text is emitted at once and no
+    /// checkpoint is ever asked for). An empty stop string is an
+    /// [`Error::InvalidParameter`].
+    pub fn new(stops: Vec<String>) -> Result<Self> {
+        if stops.iter().any(String::is_empty) {
+            return Err(Error::invalid("stop", "stop strings must not be empty"));
+        }
+        Ok(StopMatcher {
+            multibyte: stops.iter().any(|s| !s.is_ascii()),
+            stops,
+            tokenizer: ByteTokenizer,
+            decoder: Utf8Stream::default(),
+            pending: String::new(),
+            base: 0,
+            since: Vec::new(),
+            holding: false,
+        })
+    }
+
+    /// Length in bytes of the longest suffix of `pending` that is a proper prefix of a stop
+    /// string: text that must wait until it is known not to start a stop string.
+    fn held_back(&self) -> usize {
+        let p = &self.pending;
+        let mut hold = 0;
+        for s in &self.stops {
+            for (i, _) in p.char_indices() {
+                let suffix = &p[i..];
+                if suffix.len() < s.len() && s.starts_with(suffix) {
+                    hold = hold.max(suffix.len());
+                    break;
+                }
+            }
+        }
+        hold
+    }
+
+    /// Takes a sampled token (not yet stepped into the state) and says what to emit and
+    /// what to do with the state (see the type's docs for the protocol).
+    pub fn push(&mut self, token: u32) -> Pushed {
+        // Ids past the byte range (a larger vocabulary) carry no text.
+        if let Some(b) = self.tokenizer.token_byte(token) {
+            let text = self.decoder.push(b);
+            self.pending.push_str(&text);
+        }
+        let clean = self.decoder.is_empty();
+        if self.stops.is_empty() {
+            return Pushed {
+                text: std::mem::take(&mut self.pending),
+                action: StopAction::Step(Checkpoint::Keep),
+            };
+        }
+        // Where this token's own byte lands in the text: the decoder emits text in order,
+        // and what a push emits belongs to earlier bytes except, when nothing is left
+        // pending, its last character, which holds this byte. A byte still pending lands
+        // at the end of the text so far, and so does a token without text.
+        let end = self.base + self.pending.len();
+        let own = if clean && self.tokenizer.token_byte(token).is_some() {
+            end - self.pending.chars().last().map_or(0, char::len_utf8)
+        } else {
+            end
+        };
+        self.since.push((token, own));
+        if let Some(idx) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
+            let cut = self.base + idx;
+            // Starts are non-decreasing: the tokens to keep are a prefix.
+            let keep = self.since.partition_point(|&(_, own)| own < cut);
+            let stepped = self.since.len() - 1;
+            let action = if self.holding && keep < stepped {
+                StopAction::Stop {
+                    restore: true,
+                    replay: self.since[..keep].iter().map(|&(t, _)| t).collect(),
+                }
+            } else {
+                // The state already holds the tokens to keep, and maybe the pushed one.
+                StopAction::Stop {
+                    restore: false,
+                    replay: self.since[stepped..keep].iter().map(|&(t, _)| t).collect(),
+                }
+            };
+            let text = self.pending[..idx].to_string();
+            self.reset();
+            return Pushed { text, action };
+        }
+        let hold = self.held_back();
+        let text = self
+            .pending
+            .drain(..self.pending.len() - hold)
+            .collect::<String>();
+        self.base += text.len();
+        // A partial character can only begin a stop string that is not all ASCII.
+        let needed = hold > 0 || (!clean && self.multibyte);
+        let checkpoint = match (needed, self.holding) {
+            (true, true) => Checkpoint::Keep,
+            (true, false) => {
+                // The checkpoint is the state before this token, which is all `since` holds
+                // (offsets were counted from it: nothing was pending before).
+                self.holding = true;
+                Checkpoint::Take
+            }
+            (false, holding) => {
+                self.since.clear();
+                self.base = 0;
+                self.holding = false;
+                if holding {
+                    Checkpoint::Release
+                } else {
+                    Checkpoint::Keep
+                }
+            }
+        };
+        Pushed {
+            text,
+            action: StopAction::Step(checkpoint),
+        }
+    }
+
+    /// Ends the stream (the token limit was reached): returns the held-back text and any
+    /// partial character (as U+FFFD). The state keeps every token stepped so far; a held
+    /// checkpoint can be dropped. (A stop string that only the U+FFFD of a partial character
+    /// at the very end would complete is not matched.)
+    pub fn finish(&mut self) -> String {
+        let mut rest = std::mem::take(&mut self.pending);
+        rest.push_str(&self.decoder.finish());
+        self.reset();
+        rest
+    }
+
+    fn reset(&mut self) {
+        self.pending.clear();
+        self.decoder = Utf8Stream::default();
+        self.since.clear();
+        self.base = 0;
+        self.holding = false;
+    }
+}
+
 /// A running generation: iterate it for text pieces, each a whole number of UTF-8 characters.
 ///
-/// The state ends up having consumed the prompt and every generated token, so a later
-/// generation on the same state continues the text.
+/// The state ends up having consumed the prompt and every generated token whose text was
+/// returned, so a later generation on the same state continues the text. When a stop string
+/// ends the generation, the stop string and anything sampled with it are not in the state
+/// (the rule is spelled out at [`StopMatcher`]).
 ///
 /// ```no_run
 /// use performer::{generate::{Generation, GenerateOptions}, Model, State};
@@ -102,11 +368,9 @@ pub struct Generation<'a> {
     model: &'a Model,
     state: &'a mut State,
     sampler: Sampler,
-    tokenizer: ByteTokenizer,
-    decoder: Utf8Stream,
+    stops: StopMatcher,
+    checkpoint: Option<State>,
     history: Vec<u32>,
-    pending: String,
-    stop: Vec<String>,
     max_tokens: usize,
     done: bool,
     stats: GenerationStats,
@@ -122,10 +386,20 @@ impl<'a> Generation<'a> {
         prompt: &[u32],
         options: GenerateOptions,
     ) -> Result<Self> {
+        Self::with_progress(model, state, prompt, options, &mut |_| {})
+    }
+
+    /// [`Generation::new`], calling `progress(tokens ingested)` while the prompt is ingested
+    /// (see [`Model::prefill_with_progress`]): for a progress bar on long prompts.
+    pub fn with_progress(
+        model: &'a Model,
+        state: &'a mut State,
+        prompt: &[u32],
+        options: GenerateOptions,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Self> {
         let sampler = Sampler::new(options.sampling)?;
-        if options.stop.iter().any(String::is_empty) {
-            return Err(Error::invalid("stop", "stop strings must not be empty"));
-        }
+        let stops = StopMatcher::new(options.stop)?;
         let decode_pool = match (options.decode_threads, options.decode_pool) {
             (Some(_), Some(_)) => {
                 return Err(Error::invalid(
@@ -152,7 +426,7 @@ impl<'a> Generation<'a> {
                 ));
             }
         } else {
-            model.prefill(state, prompt)?;
+            model.prefill_with_progress(state, prompt, progress)?;
         }
         let stats = GenerationStats {
             prompt_tokens: prompt.len(),
@@ -163,11 +437,9 @@ impl<'a> Generation<'a> {
             model,
             state,
             sampler,
-            tokenizer: ByteTokenizer,
-            decoder: Utf8Stream::default(),
+            stops,
+            checkpoint: None,
             history: prompt.to_vec(),
-            pending: String::new(),
-            stop: options.stop,
             max_tokens: options.max_tokens,
             done: false,
             stats,
@@ -180,26 +452,22 @@ impl<'a> Generation<'a> {
         self.stats
     }
 
-    /// Token ids of the prompt and everything generated so far.
+    /// Token ids of the prompt and everything generated so far; after a stop string, those
+    /// the state holds (the stop string's tokens are dropped).
     pub fn tokens(&self) -> &[u32] {
         &self.history
     }
 
-    /// Length in bytes of the longest suffix of `pending` that is a proper prefix of a stop
-    /// string: text that must wait until it is known not to start a stop string.
-    fn held_back(&self) -> usize {
-        let p = &self.pending;
-        let mut hold = 0;
-        for s in &self.stop {
-            for (i, _) in p.char_indices() {
-                let suffix = &p[i..];
-                if suffix.len() < s.len() && s.starts_with(suffix) {
-                    hold = hold.max(suffix.len());
-                    break;
-                }
-            }
-        }
-        hold
+    /// One decoding step of `token` in the decode pool (or the calling one).
+    fn step(&mut self, token: u32) -> Result<()> {
+        let t = Instant::now();
+        let (model, state) = (self.model, &mut *self.state);
+        match &self.decode_pool {
+            Some(pool) => pool.install(|| model.step(state, token).map(|_| ())),
+            None => model.step(state, token).map(|_| ()),
+        }?;
+        self.stats.decode_time += t.elapsed();
+        Ok(())
     }
 
     fn next_piece(&mut self) -> Result<Option<String>> {
@@ -209,44 +477,47 @@ impl<'a> Generation<'a> {
             }
             if self.stats.generated_tokens >= self.max_tokens {
                 self.done = true;
-                let mut rest = std::mem::take(&mut self.pending);
-                rest.push_str(&self.decoder.finish());
+                self.checkpoint = None;
+                let rest = self.stops.finish();
                 return Ok((!rest.is_empty()).then_some(rest));
             }
             let logits = self.state.logits().ok_or(Error::EmptyInput(
                 "the state holds no logits to sample from",
             ))?;
             let token = self.sampler.sample(logits, &self.history)?;
-            self.history.push(token);
             self.stats.generated_tokens += 1;
-            let t = Instant::now();
-            let (model, state) = (self.model, &mut *self.state);
-            match &self.decode_pool {
-                Some(pool) => pool.install(|| model.step(state, token).map(|_| ())),
-                None => model.step(state, token).map(|_| ()),
-            }?;
-            self.stats.decode_time += t.elapsed();
-
-            // Ids past the byte range (a larger vocabulary) carry no text.
-            if let Some(b) = self.tokenizer.token_byte(token) {
-                let text = self.decoder.push(b);
-                self.pending.push_str(&text);
+            let pushed = self.stops.push(token);
+            match pushed.action {
+                StopAction::Step(c) => {
+                    match c {
+                        Checkpoint::Take => self.checkpoint = Some(self.state.fork()),
+                        Checkpoint::Release => self.checkpoint = None,
+                        Checkpoint::Keep => {}
+                    }
+                    self.history.push(token);
+                    self.step(token)?;
+                }
+                StopAction::Stop { restore, replay } => {
+                    self.done = true;
+                    let consumed = self.state.position();
+                    if restore {
+                        let saved = self
+                            .checkpoint
+                            .take()
+                            .ok_or(Error::invalid("stop", "internal: no checkpoint to restore"))?;
+                        *self.state = saved;
+                    }
+                    let dropped = consumed - self.state.position();
+                    self.history.truncate(self.history.len() - dropped);
+                    for t in replay {
+                        self.history.push(t);
+                        self.step(t)?;
+                    }
+                    self.checkpoint = None;
+                }
             }
-            if let Some(idx) = self
-                .stop
-                .iter()
-                .filter_map(|s| self.pending.find(s.as_str()))
-                .min()
-            {
-                self.done = true;
-                let out: String = self.pending[..idx].to_string();
-                self.pending.clear();
-                return Ok((!out.is_empty()).then_some(out));
-            }
-            let emit = self.pending.len() - self.held_back();
-            if emit > 0 {
-                let rest = self.pending.split_off(emit);
-                return Ok(Some(std::mem::replace(&mut self.pending, rest)));
+            if !pushed.text.is_empty() {
+                return Ok(Some(pushed.text));
             }
         }
     }

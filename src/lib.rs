@@ -22,6 +22,7 @@ pub mod attention;
 pub mod baseline;
 pub mod config;
 pub mod error;
+pub mod fsutil;
 pub mod generate;
 pub mod kernels;
 pub mod model;

@@ -44,9 +44,10 @@ pub const LAYER_NORM_EPS: f32 = 1e-5;
 /// Options applied on top of `config.json` when loading.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
-    /// Overrides `kernel_eps` (ε of the softmax feature map).
+    /// Overrides `kernel_eps` (ε of the softmax feature map); finite and at least 0, else
+    /// [`Error::InvalidParameter`].
     pub kernel_eps: Option<f32>,
-    /// Overrides `denominator_eps` (δ of the causal denominator).
+    /// Overrides `denominator_eps` (δ of the causal denominator); finite and at least 0.
     pub denominator_eps: Option<f32>,
     /// Copy the weights into huge-page memory instead of mapping the file
     /// ([`WeightFile::open_huge_pages`]), at the cost of reading the whole file at load and a
@@ -545,6 +546,43 @@ fn load_tensor(file: &WeightFile, name: &str, shape: &[usize]) -> Result<Tensor>
     Ok(t)
 }
 
+/// Largest `config.json` read (a config is a few hundred bytes; the cap keeps a device or
+/// a huge file from being read without bound).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The two files of a model directory, `DIR/config.json` and `DIR/model.safetensors`, after
+/// checking that `dir` is a directory. The error names the path: a missing directory, or a
+/// path that is a file, gets the same message from every caller.
+pub fn model_files(dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok((dir.join("config.json"), dir.join("model.safetensors"))),
+        Ok(_) => Err(Error::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                "not a directory: a model is a directory holding config.json and model.safetensors",
+            ),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+        )),
+        Err(e) => Err(Error::io(dir, e)),
+    }
+}
+
+/// Reads `config.json` as UTF-8 text: a regular file of at most [`MAX_CONFIG_BYTES`], errors
+/// naming the path.
+pub fn read_config_text(path: &Path) -> Result<String> {
+    let bytes = crate::fsutil::read_regular_file(path, MAX_CONFIG_BYTES)?;
+    String::from_utf8(bytes).map_err(|_| {
+        Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not valid UTF-8 text"),
+        )
+    })
+}
+
 /// A loaded causal `PerformerLM`: immutable and shareable across threads.
 ///
 /// ```no_run
@@ -573,22 +611,18 @@ pub struct Model {
 
 impl Model {
     /// Loads `DIR/config.json` and `DIR/model.safetensors`.
+    ///
+    /// The weights file is memory-mapped: truncating or rewriting it in place while the model
+    /// is loaded ends the process with `SIGBUS`. Replace a model by writing a new file and
+    /// renaming it over the old one (the mapping keeps the old file).
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
         Self::load_with(dir, LoadOptions::default())
     }
 
     /// Loads a model directory with runtime overrides.
     pub fn load_with(dir: impl AsRef<Path>, options: LoadOptions) -> Result<Self> {
-        let dir = dir.as_ref();
-        if !dir.is_dir() {
-            return Err(Error::io(
-                dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
-            ));
-        }
-        let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let weights = dir.join("model.safetensors");
+        let (config_path, weights) = model_files(dir.as_ref())?;
+        let text = read_config_text(&config_path)?;
         let file = if options.huge_pages {
             WeightFile::open_huge_pages(weights)?
         } else {
@@ -596,6 +630,20 @@ impl Model {
         };
         let inferred = names::infer(&file);
         let mut config = Config::from_json(&text, &inferred)?;
+        for (name, v) in [
+            ("kernel_eps", options.kernel_eps),
+            ("denominator_eps", options.denominator_eps),
+        ] {
+            if v.is_some_and(|e| !(e.is_finite() && e >= 0.0)) {
+                return Err(Error::invalid(
+                    name,
+                    format!(
+                        "must be finite and at least 0, got {}",
+                        v.unwrap_or_default()
+                    ),
+                ));
+            }
+        }
         if let Some(e) = options.kernel_eps {
             config.kernel_eps = e;
         }
@@ -811,7 +859,12 @@ impl Model {
     /// Runs one token through every layer at position `state.pos`: embed → for each layer
     /// (norm → q, k, v → rotary → FAVOR+ state update and readout, local heads → out
     /// projection → residual → norm → feed-forward → residual) → final norm → logits.
-    fn forward_token(&self, st: &mut State, token: u32, want_logits: bool) -> Result<()> {
+    pub(crate) fn forward_token(
+        &self,
+        st: &mut State,
+        token: u32,
+        want_logits: bool,
+    ) -> Result<()> {
         self.forward_token_with(st, token, want_logits, |model, st, l| {
             model.attend_favor(st, l)
         })

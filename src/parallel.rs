@@ -424,7 +424,49 @@ impl Model {
         tokens: &[u32],
         chunk: usize,
     ) -> Result<&'s [f32]> {
-        self.run_chunks(state, tokens, chunk, None, &mut FavorGlobal { chunk })?;
+        self.run_chunks(
+            state,
+            tokens,
+            chunk,
+            None,
+            &mut FavorGlobal { chunk },
+            &mut |_| {},
+        )?;
+        Ok(&state.logits)
+    }
+
+    /// [`Model::prefill`] calling `progress(tokens ingested so far)` as it goes (after every
+    /// row block of a few hundred tokens, or every token of an f64 state): for a progress bar
+    /// on long prompts. The result is bit-identical to [`Model::prefill`].
+    pub fn prefill_with_progress<'s>(
+        &self,
+        state: &'s mut State,
+        tokens: &[u32],
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<&'s [f32]> {
+        if state.acc64.is_some() {
+            let Some((&last, body)) = tokens.split_last() else {
+                return Err(Error::EmptyInput("prefill needs at least one token"));
+            };
+            state.check_fits(self)?;
+            self.check_tokens(state.pos, tokens)?;
+            for (i, &t) in body.iter().enumerate() {
+                self.forward_token(state, t, false)?;
+                progress(i + 1);
+            }
+            let out = self.prefill(state, &[last])?;
+            progress(tokens.len());
+            return Ok(out);
+        }
+        let chunk = crate::parallel::DEFAULT_CHUNK;
+        self.run_chunks(
+            state,
+            tokens,
+            chunk,
+            None,
+            &mut FavorGlobal { chunk },
+            progress,
+        )?;
         Ok(&state.logits)
     }
 
@@ -444,6 +486,7 @@ impl Model {
             chunk,
             Some(&mut all),
             &mut FavorGlobal { chunk },
+            &mut |_| {},
         )?;
         Ok(all)
     }
@@ -460,7 +503,8 @@ impl Model {
     }
 
     /// Ingests `tokens` in row blocks of whole `chunk`s, the global heads attending through
-    /// `global`; with `all_logits`, writes every position's logits there.
+    /// `global`; with `all_logits`, writes every position's logits there. `progress` is
+    /// called with the number of tokens ingested so far after each row block.
     pub(crate) fn run_chunks(
         &self,
         state: &mut State,
@@ -468,6 +512,7 @@ impl Model {
         chunk: usize,
         mut all_logits: Option<&mut [f32]>,
         global: &mut impl GlobalAttention,
+        progress: &mut dyn FnMut(usize),
     ) -> Result<()> {
         state.check_fits(self)?;
         if state.acc64.is_some() {
@@ -508,6 +553,7 @@ impl Model {
                 }
             }
             last_h = h[(piece.len() - 1) * dim..].to_vec();
+            progress((i * block + piece.len()).min(tokens.len()));
         }
         self.logits_rows(&last_h, 1, &mut state.logits);
         state.has_logits = false;

@@ -579,9 +579,12 @@ pub fn quantize_dir(
     format: QuantFormat,
     progress: impl FnMut(usize, usize),
 ) -> Result<()> {
+    // Check the source is a loadable model (config and weights) before anything else.
+    crate::Model::load(src)?;
     let config_path = src.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-    let mut config: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let mut config: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
         .map_err(|e| Error::Config(format!("{}: invalid JSON: {e}", config_path.display())))?;
     if let Some(existing) = config.get(CONFIG_KEY) {
         return Err(Error::Unsupported {
@@ -601,8 +604,6 @@ pub fn quantize_dir(
         ));
     }
     let file = WeightFile::open(src.join("model.safetensors"))?;
-    // Check the source is a loadable model before spending time on it.
-    crate::Model::load(src)?;
     let tensors = quantize_file(&file, format, progress)?;
     config.insert(CONFIG_KEY.into(), format.name().into());
     let config_text = serde_json::to_string_pretty(&config)
@@ -635,8 +636,9 @@ pub fn quantize_dir(
             std::fs::set_permissions(&weights, std::fs::Permissions::from_mode(0o644))
                 .map_err(|e| Error::io(&weights, e))?;
         }
-        std::fs::write(tmp.join("config.json"), config_text.as_bytes())
-            .map_err(|e| Error::io(tmp.join("config.json"), e))?;
+        crate::fsutil::write_atomic(tmp.join("config.json"), |w| {
+            std::io::Write::write_all(w, config_text.as_bytes())
+        })?;
         for name in COPIED_FILES {
             let from = src.join(name);
             if from.is_file() {

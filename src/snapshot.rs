@@ -20,6 +20,7 @@
 //! Restoring checks magic, version, checksum, length, fingerprint, kernel settings and every
 //! buffer's size; any mismatch is a typed error and leaves nothing half-restored.
 
+use std::io::Read;
 use std::path::Path;
 
 use crate::attention::FeatureKind;
@@ -191,16 +192,72 @@ impl State {
         Ok(state)
     }
 
-    /// Writes [`State::to_bytes`] to a file.
-    pub fn save(&self, model: &Model, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        std::fs::write(path, self.to_bytes(model)?).map_err(|e| Error::io(path, e))
+    /// The exact size in bytes of a snapshot of a state of `model` ([`State::to_bytes`]).
+    pub fn snapshot_len(model: &Model) -> usize {
+        let floats: usize = State::new(model).memory().iter().map(|b| b.len()).sum();
+        HEADER + 8 * BUFFERS as usize + 4 * floats + 8
     }
 
-    /// Reads a snapshot file written by [`State::save`].
+    /// Writes [`State::to_bytes`] to a file, atomically ([`crate::fsutil::write_atomic`]): on
+    /// any failure an existing file at `path` is left as it was and nothing partial remains.
+    pub fn save(&self, model: &Model, path: impl AsRef<Path>) -> Result<()> {
+        let bytes = self.to_bytes(model)?;
+        crate::fsutil::write_atomic(path, |w| w.write_all(&bytes))
+    }
+
+    /// Reads a snapshot file written by [`State::save`]; see [`State::read_from`] for how
+    /// far it reads.
     pub fn load(model: &Model, path: impl AsRef<Path>) -> Result<State> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        if file.metadata().is_ok_and(|m| m.is_dir()) {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::IsADirectory,
+                    "is a directory, expected a state file",
+                ),
+            ));
+        }
+        State::read_from(model, std::io::BufReader::new(file)).map_err(|e| match e {
+            Error::Io { source, .. } => Error::io(path, source),
+            e => e,
+        })
+    }
+
+    /// Reads a snapshot from `reader`, never more than [`State::snapshot_len`] + 1 bytes:
+    /// the header is read and checked first (magic, version, model fingerprint), then the
+    /// rest up to the size this model's snapshots have. A source with more bytes (a longer
+    /// file, `/dev/zero`) is an [`Error::InvalidSnapshot`], not an unbounded read.
+    pub fn read_from(model: &Model, mut reader: impl Read) -> Result<State> {
+        let io = |e| Error::io("<snapshot>", e);
+        let expected = State::snapshot_len(model);
+        let mut bytes = Vec::with_capacity(expected);
+        (&mut reader)
+            .take(HEADER as u64)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() == HEADER
+            && &bytes[..8] == MAGIC
+            && bytes[8..12] == VERSION.to_le_bytes()
+            && bytes[16..24] != model.fingerprint().to_le_bytes()
+        {
+            return Err(Error::StateMismatch(
+                "the snapshot was made with another model (config or weights differ)".into(),
+            ));
+        }
+        reader
+            .take((expected - bytes.len()) as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() > expected {
+            if bytes.len() < HEADER + 8 || &bytes[..8] != MAGIC {
+                return Err(bad("not a performer state snapshot (bad magic)"));
+            }
+            return Err(bad(format!(
+                "longer than the {expected} bytes a snapshot of this model has"
+            )));
+        }
         State::from_bytes(model, &bytes)
     }
 }

@@ -427,7 +427,9 @@ fn generate(shape: &[usize], init: Init, dtype: WeightDtype, seed: u64) -> Vec<u
     data
 }
 
-/// Writes `dir/config.json` and `dir/model.safetensors` of a random model (creating `dir`).
+/// Writes `dir/config.json` and `dir/model.safetensors` of a random model (creating `dir`),
+/// each atomically: the config through [`crate::fsutil::write_atomic`], the weights through
+/// `safetensors::serialize_to_file`, which also writes a temporary file and renames it.
 /// The same shape, dtype and seed always give the same bytes.
 pub fn write(dir: &Path, shape: &SyntheticShape, dtype: WeightDtype, seed: u64) -> Result<()> {
     if let Some(format) = dtype.quant_format() {
@@ -461,7 +463,7 @@ pub fn write(dir: &Path, shape: &SyntheticShape, dtype: WeightDtype, seed: u64) 
     )
     .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
     let config = dir.join("config.json");
-    std::fs::write(&config, shape.config_json()).map_err(|e| Error::io(&config, e))?;
+    crate::fsutil::write_atomic(&config, |w| w.write_all(shape.config_json().as_bytes()))?;
     Ok(())
 }
 
@@ -497,7 +499,6 @@ fn write_quantized(
         serde_json::from_str(&shape.config_json()).expect("config_json is an object");
     config.insert(crate::quant::CONFIG_KEY.into(), format.name().into());
     let text = serde_json::to_string_pretty(&config).expect("a JSON object serializes");
-    let config_path = dir.join("config.json");
-    std::fs::write(&config_path, text).map_err(|e| Error::io(&config_path, e))?;
+    crate::fsutil::write_atomic(dir.join("config.json"), |w| w.write_all(text.as_bytes()))?;
     Ok(())
 }

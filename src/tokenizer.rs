@@ -71,6 +71,11 @@ impl Utf8Stream {
         }
     }
 
+    /// Whether no partial character is pending (every byte pushed so far came out as text).
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     /// Flushes a trailing incomplete sequence as U+FFFD.
     pub fn finish(&mut self) -> String {
         if self.pending.is_empty() {

@@ -331,3 +331,299 @@ fn continuing_a_generation_on_the_same_state() {
     );
     assert_eq!(&all[2..], &straight[..]);
 }
+
+#[test]
+fn a_stop_string_is_not_left_in_the_state() {
+    let m = model();
+    let prompt: Vec<u32> = "hi".bytes().map(u32::from).collect();
+    let greedy = GenerateOptions {
+        max_tokens: 60,
+        sampling: SamplingParams::greedy(),
+        ..GenerateOptions::default()
+    };
+    let (full, full_tokens) = run(&m, "hi", greedy.clone());
+    let chars: Vec<char> = full.chars().collect();
+    assert!(
+        chars.len() >= 16,
+        "60 bytes decode to at least 15 characters"
+    );
+    // Stops of one to three characters at several places, and one never completed (its
+    // first two characters held back, then released).
+    let mut stops: Vec<Vec<String>> = (3..13)
+        .map(|i| vec![chars[i..i + 1 + i % 3].iter().collect()])
+        .collect();
+    let never: String = chars[4..6]
+        .iter()
+        .chain(['\u{1}', '\u{2}'].iter())
+        .collect();
+    stops.push(vec![never.clone()]);
+    stops.push(vec![never, chars[9..11].iter().collect()]);
+    for stop in stops {
+        let mut state = State::new(&m);
+        let options = GenerateOptions {
+            stop: stop.clone(),
+            ..greedy.clone()
+        };
+        let mut g = Generation::new(&m, &mut state, &prompt, options).unwrap();
+        let cut: String = g.by_ref().map(|p| p.unwrap()).collect();
+        let kept = g.tokens()[prompt.len()..].to_vec();
+        drop(g);
+        let at = stop.iter().filter_map(|s| full.find(s.as_str())).min();
+        let Some(at) = at else {
+            // Never completed: the whole text, every token kept.
+            assert_eq!(cut, full, "{stop:?}");
+            assert_eq!(kept, full_tokens, "{stop:?}");
+            continue;
+        };
+        assert_eq!(cut, full[..at], "{stop:?}");
+        // The kept tokens: the generated ones whose bytes come before the stop string; the
+        // returned text is their decoding, and one more token would add to it.
+        let k = kept.len();
+        assert_eq!(kept, full_tokens[..k], "{stop:?}");
+        let bytes = |t: &[u32]| t.iter().map(|&t| t as u8).collect::<Vec<u8>>();
+        assert_eq!(String::from_utf8_lossy(&bytes(&kept)), cut, "{stop:?}");
+        assert_ne!(
+            String::from_utf8_lossy(&bytes(&full_tokens[..k + 1])),
+            cut,
+            "{stop:?}: the next token begins the stop string"
+        );
+        // Bit-identical to a fresh state given the prompt the same way (prefill), then
+        // stepped through the kept tokens.
+        let mut fresh = State::new(&m);
+        m.prefill(&mut fresh, &prompt).unwrap();
+        for &t in &kept {
+            m.step(&mut fresh, t).unwrap();
+        }
+        assert_eq!(
+            state.to_bytes(&m).unwrap(),
+            fresh.to_bytes(&m).unwrap(),
+            "{stop:?}"
+        );
+        // Continuing from it splices exactly: the greedy text goes on where the cut was.
+        let more = GenerateOptions {
+            max_tokens: (full_tokens.len() - k).min(12),
+            ..greedy.clone()
+        };
+        let mut g = Generation::new(&m, &mut state, &[], more.clone()).unwrap();
+        g.by_ref().for_each(|p| drop(p.unwrap()));
+        assert_eq!(g.tokens(), &full_tokens[k..k + more.max_tokens], "{stop:?}");
+    }
+}
+
+#[test]
+fn the_stop_matcher_asks_for_checkpoints_and_rollbacks() {
+    use performer::generate::{Checkpoint, StopAction, StopMatcher};
+    let step = |c| StopAction::Step(c);
+    let push_all = |m: &mut StopMatcher, s: &str| -> Vec<(String, StopAction)> {
+        s.bytes()
+            .map(|b| {
+                let p = m.push(b as u32);
+                (p.text, p.action)
+            })
+            .collect()
+    };
+    // A prefix held back, then released when it turns out not to be the stop string.
+    let mut m = StopMatcher::new(vec!["abc".into()]).unwrap();
+    assert_eq!(
+        push_all(&mut m, "xabx"),
+        [
+            ("x".into(), step(Checkpoint::Keep)),
+            ("".into(), step(Checkpoint::Take)),
+            ("".into(), step(Checkpoint::Keep)),
+            ("abx".into(), step(Checkpoint::Release)),
+        ]
+    );
+    // Completed right after the checkpoint: restore it, nothing to replay.
+    assert_eq!(
+        push_all(&mut m, "abc").pop().unwrap(),
+        (
+            "".into(),
+            StopAction::Stop {
+                restore: true,
+                replay: vec![]
+            }
+        )
+    );
+    // "ab" emitted while "a" was held: the checkpoint is before the first "a", and the
+    // returned "ab" is replayed onto it.
+    let mut m = StopMatcher::new(vec!["abc".into()]).unwrap();
+    let got = push_all(&mut m, "ababc");
+    let text: String = got.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(text, "ab");
+    assert_eq!(
+        got.last().unwrap().1,
+        StopAction::Stop {
+            restore: true,
+            replay: vec![b'a' as u32, b'b' as u32]
+        }
+    );
+    // A one-character stop with nothing held: the state is right as it is.
+    let mut m = StopMatcher::new(vec!["z".into()]).unwrap();
+    assert_eq!(
+        push_all(&mut m, "yz").pop().unwrap(),
+        (
+            "".into(),
+            StopAction::Stop {
+                restore: false,
+                replay: vec![]
+            }
+        )
+    );
+    // A multi-byte character: its first byte already needs a checkpoint.
+    let mut m = StopMatcher::new(vec!["é".into()]).unwrap();
+    let got = push_all(&mut m, "aé");
+    assert_eq!(got[1].1, step(Checkpoint::Take));
+    assert_eq!(
+        got[2].1,
+        StopAction::Stop {
+            restore: true,
+            replay: vec![]
+        }
+    );
+    // An ASCII stop: a partial character cannot begin it, so none is held for one.
+    let mut m = StopMatcher::new(vec!["b".into()]).unwrap();
+    let got = push_all(&mut m, "é");
+    assert_eq!(got[0], ("".into(), step(Checkpoint::Keep)));
+    assert_eq!(got[1], ("é".into(), step(Checkpoint::Keep)));
+    // No stop strings: text passes straight through, no checkpoints.
+    let mut m = StopMatcher::new(vec![]).unwrap();
+    assert!(push_all(&mut m, "abc")
+        .iter()
+        .all(|(_, a)| *a == step(Checkpoint::Keep)));
+    assert!(StopMatcher::new(vec![String::new()]).is_err());
+}
+
+#[test]
+fn prefill_progress_counts_up_and_changes_nothing() {
+    let m = model();
+    let prompt: Vec<u32> = (0..1500u32).map(|i| (i * 7 + 3) % 256).collect();
+    let mut plain = State::new(&m);
+    m.prefill(&mut plain, &prompt).unwrap();
+    let mut watched = State::new(&m);
+    let mut seen = Vec::new();
+    m.prefill_with_progress(&mut watched, &prompt, &mut |n| seen.push(n))
+        .unwrap();
+    assert_eq!(
+        plain.to_bytes(&m).unwrap(),
+        watched.to_bytes(&m).unwrap(),
+        "bit-identical to prefill"
+    );
+    assert!(seen.len() >= 2, "several row blocks report: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert_eq!(seen.last(), Some(&prompt.len()));
+    // Through a generation: the same reports, and the same text as without them.
+    let opts = GenerateOptions {
+        max_tokens: 8,
+        sampling: SamplingParams::greedy(),
+        ..GenerateOptions::default()
+    };
+    let mut again = Vec::new();
+    let mut state = State::new(&m);
+    let text: String = Generation::with_progress(&m, &mut state, &prompt, opts.clone(), &mut |n| {
+        again.push(n)
+    })
+    .unwrap()
+    .map(|p| p.unwrap())
+    .collect();
+    assert_eq!(again, seen);
+    let mut state = State::new(&m);
+    let plain_text: String = Generation::new(&m, &mut state, &prompt, opts)
+        .unwrap()
+        .map(|p| p.unwrap())
+        .collect();
+    assert_eq!(text, plain_text);
+}
+
+#[test]
+fn the_stop_rule_holds_on_random_streams() {
+    use performer::generate::{Checkpoint, StopAction, StopMatcher};
+    // Bytes from a small alphabet with valid and broken multi-byte sequences, so that stops
+    // are often completed, often only begun, and partial characters are frequent.
+    let alphabet = [b'a', b'b', b'\n', 0xC3, 0xA9, 0xE2, 0x80, 0xFF];
+    let stop_sets: [&[&str]; 6] = [
+        &["ab"],
+        &["\n\n"],
+        &["é"],
+        &["b\u{FFFD}"],
+        &["aab", "ba"],
+        &["é\n", "bb"],
+    ];
+    let mut rng = TestRng(99);
+    let mut stopped = 0;
+    for round in 0..600 {
+        let stops: Vec<String> = stop_sets[round % stop_sets.len()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let stream: Vec<u32> = rng
+            .tokens(40, alphabet.len() as u32)
+            .into_iter()
+            .map(|i| alphabet[i as usize] as u32)
+            .collect();
+        // The "state" is the list of consumed tokens; a checkpoint is a copy of it.
+        let mut state: Vec<u32> = Vec::new();
+        let mut checkpoint: Option<Vec<u32>> = None;
+        let mut m = StopMatcher::new(stops.clone()).unwrap();
+        let mut text = String::new();
+        let mut stop_hit = false;
+        for &t in &stream {
+            let p = m.push(t);
+            text.push_str(&p.text);
+            match p.action {
+                StopAction::Step(c) => {
+                    match c {
+                        Checkpoint::Take => {
+                            assert!(checkpoint.is_none());
+                            checkpoint = Some(state.clone());
+                        }
+                        Checkpoint::Release => {
+                            assert!(checkpoint.take().is_some());
+                        }
+                        Checkpoint::Keep => {}
+                    }
+                    state.push(t);
+                }
+                StopAction::Stop { restore, replay } => {
+                    if restore {
+                        state = checkpoint.take().expect("a checkpoint to restore");
+                    }
+                    state.extend(replay);
+                    stop_hit = true;
+                    break;
+                }
+            }
+        }
+        if !stop_hit {
+            text.push_str(&m.finish());
+        }
+        let bytes: Vec<u8> = state.iter().map(|&t| t as u8).collect();
+        // The state is a prefix of the stream and decodes to exactly the returned text.
+        assert_eq!(state, stream[..state.len()], "{stops:?} {stream:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            text,
+            "{stops:?} {stream:?}"
+        );
+        if stop_hit {
+            // The returned text holds no stop string.
+            assert!(stops.iter().all(|s| !text.contains(s.as_str())));
+            stopped += 1;
+            // The stop string follows the returned text in the stream's decoding.
+            let all: Vec<u8> = stream.iter().map(|&t| t as u8).collect();
+            let all = String::from_utf8_lossy(&all);
+            assert!(all.starts_with(&text), "{stops:?} {stream:?}");
+            assert!(
+                stops
+                    .iter()
+                    .any(|s| all[text.len()..].starts_with(s.as_str())),
+                "{stops:?} {stream:?}"
+            );
+        } else {
+            assert_eq!(state, stream, "no stop: every token consumed");
+        }
+    }
+    assert!(
+        stopped > 100,
+        "the streams exercise stops: {stopped} of 600"
+    );
+}

@@ -427,3 +427,84 @@ fn sizes_a_config_alone_could_blow_up_are_errors() {
         Err(Error::Config(_))
     ));
 }
+
+#[test]
+fn duplicate_keys_are_named_and_a_bom_is_accepted() {
+    let e = cfg(r#""dim": 32"#).unwrap_err();
+    match &e {
+        Error::Config(m) => assert!(m.contains("duplicate key `dim`"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let with_bom = format!("\u{feff}{{{BASE}}}");
+    assert_eq!(
+        Config::from_json(&with_bom, &Inferred::default())
+            .unwrap()
+            .dim,
+        64
+    );
+    // The top level must still be an object.
+    let e = Config::from_json("[1, 2]", &Inferred::default()).unwrap_err();
+    assert!(e.to_string().contains("JSON object"), "{e}");
+}
+
+#[test]
+fn model_paths_of_the_wrong_kind_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A file where the model directory should be.
+    let file = tmp.path().join("f");
+    std::fs::write(&file, b"x").unwrap();
+    let e = Model::load(&file).unwrap_err().to_string();
+    assert!(e.contains("not a directory") && e.contains("/f"), "{e}");
+    let e = Model::load(tmp.path().join("missing"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not found"), "{e}");
+    // A directory where model.safetensors should be.
+    let dir = tmp.path().join("m");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(
+        fixture("default_a").join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    std::fs::create_dir(dir.join("model.safetensors")).unwrap();
+    let e = Model::load(&dir).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors: is a directory"), "{e}");
+    let e = WeightFile::open(dir.join("model.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is a directory"), "{e}");
+    // A device is not a weights file.
+    let e = WeightFile::open("/dev/zero").unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+}
+
+#[test]
+fn epsilon_overrides_must_be_finite_and_non_negative() {
+    for bad in [-1.0, f32::NAN, f32::INFINITY] {
+        for options in [
+            LoadOptions {
+                kernel_eps: Some(bad),
+                ..Default::default()
+            },
+            LoadOptions {
+                denominator_eps: Some(bad),
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(
+                    Model::load_with(fixture("default_a"), options),
+                    Err(Error::InvalidParameter { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+    let ok = LoadOptions {
+        kernel_eps: Some(0.0),
+        denominator_eps: Some(1e-3),
+        ..Default::default()
+    };
+    assert!(Model::load_with(fixture("default_a"), ok).is_ok());
+}

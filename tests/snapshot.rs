@@ -145,3 +145,41 @@ fn eight_threads_share_one_model() {
     });
     assert_eq!(serial, parallel);
 }
+
+#[test]
+fn snapshot_reads_are_bounded_by_the_model() {
+    let model = Model::load(fixture("default_a")).unwrap();
+    let mut state = State::new(&model);
+    model.prefill(&mut state, &[1, 2, 3]).unwrap();
+    let bytes = state.to_bytes(&model).unwrap();
+    assert_eq!(bytes.len(), State::snapshot_len(&model));
+    // Through a reader: the same state.
+    let back = State::read_from(&model, &bytes[..]).unwrap();
+    assert_eq!(back.to_bytes(&model).unwrap(), bytes);
+    // An endless source (reads stop at the snapshot size plus one byte), of zeros or of a
+    // valid snapshot followed by more bytes: typed errors, not an unbounded read.
+    assert!(matches!(
+        State::read_from(&model, std::io::repeat(0)),
+        Err(Error::InvalidSnapshot(_))
+    ));
+    let endless = std::io::Read::chain(&bytes[..], std::io::repeat(1));
+    match State::read_from(&model, endless) {
+        Err(Error::InvalidSnapshot(m)) => assert!(m.contains("longer than"), "{m}"),
+        r => panic!("expected InvalidSnapshot, got {:?}", r.map(|_| ())),
+    }
+    // A snapshot of another model is refused from its header, before reading its body.
+    let other = Model::load(fixture("default_b")).unwrap();
+    let endless = std::io::Read::chain(&bytes[..48], std::io::repeat(1));
+    assert!(matches!(
+        State::read_from(&other, endless),
+        Err(Error::StateMismatch(_))
+    ));
+    // From a file: /dev/zero ends, with an error naming no partial state.
+    assert!(matches!(
+        State::load(&model, "/dev/zero"),
+        Err(Error::InvalidSnapshot(_))
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let e = State::load(&model, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("is a directory"), "{e}");
+}

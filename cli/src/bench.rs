@@ -1040,12 +1040,15 @@ pub fn json(r: &Report) -> String {
 
 /// Writes an SVG with two charts against depth: `tg` tokens/s (one line per attention kind,
 /// tg size and thread count) and memory (state bytes per sequence and peak RSS, log scale).
-/// Text uses the Hack font embedded in the binary (no system fonts needed).
+/// Text uses the Hack font embedded in the binary (no system fonts needed). The file is
+/// written atomically ([`performer::fsutil::write_atomic`]).
 pub fn plot_svg(r: &Report, path: &Path) -> Result<()> {
-    plot_inner(r, path).map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))
+    let mut svg = String::new();
+    plot_inner(r, &mut svg).map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
+    performer::fsutil::write_atomic(path, |w| std::io::Write::write_all(w, svg.as_bytes()))
 }
 
-fn plot_inner(r: &Report, path: &Path) -> std::result::Result<(), Box<dyn std::error::Error>> {
+fn plot_inner(r: &Report, svg: &mut String) -> std::result::Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
 
     plotters::style::register_font(
@@ -1082,7 +1085,7 @@ fn plot_inner(r: &Report, path: &Path) -> std::result::Result<(), Box<dyn std::e
     keys.dedup();
     let label = |k: &(Attention, usize, usize)| format!("{} tg{} {}t", k.0, k.1, k.2);
 
-    let root = SVGBackend::new(path, (960, 760)).into_drawing_area();
+    let root = SVGBackend::with_string(svg, (960, 760)).into_drawing_area();
     root.fill(&WHITE)?;
     let (upper, lower) = root.split_vertically(380);
 

@@ -1,7 +1,7 @@
 //! `performer bench`: argument parsing and output for [`performer_cli::bench`]; the measuring is
 //! in the library.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::Args;
@@ -45,12 +45,13 @@ pub struct BenchArgs {
     /// Generation sizes (comma-separated; 0 skips tg).
     #[arg(long, value_delimiter = ',', value_parser = bench::parse_count, default_value = "128")]
     tg: Vec<usize>,
-    /// Thread counts, comma-separated (default: all cores).
-    #[arg(long, value_delimiter = ',')]
+    /// Thread counts, comma-separated (default: all cores; each at most 4 × the cores and
+    /// 1024).
+    #[arg(long, value_delimiter = ',', value_parser = crate::args::threads)]
     threads: Vec<usize>,
-    /// Timed repetitions of each test.
-    #[arg(long, short = 'r', default_value_t = 5)]
-    repetitions: usize,
+    /// Timed repetitions of each test (at least 1).
+    #[arg(long, short = 'r', default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    repetitions: u32,
     /// Seed of the random tokens and the synthetic weights.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -102,7 +103,7 @@ fn synthetic_model(
         // Load it the way a checkpoint on disk is loaded (2 MiB folios), not from the small
         // folios the writes left in the page cache.
         performer_cli::page_cache::drop_from_page_cache(&dir.join("model.safetensors"))?;
-        std::fs::write(&stamp_path, &stamp)?;
+        performer::fsutil::write_atomic(&stamp_path, |w| w.write_all(stamp.as_bytes()))?;
         eprintln!(
             "wrote synthetic {name} ({:.1}M parameters, {}) to {} in {:.1} s",
             shape.parameter_count() as f64 / 1e6,
@@ -115,6 +116,9 @@ fn synthetic_model(
 }
 
 pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(p) = &a.plot {
+        performer::fsutil::check_writable_dir(p)?;
+    }
     let mut tmp = None;
     let (dir, name) = match (&a.model, &a.shape) {
         (Some(m), _) => {
@@ -133,7 +137,8 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             huge_pages: a.huge_pages,
             ..Default::default()
         },
-    )?;
+    )
+    .map_err(|e| crate::name_config(e, &dir))?;
     let options = BenchOptions {
         attentions: a.attention.clone(),
         pp: a.pp.clone(),
@@ -144,7 +149,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         } else {
             a.threads.clone()
         },
-        repetitions: a.repetitions,
+        repetitions: a.repetitions as usize,
         seed: a.seed,
         bandwidth_bytes: a.bandwidth_mib << 20,
         bandwidth_passes: 5,
@@ -152,11 +157,15 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         memory_budget: None,
     };
     let report = bench::run(&model, &name, &options)?;
-    if a.json {
-        println!("{}", bench::json(&report));
+    let text = if a.json {
+        format!("{}\n", bench::json(&report))
     } else {
-        print!("{}", bench::markdown(&report));
-    }
+        bench::markdown(&report)
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(crate::out::stdout_error)?;
     if let Some(p) = &a.plot {
         bench::plot_svg(&report, p)?;
         eprintln!("wrote {}", p.display());

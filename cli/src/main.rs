@@ -1,13 +1,17 @@
 //! The `performer` command line: parses arguments, calls the library, and turns errors into
 //! one-line messages and exit codes.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod args;
 mod bench_cmd;
+mod out;
+
+use out::{stdout_error, StdoutClosed};
 use performer::config::{Config, Origin};
 use performer::weights::{names, WeightFile};
 use performer::{GenerateOptions, Generation, LoadOptions, Model, SamplingParams, State};
@@ -22,8 +26,8 @@ const DEFAULT_MODEL: &str = "models/performer-byte";
     about = "Streaming CPU inference for causal Performer (FAVOR+) language models"
 )]
 struct Cli {
-    /// Worker threads (default: all cores).
-    #[arg(long, global = true)]
+    /// Worker threads (default: all cores; at most 4 × the cores, and never over 1024).
+    #[arg(long, global = true, value_parser = args::threads)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -68,9 +72,10 @@ struct PerplexityArgs {
     /// Score at most this many tokens.
     #[arg(long)]
     max_tokens: Option<usize>,
-    /// Reset the context every N tokens (e.g. the training context); default: one stream.
-    #[arg(long)]
-    window: Option<usize>,
+    /// Reset the context every N tokens (e.g. the training context; at least 2); default: one
+    /// stream.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
+    window: Option<u64>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -81,11 +86,11 @@ struct ModelArgs {
     /// Model directory (config.json + model.safetensors); default: the model in models/.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Override the softmax feature map's ε (config key kernel_eps).
-    #[arg(long)]
+    /// Override the softmax feature map's ε (config key kernel_eps; finite, ≥ 0).
+    #[arg(long, value_parser = args::non_negative)]
     kernel_eps: Option<f32>,
-    /// Override the causal denominator's δ (config key denominator_eps).
-    #[arg(long)]
+    /// Override the causal denominator's δ (config key denominator_eps; finite, ≥ 0).
+    #[arg(long, value_parser = args::non_negative)]
     denominator_eps: Option<f32>,
     /// Copy the weights into huge-page memory instead of mapping the file: for a model file
     /// the page cache holds in small pages (just written or copied; `bench` shows the share on
@@ -99,15 +104,17 @@ impl ModelArgs {
         self.model.clone().unwrap_or_else(default_model_dir)
     }
 
-    fn load(&self) -> performer::Result<Model> {
+    fn load(&self) -> Result<Model, Box<dyn std::error::Error>> {
+        let dir = self.dir();
         Model::load_with(
-            self.dir(),
+            &dir,
             LoadOptions {
                 kernel_eps: self.kernel_eps,
                 denominator_eps: self.denominator_eps,
                 huge_pages: self.huge_pages,
             },
         )
+        .map_err(|e| name_config(e, &dir))
     }
 }
 
@@ -116,40 +123,42 @@ struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Threads for decoding, in a pool of their own (the prompt uses --threads). Default:
-    /// --threads.
-    #[arg(long)]
+    /// --threads. Bounded like --threads.
+    #[arg(long, value_parser = args::threads)]
     decode_threads: Option<usize>,
     /// The prompt text.
     #[arg(long, conflicts_with = "prompt_file")]
     prompt: Option<String>,
-    /// Read the prompt from a file (bytes, need not be UTF-8).
+    /// Read the prompt from a file (bytes, need not be UTF-8): a regular file of at most
+    /// 64 MiB.
     #[arg(long)]
     prompt_file: Option<PathBuf>,
     /// Tokens to generate.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
-    /// Sampling temperature; 0 is greedy decoding.
-    #[arg(long, default_value_t = 0.8)]
+    /// Sampling temperature (finite, ≥ 0); 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.8, value_parser = args::non_negative)]
     temperature: f32,
     /// Keep the k most likely tokens (0: all).
     #[arg(long, default_value_t = 40)]
     top_k: usize,
     /// Nucleus sampling threshold in (0, 1]; 1 disables it.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, value_parser = args::probability)]
     top_p: f32,
-    /// Repetition penalty (1 disables it).
-    #[arg(long, default_value_t = 1.0)]
+    /// Repetition penalty (finite, > 0; 1 disables it).
+    #[arg(long, default_value_t = 1.0, value_parser = args::positive)]
     repeat_penalty: f32,
     /// Random seed: the same seed gives the same text.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Stop at this string (repeatable); it is not printed.
-    #[arg(long)]
+    /// Stop at this string (repeatable, not empty); it is not printed, and not kept in a
+    /// saved state.
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     stop: Vec<String>,
     /// Continue from a state saved by --save-state (the prompt, if any, is appended).
     #[arg(long)]
     load_state: Option<PathBuf>,
-    /// Save the state after generation (prompt and generated text) to this file.
+    /// Save the state after generation (prompt and the printed text) to this file, atomically.
     #[arg(long)]
     save_state: Option<PathBuf>,
 }
@@ -184,13 +193,25 @@ fn default_model_dir() -> PathBuf {
         .join(DEFAULT_MODEL)
 }
 
+/// The largest prompt file read (a prompt of 64 Mi byte tokens takes hours to ingest).
+const MAX_PROMPT_BYTES: u64 = 64 << 20;
+
+/// Config-file errors name the `config.json` they come from.
+fn name_config(e: performer::Error, dir: &Path) -> Box<dyn std::error::Error> {
+    use performer::Error as E;
+    match e {
+        E::Config(_)
+        | E::UnknownConfigKey { .. }
+        | E::ConfigMismatch { .. }
+        | E::Unsupported { .. } => format!("{}: {e}", dir.join("config.json").display()).into(),
+        e => Box::new(e),
+    }
+}
+
 fn main() -> ExitCode {
+    out::ignore_sigxfsz();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
-        if n == 0 {
-            eprintln!("error: --threads must be at least 1");
-            return ExitCode::from(2);
-        }
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
@@ -209,6 +230,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout went away (`| head`): end quietly, like cat and grep.
+        Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -221,14 +244,17 @@ type CliResult = Result<(), Box<dyn std::error::Error>>;
 fn generate(a: GenerateArgs) -> CliResult {
     let prompt: Vec<u32> = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.bytes().map(u32::from).collect(),
-        (None, Some(f)) => std::fs::read(f)
-            .map_err(|e| format!("{}: {e}", f.display()))?
+        (None, Some(f)) => performer::fsutil::read_regular_file(f, MAX_PROMPT_BYTES)?
             .into_iter()
             .map(u32::from)
             .collect(),
         (None, None) if a.load_state.is_some() => Vec::new(),
         (None, None) => return Err("give a prompt with --prompt TEXT or --prompt-file FILE".into()),
     };
+    // Before any long work: a state that could not be saved is better refused now.
+    if let Some(path) = &a.save_state {
+        performer::fsutil::check_writable_dir(path)?;
+    }
     let model = a.model.load()?;
     let mut state = match &a.load_state {
         Some(path) => State::load(&model, path)?,
@@ -248,14 +274,37 @@ fn generate(a: GenerateArgs) -> CliResult {
         decode_threads: a.decode_threads,
         ..GenerateOptions::default()
     };
-    let mut generation = Generation::new(&model, &mut state, &prompt, options)?;
+    // A prompt that takes a while shows its progress, on a terminal only.
+    let bar = if std::io::stderr().is_terminal() && prompt.len() >= 4096 {
+        let bar = indicatif::ProgressBar::new(prompt.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "prompt {bar:40} {pos}/{len} tokens {per_sec} eta {eta}",
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut generation =
+        Generation::with_progress(&model, &mut state, &prompt, options, &mut |n| {
+            bar.set_position(n as u64)
+        })?;
+    bar.finish_and_clear();
     let stdout = std::io::stdout();
+    let terminal = stdout.is_terminal();
     let mut out = stdout.lock();
+    // Stdout carries exactly the generated text; if its reader goes away, the generation
+    // ends quietly and no state is saved (it would hold text nobody read).
     for piece in generation.by_ref() {
-        out.write_all(piece?.as_bytes())?;
-        out.flush()?;
+        out.write_all(piece?.as_bytes()).map_err(stdout_error)?;
+        out.flush().map_err(stdout_error)?;
     }
-    writeln!(out)?;
+    if terminal {
+        // Cosmetic, for a prompt that would follow the text on the same line.
+        writeln!(out).map_err(stdout_error)?;
+    }
     let s = generation.stats();
     drop(generation);
     if let Some(path) = &a.save_state {
@@ -300,66 +349,78 @@ fn quantize(a: QuantizeArgs) -> CliResult {
 }
 
 fn info(a: InfoArgs) -> CliResult {
+    // Everything is checked before anything is printed: a failure prints one line to stderr
+    // and nothing to stdout.
     let dir = a.model.unwrap_or_else(default_model_dir);
-    let weights_path = dir.join("model.safetensors");
+    let (config_path, weights_path) = performer::model::model_files(&dir)?;
     let file = WeightFile::open(&weights_path)?;
     let inferred = names::infer(&file);
-    let config_path = dir.join("config.json");
-    let (config, from_config) = if config_path.exists() {
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|e| format!("{}: {e}", config_path.display()))?;
-        (Config::from_json(&text, &inferred), true)
+    let from_config = config_path.symlink_metadata().is_ok();
+    let config = if from_config {
+        let text = performer::model::read_config_text(&config_path)?;
+        Config::from_json(&text, &inferred)
     } else {
-        (Config::from_inferred(&inferred), false)
-    };
-    println!("model: {}", dir.display());
-    if !from_config {
-        println!("no config.json: values below come from the tensor shapes where they determine them, else performer-pytorch's defaults");
-        println!("cannot be inferred from shapes: causal (assumed true), generalized_attention, kernel_fn, no_projection, local_window_size, kernel_eps, denominator_eps");
+        Config::from_inferred(&inferred)
     }
-    let config = config?;
-    println!("config:  (config = from config.json, inferred = from tensor shapes, default = performer-pytorch 1.1.4 default)");
-    print_config(&config);
-    let model = Model::from_parts(config, file)?;
+    .map_err(|e| name_config(e, &dir))?;
+    let model = Model::from_parts(config.clone(), file).map_err(|e| name_config(e, &dir))?;
+    let mut o = String::new();
+    use std::fmt::Write as _;
+    let _ = writeln!(o, "model: {}", dir.display());
+    if !from_config {
+        let _ = writeln!(o, "no config.json: values below come from the tensor shapes where they determine them, else performer-pytorch's defaults");
+        let _ = writeln!(o, "cannot be inferred from shapes: causal (assumed true), generalized_attention, kernel_fn, no_projection, local_window_size, kernel_eps, denominator_eps");
+    }
+    let _ = writeln!(o, "config:  (config = from config.json, inferred = from tensor shapes, default = performer-pytorch 1.1.4 default)");
+    print_config(&mut o, &config);
     let state = State::new(&model);
-    println!("parameters: {}", model.parameter_count());
+    let _ = writeln!(o, "parameters: {}", model.parameter_count());
     let dtypes: Vec<String> = model
         .dtype_counts()
         .iter()
         .map(|(d, n)| format!("{d} ({n} elements)"))
         .collect();
-    println!("dtypes: {}", dtypes.join(", "));
+    let _ = writeln!(o, "dtypes: {}", dtypes.join(", "));
     if let Some(f) = model.config().weight_format {
         let q: Vec<String> = model
             .quantized_counts()
             .iter()
             .map(|(f, n)| format!("{f} ({n} weights)"))
             .collect();
-        println!(
+        let _ = writeln!(
+            o,
             "quantized ({f}, {:.3} bytes per weight with scales): {} in {} tensors; embeddings, norms, biases and projection matrices in the dtypes above",
             f.bytes_per_weight(),
             q.join(", "),
             model.quantized().count()
         );
     }
-    println!(
+    let _ = writeln!(
+        o,
         "file: {} ({} bytes)",
         weights_path.display(),
         model.weights().file_size()
     );
-    println!(
+    let _ = writeln!(
+        o,
         "weight bytes read per token: {}",
         model.weight_bytes_per_token()
     );
-    println!(
+    let _ = writeln!(
+        o,
         "state per sequence: {} bytes ({} of attention state A, a, s, M; constant in the sequence length)",
         state.size_bytes(),
         state.attention_bytes()
     );
+    let mut out = std::io::stdout().lock();
+    out.write_all(o.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(stdout_error)?;
     Ok(())
 }
 
-fn print_config(c: &Config) {
+fn print_config(o: &mut String, c: &Config) {
+    use std::fmt::Write as _;
     let mark = |k: &str| {
         c.origin(k)
             .map(|o: Origin| o.to_string())
@@ -402,11 +463,12 @@ fn print_config(c: &Config) {
         ),
     ];
     for (k, v) in rows {
-        println!("  {k:<22} {v:<12} ({})", mark(k));
+        let _ = writeln!(o, "  {k:<22} {v:<12} ({})", mark(k));
     }
 }
 
 fn logits(a: LogitsArgs) -> CliResult {
+    performer::fsutil::check_writable_dir(&a.out)?;
     let model = a.model.load()?;
     let mut state = State::new(&model);
     let vocab = model.vocab_size();
@@ -425,9 +487,11 @@ fn logits(a: LogitsArgs) -> CliResult {
 }
 
 fn perplexity(a: PerplexityArgs) -> CliResult {
-    use std::io::IsTerminal;
     let model = a.model.load()?;
     let file = std::fs::File::open(&a.file).map_err(|e| format!("{}: {e}", a.file.display()))?;
+    if file.metadata().is_ok_and(|m| m.is_dir()) {
+        return Err(format!("{}: is a directory, expected a text file", a.file.display()).into());
+    }
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
     let total = a.max_tokens.map_or(total, |n| total.min(n as u64));
     let bar = if std::io::stderr().is_terminal() {
@@ -441,7 +505,7 @@ fn perplexity(a: PerplexityArgs) -> CliResult {
     );
     let options = performer::perplexity::PerplexityOptions {
         max_tokens: a.max_tokens,
-        window: a.window,
+        window: a.window.map(|w| usize::try_from(w).unwrap_or(usize::MAX)),
     };
     let start = std::time::Instant::now();
     let r = performer::perplexity::evaluate(&model, std::io::BufReader::new(file), options, |n| {
@@ -449,25 +513,29 @@ fn perplexity(a: PerplexityArgs) -> CliResult {
     })?;
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
+    let mut out = std::io::stdout().lock();
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "file": a.file.display().to_string(),
-                "tokens": r.tokens,
-                "scored": r.scored,
-                "mean_nll": r.mean_nll,
-                "perplexity": r.perplexity,
-                "bits_per_byte": r.bits_per_byte,
-                "window": a.window,
-                "seconds": secs,
-            })
-        );
+        let json = serde_json::json!({
+            "file": a.file.display().to_string(),
+            "tokens": r.tokens,
+            "scored": r.scored,
+            "mean_nll": r.mean_nll,
+            "perplexity": r.perplexity,
+            "bits_per_byte": r.bits_per_byte,
+            "window": a.window,
+            "seconds": secs,
+        });
+        writeln!(out, "{json}")
+            .and_then(|()| out.flush())
+            .map_err(stdout_error)?;
     } else {
-        println!("tokens: {} ({} scored)", r.tokens, r.scored);
-        println!("mean NLL: {:.6} nats", r.mean_nll);
-        println!("perplexity: {:.4}", r.perplexity);
-        println!("bits per byte: {:.6}", r.bits_per_byte);
+        write!(
+            out,
+            "tokens: {} ({} scored)\nmean NLL: {:.6} nats\nperplexity: {:.4}\nbits per byte: {:.6}\n",
+            r.tokens, r.scored, r.mean_nll, r.perplexity, r.bits_per_byte
+        )
+        .and_then(|()| out.flush())
+        .map_err(stdout_error)?;
         eprintln!("{:.1} tokens/s", r.tokens as f64 / secs.max(1e-9));
     }
     Ok(())

@@ -1,11 +1,10 @@
 //! A minimal writer for NumPy `.npy` files (format 1.0, little-endian float32, C order).
 
-use std::io::Write;
 use std::path::Path;
 
 use performer::error::{Error, Result};
 
-/// Writes `data` as a float32 array of `shape`.
+/// Writes `data` as a float32 array of `shape`, atomically ([`performer::fsutil::write_atomic`]).
 pub fn write_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Result<()> {
     let path = path.as_ref();
     if shape.iter().product::<usize>() != data.len() {
@@ -31,7 +30,5 @@ pub fn write_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Resul
     for v in data {
         out.extend_from_slice(&v.to_le_bytes());
     }
-    std::fs::File::create(path)
-        .and_then(|mut f| f.write_all(&out))
-        .map_err(|e| Error::io(path, e))
+    performer::fsutil::write_atomic(path, |w| w.write_all(&out))
 }

@@ -122,24 +122,6 @@ fn errors_are_one_line_with_nonzero_exit() {
         ],
         vec!["generate", "--model", "/nonexistent", "--prompt", "x"],
         vec!["generate", "--model", &m, "--prompt", ""],
-        vec!["generate", "--model", &m, "--prompt", "x", "--top-p", "0"],
-        vec![
-            "generate",
-            "--model",
-            &m,
-            "--prompt",
-            "x",
-            "--temperature=-1",
-        ],
-        vec![
-            "generate",
-            "--model",
-            &m,
-            "--prompt",
-            "x",
-            "--decode-threads",
-            "0",
-        ],
     ] {
         let out = performer(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
@@ -149,6 +131,103 @@ fn errors_are_one_line_with_nonzero_exit() {
     }
     // Usage errors come from clap with exit code 2.
     assert_eq!(performer(&["generate", "--bogus"]).status.code(), Some(2));
+}
+
+#[test]
+fn every_bad_flag_value_is_a_usage_error() {
+    let m = model_dir();
+    let gen = ["generate", "--model", &m, "--prompt", "x"];
+    let logits = [
+        "logits",
+        "--model",
+        &m,
+        "--tokens",
+        "1",
+        "--out",
+        "/tmp/never.npy",
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("t.txt");
+    std::fs::write(&text, "abc").unwrap();
+    let ppl = [
+        "perplexity",
+        "--model",
+        &m,
+        "--file",
+        text.to_str().unwrap(),
+    ];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        ([&gen[..], &["--temperature=-1"]].concat(), "--temperature"),
+        (
+            [&gen[..], &["--temperature", "nan"]].concat(),
+            "--temperature",
+        ),
+        (
+            [&gen[..], &["--temperature", "inf"]].concat(),
+            "--temperature",
+        ),
+        ([&gen[..], &["--top-p", "0"]].concat(), "--top-p"),
+        ([&gen[..], &["--top-p", "1.5"]].concat(), "--top-p"),
+        ([&gen[..], &["--top-k=-1"]].concat(), "--top-k"),
+        (
+            [&gen[..], &["--repeat-penalty", "0"]].concat(),
+            "--repeat-penalty",
+        ),
+        (
+            [&gen[..], &["--repeat-penalty=-1"]].concat(),
+            "--repeat-penalty",
+        ),
+        ([&gen[..], &["--stop", ""]].concat(), "--stop"),
+        (
+            [&gen[..], &["--decode-threads", "0"]].concat(),
+            "--decode-threads",
+        ),
+        (
+            [&gen[..], &["--decode-threads", "20000"]].concat(),
+            "--decode-threads",
+        ),
+        ([&gen[..], &["--max-tokens=-3"]].concat(), "--max-tokens"),
+        ([&["--threads", "0"][..], &gen[..]].concat(), "--threads"),
+        ([&["--threads", "1000"][..], &gen[..]].concat(), "--threads"),
+        (
+            [&["--threads", "20000"][..], &gen[..]].concat(),
+            "--threads",
+        ),
+        ([&logits[..], &["--kernel-eps=-1"]].concat(), "--kernel-eps"),
+        (
+            [&logits[..], &["--kernel-eps", "NaN"]].concat(),
+            "--kernel-eps",
+        ),
+        (
+            [&logits[..], &["--denominator-eps", "inf"]].concat(),
+            "--denominator-eps",
+        ),
+        (
+            [&logits[..], &["--denominator-eps=-1e-6"]].concat(),
+            "--denominator-eps",
+        ),
+        ([&ppl[..], &["--window", "1"]].concat(), "--window"),
+        (vec!["bench", "--shape", "tiny", "-r", "0"], "--repetitions"),
+        (
+            vec!["bench", "--shape", "tiny", "--threads", "0"],
+            "--threads",
+        ),
+    ];
+    for (args, flag) in cases {
+        let out = performer(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        // Clap names the flag (a value that looks like a flag, `-1`, is named as such).
+        assert!(
+            stderr.contains(flag) || stderr.contains("unexpected argument"),
+            "{args:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    // The thread bound is stated.
+    let out = performer(&["--threads", "1000", "info"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("at most 1024"), "{stderr}");
 }
 
 #[test]
@@ -214,15 +293,11 @@ fn save_state_then_load_state_continues_the_text() {
         ]
         .concat(),
     );
-    // Each run ends its output with a newline.
-    let strip = |o: &std::process::Output| {
-        let mut v = o.stdout.clone();
-        assert_eq!(v.pop(), Some(b'\n'));
-        v
-    };
-    let mut joined = strip(&first);
-    joined.extend(strip(&second));
-    assert_eq!(joined, strip(&straight));
+    // Stdout is exactly the generated text (no newline added off a terminal): the two
+    // halves splice into the straight run.
+    let mut joined = first.stdout.clone();
+    joined.extend(&second.stdout);
+    assert_eq!(joined, straight.stdout);
     // A snapshot from another model is refused with one line.
     let other = fixture("default_b").to_string_lossy().into_owned();
     let bad = performer(&["generate", "--model", &other, "--load-state", snap]);
@@ -307,7 +382,7 @@ fn runtime_input_edge_cases_through_the_cli() {
         "0",
     ]);
     assert!(out.status.success());
-    assert_eq!(out.stdout, b"\n");
+    assert_eq!(out.stdout, b"", "nothing generated, nothing printed");
     assert!(String::from_utf8_lossy(&out.stderr).contains("generation: 0 tokens"));
     // top-k 0 disables top-k in the CLI (documented); a negative value is a usage error.
     let out = performer(&[
@@ -328,10 +403,6 @@ fn runtime_input_edge_cases_through_the_cli() {
             .code(),
         Some(2)
     );
-    for bad in ["--repeat-penalty=0", "--repeat-penalty=-1", "--top-p=1.5"] {
-        let out = performer(&["generate", "--model", &m, "--prompt", "x", bad]);
-        assert_eq!(out.status.code(), Some(1), "{bad}");
-    }
 
     // A broken model (NaN in the output bias) is reported on first use, one line, exit 1.
     let broken = tmp.path().join("broken");
@@ -460,4 +531,451 @@ fn bench_prints_json_and_runs_both_attentions() {
     assert!(table.contains("| favor | tg2 | 0 |"), "{table}");
     let out = performer(&["bench", "--shape", "tiny", "--attention", "linear"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Runs `performer` and fails (killing it) if it has not ended within `secs`: a regression
+/// to an unbounded read must fail the test, not hang it.
+fn performer_within(args: &[&str], secs: u64) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_performer"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run performer");
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed().as_secs() >= secs {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("{args:?} still running after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly_with_success() {
+    use std::process::Stdio;
+    let m = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("t.txt");
+    std::fs::write(&text, "the quick brown fox ".repeat(10)).unwrap();
+    let t = text.to_str().unwrap();
+    for args in [
+        vec!["info", "--model", &m],
+        vec!["perplexity", "--model", &m, "--file", t],
+        vec!["perplexity", "--model", &m, "--file", t, "--json"],
+        // Enough text to outlast the pipe's buffer whatever the timing.
+        vec![
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "100000",
+        ],
+        vec![
+            "bench",
+            "--shape",
+            "tiny",
+            "--pp",
+            "0",
+            "--tg",
+            "1",
+            "-r",
+            "1",
+            "--bandwidth-mib",
+            "0",
+        ],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_performer"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before the program (still loading its model) writes.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("error"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Runs `performer args` under `ulimit -f blocks` (512-byte blocks in POSIX sh).
+fn performer_with_file_limit(blocks: usize, args: &[&str]) -> std::process::Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -f {blocks}; exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_performer"))
+        .args(args)
+        .output()
+        .expect("run sh")
+}
+
+#[test]
+fn a_failed_save_leaves_the_old_state_intact() {
+    let m = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let victim = tmp.path().join("victim.pfstate");
+    let v = victim.to_str().unwrap();
+    let save = |prompt: &str| {
+        [
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "4",
+            "--save-state",
+            v,
+        ]
+        .map(String::from)
+    };
+    let out = performer(&save("Hello").each_ref().map(String::as_str));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let good = std::fs::read(&victim).unwrap();
+    assert!(good.len() > 4 * 1024, "the limit below must cut the write");
+    // A limit of 4 KiB (8 blocks): the new snapshot cannot be written whole.
+    let args = save("Other");
+    let out = performer_with_file_limit(8, &args.each_ref().map(String::as_str));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("victim.pfstate"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("File too large"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        good,
+        "old state byte-identical"
+    );
+    assert_eq!(names(tmp.path()), ["victim.pfstate"], "no temporary left");
+    // It still loads.
+    let out = performer(&[
+        "generate",
+        "--model",
+        &m,
+        "--load-state",
+        v,
+        "--max-tokens",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The same for `logits --out`.
+    let npy = tmp.path().join("l.npy");
+    let n = npy.to_str().unwrap();
+    let logits =
+        |tokens: &str| ["logits", "--model", &m, "--tokens", tokens, "--out", n].map(String::from);
+    assert!(performer(&logits("1").each_ref().map(String::as_str))
+        .status
+        .success());
+    let good = std::fs::read(&npy).unwrap();
+    let many = vec!["7"; 64].join(",");
+    let args = logits(&many);
+    let out = performer_with_file_limit(8, &args.each_ref().map(String::as_str));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&npy).unwrap(), good);
+    assert_eq!(names(tmp.path()), ["l.npy", "victim.pfstate"]);
+}
+
+#[test]
+fn an_unwritable_save_path_is_refused_before_generating() {
+    let m = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nodir").join("x.pfstate");
+    // A generation this long would take minutes: the refusal must come first.
+    let out = performer_within(
+        &[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "100000000",
+            "--save-state",
+            missing.to_str().unwrap(),
+        ],
+        60,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("nodir"), "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing generated");
+    let out = performer(&[
+        "logits",
+        "--model",
+        &m,
+        "--tokens",
+        "1",
+        "--out",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is a directory"));
+}
+
+#[test]
+fn endless_inputs_are_refused_not_read() {
+    let m = model_dir();
+    let out = performer_within(
+        &["generate", "--model", &m, "--load-state", "/dev/zero"],
+        60,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("invalid state snapshot"), "{stderr}");
+    let out = performer_within(
+        &["generate", "--model", &m, "--prompt-file", "/dev/zero"],
+        60,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("/dev/zero") && stderr.contains("not a regular file"),
+        "{stderr}"
+    );
+    // A directory as prompt file or text file is named as one.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_str().unwrap();
+    for args in [
+        vec!["generate", "--model", &m, "--prompt-file", d],
+        vec!["perplexity", "--model", &m, "--file", d],
+        vec!["generate", "--model", &m, "--load-state", d],
+    ] {
+        let out = performer_within(&args, 60);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(d) && stderr.contains("is a directory"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_stop_string_is_not_in_the_saved_state() {
+    let m = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("s.pfstate");
+    let snap = snap.to_str().unwrap();
+    let gen = |extra: &[&str]| {
+        let base = ["generate", "--model", &m, "--temperature", "0"];
+        performer(&[&base[..], extra].concat())
+    };
+    let straight = gen(&["--prompt", "Hi", "--max-tokens", "40"]);
+    assert!(straight.status.success());
+    let text = String::from_utf8(straight.stdout.clone()).unwrap();
+    // The first two ASCII letters or digits in a row after the start: a stop string whose
+    // first occurrence is there.
+    let b = text.as_bytes();
+    let at = (1..b.len() - 1)
+        .find(|&i| b[i].is_ascii_alphanumeric() && b[i + 1].is_ascii_alphanumeric())
+        .expect("two ASCII alphanumerics in a row in the greedy text");
+    let stop = &text[at..at + 2];
+    let first = gen(&[
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "40",
+        "--stop",
+        stop,
+        "--save-state",
+        snap,
+    ]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(first.stdout, &b[..at], "text up to the stop string");
+    let second = gen(&["--load-state", snap, "--max-tokens", "10"]);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    // The continuation starts with the stop string itself: the state ended before it.
+    let mut joined = first.stdout.clone();
+    joined.extend(&second.stdout);
+    assert!(
+        straight.stdout.starts_with(&joined),
+        "{:?} + {:?} vs {:?}",
+        String::from_utf8_lossy(&first.stdout),
+        String::from_utf8_lossy(&second.stdout),
+        text
+    );
+    assert!(second.stdout.starts_with(stop.as_bytes()));
+}
+
+#[test]
+fn errors_name_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(
+        fixture("default_a").join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(fixture("default_a").join("config.json")).unwrap();
+    let d = dir.to_str().unwrap();
+    let config_path = dir.join("config.json");
+    let cp = config_path.to_str().unwrap();
+    let run_all = |expect: &str| {
+        for args in [
+            vec!["info", "--model", d],
+            vec![
+                "generate",
+                "--model",
+                d,
+                "--prompt",
+                "x",
+                "--max-tokens",
+                "1",
+            ],
+            vec![
+                "logits",
+                "--model",
+                d,
+                "--tokens",
+                "1",
+                "--out",
+                "/tmp/never.npy",
+            ],
+            vec!["perplexity", "--model", d, "--file", cp],
+            vec!["bench", "--model", d, "--pp", "0", "--tg", "1", "-r", "1"],
+        ] {
+            let out = performer(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+            assert!(
+                out.stdout.is_empty(),
+                "{args:?}: nothing on stdout before failing"
+            );
+            assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(expect),
+                "{args:?}: {expect:?} not in {stderr}"
+            );
+        }
+    };
+    // Not JSON, a duplicate key, an unknown key: the path of config.json, and the key.
+    std::fs::write(&config_path, "{ not json").unwrap();
+    run_all(cp);
+    let dup = config.replacen('{', "{\"dim\": 32, ", 1);
+    std::fs::write(&config_path, &dup).unwrap();
+    run_all("duplicate key `dim`");
+    run_all(cp);
+    std::fs::write(&config_path, config.replacen('{', "{\"dimm\": 3, ", 1)).unwrap();
+    run_all(cp);
+    // A UTF-8 byte order mark is accepted.
+    std::fs::write(&config_path, format!("\u{feff}{config}")).unwrap();
+    let out = performer(&["info", "--model", d]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The model path is a file; model.safetensors is a directory: the same message everywhere.
+    let file = config_path.to_str().unwrap();
+    for args in [
+        vec!["info", "--model", file],
+        vec!["generate", "--model", file, "--prompt", "x"],
+        vec![
+            "logits",
+            "--model",
+            file,
+            "--tokens",
+            "1",
+            "--out",
+            "/tmp/never.npy",
+        ],
+        vec!["perplexity", "--model", file, "--file", file],
+        vec!["bench", "--model", file],
+    ] {
+        let out = performer(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr.contains(file) && stderr.contains("not a directory"),
+            "{args:?}: {stderr}"
+        );
+    }
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    std::fs::create_dir(dir.join("model.safetensors")).unwrap();
+    run_all("model.safetensors: is a directory");
+}
+
+#[test]
+fn long_prompts_show_progress_on_a_terminal_only() {
+    let m = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let prompt = tmp.path().join("p.txt");
+    // 6000 bytes: several prefill row blocks, so the bar is drawn after the first.
+    std::fs::write(&prompt, "a long prompt ".repeat(430)).unwrap();
+    let p = prompt.to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        &m,
+        "--prompt-file",
+        p,
+        "--max-tokens",
+        "2",
+    ];
+    // Off a terminal: stderr holds the statistics line only.
+    let out = performer(&args);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("prompt: 6020 tokens"), "{stderr}");
+    // On a terminal (util-linux `script` gives the command a pseudo-terminal): a bar.
+    let command = std::iter::once(env!("CARGO_BIN_EXE_performer"))
+        .chain(args)
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("util-linux `script` runs the command on a pseudo-terminal");
+    assert!(out.status.success());
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("prompt ") && shown.contains("/6020 tokens"),
+        "{shown}"
+    );
 }

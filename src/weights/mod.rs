@@ -250,7 +250,23 @@ fn malformed(path: &Path, message: impl Into<String>) -> Error {
 /// Opens a weights file and its length, an empty file being malformed.
 fn open_nonempty(path: &Path) -> Result<(File, u64)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "is a directory, expected a safetensors file",
+            ),
+        ));
+    }
+    if !meta.is_file() {
+        return Err(Error::io(
+            path,
+            std::io::Error::other("not a regular file, expected a safetensors file"),
+        ));
+    }
+    let len = meta.len();
     if len == 0 {
         return Err(malformed(path, "the file is empty"));
     }
