@@ -67,9 +67,11 @@ pub fn supported(method: Method) -> bool {
 }
 
 /// The method the model uses for `format` on this CPU: [`Method::Dequant`] where AVX-512 is
-/// available (it measured faster than or equal to [`Method::Int8`] here, see
-/// `benches/kernels.rs` and docs/performance.md, and it keeps the activation exact),
-/// [`Method::Portable`] otherwise.
+/// available, [`Method::Portable`] otherwise. [`Method::Int8`] measured faster in most of the
+/// `quant_matvec` micro-benchmarks, but within the shared machine's run-to-run spread
+/// (docs/performance.md), and its activation rounding would give up the model's parity with
+/// the dequantized f32 reference (tests/quant.rs); it stays available through
+/// [`matvec_with`].
 pub fn default_method(format: QuantFormat) -> Method {
     let _ = format;
     if supported(Method::Dequant) {
