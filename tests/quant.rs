@@ -449,3 +449,35 @@ fn synthetic_quantized_models_load_with_the_predicted_size() {
         );
     }
 }
+
+#[test]
+fn the_shipped_model_keeps_its_bits_per_byte_when_quantized() {
+    // Issue 13's bounds on the shipped model's held-out text with 512-token windows: q8_0
+    // within 0.5% of the float model's bits per byte, q4_0 within 3%. The first 8 KiB (16
+    // windows) keep the test quick; README "Quantized weights" has the whole file.
+    let shipped = common::workspace_root().join("models/performer-byte");
+    let text = std::fs::read(shipped.join("heldout.txt")).unwrap();
+    let text = &text[..text.len().min(8192)];
+    let bpb = |model: &Model| {
+        let options = performer::perplexity::PerplexityOptions {
+            window: Some(512),
+            ..Default::default()
+        };
+        performer::perplexity::evaluate(model, text, options, |_| {})
+            .unwrap()
+            .bits_per_byte
+    };
+    let float = bpb(&Model::load(&shipped).unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    for (format, bound) in [(QuantFormat::Q8_0, 0.005), (QuantFormat::Q4_0, 0.03)] {
+        let dir = tmp.path().join(format.name());
+        quant::quantize_dir(&shipped, &dir, format, |_, _| {}).unwrap();
+        let q = bpb(&Model::load(&dir).unwrap());
+        let rel = (q - float) / float;
+        assert!(
+            rel.abs() <= bound,
+            "{format}: {q} bits per byte vs {float} ({:+.3}%)",
+            100.0 * rel
+        );
+    }
+}

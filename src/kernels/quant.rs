@@ -107,6 +107,10 @@ pub struct Activation {
     pub codes_q4: Vec<i8>,
     /// Sums per 4 of `codes_q4`.
     pub sums4_q4: Vec<i32>,
+    /// `−128 · sums4`: the q8_0 kernel's accumulator start (the offset of its unsigned codes).
+    pub offset_q8: Vec<i32>,
+    /// `−8 · sums4_q4`: the q4_0 kernel's accumulator start.
+    pub offset_q4: Vec<i32>,
 }
 
 impl Activation {
@@ -156,6 +160,10 @@ impl Activation {
                 .chunks_exact(4)
                 .map(|c| c.iter().map(|&v| v as i32).sum::<i32>()),
         );
+        self.offset_q8.clear();
+        self.offset_q8.extend(self.sums4.iter().map(|&v| -128 * v));
+        self.offset_q4.clear();
+        self.offset_q4.extend(self.sums4_q4.iter().map(|&v| -8 * v));
     }
 }
 
@@ -253,7 +261,7 @@ pub fn matvec_serial_with(method: Method, m: QMatrix<'_>, x: &[f32], y: &mut [f3
                         *s *= d;
                     }
                     // SAFETY: `supported(Int8)` checked avx512f/bw/vl/vnni at run time;
-                    // `act` was quantized from `x` above (32·blocks codes, 8·blocks sums in
+                    // `act` was quantized from `x` above (32·blocks codes, 8·blocks offsets in
                     // both layouts), `codes` holds `blocks` blocks, `row_scales` `blocks`.
                     unsafe {
                         match m.format {
@@ -382,18 +390,15 @@ mod avx512 {
     pub(super) unsafe fn q8_int8_row(codes: &[u8], scales: &[f32], act: &Activation) -> f32 {
         let n = scales.len();
         debug_assert!(codes.len() >= n * BLOCK && act.codes.len() >= n * BLOCK);
-        debug_assert!(act.sums4.len() >= n * 8);
-        let (c, xq, sums) = (codes.as_ptr(), act.codes.as_ptr(), act.sums4.as_ptr());
+        debug_assert!(act.offset_q8.len() >= n * 8);
+        let (c, xq, off) = (codes.as_ptr(), act.codes.as_ptr(), act.offset_q8.as_ptr());
         let flip = _mm256_set1_epi8(-128);
         let mut acc = [_mm256_setzero_ps(); 2];
         for b in 0..n {
             let w = _mm256_xor_si256(_mm256_loadu_si256(c.add(b * BLOCK).cast()), flip);
             let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
             // −128 · Σx per lane, then + Σ (q + 128) · x.
-            let init = _mm256_slli_epi32::<7>(_mm256_sub_epi32(
-                _mm256_setzero_si256(),
-                _mm256_loadu_si256(sums.add(b * 8).cast()),
-            ));
+            let init = _mm256_loadu_si256(off.add(b * 8).cast());
             let dot = _mm256_dpbusd_epi32(init, w, x);
             acc[b & 1] = _mm256_fmadd_ps(
                 _mm256_cvtepi32_ps(dot),
@@ -419,8 +424,12 @@ mod avx512 {
     pub(super) unsafe fn q4_int8_row(codes: &[u8], scales: &[f32], act: &Activation) -> f32 {
         let n = scales.len();
         debug_assert!(codes.len() >= n * BLOCK / 2 && act.codes_q4.len() >= n * BLOCK);
-        debug_assert!(act.sums4_q4.len() >= n * 8);
-        let (c, xq, sums) = (codes.as_ptr(), act.codes_q4.as_ptr(), act.sums4_q4.as_ptr());
+        debug_assert!(act.offset_q4.len() >= n * 8);
+        let (c, xq, off) = (
+            codes.as_ptr(),
+            act.codes_q4.as_ptr(),
+            act.offset_q4.as_ptr(),
+        );
         let low = _mm256_set1_epi8(0x0F);
         // Lanes 0–3 and 8–11 belong to the first block of a pair, 4–7 and 12–15 to the second.
         let pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
@@ -432,10 +441,7 @@ mod avx512 {
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
             let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
             let x = _mm512_loadu_si512(xq.add(b * BLOCK).cast());
-            let init = _mm512_slli_epi32::<3>(_mm512_sub_epi32(
-                _mm512_setzero_si512(),
-                _mm512_loadu_si512(sums.add(b * 8).cast()),
-            ));
+            let init = _mm512_loadu_si512(off.add(b * 8).cast());
             let dot = _mm512_dpbusd_epi32(init, w, x);
             let pair = _mm512_castpd_ps(_mm512_set1_pd(
                 (scales.as_ptr().add(b) as *const f64).read_unaligned(),
@@ -452,10 +458,7 @@ mod avx512 {
             let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), _mm256_castsi256_si128(low));
             let w = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi);
             let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
-            let init = _mm256_slli_epi32::<3>(_mm256_sub_epi32(
-                _mm256_setzero_si256(),
-                _mm256_loadu_si256(sums.add(b * 8).cast()),
-            ));
+            let init = _mm256_loadu_si256(off.add(b * 8).cast());
             let dot = _mm256_dpbusd_epi32(init, w, x);
             let mut lanes = [0i32; 8];
             _mm256_storeu_si256(lanes.as_mut_ptr().cast(), dot);
