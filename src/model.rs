@@ -169,7 +169,7 @@ impl Linear {
                             ys
                         )),
                         Weight::Quant(q) => {
-                            kernels::quant::matvec_serial(q.matrix().rows(r0..r1), x, ys)
+                            kernels::quant::matvec_serial(q.matrix().row_range(r0..r1), x, ys)
                         }
                     }
                     if let Some(bias) = &lin.bias {

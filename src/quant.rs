@@ -256,7 +256,7 @@ impl<'a> QMatrix<'a> {
     }
 
     /// Rows `range` as a matrix of their own.
-    pub fn rows(&self, range: std::ops::Range<usize>) -> QMatrix<'a> {
+    pub fn row_range(&self, range: std::ops::Range<usize>) -> QMatrix<'a> {
         let (rb, sb) = (self.format.row_bytes(self.cols), self.cols / BLOCK);
         QMatrix {
             codes: &self.codes[range.start * rb..range.end * rb],

@@ -290,7 +290,7 @@ pub fn matvec_with(method: Method, m: QMatrix<'_>, x: &[f32], y: &mut [f32]) {
         None => matvec_serial_with(method, m, x, y),
         Some(block) => y.par_chunks_mut(block).enumerate().for_each(|(b, yb)| {
             let r0 = b * block;
-            matvec_serial_with(method, m.rows(r0..r0 + yb.len()), x, yb)
+            matvec_serial_with(method, m.row_range(r0..r0 + yb.len()), x, yb)
         }),
     }
 }
