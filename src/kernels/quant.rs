@@ -20,6 +20,7 @@
 //! (the same quantized activation, exact integer sums).
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -66,19 +67,51 @@ pub fn supported(method: Method) -> bool {
     }
 }
 
-/// The method the model uses for `format` on this CPU: [`Method::Dequant`] where AVX-512 is
-/// available, [`Method::Portable`] otherwise. [`Method::Int8`] measured faster in most of the
-/// `quant_matvec` micro-benchmarks, but within the shared machine's run-to-run spread
-/// (docs/performance.md), and its activation rounding would give up the model's parity with
-/// the dequantized f32 reference (tests/quant.rs); it stays available through
-/// [`matvec_with`].
+/// The method the model uses for `format` on this CPU: the one chosen with [`set_method`] if
+/// any, else [`Method::Dequant`] where AVX-512 is available and [`Method::Portable`]
+/// otherwise. [`Method::Int8`] measured faster here (docs/performance.md: 1.15× for q8_0 and
+/// 1.5× for q4_0 on a cache-resident product, one thread), but its activation rounding gives up
+/// the model's parity with the dequantized f32 reference (tests/quant.rs) and makes stepping
+/// differ from prefill (which multiplies exact activations), so it is opt-in.
 pub fn default_method(format: QuantFormat) -> Method {
-    let _ = format;
+    match CHOSEN[format_index(format)].load(Ordering::Relaxed) {
+        1 => return Method::Portable,
+        2 => return Method::Dequant,
+        3 => return Method::Int8,
+        _ => {}
+    }
     if supported(Method::Dequant) {
         Method::Dequant
     } else {
         Method::Portable
     }
+}
+
+/// The process-wide choice per format (0: none), see [`set_method`].
+static CHOSEN: [AtomicU8; 2] = [AtomicU8::new(0), AtomicU8::new(0)];
+
+fn format_index(format: QuantFormat) -> usize {
+    match format {
+        QuantFormat::Q8_0 => 0,
+        QuantFormat::Q4_0 => 1,
+    }
+}
+
+/// Chooses, for the whole process, the method every model decodes `format` weights with
+/// (`None`: back to the default of [`default_method`]). Returns false, changing nothing, when
+/// the CPU does not support `method`. With [`Method::Int8`] the logits are no longer those of
+/// the dequantized f32 model up to f32 rounding: each product's activation is rounded to int8
+/// per block of 32 (relative error up to 1/254 of the block's largest value).
+pub fn set_method(format: QuantFormat, method: Option<Method>) -> bool {
+    let code = match method {
+        None => 0,
+        Some(m) if !supported(m) => return false,
+        Some(Method::Portable) => 1,
+        Some(Method::Dequant) => 2,
+        Some(Method::Int8) => 3,
+    };
+    CHOSEN[format_index(format)].store(code, Ordering::Relaxed);
+    true
 }
 
 thread_local! {
