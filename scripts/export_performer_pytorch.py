@@ -2,7 +2,8 @@
 """Export a performer-pytorch `PerformerLM` to a `performer` model directory.
 
     python scripts/export_performer_pytorch.py --checkpoint ckpt.pt --out models/my-model \
-        [--kwargs kwargs.json] [--dtype f32|f16|bf16] [--kernel-eps 0 --denominator-eps 0]
+        [--kwargs kwargs.json] [--dtype f32|f16|bf16] [--kernel-eps 0 --denominator-eps 0] \
+        [--tokenizer tokenizer.json]
 
 The checkpoint may be
   * a pickled model: `torch.save(model, path)`;
@@ -15,13 +16,16 @@ State dicts list every block tensor twice, also under `performer.proj_updater.in
 `safetensors.torch.save_model` keeps one.
 
 Writes OUT/config.json (the constructor keyword arguments under their performer-pytorch
-names; `kernel_fn` as a string) and OUT/model.safetensors (`save_model`).
+names; `kernel_fn` as a string) and OUT/model.safetensors (`save_model`). A model trained on
+the ids of a Hugging Face tokenizer (not bytes) passes its file with `--tokenizer`: it is copied
+to OUT/tokenizer.json and config.json gets `"tokenizer": "tokenizer.json"`.
 Requires: torch, performer-pytorch, safetensors (see scripts/requirements.txt).
 """
 import argparse
 import json
 import math
 import os
+import shutil
 import sys
 
 import torch
@@ -96,6 +100,7 @@ def main():
     ap.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32")
     ap.add_argument("--kernel-eps", type=float, help="runtime key kernel_eps to write")
     ap.add_argument("--denominator-eps", type=float, help="runtime key denominator_eps to write")
+    ap.add_argument("--tokenizer", help="a Hugging Face tokenizer.json the model was trained with")
     args = ap.parse_args()
 
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
@@ -132,6 +137,9 @@ def main():
         config["kernel_eps"] = args.kernel_eps
     if args.denominator_eps is not None:
         config["denominator_eps"] = args.denominator_eps
+    if args.tokenizer:
+        shutil.copyfile(args.tokenizer, os.path.join(args.out, "tokenizer.json"))
+        config["tokenizer"] = "tokenizer.json"
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")

@@ -63,11 +63,24 @@ impl KernelFn {
     }
 }
 
-/// How token ids map to text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How token ids map to text (the `tokenizer` key; see [`crate::tokenizer::Tokenizer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenizerKind {
-    /// One token per byte, vocabulary 256.
+    /// One token per byte, vocabulary 256 (`"byte"`, the default).
     Byte,
+    /// A Hugging Face tokenizer file in the model directory (a file name ending in `.json`,
+    /// e.g. `"tokenizer.json"`), read with the runtime's `hf-tokenizer` feature.
+    File(String),
+}
+
+impl TokenizerKind {
+    /// `"byte"` or the file name.
+    pub fn name(&self) -> &str {
+        match self {
+            TokenizerKind::Byte => "byte",
+            TokenizerKind::File(f) => f,
+        }
+    }
 }
 
 /// How positions enter the model.
@@ -534,10 +547,20 @@ impl Config {
         let tokenizer = match map.get("tokenizer") {
             None | Some(Value::Null) => TokenizerKind::Byte,
             Some(Value::String(s)) if s == "byte" => TokenizerKind::Byte,
+            // A file name in the model directory, nothing outside it.
+            Some(Value::String(s))
+                if s.ends_with(".json") && !s.contains(['/', '\\']) && !s.starts_with('.') =>
+            {
+                TokenizerKind::File(s.clone())
+            }
             Some(v) => {
                 return Err(Error::Unsupported {
                     option: "tokenizer".into(),
-                    reason: format!("{v} is not a known tokenizer (supported: \"byte\")"),
+                    reason: format!(
+                        "{v} is not a known tokenizer (supported: \"byte\", or the name of a \
+                         Hugging Face tokenizer file in the model directory such as \
+                         \"tokenizer.json\")"
+                    ),
                 })
             }
         };

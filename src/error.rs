@@ -146,6 +146,10 @@ pub enum Error {
         position: usize,
     },
 
+    /// A tokenizer file could not be parsed, or a text could not be encoded or decoded.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
     /// A state snapshot is truncated, corrupted, or of an unknown format version.
     #[error("invalid state snapshot: {0}")]
     InvalidSnapshot(String),

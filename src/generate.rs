@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::state::State;
-use crate::tokenizer::{ByteTokenizer, Utf8Stream};
+use crate::tokenizer::{TextStream, Tokenizer};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -156,12 +156,12 @@ pub struct Pushed {
 /// let model = Model::load("models/performer-byte")?;
 /// let mut state = State::new(&model);
 /// model.prefill(&mut state, &[72, 105])?;
-/// let mut stops = StopMatcher::new(vec!["\n\n".into()])?;
+/// let mut stops = StopMatcher::new(vec!["\n\n".into()])?; // or with_tokenizer(…, model.tokenizer(), …)
 /// let mut checkpoint: Option<State> = None;
 /// let mut out = String::new();
 /// for _ in 0..100 {
 ///     let token = sample(state.logits().unwrap());
-///     let pushed = stops.push(token);
+///     let pushed = stops.push(token)?;
 ///     out.push_str(&pushed.text);
 ///     match pushed.action {
 ///         StopAction::Step(c) => {
@@ -183,15 +183,14 @@ pub struct Pushed {
 ///         }
 ///     }
 /// }
-/// out.push_str(&stops.finish()); // at the token limit: the held-back text, and the state
+/// out.push_str(&stops.finish()?); // at the token limit: the held-back text, and the state
 ///                                // has consumed every token
 /// # Ok::<(), performer::Error>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct StopMatcher {
     stops: Vec<String>,
-    tokenizer: ByteTokenizer,
-    decoder: Utf8Stream,
+    decoder: TextStream,
     /// Decoded text not yet emitted (a possible stop-string prefix).
     pending: String,
     /// Bytes emitted since the checkpoint.
@@ -206,18 +205,29 @@ pub struct StopMatcher {
 }
 
 impl StopMatcher {
-    /// A matcher for these stop strings (none: every token's text is emitted at once and no
-    /// checkpoint is ever asked for). An empty stop string is an
+    /// A matcher for these stop strings over byte-level tokens (none: every token's text is
+    /// emitted at once and no checkpoint is ever asked for). An empty stop string is an
     /// [`Error::InvalidParameter`].
     pub fn new(stops: Vec<String>) -> Result<Self> {
+        Self::with_tokenizer(stops, &Tokenizer::default(), &[])
+    }
+
+    /// A matcher over the tokens of `tokenizer` (a model's, [`Model::tokenizer`]) that follow
+    /// `context` (the prompt; see [`Tokenizer::stream`]). With a tokenizer whose tokens hold
+    /// several characters, a token whose text begins before the stop string is kept in the
+    /// state even when the stop string begins inside its text.
+    pub fn with_tokenizer(
+        stops: Vec<String>,
+        tokenizer: &Tokenizer,
+        context: &[u32],
+    ) -> Result<Self> {
         if stops.iter().any(String::is_empty) {
             return Err(Error::invalid("stop", "stop strings must not be empty"));
         }
         Ok(StopMatcher {
             multibyte: stops.iter().any(|s| !s.is_ascii()),
             stops,
-            tokenizer: ByteTokenizer,
-            decoder: Utf8Stream::default(),
+            decoder: tokenizer.stream(context),
             pending: String::new(),
             base: 0,
             since: Vec::new(),
@@ -243,29 +253,31 @@ impl StopMatcher {
     }
 
     /// Takes a sampled token (not yet stepped into the state) and says what to emit and
-    /// what to do with the state (see the type's docs for the protocol).
-    pub fn push(&mut self, token: u32) -> Pushed {
-        // Ids past the byte range (a larger vocabulary) carry no text.
-        if let Some(b) = self.tokenizer.token_byte(token) {
-            let text = self.decoder.push(b);
-            self.pending.push_str(&text);
-        }
+    /// what to do with the state (see the type's docs for the protocol). An error is the
+    /// tokenizer's (decoding).
+    pub fn push(&mut self, token: u32) -> Result<Pushed> {
+        // Ids without text (past the byte range, or special tokens) add nothing.
+        let piece = self.decoder.push(token)?;
+        self.pending.push_str(&piece);
         let clean = self.decoder.is_empty();
         if self.stops.is_empty() {
-            return Pushed {
+            return Ok(Pushed {
                 text: std::mem::take(&mut self.pending),
                 action: StopAction::Step(Checkpoint::Keep),
-            };
+            });
         }
         // Where this token's own byte lands in the text: the decoder emits text in order,
         // and what a push emits belongs to earlier bytes except, when nothing is left
         // pending, its last character, which holds this byte. A byte still pending lands
         // at the end of the text so far, and so does a token without text.
+        // (With multi-character tokens: where the text this push completed begins.)
         let end = self.base + self.pending.len();
-        let own = if clean && self.tokenizer.token_byte(token).is_some() {
+        let own = if !clean || piece.is_empty() {
+            end
+        } else if self.decoder.is_byte_level() {
             end - self.pending.chars().last().map_or(0, char::len_utf8)
         } else {
-            end
+            end - piece.len().min(self.pending.len())
         };
         self.since.push((token, own));
         if let Some(idx) = self
@@ -292,7 +304,7 @@ impl StopMatcher {
             };
             let text = self.pending[..idx].to_string();
             self.reset();
-            return Pushed { text, action };
+            return Ok(Pushed { text, action });
         }
         let hold = self.held_back();
         let text = self
@@ -321,26 +333,26 @@ impl StopMatcher {
                 }
             }
         };
-        Pushed {
+        Ok(Pushed {
             text,
             action: StopAction::Step(checkpoint),
-        }
+        })
     }
 
     /// Ends the stream (the token limit was reached): returns the held-back text and any
     /// partial character (as U+FFFD). The state keeps every token stepped so far; a held
     /// checkpoint can be dropped. (A stop string that only the U+FFFD of a partial character
     /// at the very end would complete is not matched.)
-    pub fn finish(&mut self) -> String {
+    pub fn finish(&mut self) -> Result<String> {
         let mut rest = std::mem::take(&mut self.pending);
-        rest.push_str(&self.decoder.finish());
+        rest.push_str(&self.decoder.finish()?);
         self.reset();
-        rest
+        Ok(rest)
     }
 
     fn reset(&mut self) {
         self.pending.clear();
-        self.decoder = Utf8Stream::default();
+        self.decoder.reset();
         self.since.clear();
         self.base = 0;
         self.holding = false;
@@ -399,7 +411,7 @@ impl<'a> Generation<'a> {
         progress: &mut dyn FnMut(usize),
     ) -> Result<Self> {
         let sampler = Sampler::new(options.sampling)?;
-        let stops = StopMatcher::new(options.stop)?;
+        let stops = StopMatcher::with_tokenizer(options.stop, model.tokenizer(), prompt)?;
         let decode_pool = match (options.decode_threads, options.decode_pool) {
             (Some(_), Some(_)) => {
                 return Err(Error::invalid(
@@ -478,7 +490,7 @@ impl<'a> Generation<'a> {
             if self.stats.generated_tokens >= self.max_tokens {
                 self.done = true;
                 self.checkpoint = None;
-                let rest = self.stops.finish();
+                let rest = self.stops.finish()?;
                 return Ok((!rest.is_empty()).then_some(rest));
             }
             let logits = self.state.logits().ok_or(Error::EmptyInput(
@@ -486,7 +498,7 @@ impl<'a> Generation<'a> {
             ))?;
             let token = self.sampler.sample(logits, &self.history)?;
             self.stats.generated_tokens += 1;
-            let pushed = self.stops.push(token);
+            let pushed = self.stops.push(token)?;
             match pushed.action {
                 StopAction::Step(c) => {
                     match c {

@@ -607,6 +607,8 @@ pub struct Model {
     pub(crate) fingerprint: std::sync::OnceLock<u64>,
     /// The shape every state of this model has.
     pub(crate) state_shape: crate::state::StateShape,
+    /// The tokenizer `config.json` names.
+    pub(crate) tokenizer: crate::tokenizer::Tokenizer,
 }
 
 impl Model {
@@ -654,10 +656,21 @@ impl Model {
     }
 
     /// Builds a model from a resolved config and an opened weights file, checking every
-    /// tensor's presence, dtype and shape.
+    /// tensor's presence, dtype and shape. A tokenizer file the config names is read from the
+    /// weights file's directory.
     pub fn from_parts(config: Config, file: WeightFile) -> Result<Self> {
         config.validate()?;
         let c = &config;
+        let dir = file.path().parent().unwrap_or(Path::new("."));
+        let tokenizer = crate::tokenizer::Tokenizer::load(&c.tokenizer, dir)?;
+        if tokenizer.vocab_size() > c.num_tokens {
+            return Err(Error::Config(format!(
+                "the tokenizer `{}` has {} tokens, more than num_tokens {}",
+                c.tokenizer.name(),
+                tokenizer.vocab_size(),
+                c.num_tokens
+            )));
+        }
         let token_emb = load_tensor(&file, "token_emb.weight", &[c.num_tokens, c.dim])?;
         let positions = Positions::load(&file, c)?;
         let layers = (0..c.depth)
@@ -687,6 +700,7 @@ impl Model {
             to_out,
             fingerprint: std::sync::OnceLock::new(),
             state_shape,
+            tokenizer,
         })
     }
 
@@ -703,6 +717,11 @@ impl Model {
             let weights = crate::snapshot::hash64(self.file.bytes());
             crate::snapshot::hash64(text.as_bytes()) ^ weights.rotate_left(17)
         })
+    }
+
+    /// The tokenizer `config.json` names (byte-level by default).
+    pub fn tokenizer(&self) -> &crate::tokenizer::Tokenizer {
+        &self.tokenizer
     }
 
     /// The resolved config.

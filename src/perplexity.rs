@@ -53,8 +53,10 @@ pub fn nll(logits: &[f32], target: u32) -> f64 {
     lse - logits[target as usize] as f64
 }
 
-/// Scores the bytes of `input` with a byte-level model. `progress` is called with the number
-/// of tokens read so far after each block.
+/// Scores the text of `input`. A byte-level model reads it in blocks (any bytes); a model with
+/// another tokenizer reads the whole text (UTF-8), tokenizes it, and scores its tokens in the
+/// same blocks, with bits per byte counted on the text's bytes. `progress` is called with the
+/// number of tokens read so far after each block.
 pub fn evaluate(
     model: &Model,
     mut input: impl Read,
@@ -71,16 +73,38 @@ pub fn evaluate(
     let mut pending: Option<Vec<f32>> = None;
     let mut buf = vec![0u8; BLOCK];
     let limit = options.max_tokens.unwrap_or(usize::MAX);
+    let tokenizer = model.tokenizer();
+    let tokenized = match tokenizer.is_byte_level() {
+        true => None,
+        false => {
+            let mut bytes = Vec::new();
+            input
+                .read_to_end(&mut bytes)
+                .map_err(|e| Error::io("<input>", e))?;
+            Some(tokenizer.tokenize(std::str::from_utf8(&bytes).map_err(|e| {
+                Error::invalid(
+                    "text",
+                    format!("this model's tokenizer needs UTF-8 text: {e}"),
+                )
+            })?)?)
+        }
+    };
     loop {
         let want = BLOCK.min(limit - tokens);
         if want == 0 {
             break;
         }
-        let n = read_full(&mut input, &mut buf[..want])?;
+        let block: Vec<u32> = match &tokenized {
+            None => {
+                let n = read_full(&mut input, &mut buf[..want])?;
+                buf[..n].iter().map(|&b| b as u32).collect()
+            }
+            Some(t) => t.ids[tokens.min(t.ids.len())..(tokens + want).min(t.ids.len())].to_vec(),
+        };
+        let n = block.len();
         if n == 0 {
             break;
         }
-        let block: Vec<u32> = buf[..n].iter().map(|&b| b as u32).collect();
         // Split the block at window boundaries.
         let mut start = 0;
         while start < block.len() {
@@ -118,13 +142,15 @@ pub fn evaluate(
         ));
     }
     let mean_nll = total / scored as f64;
+    // Every token after the first is scored: the bytes of tokens 1..tokens.
+    let bytes = tokenized.map_or(scored, |t| t.bytes_between(1, tokens));
     Ok(PerplexityReport {
         tokens,
         scored,
-        bytes: scored,
+        bytes,
         mean_nll,
         perplexity: mean_nll.exp(),
-        bits_per_byte: total / std::f64::consts::LN_2 / scored as f64,
+        bits_per_byte: total / std::f64::consts::LN_2 / bytes as f64,
     })
 }
 

@@ -556,7 +556,7 @@ fn st_dtype(name: &str) -> Option<safetensors::Dtype> {
 }
 
 /// Files copied from the source model directory when present, besides `config.json` and
-/// `model.safetensors` (which are rewritten).
+/// `model.safetensors` (which are rewritten) and the tokenizer file the config names.
 pub const COPIED_FILES: &[&str] = &[
     "MODEL_CARD.md",
     "README.md",
@@ -568,8 +568,8 @@ pub const COPIED_FILES: &[&str] = &[
 ];
 
 /// Writes a quantized copy of the model directory `src` to `dst`: `config.json` with
-/// [`CONFIG_KEY`] set, `model.safetensors` with the quantized weights, and the
-/// [`COPIED_FILES`] present. Atomic: everything is written into a temporary directory next to
+/// [`CONFIG_KEY`] set, `model.safetensors` with the quantized weights, the [`COPIED_FILES`]
+/// present and the tokenizer file the config names. Atomic: everything is written into a temporary directory next to
 /// `dst`, synced, and renamed to `dst` (which must not exist) only when complete; on error the
 /// temporary directory is removed. Refuses a model whose config already names a format or
 /// whose file holds quantized weights. `progress(done, total)` counts weight elements.
@@ -639,7 +639,13 @@ pub fn quantize_dir(
         crate::fsutil::write_atomic(tmp.join("config.json"), |w| {
             std::io::Write::write_all(w, config_text.as_bytes())
         })?;
-        for name in COPIED_FILES {
+        // The tokenizer file the config names (a file name in the model directory), if any.
+        let named = config
+            .get("tokenizer")
+            .and_then(|v| v.as_str())
+            .filter(|n| *n != "byte" && !COPIED_FILES.contains(n))
+            .filter(|n| Path::new(n).file_name() == Some(std::ffi::OsStr::new(n)));
+        for name in COPIED_FILES.iter().copied().chain(named) {
             let from = src.join(name);
             if from.is_file() {
                 std::fs::copy(&from, tmp.join(name)).map_err(|e| Error::io(&from, e))?;

@@ -417,7 +417,7 @@ fn the_stop_matcher_asks_for_checkpoints_and_rollbacks() {
     let push_all = |m: &mut StopMatcher, s: &str| -> Vec<(String, StopAction)> {
         s.bytes()
             .map(|b| {
-                let p = m.push(b as u32);
+                let p = m.push(b as u32).unwrap();
                 (p.text, p.action)
             })
             .collect()
@@ -567,7 +567,7 @@ fn the_stop_rule_holds_on_random_streams() {
         let mut text = String::new();
         let mut stop_hit = false;
         for &t in &stream {
-            let p = m.push(t);
+            let p = m.push(t).unwrap();
             text.push_str(&p.text);
             match p.action {
                 StopAction::Step(c) => {
@@ -594,7 +594,7 @@ fn the_stop_rule_holds_on_random_streams() {
             }
         }
         if !stop_hit {
-            text.push_str(&m.finish());
+            text.push_str(&m.finish().unwrap());
         }
         let bytes: Vec<u8> = state.iter().map(|&t| t as u8).collect();
         // The state is a prefix of the stream and decodes to exactly the returned text.

@@ -242,12 +242,9 @@ fn main() -> ExitCode {
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 fn generate(a: GenerateArgs) -> CliResult {
-    let prompt: Vec<u32> = match (&a.prompt, &a.prompt_file) {
-        (Some(p), _) => p.bytes().map(u32::from).collect(),
-        (None, Some(f)) => performer::fsutil::read_regular_file(f, MAX_PROMPT_BYTES)?
-            .into_iter()
-            .map(u32::from)
-            .collect(),
+    let prompt: Vec<u8> = match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) => p.clone().into_bytes(),
+        (None, Some(f)) => performer::fsutil::read_regular_file(f, MAX_PROMPT_BYTES)?,
         (None, None) if a.load_state.is_some() => Vec::new(),
         (None, None) => return Err("give a prompt with --prompt TEXT or --prompt-file FILE".into()),
     };
@@ -256,6 +253,7 @@ fn generate(a: GenerateArgs) -> CliResult {
         performer::fsutil::check_writable_dir(path)?;
     }
     let model = a.model.load()?;
+    let prompt = model.tokenizer().encode_bytes(&prompt)?;
     let mut state = match &a.load_state {
         Some(path) => State::load(&model, path)?,
         None => State::new(&model),
@@ -456,7 +454,7 @@ fn print_config(o: &mut String, c: &Config) {
         ("no_projection", c.no_projection.to_string()),
         ("kernel_eps", c.kernel_eps.to_string()),
         ("denominator_eps", c.denominator_eps.to_string()),
-        ("tokenizer", "byte".to_string()),
+        ("tokenizer", c.tokenizer.name().to_string()),
         (
             "weight_format",
             c.weight_format.map_or("none".into(), |f| f.to_string()),
@@ -519,6 +517,7 @@ fn perplexity(a: PerplexityArgs) -> CliResult {
             "file": a.file.display().to_string(),
             "tokens": r.tokens,
             "scored": r.scored,
+            "bytes": r.bytes,
             "mean_nll": r.mean_nll,
             "perplexity": r.perplexity,
             "bits_per_byte": r.bits_per_byte,
