@@ -660,6 +660,8 @@ impl Model {
     /// weights file's directory.
     pub fn from_parts(config: Config, file: WeightFile) -> Result<Self> {
         config.validate()?;
+        // An invalid PERFORMER_ISA is reported here (the kernels cannot fail; they ignore it).
+        crate::kernels::isa::check_env()?;
         let c = &config;
         let dir = file.path().parent().unwrap_or(Path::new("."));
         let tokenizer = crate::tokenizer::Tokenizer::load(&c.tokenizer, dir)?;

@@ -293,19 +293,9 @@ pub fn median(xs: &[f64]) -> f64 {
     }
 }
 
-/// Sums a slice with four SIMD accumulators (a read-bandwidth-bound loop).
+/// Sums a slice with four SIMD accumulators at the kernels' level (a read-bandwidth-bound loop).
 fn sum_stream(x: &[f32]) -> f32 {
-    use wide::f32x16;
-    let mut acc = [f32x16::ZERO; 4];
-    let mut blocks = x.chunks_exact(64);
-    for b in &mut blocks {
-        for (j, a) in acc.iter_mut().enumerate() {
-            let v: [f32; 16] = b[16 * j..16 * (j + 1)].try_into().expect("16 lanes");
-            *a += f32x16::from(v);
-        }
-    }
-    let tail: f32 = blocks.remainder().iter().sum();
-    ((acc[0] + acc[1]) + (acc[2] + acc[3])).reduce_add() + tail
+    performer::kernels::sum(x)
 }
 
 /// Measures the sustained read bandwidth in bytes per second: `threads` threads each stream

@@ -362,6 +362,7 @@ fn info(a: InfoArgs) -> CliResult {
     }
     .map_err(|e| name_config(e, &dir))?;
     let model = Model::from_parts(config.clone(), file).map_err(|e| name_config(e, &dir))?;
+    let isa = performer::kernels::isa::check_env()?;
     let mut o = String::new();
     use std::fmt::Write as _;
     let _ = writeln!(o, "model: {}", dir.display());
@@ -409,6 +410,12 @@ fn info(a: InfoArgs) -> CliResult {
         "state per sequence: {} bytes ({} of attention state A, a, s, M; constant in the sequence length)",
         state.size_bytes(),
         state.attention_bytes()
+    );
+    let _ = writeln!(
+        o,
+        "kernels: {isa} (best this CPU runs: {}; {} can force a lower level)",
+        performer::kernels::Isa::detected(),
+        performer::kernels::isa::ISA_ENV
     );
     let mut out = std::io::stdout().lock();
     out.write_all(o.as_bytes())

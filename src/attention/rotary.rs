@@ -99,11 +99,37 @@ fn reduce_angle(angle: f64) -> f64 {
     turns.mul_add(-TAU, angle)
 }
 
-/// [`reduce_angle`] on four lanes.
+/// [`reduce_angle`] on four lanes, bit-identical to it.
+///
+/// `angle − turns·τ` must round once, as the scalar twin's fused multiply-add does: at 1e15
+/// rad two roundings lose the whole angle. `wide` fuses only when the build enables FMA, and
+/// the default x86-64 target does not, so the product is taken exactly as a sum `p + e`
+/// (Dekker's product of Veltkamp halves, plain f64 operations); `angle − p` is then exact
+/// (Sterbenz: the two are within a factor of two, or `p` is 0), and subtracting `e` is the one
+/// rounding.
 fn reduce_angle_x4(angle: f64x4) -> f64x4 {
     use std::f64::consts::{PI, TAU};
     let turns = ((angle + f64x4::splat(PI)) / f64x4::splat(TAU)).floor();
-    turns.mul_neg_add(f64x4::splat(TAU), angle)
+    let tau = f64x4::splat(TAU);
+    let (p, e) = two_product(turns, tau);
+    (angle - p) - e
+}
+
+/// Veltkamp's split of `a` into 26-bit halves, `hi + lo = a` exactly.
+fn split(a: f64x4) -> (f64x4, f64x4) {
+    let t = f64x4::splat(134_217_729.0) * a; // 2^27 + 1
+    let hi = t - (t - a);
+    (hi, a - hi)
+}
+
+/// Dekker's exact product: `p = fl(a·b)` and `e` with `p + e = a·b` exactly (no overflow here:
+/// |a| ≤ 2^52 turns, b = τ).
+fn two_product(a: f64x4, b: f64x4) -> (f64x4, f64x4) {
+    let p = a * b;
+    let (ah, al) = split(a);
+    let (bh, bl) = split(b);
+    let e = ((ah * bh - p) + ah * bl + al * bh) + al * bl;
+    (p, e)
 }
 
 /// Rotates interleaved pairs `(2i, 2i+1)` of `x` by the angles of a sinusoid row

@@ -154,3 +154,17 @@ pub fn vecmat(p: &[f32], w: &[f32], out: &mut [f32]) {
         *o = a as f32;
     }
 }
+
+/// `x *= a`.
+pub fn scale(a: f32, x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v *= a;
+    }
+}
+
+/// `y += b`, the bias widened to f32.
+pub fn add_bias<T: Elem>(b: &[T], y: &mut [f32]) {
+    for (o, v) in y.iter_mut().zip(b) {
+        *o += v.to_f32();
+    }
+}
