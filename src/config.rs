@@ -155,6 +155,9 @@ pub struct Config {
     pub denominator_eps: f32,
     /// Tokenizer (runtime key, default byte-level).
     pub tokenizer: TokenizerKind,
+    /// The block-quantized format of the linear weights (runtime key `weight_format`,
+    /// written by `performer quantize`; `None`: every weight is a float tensor).
+    pub weight_format: Option<crate::quant::QuantFormat>,
     /// Where each key's value came from, for `performer info`.
     pub origins: BTreeMap<&'static str, Origin>,
 }
@@ -200,6 +203,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "kernel_eps",
     "denominator_eps",
     "tokenizer",
+    "weight_format",
 ];
 
 /// Facts the tensor shapes determine, used to fill keys `config.json` leaves out and to catch
@@ -569,6 +573,32 @@ impl Config {
             },
         );
 
+        let weight_format = match map.get(crate::quant::CONFIG_KEY) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => {
+                Some(s.parse::<crate::quant::QuantFormat>().map_err(|reason| {
+                    Error::Unsupported {
+                        option: crate::quant::CONFIG_KEY.into(),
+                        reason,
+                    }
+                })?)
+            }
+            Some(v) => {
+                return Err(Error::Config(format!(
+                    "`{}` must be a string (\"q8_0\" or \"q4_0\"), found {v}",
+                    crate::quant::CONFIG_KEY
+                )))
+            }
+        };
+        r.origins.insert(
+            crate::quant::CONFIG_KEY,
+            if weight_format.is_some() {
+                Origin::Config
+            } else {
+                Origin::Default
+            },
+        );
+
         // Training-only or architecture-changing keys that are accepted but must keep the value
         // inference can honour.
         for (key, ok_value) in [("reversible", false), ("cross_attend", false)] {
@@ -624,6 +654,7 @@ impl Config {
             kernel_eps: kernel_eps.unwrap_or(1e-4),
             denominator_eps: denominator_eps.unwrap_or(1e-6),
             tokenizer,
+            weight_format,
             origins: r.origins,
         };
         config.validate()?;

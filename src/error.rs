@@ -95,6 +95,17 @@ pub enum Error {
         index: usize,
     },
 
+    /// A block-quantized weight ([`crate::quant`]) is inconsistent: its dtype, shape, scale
+    /// tensor or block count disagrees with the format, or its scales are not finite; or a
+    /// tensor cannot be quantized (non-finite values, a block scale beyond f16's range).
+    #[error("tensor `{name}`: {message}")]
+    InvalidQuantized {
+        /// The tensor's checkpoint name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+
     /// A token id is outside the model's vocabulary.
     #[error("token id {token} is out of range for a vocabulary of {vocab}")]
     TokenOutOfRange {

@@ -29,6 +29,7 @@ pub mod kernels;
 pub mod model;
 pub mod parallel;
 pub mod perplexity;
+pub mod quant;
 pub mod sampling;
 pub mod snapshot;
 pub mod state;

@@ -16,6 +16,7 @@ use crate::attention::{FeatureKind, FeatureMap};
 use crate::config::{Config, PositionKind};
 use crate::error::{Error, Result};
 use crate::kernels::{self, scalar};
+use crate::quant::{QuantFormat, QuantTensor};
 use crate::state::State;
 use crate::weights::names::{self, BlockNames};
 use crate::weights::{Dtype, Tensor, WeightFile};
@@ -56,6 +57,61 @@ pub struct LoadOptions {
     pub huge_pages: bool,
 }
 
+/// A linear layer's weight: a float tensor, or block-quantized codes and scales
+/// ([`crate::quant`]).
+#[derive(Debug, Clone)]
+pub(crate) enum Weight {
+    Float(Tensor),
+    Quant(QuantTensor),
+}
+
+impl Weight {
+    /// Loads `name` of logical shape `[out, inp]`: float, or quantized in the config's
+    /// `weight_format` (a quantized tensor in another format, or in a model whose config names
+    /// none, is an error).
+    fn load(
+        file: &WeightFile,
+        name: &str,
+        out: usize,
+        inp: usize,
+        format: Option<QuantFormat>,
+    ) -> Result<Self> {
+        let resolved = names::resolve(file, name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+        })?;
+        let raw = file.raw(&resolved)?;
+        let Some(found) = QuantFormat::from_data_dtype(raw.dtype()) else {
+            return Ok(Weight::Float(load_tensor(file, name, &[out, inp])?));
+        };
+        match format {
+            Some(f) if f == found => Ok(Weight::Quant(QuantTensor::load(
+                file, &resolved, out, inp, f,
+            )?)),
+            Some(f) => Err(Error::InvalidQuantized {
+                name: resolved.to_string(),
+                message: format!(
+                    "holds {} codes ({found}) but config.json says weight_format {f}",
+                    raw.dtype()
+                ),
+            }),
+            None => Err(Error::InvalidQuantized {
+                name: resolved.to_string(),
+                message: format!(
+                    "holds {} codes ({found}) but config.json names no weight_format",
+                    raw.dtype()
+                ),
+            }),
+        }
+    }
+
+    fn rows(&self) -> usize {
+        match self {
+            Weight::Float(t) => t.shape()[0],
+            Weight::Quant(q) => q.shape()[0],
+        }
+    }
+}
+
 /// A linear layer: `y = W x (+ b)` with `W` of shape `[out, in]`.
 /// Row counts up to which [`Linear::forward_rows`] uses the decode kernel on cached weight
 /// tiles instead of a general matrix product (whose packing dominates at a few rows).
@@ -67,13 +123,20 @@ const FEW_ROWS_TILE: usize = 16;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    pub(crate) weight: Tensor,
+    pub(crate) weight: Weight,
     pub(crate) bias: Option<Tensor>,
 }
 
 impl Linear {
-    fn load(file: &WeightFile, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        let weight = load_tensor(file, &format!("{prefix}.weight"), &[out, inp])?;
+    fn load(
+        file: &WeightFile,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        format: Option<QuantFormat>,
+    ) -> Result<Self> {
+        let weight = Weight::load(file, &format!("{prefix}.weight"), out, inp, format)?;
         let bias = if bias {
             Some(load_tensor(file, &format!("{prefix}.bias"), &[out])?)
         } else {
@@ -88,7 +151,7 @@ impl Linear {
 
     /// Output features.
     fn out_features(&self) -> usize {
-        self.weight.shape()[0]
+        self.weight.rows()
     }
 
     /// `y = [L₀ x; L₁ x; …]` for linears sharing their input `x`, their outputs stacked in `y`,
@@ -107,11 +170,16 @@ impl Linear {
                 if a < b {
                     let ys = &mut y[a - g0..b - g0];
                     let (r0, r1) = (a - off, b - off);
-                    with_view!(lin.weight.view(), |w| kernels::matvec_serial(
-                        &w[r0 * cols..r1 * cols],
-                        x,
-                        ys
-                    ));
+                    match &lin.weight {
+                        Weight::Float(t) => with_view!(t.view(), |w| kernels::matvec_serial(
+                            &w[r0 * cols..r1 * cols],
+                            x,
+                            ys
+                        )),
+                        Weight::Quant(q) => {
+                            kernels::quant::matvec_serial(q.matrix().row_range(r0..r1), x, ys)
+                        }
+                    }
                     if let Some(bias) = &lin.bias {
                         with_view!(bias.view(), |bv| kernels::add_bias(&bv[r0..r1], ys));
                     }
@@ -132,7 +200,7 @@ impl Linear {
     /// kernel on tiles of [`FEW_ROWS_TILE`] weight rows, each tile read from memory once and
     /// applied to every input row while it sits in cache. Weight traffic is that of one
     /// sequence; each output element is computed exactly as single-stream decoding computes it.
-    fn forward_few_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+    fn forward_few_rows(&self, weight: &Tensor, x: &[f32], rows: usize, y: &mut [f32]) {
         let out = self.out_features();
         let cols = x.len() / rows.max(1);
         let block = kernels::matvec_block_rows(out, cols, rayon::current_num_threads())
@@ -148,7 +216,7 @@ impl Linear {
                     let t1 = (t0 + FEW_ROWS_TILE).min(r1);
                     for r in 0..rows {
                         let dst = &mut buf[r * len + (t0 - r0)..r * len + (t1 - r0)];
-                        with_view!(self.weight.view(), |w| kernels::matvec_serial(
+                        with_view!(weight.view(), |w| kernels::matvec_serial(
                             &w[t0 * cols..t1 * cols],
                             &x[r * cols..(r + 1) * cols],
                             dst
@@ -176,18 +244,21 @@ impl Linear {
 
     /// `y = x Wᵀ (+ b)` for `rows` rows of `x` at once.
     pub(crate) fn forward_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        let out = self.weight.shape()[0];
-        if rows <= FEW_ROWS {
-            self.forward_few_rows(x, rows, y);
-            return;
+        let out = self.weight.rows();
+        match &self.weight {
+            Weight::Float(t) if rows <= FEW_ROWS => {
+                self.forward_few_rows(t, x, rows, y);
+                return;
+            }
+            Weight::Float(t) => with_view!(t.view(), |w| kernels::matmul::linear(
+                x,
+                rows,
+                w,
+                out,
+                &mut y[..rows * out]
+            )),
+            Weight::Quant(q) => kernels::quant::linear(x, rows, q.matrix(), &mut y[..rows * out]),
         }
-        with_view!(self.weight.view(), |w| kernels::matmul::linear(
-            x,
-            rows,
-            w,
-            out,
-            &mut y[..rows * out]
-        ));
         if let Some(b) = &self.bias {
             for r in 0..rows {
                 with_view!(b.view(), |b| kernels::add_bias(
@@ -199,8 +270,12 @@ impl Linear {
     }
 
     fn forward_scalar(&self, x: &[f32]) -> Vec<f32> {
-        let mut y = vec![0.0; self.weight.shape()[0]];
-        with_view!(self.weight.view(), |w| scalar::matvec(w, x, &mut y));
+        let mut y = vec![0.0; self.weight.rows()];
+        match &self.weight {
+            Weight::Float(t) => with_view!(t.view(), |w| scalar::matvec(w, x, &mut y)),
+            // The reference for quantized weights: dequantized to f32, then the scalar product.
+            Weight::Quant(q) => scalar::matvec(&q.dequantize(), x, &mut y),
+        }
         if let Some(b) = &self.bias {
             for (o, i) in y.iter_mut().zip(0..) {
                 *o += b.view().get(i);
@@ -210,7 +285,18 @@ impl Linear {
     }
 
     fn tensors(&self) -> impl Iterator<Item = &Tensor> {
-        std::iter::once(&self.weight).chain(self.bias.iter())
+        let float = match &self.weight {
+            Weight::Float(t) => Some(t),
+            Weight::Quant(_) => None,
+        };
+        float.into_iter().chain(self.bias.iter())
+    }
+
+    fn quantized(&self) -> Option<&QuantTensor> {
+        match &self.weight {
+            Weight::Quant(q) => Some(q),
+            Weight::Float(_) => None,
+        }
     }
 }
 
@@ -444,17 +530,19 @@ impl Layer {
         let (dim, inner) = (c.dim, c.inner_dim());
         let local_heads = c.local_attn_heads[layer];
         let ff_in = c.ff_hidden() * if c.ff_glu { 2 } else { 1 };
+        let q = c.weight_format;
         Ok(Layer {
             attn_norm: BlockNorm::load(file, c, &n.attn_branch, dim)?,
-            to_q: Linear::load(file, &format!("{}.to_q", n.attn), inner, dim, c.qkv_bias)?,
-            to_k: Linear::load(file, &format!("{}.to_k", n.attn), inner, dim, c.qkv_bias)?,
-            to_v: Linear::load(file, &format!("{}.to_v", n.attn), inner, dim, c.qkv_bias)?,
+            to_q: Linear::load(file, &format!("{}.to_q", n.attn), inner, dim, c.qkv_bias, q)?,
+            to_k: Linear::load(file, &format!("{}.to_k", n.attn), inner, dim, c.qkv_bias, q)?,
+            to_v: Linear::load(file, &format!("{}.to_v", n.attn), inner, dim, c.qkv_bias, q)?,
             attn_out: Linear::load(
                 file,
                 &format!("{}.to_out", n.attn),
                 dim,
                 inner,
                 c.attn_out_bias,
+                q,
             )?,
             projection: load_tensor(
                 file,
@@ -476,8 +564,8 @@ impl Layer {
                 None
             },
             ff_norm: BlockNorm::load(file, c, &n.ff_branch, dim)?,
-            w1: Linear::load(file, &format!("{}.w1", n.ff), ff_in, dim, true)?,
-            w2: Linear::load(file, &format!("{}.w2", n.ff), dim, c.ff_hidden(), true)?,
+            w1: Linear::load(file, &format!("{}.w1", n.ff), ff_in, dim, true, q)?,
+            w2: Linear::load(file, &format!("{}.w2", n.ff), dim, c.ff_hidden(), true, q)?,
         })
     }
 
@@ -491,6 +579,19 @@ impl Layer {
             .chain(self.ff_norm.tensors())
             .chain(self.w1.tensors())
             .chain(self.w2.tensors())
+    }
+
+    fn quantized(&self) -> impl Iterator<Item = &QuantTensor> {
+        [
+            &self.to_q,
+            &self.to_k,
+            &self.to_v,
+            &self.attn_out,
+            &self.w1,
+            &self.w2,
+        ]
+        .into_iter()
+        .filter_map(Linear::quantized)
     }
 }
 
@@ -640,7 +741,14 @@ impl Model {
         let to_out = if c.tie_embed {
             None
         } else {
-            Some(Linear::load(&file, "to_out", c.num_tokens, c.dim, true)?)
+            Some(Linear::load(
+                &file,
+                "to_out",
+                c.num_tokens,
+                c.dim,
+                true,
+                c.weight_format,
+            )?)
         };
         Ok(Model {
             config,
@@ -691,7 +799,25 @@ impl Model {
         self.config.num_tokens
     }
 
-    /// Every learned tensor the forward pass reads.
+    /// Every block-quantized weight (empty for a float model).
+    pub fn quantized(&self) -> impl Iterator<Item = &QuantTensor> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.quantized())
+            .chain(self.to_out.iter().filter_map(Linear::quantized))
+    }
+
+    /// Weight counts per quantized format (empty for a float model).
+    pub fn quantized_counts(&self) -> Vec<(QuantFormat, usize)> {
+        let mut counts = std::collections::BTreeMap::new();
+        for q in self.quantized() {
+            *counts.entry(q.format()).or_insert(0) += q.numel();
+        }
+        counts.into_iter().collect()
+    }
+
+    /// Every learned float tensor the forward pass reads (quantized weights are in
+    /// [`Model::quantized`]).
     pub fn tensors(&self) -> impl Iterator<Item = &Tensor> {
         std::iter::once(&self.token_emb)
             .chain(self.positions.tensors())
@@ -703,7 +829,8 @@ impl Model {
     /// Number of learned parameters (buffers such as projection matrices and sinusoid tables
     /// are not parameters).
     pub fn parameter_count(&self) -> usize {
-        self.tensors().map(Tensor::numel).sum()
+        self.tensors().map(Tensor::numel).sum::<usize>()
+            + self.quantized().map(QuantTensor::numel).sum::<usize>()
     }
 
     /// Bytes of weights read per decoded token: every parameter but the embedding table (one
@@ -712,6 +839,7 @@ impl Model {
     pub fn weight_bytes_per_token(&self) -> usize {
         let bytes = |t: &Tensor| t.numel() * t.dtype().size();
         let all: usize = self.tensors().map(bytes).sum::<usize>()
+            + self.quantized().map(QuantTensor::bytes).sum::<usize>()
             + self
                 .layers
                 .iter()
@@ -1260,7 +1388,9 @@ mod tests {
             let lin: Vec<Linear> = [(200, true), (256, false), (144, true)]
                 .iter()
                 .enumerate()
-                .map(|(i, &(out, bias))| Linear::load(&file, &format!("l{i}"), out, 500, bias))
+                .map(|(i, &(out, bias))| {
+                    Linear::load(&file, &format!("l{i}"), out, 500, bias, None)
+                })
                 .collect::<Result<_>>()
                 .unwrap();
             let refs: Vec<&Linear> = lin.iter().collect();

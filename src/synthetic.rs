@@ -186,7 +186,18 @@ impl SyntheticShape {
 
     /// Approximate size of `model.safetensors` in `dtype` (tensor data; the header adds a few KB).
     pub fn file_bytes(&self, dtype: WeightDtype) -> usize {
-        self.stored_elements() * dtype.size()
+        self.tensors()
+            .iter()
+            .map(|(name, s, _)| {
+                let n = s.iter().product::<usize>();
+                match dtype.quant_format() {
+                    Some(f) if crate::quant::is_quantized_name(name, s) => {
+                        (n as f64 * f.bytes_per_weight()) as usize
+                    }
+                    _ => n * dtype.size(),
+                }
+            })
+            .sum()
     }
 
     /// `config.json`: the `PerformerLM` keyword arguments.
@@ -216,20 +227,36 @@ pub enum WeightDtype {
     F16,
     /// bfloat16.
     Bf16,
+    /// The linear weights quantized to q8_0 ([`crate::quant`]) from f32, the rest f32.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// The linear weights quantized to q4_0 from f32, the rest f32.
+    #[serde(rename = "q4_0")]
+    Q4_0,
 }
 
 impl WeightDtype {
-    /// Bytes per element.
+    /// Bytes per float element (for the quantized dtypes: of the f32 tensors they keep and
+    /// are made from).
     pub fn size(self) -> usize {
         match self {
-            WeightDtype::F32 => 4,
+            WeightDtype::F32 | WeightDtype::Q8_0 | WeightDtype::Q4_0 => 4,
             WeightDtype::F16 | WeightDtype::Bf16 => 2,
+        }
+    }
+
+    /// The block-quantized format, for `q8_0` and `q4_0`.
+    pub fn quant_format(self) -> Option<crate::quant::QuantFormat> {
+        match self {
+            WeightDtype::Q8_0 => Some(crate::quant::QuantFormat::Q8_0),
+            WeightDtype::Q4_0 => Some(crate::quant::QuantFormat::Q4_0),
+            _ => None,
         }
     }
 
     fn safetensors(self) -> safetensors::Dtype {
         match self {
-            WeightDtype::F32 => safetensors::Dtype::F32,
+            WeightDtype::F32 | WeightDtype::Q8_0 | WeightDtype::Q4_0 => safetensors::Dtype::F32,
             WeightDtype::F16 => safetensors::Dtype::F16,
             WeightDtype::Bf16 => safetensors::Dtype::BF16,
         }
@@ -237,7 +264,9 @@ impl WeightDtype {
 
     fn put(self, x: f32, out: &mut [u8]) {
         match self {
-            WeightDtype::F32 => out.copy_from_slice(&x.to_le_bytes()),
+            WeightDtype::F32 | WeightDtype::Q8_0 | WeightDtype::Q4_0 => {
+                out.copy_from_slice(&x.to_le_bytes())
+            }
             WeightDtype::F16 => out.copy_from_slice(&half::f16::from_f32(x).to_le_bytes()),
             WeightDtype::Bf16 => out.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
         }
@@ -250,6 +279,8 @@ impl fmt::Display for WeightDtype {
             WeightDtype::F32 => "f32",
             WeightDtype::F16 => "f16",
             WeightDtype::Bf16 => "bf16",
+            WeightDtype::Q8_0 => "q8_0",
+            WeightDtype::Q4_0 => "q4_0",
         })
     }
 }
@@ -261,8 +292,10 @@ impl FromStr for WeightDtype {
             "f32" | "float32" => Ok(WeightDtype::F32),
             "f16" | "float16" | "half" => Ok(WeightDtype::F16),
             "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+            "q8_0" => Ok(WeightDtype::Q8_0),
+            "q4_0" => Ok(WeightDtype::Q4_0),
             other => Err(format!(
-                "unknown dtype `{other}` (expected f32, f16 or bf16)"
+                "unknown dtype `{other}` (expected f32, f16, bf16, q8_0 or q4_0)"
             )),
         }
     }
@@ -399,6 +432,9 @@ fn generate(shape: &[usize], init: Init, dtype: WeightDtype, seed: u64) -> Vec<u
 /// `safetensors::serialize_to_file`, which also writes a temporary file and renames it.
 /// The same shape, dtype and seed always give the same bytes.
 pub fn write(dir: &Path, shape: &SyntheticShape, dtype: WeightDtype, seed: u64) -> Result<()> {
+    if let Some(format) = dtype.quant_format() {
+        return write_quantized(dir, shape, format, seed);
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let specs = shape.tensors();
     let tensors: Vec<(String, Owned)> = specs
@@ -428,5 +464,41 @@ pub fn write(dir: &Path, shape: &SyntheticShape, dtype: WeightDtype, seed: u64) 
     .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
     let config = dir.join("config.json");
     crate::fsutil::write_atomic(&config, |w| w.write_all(shape.config_json().as_bytes()))?;
+    Ok(())
+}
+
+/// [`write`] for a quantized dtype: the f32 model (the same bytes [`write`] makes for f32)
+/// written to `dir/.float`, quantized into `dir`, and removed.
+fn write_quantized(
+    dir: &Path,
+    shape: &SyntheticShape,
+    format: crate::quant::QuantFormat,
+    seed: u64,
+) -> Result<()> {
+    let float = dir.join(".float");
+    write(&float, shape, WeightDtype::F32, seed)?;
+    let tensors = crate::quant::quantize_file(
+        &crate::weights::WeightFile::open(float.join("model.safetensors"))?,
+        format,
+        |_, _| {},
+    )?;
+    let path = dir.join("model.safetensors");
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert(
+        "synthetic".to_string(),
+        format!("shape={} dtype={format} seed={seed}", shape.name),
+    );
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(metadata),
+        &path,
+    )
+    .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
+    std::fs::remove_dir_all(&float).map_err(|e| Error::io(&float, e))?;
+    let mut config: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&shape.config_json()).expect("config_json is an object");
+    config.insert(crate::quant::CONFIG_KEY.into(), format.name().into());
+    let text = serde_json::to_string_pretty(&config).expect("a JSON object serializes");
+    crate::fsutil::write_atomic(dir.join("config.json"), |w| w.write_all(text.as_bytes()))?;
     Ok(())
 }

@@ -448,8 +448,15 @@ impl ModelInfo {
         let dtype = model
             .dtype_counts()
             .into_iter()
-            .max_by_key(|&(_, n)| n)
-            .map(|(d, _)| d.to_string().to_ascii_lowercase())
+            .map(|(d, n)| (d.to_string().to_ascii_lowercase(), n))
+            .chain(
+                model
+                    .quantized_counts()
+                    .into_iter()
+                    .map(|(f, n)| (f.to_string(), n)),
+            )
+            .max_by_key(|(_, n)| *n)
+            .map(|(d, _)| d)
             .unwrap_or_else(|| "?".into());
         ModelInfo {
             name: name.to_string(),

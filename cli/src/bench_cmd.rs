@@ -27,9 +27,15 @@ pub struct BenchArgs {
     /// directory, or to --synthetic-dir).
     #[arg(long)]
     shape: Option<String>,
-    /// Stored dtype of the synthetic model: f32, f16 or bf16.
+    /// Stored dtype of the synthetic model: f32, f16, bf16, or q8_0 / q4_0 (linear weights
+    /// quantized from f32, the rest f32).
     #[arg(long, default_value = "f32", requires = "shape")]
     dtype: WeightDtype,
+    /// The quantized matrix-vector method for q8_0/q4_0 weights: dequant (the default: codes
+    /// widened to f32 in registers, exact activations) or int8 (activation rounded to int8 per
+    /// block of 32, AVX-512 VNNI dot products; faster, not bit-comparable with prefill).
+    #[arg(long, value_parser = ["dequant", "int8", "portable"])]
+    quant_kernel: Option<String>,
     /// Keep (and reuse) the synthetic model in this directory.
     #[arg(long, requires = "shape")]
     synthetic_dir: Option<PathBuf>,
@@ -136,6 +142,22 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         (None, Some(s)) => (synthetic_model(&a, s, &mut tmp)?, format!("synthetic {s}")),
         (None, None) => return Err("give a model with --model DIR or --shape NAME".into()),
     };
+    if let Some(k) = &a.quant_kernel {
+        use performer::kernels::quant::{set_method, Method};
+        let method = match k.as_str() {
+            "int8" => Method::Int8,
+            "portable" => Method::Portable,
+            _ => Method::Dequant,
+        };
+        for f in [
+            performer::quant::QuantFormat::Q8_0,
+            performer::quant::QuantFormat::Q4_0,
+        ] {
+            if !set_method(f, Some(method)) {
+                return Err(format!("--quant-kernel {k} is not supported on this CPU").into());
+            }
+        }
+    }
     let model = Model::load_with(
         &dir,
         performer::LoadOptions {

@@ -52,6 +52,21 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// Load-test a running server with concurrent streaming requests.
     Loadtest(loadtest_cmd::LoadtestArgs),
+    /// Write a copy of a model with block-quantized linear weights (q8_0 or q4_0).
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The float model directory; default: the model in models/.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The format: q8_0 (int8, f16 scale per 32) or q4_0 (4-bit, f16 scale per 32).
+    #[arg(long)]
+    to: performer::quant::QuantFormat,
+    /// The directory to write (must not exist; written atomically).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -234,6 +249,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => {
             serve_cmd::run(a, cli.threads, default_model_dir()).map_err(Into::into)
         }
+        Command::Quantize(a) => quantize(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -325,6 +341,34 @@ fn generate(a: GenerateArgs) -> CliResult {
     Ok(())
 }
 
+fn quantize(a: QuantizeArgs) -> CliResult {
+    use std::io::IsTerminal;
+    let src = a.model.unwrap_or_else(default_model_dir);
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {percent}% of the weights, eta {eta}")
+            .map_err(|e| e.to_string())?,
+    );
+    performer::quant::quantize_dir(&src, &a.out, a.to, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let size = |d: &Path| std::fs::metadata(d.join("model.safetensors")).map_or(0, |m| m.len());
+    eprintln!(
+        "wrote {} ({}, model.safetensors {} bytes, was {})",
+        a.out.display(),
+        a.to,
+        size(&a.out),
+        size(&src)
+    );
+    Ok(())
+}
+
 fn info(a: InfoArgs) -> CliResult {
     // Everything is checked before anything is printed: a failure prints one line to stderr
     // and nothing to stdout.
@@ -359,6 +403,20 @@ fn info(a: InfoArgs) -> CliResult {
         .map(|(d, n)| format!("{d} ({n} elements)"))
         .collect();
     let _ = writeln!(o, "dtypes: {}", dtypes.join(", "));
+    if let Some(f) = model.config().weight_format {
+        let q: Vec<String> = model
+            .quantized_counts()
+            .iter()
+            .map(|(f, n)| format!("{f} ({n} weights)"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "quantized ({f}, {:.3} bytes per weight with scales): {} in {} tensors; embeddings, norms, biases and projection matrices in the dtypes above",
+            f.bytes_per_weight(),
+            q.join(", "),
+            model.quantized().count()
+        );
+    }
     let _ = writeln!(
         o,
         "file: {} ({} bytes)",
@@ -427,6 +485,10 @@ fn print_config(o: &mut String, c: &Config) {
         ("kernel_eps", c.kernel_eps.to_string()),
         ("denominator_eps", c.denominator_eps.to_string()),
         ("tokenizer", c.tokenizer.name().to_string()),
+        (
+            "weight_format",
+            c.weight_format.map_or("none".into(), |f| f.to_string()),
+        ),
     ];
     for (k, v) in rows {
         let _ = writeln!(o, "  {k:<22} {v:<12} ({})", mark(k));

@@ -11,6 +11,7 @@
 
 pub mod isa;
 pub mod matmul;
+pub mod quant;
 pub mod scalar;
 pub mod simd;
 

@@ -388,6 +388,21 @@ impl WeightFile {
         self.entries.contains_key(name)
     }
 
+    /// Any entry by name as raw bytes (see [`RawTensor`]): a missing name is a typed error.
+    pub fn raw(&self, name: &str) -> Result<RawTensor> {
+        let (info, range, _) = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.into() })?;
+        Ok(RawTensor {
+            name: name.into(),
+            dtype: info.dtype.clone(),
+            shape: info.shape.clone(),
+            map: self.map.clone(),
+            range: range.clone(),
+        })
+    }
+
     /// A float tensor by name: missing names and non-float dtypes are typed errors.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let (info, range, dtype) = self
@@ -423,6 +438,41 @@ impl WeightFile {
             shape: info.shape.clone(),
             storage: Arc::new(storage),
         })
+    }
+}
+
+/// An entry's bytes, whatever its dtype, borrowed from the file mapping: the integer tensors
+/// of the block-quantized formats ([`crate::quant`]) are read through this. Bytes have no
+/// alignment requirement, so nothing is ever copied.
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    name: Arc<str>,
+    dtype: String,
+    shape: Vec<usize>,
+    map: Arc<Mmap>,
+    range: Range<usize>,
+}
+
+impl RawTensor {
+    /// The checkpoint name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The safetensors dtype name (`I8`, `U8`, …).
+    pub fn dtype(&self) -> &str {
+        &self.dtype
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The bytes, borrowed from the mapping (the safetensors header validation guarantees
+    /// their count matches dtype × shape).
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.range.clone()]
     }
 }
 

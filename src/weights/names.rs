@@ -59,7 +59,18 @@ impl BlockNames {
 
 /// Reads what the shapes determine. Keys the file cannot settle stay `None`.
 pub fn infer(file: &WeightFile) -> Inferred {
-    let shape = |n: &str| resolve(file, n).and_then(|n| file.shape(&n).map(<[usize]>::to_vec));
+    // A q4_0 weight stores two codes per byte: its logical width is twice the stored one.
+    let shape = |n: &str| {
+        resolve(file, n).and_then(|n| {
+            let mut s = file.shape(&n)?.to_vec();
+            let packed = file.raw(&n).is_ok_and(|r| r.dtype() == "U8")
+                && file.contains(&format!("{n}{}", crate::quant::SCALES_SUFFIX));
+            if let (true, Some(last)) = (packed, s.last_mut()) {
+                *last = last.saturating_mul(2);
+            }
+            Some(s)
+        })
+    };
     let mut inf = Inferred::default();
     if let Some(s) = shape("token_emb.weight").filter(|s| s.len() == 2) {
         inf.num_tokens = Some(s[0]);

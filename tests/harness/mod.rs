@@ -235,6 +235,7 @@ pub fn is_load_error(e: &Error) -> bool {
             | Error::ShapeMismatch { .. }
             | Error::UnsupportedDtype { .. }
             | Error::NonFiniteWeight { .. }
+            | Error::InvalidQuantized { .. }
     )
 }
 

@@ -1,0 +1,679 @@
+//! Block-quantized weights: the `q8_0` and `q4_0` formats, their validation at load, and the
+//! conversion of a model directory ([`quantize_dir`]).
+//!
+//! Both formats cut a weight row (a torch `Linear` weight `[out, in]` is row-major, so a row
+//! runs along the input dimension) into blocks of [`BLOCK`] = 32 consecutive weights with one
+//! f16 scale `d` per block:
+//!
+//! - `q8_0`: `w = q · d` with `q` an int8 in `[-127, 127]`, `d = max|w| / 127`.
+//! - `q4_0`: `w = (n − 8) · d` with `n` a 4-bit code in `[0, 15]`, `d = −m / 8` where `m` is
+//!   the block's weight of largest magnitude (so `m` itself is exact, code 0).
+//!
+//! In `model.safetensors` a quantized weight keeps its checkpoint name, with integer data, and
+//! gains an F16 companion `<name>.scales` of shape `[out, in / 32]`:
+//!
+//! | format | `<name>` | `<name>.scales` |
+//! |---|---|---|
+//! | `q8_0` | I8 `[out, in]`, the codes `q` | F16 `[out, in/32]` |
+//! | `q4_0` | U8 `[out, in/2]`: byte `j` of a block's 16 holds weight `j` in its low nibble and weight `j + 16` in its high nibble | F16 `[out, in/32]` |
+//!
+//! `config.json` records the format as `"weight_format": "q8_0"` (or `"q4_0"`). Quantized are
+//! the matrices decoding streams: the attention's q, k, v and output projections, the
+//! feed-forward's `w1` and `w2` and the untied output layer `to_out`, when their input width is
+//! a multiple of 32. Everything else stays in its float dtype: the token embedding (one row is
+//! read per token, and when tied it is also the output layer, whose rounding the perplexity
+//! would feel first), position tables, norms, biases (a few thousand values) and the FAVOR+
+//! projection matrices (tiny, and every feature of every head goes through them).
+//!
+//! Loading stays zero-copy: the codes are bytes borrowed from the mapping, the scales an F16
+//! [`Tensor`]. Dtypes, shapes, block counts and the finiteness of every scale are checked at
+//! load ([`QuantTensor::load`]).
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use half::f16;
+
+use crate::error::{Error, Result};
+use crate::weights::{Dtype, RawTensor, Tensor, WeightFile};
+
+/// Weights per block (along the input dimension).
+pub const BLOCK: usize = 32;
+
+/// The config key recording a quantized model's format.
+pub const CONFIG_KEY: &str = "weight_format";
+
+/// Suffix of the scale tensor that accompanies a quantized weight.
+pub const SCALES_SUFFIX: &str = ".scales";
+
+/// A block-quantized weight format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QuantFormat {
+    /// int8 codes, one f16 scale per block of 32.
+    Q8_0,
+    /// 4-bit codes (offset 8), one f16 scale per block of 32.
+    Q4_0,
+}
+
+impl QuantFormat {
+    /// The config / command-line spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4_0 => "q4_0",
+        }
+    }
+
+    /// The safetensors dtype of the codes.
+    pub fn data_dtype(self) -> safetensors::Dtype {
+        match self {
+            QuantFormat::Q8_0 => safetensors::Dtype::I8,
+            QuantFormat::Q4_0 => safetensors::Dtype::U8,
+        }
+    }
+
+    /// Bytes of codes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantFormat::Q8_0 => BLOCK,
+            QuantFormat::Q4_0 => BLOCK / 2,
+        }
+    }
+
+    /// Bytes of codes for a row of `cols` weights (`cols` a multiple of [`BLOCK`]).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / BLOCK * self.block_bytes()
+    }
+
+    /// Bytes stored per weight, codes and scales together (34/32 and 18/32).
+    pub fn bytes_per_weight(self) -> f64 {
+        (self.block_bytes() + 2) as f64 / BLOCK as f64
+    }
+
+    /// The format whose codes have this safetensors dtype.
+    pub fn from_data_dtype(dtype: &str) -> Option<Self> {
+        match dtype {
+            "I8" => Some(QuantFormat::Q8_0),
+            "U8" => Some(QuantFormat::Q4_0),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for QuantFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "q8_0" => Ok(QuantFormat::Q8_0),
+            "q4_0" => Ok(QuantFormat::Q4_0),
+            other => Err(format!(
+                "unknown weight format `{other}` (supported: q8_0, q4_0)"
+            )),
+        }
+    }
+}
+
+fn invalid(name: &str, message: impl Into<String>) -> Error {
+    Error::InvalidQuantized {
+        name: name.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Quantizes one row (`src.len()` a multiple of [`BLOCK`]) into `codes`
+/// ([`QuantFormat::row_bytes`] bytes) and `scales` (`src.len() / 32`). `name` only labels the
+/// error: a non-finite weight, or a block whose scale exceeds f16's range (|w| above about
+/// 8.3e6 for q8_0, 5.2e5 for q4_0). Blocks so small that their scale rounds to zero in f16
+/// become all-zero blocks.
+pub fn quantize_row(
+    format: QuantFormat,
+    name: &str,
+    src: &[f32],
+    codes: &mut [u8],
+    scales: &mut [f16],
+) -> Result<()> {
+    assert!(
+        src.len().is_multiple_of(BLOCK),
+        "quantize_row: partial block"
+    );
+    assert_eq!(
+        codes.len(),
+        format.row_bytes(src.len()),
+        "quantize_row: codes"
+    );
+    assert_eq!(scales.len(), src.len() / BLOCK, "quantize_row: scales");
+    let bb = format.block_bytes();
+    for (b, block) in src.chunks_exact(BLOCK).enumerate() {
+        if let Some(i) = block.iter().position(|v| !v.is_finite()) {
+            return Err(invalid(
+                name,
+                format!("element {} is not finite", b * BLOCK + i),
+            ));
+        }
+        // The element of largest magnitude, with its sign (the first one on ties).
+        let m = block
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let d = match format {
+            QuantFormat::Q8_0 => m.abs() / 127.0,
+            QuantFormat::Q4_0 => m / -8.0,
+        };
+        let d16 = f16::from_f32(d);
+        if !d16.is_finite() {
+            return Err(invalid(
+                name,
+                format!("block {b}: scale {d:e} exceeds the f16 range of the {format} format"),
+            ));
+        }
+        scales[b] = d16;
+        // Codes from the stored (rounded) scale, so that q · d is as close to w as it can be.
+        let d = d16.to_f32();
+        let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+        let out = &mut codes[b * bb..(b + 1) * bb];
+        match format {
+            QuantFormat::Q8_0 => {
+                for (o, &v) in out.iter_mut().zip(block) {
+                    *o = ((v * inv).round().clamp(-127.0, 127.0) as i8) as u8;
+                }
+            }
+            QuantFormat::Q4_0 => {
+                let code = |v: f32| ((v * inv).round() + 8.0).clamp(0.0, 15.0) as u8;
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = code(block[j]) | (code(block[j + BLOCK / 2]) << 4);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The weights of one quantized row, widened exactly (`q · d` has at most 19 significant bits).
+pub fn dequantize_row(format: QuantFormat, codes: &[u8], scales: &[f16], out: &mut [f32]) {
+    let bb = format.block_bytes();
+    assert_eq!(out.len(), scales.len() * BLOCK, "dequantize_row: length");
+    assert!(codes.len() >= scales.len() * bb, "dequantize_row: codes");
+    for (b, (o, &s)) in out.chunks_exact_mut(BLOCK).zip(scales).enumerate() {
+        let d = s.to_f32();
+        let c = &codes[b * bb..(b + 1) * bb];
+        match format {
+            QuantFormat::Q8_0 => {
+                for (o, &q) in o.iter_mut().zip(c) {
+                    *o = (q as i8) as f32 * d;
+                }
+            }
+            QuantFormat::Q4_0 => {
+                for (j, &byte) in c.iter().enumerate() {
+                    o[j] = ((byte & 0xF) as f32 - 8.0) * d;
+                    o[j + BLOCK / 2] = ((byte >> 4) as f32 - 8.0) * d;
+                }
+            }
+        }
+    }
+}
+
+/// A borrowed quantized matrix: `rows × cols` weights as codes and per-block scales.
+#[derive(Debug, Clone, Copy)]
+pub struct QMatrix<'a> {
+    /// The format.
+    pub format: QuantFormat,
+    /// Codes, row-major, [`QuantFormat::row_bytes`] per row.
+    pub codes: &'a [u8],
+    /// Scales, row-major, `cols / 32` per row.
+    pub scales: &'a [f16],
+    /// Rows.
+    pub rows: usize,
+    /// Columns (a multiple of [`BLOCK`]).
+    pub cols: usize,
+}
+
+impl<'a> QMatrix<'a> {
+    /// A matrix over `codes` and `scales`; `None` when their lengths do not fit `rows × cols`
+    /// or `cols` is not a multiple of 32.
+    pub fn new(
+        format: QuantFormat,
+        codes: &'a [u8],
+        scales: &'a [f16],
+        rows: usize,
+        cols: usize,
+    ) -> Option<Self> {
+        (cols.is_multiple_of(BLOCK)
+            && codes.len() == rows.checked_mul(format.row_bytes(cols))?
+            && scales.len() == rows.checked_mul(cols / BLOCK)?)
+        .then_some(QMatrix {
+            format,
+            codes,
+            scales,
+            rows,
+            cols,
+        })
+    }
+
+    /// Rows `range` as a matrix of their own.
+    pub fn row_range(&self, range: std::ops::Range<usize>) -> QMatrix<'a> {
+        let (rb, sb) = (self.format.row_bytes(self.cols), self.cols / BLOCK);
+        QMatrix {
+            codes: &self.codes[range.start * rb..range.end * rb],
+            scales: &self.scales[range.start * sb..range.end * sb],
+            rows: range.len(),
+            ..*self
+        }
+    }
+
+    /// Row `r`'s codes and scales.
+    pub fn row(&self, r: usize) -> (&'a [u8], &'a [f16]) {
+        let (rb, sb) = (self.format.row_bytes(self.cols), self.cols / BLOCK);
+        (
+            &self.codes[r * rb..(r + 1) * rb],
+            &self.scales[r * sb..(r + 1) * sb],
+        )
+    }
+
+    /// Widens rows `range` into `out` (`range.len() × cols`).
+    pub fn dequantize_rows(&self, range: std::ops::Range<usize>, out: &mut [f32]) {
+        for (r, o) in range.zip(out.chunks_exact_mut(self.cols)) {
+            let (c, s) = self.row(r);
+            dequantize_row(self.format, c, s, o);
+        }
+    }
+}
+
+/// A quantized weight of a loaded model: codes borrowed from the mapping, F16 scales.
+#[derive(Debug, Clone)]
+pub struct QuantTensor {
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    codes: RawTensor,
+    scales: Tensor,
+}
+
+impl QuantTensor {
+    /// Loads the quantized weight `name` (already resolved to an entry of `file`) of logical
+    /// shape `[rows, cols]` in `format`, checking the codes' dtype and shape, the scale
+    /// tensor's presence, dtype and shape, and that every scale is finite.
+    pub fn load(
+        file: &WeightFile,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        format: QuantFormat,
+    ) -> Result<Self> {
+        let codes = file.raw(name)?;
+        if codes.dtype() != format!("{:?}", format.data_dtype()) {
+            return Err(invalid(
+                name,
+                format!(
+                    "the {format} format stores {:?} codes, found {}",
+                    format.data_dtype(),
+                    codes.dtype()
+                ),
+            ));
+        }
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(invalid(
+                name,
+                format!("input width {cols} is not a multiple of the block size {BLOCK}"),
+            ));
+        }
+        let stored = [rows, format.row_bytes(cols)];
+        if codes.shape() != stored {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: stored.to_vec(),
+                found: codes.shape().to_vec(),
+            });
+        }
+        let scale_name = format!("{name}{SCALES_SUFFIX}");
+        let scales = file.tensor(&scale_name).map_err(|e| match e {
+            Error::MissingTensor { .. } => invalid(
+                name,
+                format!("quantized weight without its scale tensor `{scale_name}`"),
+            ),
+            other => other,
+        })?;
+        if scales.dtype() != Dtype::F16 {
+            return Err(invalid(
+                &scale_name,
+                format!("scales must be F16, found {}", scales.dtype()),
+            ));
+        }
+        scales.expect_shape(&[rows, cols / BLOCK])?;
+        if let Some(index) = scales.view().first_non_finite() {
+            return Err(invalid(&scale_name, format!("scale {index} is not finite")));
+        }
+        Ok(QuantTensor {
+            format,
+            rows,
+            cols,
+            codes,
+            scales,
+        })
+    }
+
+    /// The checkpoint name of the codes.
+    pub fn name(&self) -> &str {
+        self.codes.name()
+    }
+
+    /// The format.
+    pub fn format(&self) -> QuantFormat {
+        self.format
+    }
+
+    /// The logical shape `[rows, cols]`.
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// Weights (logical elements).
+    pub fn numel(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Bytes stored: codes and scales.
+    pub fn bytes(&self) -> usize {
+        self.codes.bytes().len() + 2 * self.scales.numel()
+    }
+
+    /// True when codes and scales are borrowed from the file mapping.
+    pub fn is_mapped(&self) -> bool {
+        self.scales.is_mapped()
+    }
+
+    /// The matrix view the kernels take.
+    pub fn matrix(&self) -> QMatrix<'_> {
+        let crate::weights::View::F16(scales) = self.scales.view() else {
+            unreachable!("checked F16 at load")
+        };
+        QMatrix {
+            format: self.format,
+            codes: self.codes.bytes(),
+            scales,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
+    /// Every weight widened to f32, row-major (for references and tests).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.numel()];
+        self.matrix().dequantize_rows(0..self.rows, &mut out);
+        out
+    }
+}
+
+/// True when the quantizer converts the entry `name` of shape `shape`: a 2-D linear weight of a
+/// block (q, k, v, attention output, `w1`, `w2`) or the untied output layer, of an input width
+/// that is a multiple of [`BLOCK`].
+pub fn is_quantized_name(name: &str, shape: &[usize]) -> bool {
+    const SUFFIXES: [&str; 6] = [
+        ".to_q.weight",
+        ".to_k.weight",
+        ".to_v.weight",
+        ".to_out.weight",
+        ".w1.weight",
+        ".w2.weight",
+    ];
+    let linear = name == "to_out.weight"
+        || (name.starts_with("performer.") && SUFFIXES.iter().any(|s| name.ends_with(s)));
+    linear && shape.len() == 2 && shape[1] > 0 && shape[1].is_multiple_of(BLOCK)
+}
+
+/// One tensor of a file being written: dtype, shape and little-endian bytes.
+#[derive(Debug, Clone)]
+pub struct OwnedTensor {
+    /// The safetensors dtype.
+    pub dtype: safetensors::Dtype,
+    /// The shape.
+    pub shape: Vec<usize>,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+impl safetensors::View for &OwnedTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Quantizes the tensors of `file` in `format` ([`is_quantized_name`] decides which; every
+/// other entry is copied unchanged). `progress(done, total)` is called with weight elements
+/// processed so far. Refuses a file that already holds quantized weights.
+pub fn quantize_file(
+    file: &WeightFile,
+    format: QuantFormat,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<(String, OwnedTensor)>> {
+    if let Some((name, _)) = file
+        .entries()
+        .find(|(n, e)| n.ends_with(SCALES_SUFFIX) || e.dtype == "I8" || e.dtype == "U8")
+    {
+        return Err(Error::Unsupported {
+            option: "quantize".into(),
+            reason: format!(
+                "`{name}` is already quantized; re-quantizing would compound the rounding (quantize the float model instead)"
+            ),
+        });
+    }
+    let total: usize = file
+        .entries()
+        .map(|(_, e)| e.shape.iter().product::<usize>())
+        .sum();
+    let mut done = 0;
+    let mut out = Vec::new();
+    let names: Vec<String> = file.entries().map(|(n, _)| n.to_string()).collect();
+    for name in names {
+        let raw = file.raw(&name)?;
+        let shape = raw.shape().to_vec();
+        let numel: usize = shape.iter().product();
+        if is_quantized_name(&name, &shape) && file.tensor(&name).is_ok() {
+            let t = file.tensor(&name)?;
+            let (rows, cols) = (shape[0], shape[1]);
+            let mut codes = vec![0u8; rows * format.row_bytes(cols)];
+            let mut scales = vec![f16::ZERO; rows * cols / BLOCK];
+            let mut row = vec![0f32; cols];
+            for r in 0..rows {
+                t.row(r).to_f32_into(&mut row);
+                let rb = format.row_bytes(cols);
+                quantize_row(
+                    format,
+                    &name,
+                    &row,
+                    &mut codes[r * rb..(r + 1) * rb],
+                    &mut scales[r * cols / BLOCK..(r + 1) * cols / BLOCK],
+                )?;
+                if r % 256 == 255 {
+                    progress(done + (r + 1) * cols, total);
+                }
+            }
+            out.push((
+                format!("{name}{SCALES_SUFFIX}"),
+                OwnedTensor {
+                    dtype: safetensors::Dtype::F16,
+                    shape: vec![rows, cols / BLOCK],
+                    data: bytemuck::cast_slice(&scales).to_vec(),
+                },
+            ));
+            out.push((
+                name,
+                OwnedTensor {
+                    dtype: format.data_dtype(),
+                    shape: vec![rows, format.row_bytes(cols)],
+                    data: codes,
+                },
+            ));
+        } else {
+            let dtype = st_dtype(raw.dtype()).ok_or_else(|| Error::UnsupportedDtype {
+                name: name.clone(),
+                dtype: raw.dtype().to_string(),
+            })?;
+            out.push((
+                name,
+                OwnedTensor {
+                    dtype,
+                    shape,
+                    data: raw.bytes().to_vec(),
+                },
+            ));
+        }
+        done += numel;
+        progress(done, total);
+    }
+    Ok(out)
+}
+
+fn st_dtype(name: &str) -> Option<safetensors::Dtype> {
+    use safetensors::Dtype as D;
+    Some(match name {
+        "F32" => D::F32,
+        "F16" => D::F16,
+        "BF16" => D::BF16,
+        "F64" => D::F64,
+        "I64" => D::I64,
+        "I32" => D::I32,
+        "I16" => D::I16,
+        "I8" => D::I8,
+        "U8" => D::U8,
+        "BOOL" => D::BOOL,
+        _ => return None,
+    })
+}
+
+/// Files copied from the source model directory when present, besides `config.json` and
+/// `model.safetensors` (which are rewritten) and the tokenizer file the config names.
+pub const COPIED_FILES: &[&str] = &[
+    "MODEL_CARD.md",
+    "README.md",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+];
+
+/// Writes a quantized copy of the model directory `src` to `dst`: `config.json` with
+/// [`CONFIG_KEY`] set, `model.safetensors` with the quantized weights, the [`COPIED_FILES`]
+/// present and the tokenizer file the config names. Atomic: everything is written into a temporary directory next to
+/// `dst`, synced, and renamed to `dst` (which must not exist) only when complete; on error the
+/// temporary directory is removed. Refuses a model whose config already names a format or
+/// whose file holds quantized weights. `progress(done, total)` counts weight elements.
+pub fn quantize_dir(
+    src: &Path,
+    dst: &Path,
+    format: QuantFormat,
+    progress: impl FnMut(usize, usize),
+) -> Result<()> {
+    // Check the source is a loadable model (config and weights) before anything else.
+    crate::Model::load(src)?;
+    let config_path = src.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let mut config: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+        .map_err(|e| Error::Config(format!("{}: invalid JSON: {e}", config_path.display())))?;
+    if let Some(existing) = config.get(CONFIG_KEY) {
+        return Err(Error::Unsupported {
+            option: "quantize".into(),
+            reason: format!(
+                "the model is already quantized ({CONFIG_KEY} = {existing}); quantize the float model instead"
+            ),
+        });
+    }
+    if dst.exists() {
+        return Err(Error::io(
+            dst,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the output directory already exists",
+            ),
+        ));
+    }
+    let file = WeightFile::open(src.join("model.safetensors"))?;
+    let tensors = quantize_file(&file, format, progress)?;
+    config.insert(CONFIG_KEY.into(), format.name().into());
+    let config_text = serde_json::to_string_pretty(&config)
+        .map_err(|e| Error::Config(format!("cannot serialize config: {e}")))?;
+
+    let parent = match dst.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let base = dst
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let tmp = parent.join(format!(".{base}.tmp-{}", std::process::id()));
+    let write = || -> Result<()> {
+        std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let weights = tmp.join("model.safetensors");
+        let mut metadata = std::collections::HashMap::new();
+        metadata.insert(CONFIG_KEY.to_string(), format.name().to_string());
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(metadata),
+            &weights,
+        )
+        .map_err(|e| Error::io(&weights, std::io::Error::other(e.to_string())))?;
+        // The writer creates the file owner-only; a model is as readable as its source.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&weights, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| Error::io(&weights, e))?;
+        }
+        crate::fsutil::write_atomic(tmp.join("config.json"), |w| {
+            std::io::Write::write_all(w, config_text.as_bytes())
+        })?;
+        // The tokenizer file the config names (a file name in the model directory), if any.
+        let named = config
+            .get("tokenizer")
+            .and_then(|v| v.as_str())
+            .filter(|n| *n != "byte" && !COPIED_FILES.contains(n))
+            .filter(|n| Path::new(n).file_name() == Some(std::ffi::OsStr::new(n)));
+        for name in COPIED_FILES.iter().copied().chain(named) {
+            let from = src.join(name);
+            if from.is_file() {
+                std::fs::copy(&from, tmp.join(name)).map_err(|e| Error::io(&from, e))?;
+            }
+        }
+        // Every file, then the directory, on disk before the rename makes them visible.
+        for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
+            let path = entry.map_err(|e| Error::io(&tmp, e))?.path();
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&path, e))?;
+        }
+        sync_dir(&tmp)?;
+        std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e))?;
+        sync_dir(&parent)
+    };
+    let result = write();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))?;
+    let _ = dir;
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! The process-wide choice of the quantized matrix-vector method (`kernels::quant::set_method`),
+//! in a test binary of its own: the choice is global, and tests/quant.rs relies on the default.
+
+mod common;
+
+use common::{max_diff, TestRng};
+use half::f16;
+use performer::kernels::quant::{self as qk, Method};
+use performer::quant::{self, QMatrix, QuantFormat, BLOCK};
+
+#[test]
+fn the_process_wide_method_choice_is_honoured_and_restored() {
+    let mut rng = TestRng(21);
+    let (rows, cols) = (40, 256);
+    let default = [QuantFormat::Q8_0, QuantFormat::Q4_0].map(qk::default_method);
+    for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+        let w = rng.vec(rows * cols, 1.0);
+        let rb = format.row_bytes(cols);
+        let (mut codes, mut scales) = (vec![0u8; rows * rb], vec![f16::ZERO; rows * cols / BLOCK]);
+        for r in 0..rows {
+            quant::quantize_row(
+                format,
+                "w",
+                &w[r * cols..(r + 1) * cols],
+                &mut codes[r * rb..(r + 1) * rb],
+                &mut scales[r * cols / BLOCK..(r + 1) * cols / BLOCK],
+            )
+            .unwrap();
+        }
+        let m = QMatrix::new(format, &codes, &scales, rows, cols).unwrap();
+        let x = rng.vec(cols, 1.0);
+        for method in [Method::Portable, Method::Dequant, Method::Int8] {
+            if !qk::supported(method) {
+                // An unsupported method is refused and changes nothing.
+                assert!(!qk::set_method(format, Some(method)));
+                continue;
+            }
+            assert!(qk::set_method(format, Some(method)));
+            assert_eq!(qk::default_method(format), method);
+            let mut y = vec![0f32; rows];
+            qk::matvec(m, &x, &mut y);
+            let mut twin = vec![0f32; rows];
+            if method == Method::Int8 {
+                qk::scalar_matvec_int8(m, &x, &mut twin);
+            } else {
+                qk::scalar_matvec(m, &x, &mut twin);
+            }
+            // As in tests/quant.rs: 1e-5 of Σ|w·x|, which is below 256 here (|w| ≤ 1 after
+            // rounding, |x| < 1, 256 terms).
+            assert!(max_diff(&y, &twin) <= 1e-5 * 256.0, "{format} {method:?}");
+        }
+        assert!(qk::set_method(format, None));
+    }
+    assert_eq!(
+        default,
+        [QuantFormat::Q8_0, QuantFormat::Q4_0].map(qk::default_method)
+    );
+}
