@@ -202,6 +202,11 @@ pub enum Error {
     /// The engine is shutting down and takes no more requests.
     #[error("the engine is shutting down")]
     ShuttingDown,
+
+    /// The session store cannot be reached (a shared store down or timing out); the request
+    /// may be retried later, the store is tried again on the next request.
+    #[error("the session store is unavailable: {0}")]
+    StoreUnavailable(String),
 }
 
 /// The library's result type.

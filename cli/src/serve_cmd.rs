@@ -36,8 +36,15 @@ pub struct ServeArgs {
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     max_session_memory: usize,
     /// Directory where sessions spill and persist across restarts (default: memory only).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "session_store")]
     session_dir: Option<PathBuf>,
+    /// Keep sessions in a Redis (or Valkey) shared by every replica, redis://HOST:PORT/DB:
+    /// any replica serves any session; this replica's memory is only a cache, checked against
+    /// the stored version before every request and written through (compare-and-set, 409 on a
+    /// conflict) before a request completes. While Redis is unreachable, session requests get
+    /// 503 with Retry-After and stateless completions keep working.
+    #[arg(long, value_name = "URL")]
+    session_store: Option<String>,
     /// Drop sessions idle for this many seconds (default: never).
     #[arg(long)]
     session_ttl: Option<u64>,
@@ -91,6 +98,7 @@ pub fn run(a: ServeArgs, threads: Option<usize>, model_dir: PathBuf) -> Result<(
         port: a.port,
         engine,
         session_dir: a.session_dir,
+        session_store: a.session_store,
         options: ServerOptions {
             api_keys,
             max_body_bytes: a.max_body,

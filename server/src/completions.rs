@@ -54,22 +54,31 @@ pub(crate) fn body_bytes(
     })
 }
 
-/// Submits `req` to the engine with a channel sink.
-pub(crate) fn submit(
+/// Submits `req` to the engine with a channel sink. A request on a session may read a
+/// shared store (up to its timeouts while it is unreachable): it is submitted off the async
+/// workers.
+pub(crate) async fn submit(
     app: &App,
     req: CompletionRequest,
 ) -> Result<(UnboundedReceiver<Event>, CancelOnDrop), ApiError> {
     let (tx, rx) = unbounded_channel();
-    match app
-        .engine
-        .submit(req, Box::new(move |e| tx.send(e).is_ok()))
-    {
+    let sink: performer::engine::Sink = Box::new(move |e| tx.send(e).is_ok());
+    let submitted = if matches!(req.target, Target::Session(_)) {
+        let engine = app.engine.clone();
+        tokio::task::spawn_blocking(move || engine.submit(req, sink))
+            .await
+            .unwrap_or(Err(performer::Error::ShuttingDown))
+    } else {
+        app.engine.submit(req, sink)
+    };
+    match submitted {
         Ok(h) => Ok((rx, CancelOnDrop(h))),
         Err(e) => {
             let err = ApiError::from(e);
             match err.status.as_u16() {
                 429 => app.metrics.reject("queue_full"),
                 409 => app.metrics.reject("session_busy"),
+                503 if err.code == "store_unavailable" => app.metrics.reject("store_unavailable"),
                 400 => app.metrics.reject("invalid"),
                 _ => {}
             }
@@ -115,7 +124,7 @@ pub(crate) async fn run(
         .to_request(tenant, target)
         .inspect_err(|_| app.metrics.reject("invalid"))?;
     let n = req.n;
-    let (rx, guard) = submit(app, req)?;
+    let (rx, guard) = submit(app, req).await?;
     let head = Head {
         id: completion_id(),
         created: now(),

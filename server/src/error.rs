@@ -55,6 +55,7 @@ impl From<Error> for ApiError {
             Error::SessionNotFound(_) => (404, "not_found_error", "session_not_found"),
             Error::VersionConflict { .. } => (409, "conflict_error", "version_conflict"),
             Error::ShuttingDown => (503, "server_error", "shutting_down"),
+            Error::StoreUnavailable(_) => (503, "server_error", "store_unavailable"),
             Error::SessionStorage(_) => (507, "server_error", "session_storage"),
             _ => (500, "server_error", "internal_error"),
         };
@@ -70,7 +71,9 @@ impl From<Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, Json(self.body())).into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
+        // Worth retrying after a second: a full queue, or a session store that is down (the
+        // next request reconnects).
+        if self.status == StatusCode::TOO_MANY_REQUESTS || self.code == "store_unavailable" {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

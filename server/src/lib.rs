@@ -10,6 +10,7 @@ mod error;
 mod listener;
 mod metrics;
 mod openai;
+mod redis_store;
 mod sessions;
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ use performer::Model;
 
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use redis_store::{RedisStore, Staged};
 
 /// Settings of the HTTP layer.
 #[derive(Debug, Clone)]
@@ -203,7 +205,10 @@ pub fn router(app: Arc<App>) -> Router {
     let v1 = Router::new()
         .route("/models", get(models))
         .route("/completions", post(completions::stateless).layer(body))
-        .route("/sessions", post(sessions::create).layer(body))
+        .route(
+            "/sessions",
+            post(sessions::create).layer(body).get(sessions::list),
+        )
         .route(
             "/sessions/{id}",
             get(sessions::info).delete(sessions::delete),
@@ -279,6 +284,9 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     /// Where sessions spill and persist (`None`: memory only).
     pub session_dir: Option<PathBuf>,
+    /// A shared session store, `redis://HOST:PORT/DB` (excludes `session_dir`): the replica's
+    /// session table becomes a cache of it (see [`RedisStore`]).
+    pub session_store: Option<String>,
     /// The HTTP settings (`model_id` is filled from the directory name).
     pub options: ServerOptions,
 }
@@ -314,9 +322,21 @@ pub fn run(mut config: ServeConfig) -> Result<(), String> {
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "performer".into());
-    let store: Option<Box<dyn SessionStore>> = match &config.session_dir {
-        Some(dir) => Some(Box::new(DiskStore::open(dir).map_err(|e| e.to_string())?)),
-        None => None,
+    let store: Option<Box<dyn SessionStore>> = match (&config.session_dir, &config.session_store) {
+        (Some(_), Some(_)) => {
+            return Err("--session-dir and --session-store exclude each other".into())
+        }
+        (Some(dir), None) => Some(Box::new(DiskStore::open(dir).map_err(|e| e.to_string())?)),
+        (None, Some(url)) => {
+            let store = RedisStore::open(url).map_err(|e| e.to_string())?;
+            // Start even when Redis is down: stateless completions work, session requests
+            // get 503 until it answers.
+            if let Err(e) = store.ping() {
+                eprintln!("performer serve: {e} (session requests get 503 until it answers)");
+            }
+            Some(Box::new(store))
+        }
+        (None, None) => None,
     };
     let metrics = Arc::new(Metrics::new());
     let engine = Engine::start_with_observer(

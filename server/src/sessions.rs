@@ -77,7 +77,7 @@ pub(crate) async fn create(
     );
     req.tenant = tenant.0;
     req.target = Target::NewSession;
-    let (mut rx, _guard) = submit(&app, req)?;
+    let (mut rx, _guard) = submit(&app, req).await?;
     while let Some(e) = rx.recv().await {
         match e {
             Event::Done {
@@ -120,8 +120,20 @@ pub(crate) async fn info(
     Extension(tenant): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let info = app.engine.session_info(&tenant.0, &id)?;
+    let engine = app.engine.clone();
+    let info = blocking(move || engine.session_info(&tenant.0, &id)).await?;
     Ok(full(&info))
+}
+
+/// `GET /v1/sessions`: the tenant's sessions of this model, oldest first.
+pub(crate) async fn list(
+    State(app): State<Arc<App>>,
+    Extension(tenant): Extension<Tenant>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let engine = app.engine.clone();
+    let infos = blocking(move || engine.list_sessions(&tenant.0)).await?;
+    let data: Vec<serde_json::Value> = infos.iter().map(|i| full(i).0).collect();
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 /// `DELETE /v1/sessions/{id}`: 204.
@@ -155,8 +167,13 @@ pub(crate) async fn upload(
 ) -> Result<Response, ApiError> {
     let bytes = body_bytes(&app, body)?;
     let engine = app.engine.clone();
-    let existed = engine.session_info(&tenant.0, &id).is_ok();
-    let info = blocking(move || engine.put_session_snapshot(&tenant.0, &id, &bytes)).await?;
+    let (existed, info) = blocking(move || {
+        let existed = engine.session_info(&tenant.0, &id).is_ok();
+        engine
+            .put_session_snapshot(&tenant.0, &id, &bytes)
+            .map(|info| (existed, info))
+    })
+    .await?;
     Ok(if existed {
         full(&info).into_response()
     } else {

@@ -33,7 +33,7 @@ pub use request::{
     Usage, MAX_LOGPROBS,
 };
 pub use sessions::SessionStats;
-pub use store::{DiskStore, SessionMeta, SessionStore, StoredSession};
+pub use store::{DiskStore, SessionKey, SessionMeta, SessionStore, StoredSession};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -155,7 +155,10 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the scheduler for `model`. With a `store`, sessions already stored for this
-    /// model become available (others are skipped with a log line on stderr).
+    /// model become available (others are skipped with a log line on stderr). With a
+    /// [shared](SessionStore::shared) store the engine's session table is a cache of the store:
+    /// every use checks the stored version first and every change is written through before
+    /// the request completes (see [`SessionStore`]).
     pub fn start(
         model: Arc<Model>,
         config: EngineConfig,
@@ -288,8 +291,10 @@ impl Engine {
 
     /// Queues a request; its events go to `sink` on the scheduler thread. Fails at once
     /// (nothing sent to the sink) on invalid input, a full queue
-    /// ([`Error::QueueFull`]), an unknown session ([`Error::SessionNotFound`]) or one in use
-    /// ([`Error::SessionBusy`]).
+    /// ([`Error::QueueFull`]), an unknown session ([`Error::SessionNotFound`]), one in use
+    /// ([`Error::SessionBusy`]) or a shared store that cannot be reached
+    /// ([`Error::StoreUnavailable`]). A request on a session of a shared store reads the
+    /// store (it may block for the store's timeouts).
     pub fn submit(&self, req: CompletionRequest, sink: Sink) -> Result<CancelHandle> {
         if !self.shared.accepting.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
@@ -387,6 +392,11 @@ impl Engine {
     /// A session's metadata.
     pub fn session_info(&self, tenant: &str, id: &str) -> Result<SessionInfo> {
         self.sessions().get(tenant, id)
+    }
+
+    /// The tenant's sessions of this model, oldest first.
+    pub fn list_sessions(&self, tenant: &str) -> Result<Vec<SessionInfo>> {
+        self.sessions().list(tenant)
     }
 
     /// A session's state as snapshot bytes ([`State::to_bytes`]).

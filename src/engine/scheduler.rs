@@ -182,13 +182,12 @@ impl Scheduler {
 
     fn fail(&self, mut job: Job, err: Error) {
         if let Target::Session(id) = &job.req.target {
-            let id = id.clone();
             let original = job.original.take();
             self.shared
                 .sessions
                 .lock()
                 .expect("poisoned")
-                .checkin(&id, original);
+                .restore(&job.req.tenant, id, original);
         }
         job.send(Event::Failed(err));
         self.release(&job);
@@ -225,7 +224,7 @@ impl Scheduler {
                         .sessions
                         .lock()
                         .expect("poisoned")
-                        .take_reserved(id);
+                        .take_reserved(&job.req.tenant, id);
                     match taken {
                         Ok(st) => {
                             job.original = Some(st.clone());
@@ -427,7 +426,9 @@ impl Scheduler {
         self.complete_with(job, state, 0);
     }
 
-    /// Sends `Done`, hands the state to its session, frees the slots.
+    /// Hands the state to its session (with a shared store: writes it there), then sends
+    /// `Done` and frees the slots. A session that cannot be written fails the request instead:
+    /// `Done` means the session is stored.
     fn complete_with(&mut self, mut job: Job, state: Option<State>, returned: usize) {
         let usage = Usage {
             prompt_tokens: job.req.prompt.len(),
@@ -435,18 +436,19 @@ impl Scheduler {
         };
         let session = {
             let mut sessions = self.shared.sessions.lock().expect("poisoned");
-            match (&job.req.target, state) {
-                (Target::Session(id), st) => sessions.checkin(id, st),
-                (Target::NewSession, Some(st)) => match sessions.insert(&job.req.tenant, st) {
-                    Ok(info) => Some(info),
-                    Err(e) => {
-                        drop(sessions);
-                        job.send(Event::Failed(e));
-                        self.release(&job);
-                        return;
-                    }
-                },
-                _ => None,
+            let kept = match (&job.req.target, state) {
+                (Target::Session(id), st) => sessions.checkin(&job.req.tenant, id, st),
+                (Target::NewSession, Some(st)) => sessions.insert(&job.req.tenant, st).map(Some),
+                _ => Ok(None),
+            };
+            match kept {
+                Ok(info) => info,
+                Err(e) => {
+                    drop(sessions);
+                    job.send(Event::Failed(e));
+                    self.release(&job);
+                    return;
+                }
             }
         };
         job.send(Event::Done { usage, session });

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::request::SessionInfo;
-use super::store::{valid_id, SessionMeta, SessionStore, StoredSession};
+use super::store::{valid_id, SessionKey, SessionMeta, SessionStore, StoredSession};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::sampling::splitmix64;
@@ -43,11 +43,19 @@ struct Entry {
     tick: u64,
 }
 
+/// A key of the table: (namespace, id). With a shared store the namespace is the tenant
+/// (tenants never collide); otherwise it is `""`, the ids form one namespace and an id of
+/// another tenant is refused as not found.
+type Key = (String, String);
+
 /// The table. Every method is quick except those that touch the store.
 pub(crate) struct Sessions {
     model: Arc<Model>,
-    map: HashMap<String, Entry>,
+    map: HashMap<Key, Entry>,
     store: Option<Box<dyn SessionStore>>,
+    /// Whether the store is shared by several engines: then the table is only a cache, checked
+    /// against the store before every use and written through on every change.
+    shared: bool,
     max_bytes: usize,
     memory_bytes: usize,
     ttl: Option<Duration>,
@@ -58,8 +66,9 @@ pub(crate) struct Sessions {
 }
 
 impl Sessions {
-    /// An empty table; with a store, indexes the sessions already there (skipping, with one
-    /// log line each on stderr, files of another model or unreadable ones).
+    /// An empty table. With a store that is not shared, indexes the sessions already there
+    /// (skipping, with one log line each on stderr, files of another model or unreadable
+    /// ones); a shared store is only read on demand.
     pub(crate) fn open(
         model: Arc<Model>,
         store: Option<Box<dyn SessionStore>>,
@@ -76,10 +85,12 @@ impl Sessions {
             ^ ENGINES
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let shared = store.as_ref().is_some_and(|s| s.shared());
         let mut s = Sessions {
             model,
             map: HashMap::new(),
             store,
+            shared,
             max_bytes,
             memory_bytes: 0,
             ttl,
@@ -87,7 +98,7 @@ impl Sessions {
             rng: seed,
             foreign: Default::default(),
         };
-        if let Some(store) = &s.store {
+        if let (Some(store), false) = (&s.store, shared) {
             let (metas, bad) = store.list()?;
             for (name, e) in bad {
                 eprintln!("performer: skipping session file {name}: {e}");
@@ -103,7 +114,7 @@ impl Sessions {
                     continue;
                 }
                 s.map.insert(
-                    meta.id.clone(),
+                    (String::new(), meta.id.clone()),
                     Entry {
                         meta,
                         state: None,
@@ -117,19 +128,34 @@ impl Sessions {
         Ok(s)
     }
 
-    fn new_id(&mut self) -> String {
+    /// The table's key of a tenant's session.
+    fn key(&self, tenant: &str, id: &str) -> Key {
+        let ns = if self.shared { tenant } else { "" };
+        (ns.to_string(), id.to_string())
+    }
+
+    /// The store's key of a tenant's session of this model.
+    fn store_key(&self, tenant: &str, id: &str) -> SessionKey {
+        SessionKey {
+            fingerprint: self.model.fingerprint(),
+            tenant: tenant.to_string(),
+            id: id.to_string(),
+        }
+    }
+
+    fn new_id(&mut self, tenant: &str) -> String {
         loop {
             let id = format!("sess-{:016x}", splitmix64(&mut self.rng));
-            if !self.map.contains_key(&id) && !self.foreign.contains(&id) {
+            if !self.map.contains_key(&self.key(tenant, &id)) && !self.foreign.contains(&id) {
                 return id;
             }
         }
     }
 
-    fn touch(&mut self, id: &str) {
+    fn touch(&mut self, k: &Key) {
         self.clock += 1;
         let clock = self.clock;
-        if let Some(e) = self.map.get_mut(id) {
+        if let Some(e) = self.map.get_mut(k) {
             e.tick = clock;
             e.meta.last_used = now_unix();
         }
@@ -138,7 +164,7 @@ impl Sessions {
     /// The entry of `id` if `tenant` owns it.
     fn entry(&self, tenant: &str, id: &str) -> Result<&Entry> {
         self.map
-            .get(id)
+            .get(&self.key(tenant, id))
             .filter(|e| e.meta.tenant == tenant)
             .ok_or_else(|| Error::SessionNotFound(id.to_string()))
     }
@@ -153,13 +179,76 @@ impl Sessions {
         }
     }
 
+    /// Drops an entry (and its state) from the table.
+    fn forget(&mut self, k: &Key) {
+        if let Some(e) = self.map.remove(k) {
+            if let Some(st) = e.state {
+                self.memory_bytes -= st.size_bytes();
+            }
+        }
+    }
+
+    /// With a shared store: makes the cached entry of `id` the stored version, loading it on a
+    /// miss or when the store holds another version. An entry busy here is left alone (the
+    /// compare-and-set of its commit decides). Without a shared store: nothing.
+    fn sync(&mut self, tenant: &str, id: &str) -> Result<()> {
+        if !self.shared {
+            return Ok(());
+        }
+        if !valid_id(id) {
+            return Err(Error::SessionNotFound(id.to_string()));
+        }
+        let k = self.key(tenant, id);
+        let sk = self.store_key(tenant, id);
+        let store = self.store.as_ref().expect("a shared table has a store");
+        if let Some(e) = self.map.get(&k) {
+            if e.busy {
+                return Ok(());
+            }
+            if e.state.is_some() {
+                match store.version(&sk)? {
+                    Some(v) if v == e.meta.version => return Ok(()),
+                    Some(_) => {}
+                    None => {
+                        self.forget(&k);
+                        return Err(Error::SessionNotFound(id.to_string()));
+                    }
+                }
+            }
+        }
+        let Some(stored) = store.get(&sk)? else {
+            self.forget(&k);
+            return Err(Error::SessionNotFound(id.to_string()));
+        };
+        if SessionKey::of(&stored.meta) != sk {
+            return Err(Error::SessionStorage(format!(
+                "the store returned another session for `{id}`"
+            )));
+        }
+        let state = State::from_bytes(&self.model, &stored.snapshot)?;
+        self.forget(&k);
+        self.memory_bytes += state.size_bytes();
+        self.map.insert(
+            k.clone(),
+            Entry {
+                meta: stored.meta,
+                state: Some(state),
+                stored: true,
+                busy: false,
+                tick: 0,
+            },
+        );
+        self.touch(&k);
+        self.enforce_budget()
+    }
+
     /// Adds a new session holding `state`.
     pub(crate) fn insert(&mut self, tenant: &str, state: State) -> Result<SessionInfo> {
-        let id = self.new_id();
+        let id = self.new_id(tenant);
         self.put_state(tenant, &id, state)
     }
 
-    /// Creates or replaces session `id` with `state`.
+    /// Creates or replaces session `id` with `state` (with a shared store, written through).
     pub(crate) fn put_state(
         &mut self,
         tenant: &str,
@@ -172,8 +261,13 @@ impl Sessions {
                 "1-64 ASCII letters, digits, '-' or '_'",
             ));
         }
+        match self.sync(tenant, id) {
+            Ok(()) | Err(Error::SessionNotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let k = self.key(tenant, id);
         let now = now_unix();
-        let (created, version) = match self.map.get(id) {
+        let (created, version) = match self.map.get(&k) {
             Some(e) if e.meta.tenant != tenant => {
                 return Err(Error::SessionNotFound(id.to_string()))
             }
@@ -186,165 +280,258 @@ impl Sessions {
             }
             None => (now, 0),
         };
-        self.remove_memory(id);
         let bytes = state.size_bytes();
+        let meta = SessionMeta {
+            id: id.to_string(),
+            tenant: tenant.to_string(),
+            created,
+            last_used: now,
+            position: state.position(),
+            state_bytes: bytes,
+            version: version + 1,
+            fingerprint: self.model.fingerprint(),
+        };
+        if self.shared {
+            let session = StoredSession {
+                meta: meta.clone(),
+                snapshot: state.to_bytes(&self.model)?,
+            };
+            let store = self.store.as_ref().expect("a shared table has a store");
+            if let Err(e) = store.put(&session, Some(version)) {
+                self.forget(&k);
+                return Err(e);
+            }
+        }
+        self.forget(&k);
         let entry = Entry {
-            meta: SessionMeta {
-                id: id.to_string(),
-                tenant: tenant.to_string(),
-                created,
-                last_used: now,
-                position: state.position(),
-                state_bytes: bytes,
-                version: version + 1,
-                fingerprint: self.model.fingerprint(),
-            },
+            meta,
             state: Some(state),
-            stored: false,
+            stored: self.shared,
             busy: false,
             tick: 0,
         };
         self.memory_bytes += bytes;
-        self.map.insert(id.to_string(), entry);
-        self.touch(id);
-        let info = Self::info(&self.map[id]);
+        self.map.insert(k.clone(), entry);
+        self.touch(&k);
+        let info = Self::info(&self.map[&k]);
         self.enforce_budget()?;
         Ok(info)
     }
 
-    /// Drops `id`'s state from the memory count (the entry stays).
-    fn remove_memory(&mut self, id: &str) {
-        if let Some(st) = self.map.get_mut(id).and_then(|e| e.state.take()) {
-            self.memory_bytes -= st.size_bytes();
-        }
-    }
-
-    /// Metadata of a session.
-    pub(crate) fn get(&self, tenant: &str, id: &str) -> Result<SessionInfo> {
+    /// Metadata of a session (with a shared store, of its stored version).
+    pub(crate) fn get(&mut self, tenant: &str, id: &str) -> Result<SessionInfo> {
+        self.sync(tenant, id)?;
         self.entry(tenant, id).map(Self::info)
     }
 
-    /// Loads `id`'s state into memory if it is only in the store.
-    fn load(&mut self, id: &str) -> Result<()> {
-        let e = self.map.get(id).expect("checked by the caller");
+    /// The tenant's sessions, oldest first (with a shared store, those it holds for this
+    /// model).
+    pub(crate) fn list(&self, tenant: &str) -> Result<Vec<SessionInfo>> {
+        let mut out: Vec<SessionInfo> = match (&self.store, self.shared) {
+            (Some(store), true) => store
+                .list_tenant(self.model.fingerprint(), tenant)?
+                .into_iter()
+                .map(|meta| {
+                    Self::info(&Entry {
+                        meta,
+                        state: None,
+                        stored: true,
+                        busy: false,
+                        tick: 0,
+                    })
+                })
+                .collect(),
+            _ => self
+                .map
+                .values()
+                .filter(|e| e.meta.tenant == tenant)
+                .map(Self::info)
+                .collect(),
+        };
+        out.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        Ok(out)
+    }
+
+    /// Loads `k`'s state into memory if it is only in the store.
+    fn load(&mut self, k: &Key) -> Result<()> {
+        let e = self.map.get(k).expect("checked by the caller");
         if e.state.is_some() {
             return Ok(());
         }
+        let sk = SessionKey::of(&e.meta);
         let store = self.store.as_ref().ok_or_else(|| {
-            Error::SessionStorage(format!("session `{id}` has no state and no store"))
+            Error::SessionStorage(format!("session `{}` has no state and no store", k.1))
         })?;
-        let stored = store.get(id)?.ok_or_else(|| {
-            Error::SessionStorage(format!("session `{id}` vanished from the store"))
+        let stored = store.get(&sk)?.ok_or_else(|| {
+            Error::SessionStorage(format!("session `{}` vanished from the store", k.1))
         })?;
         let state = State::from_bytes(&self.model, &stored.snapshot)?;
         self.memory_bytes += state.size_bytes();
-        self.map.get_mut(id).expect("present").state = Some(state);
+        self.map.get_mut(k).expect("present").state = Some(state);
         Ok(())
     }
 
     /// Marks a session busy without taking its state yet (a queued request): other requests
     /// get [`Error::SessionBusy`] from now on.
     pub(crate) fn reserve(&mut self, tenant: &str, id: &str) -> Result<()> {
+        self.sync(tenant, id)?;
         let e = self.entry(tenant, id)?;
         if e.busy {
             return Err(Error::SessionBusy(id.to_string()));
         }
-        self.map.get_mut(id).expect("present").busy = true;
+        let k = self.key(tenant, id);
+        self.map.get_mut(&k).expect("present").busy = true;
         Ok(())
     }
 
     /// Takes the state of a session [`Self::reserve`]d before.
-    pub(crate) fn take_reserved(&mut self, id: &str) -> Result<State> {
-        if !self.map.contains_key(id) {
+    pub(crate) fn take_reserved(&mut self, tenant: &str, id: &str) -> Result<State> {
+        let k = self.key(tenant, id);
+        if !self.map.contains_key(&k) {
             return Err(Error::SessionNotFound(id.to_string()));
         }
-        self.load(id)?;
-        let e = self.map.get_mut(id).expect("present");
+        self.load(&k)?;
+        let e = self.map.get_mut(&k).expect("present");
         let state = e.state.take().expect("loaded");
         self.memory_bytes -= state.size_bytes();
         Ok(state)
     }
 
-    /// Ends a request on a session: the state comes back (if the request got that far) and
-    /// the session is free again.
-    pub(crate) fn checkin(&mut self, id: &str, state: Option<State>) -> Option<SessionInfo> {
-        let e = self.map.get_mut(id)?;
+    /// Ends a failed or cancelled request on a session: the state it had before comes back
+    /// (if it was taken) unchanged, version and all, and the session is free again.
+    pub(crate) fn restore(&mut self, tenant: &str, id: &str, original: Option<State>) {
+        let k = self.key(tenant, id);
+        let Some(e) = self.map.get_mut(&k) else {
+            return;
+        };
         e.busy = false;
-        if let Some(st) = state {
-            e.meta.position = st.position();
-            e.meta.state_bytes = st.size_bytes();
-            e.meta.version += 1;
-            e.stored = false;
+        if let Some(st) = original {
             self.memory_bytes += st.size_bytes();
             if let Some(old) = e.state.replace(st) {
                 self.memory_bytes -= old.size_bytes();
             }
         }
-        self.touch(id);
-        let info = Self::info(&self.map[id]);
+        self.touch(&k);
+    }
+
+    /// Ends a request on a session that changed its state: the new state comes back and the
+    /// session is free again. With a shared store the new version is written through first,
+    /// with compare-and-set against the version the request started from; if that fails
+    /// (another engine wrote the session meanwhile: [`Error::VersionConflict`]; the store is
+    /// down) the cached entry is dropped, the next use reloads it, and the error is returned.
+    pub(crate) fn checkin(
+        &mut self,
+        tenant: &str,
+        id: &str,
+        state: Option<State>,
+    ) -> Result<Option<SessionInfo>> {
+        let k = self.key(tenant, id);
+        let Some(e) = self.map.get_mut(&k) else {
+            return Ok(None);
+        };
+        e.busy = false;
+        if let Some(st) = state {
+            let mut meta = e.meta.clone();
+            meta.position = st.position();
+            meta.state_bytes = st.size_bytes();
+            meta.version += 1;
+            meta.last_used = now_unix();
+            if self.shared {
+                let expected = e.meta.version;
+                let written = st.to_bytes(&self.model).and_then(|snapshot| {
+                    let store = self.store.as_ref().expect("a shared table has a store");
+                    store.put(
+                        &StoredSession {
+                            meta: meta.clone(),
+                            snapshot,
+                        },
+                        Some(expected),
+                    )
+                });
+                if let Err(err) = written {
+                    self.forget(&k);
+                    return Err(err);
+                }
+            }
+            let e = self.map.get_mut(&k).expect("present");
+            e.meta = meta;
+            e.stored = self.shared;
+            self.memory_bytes += st.size_bytes();
+            if let Some(old) = e.state.replace(st) {
+                self.memory_bytes -= old.size_bytes();
+            }
+        }
+        self.touch(&k);
+        let info = Self::info(&self.map[&k]);
         if let Err(e) = self.enforce_budget() {
             eprintln!("performer: cannot spill sessions: {e}");
         }
-        Some(info)
+        Ok(Some(info))
     }
 
     /// A copy of a session's state (for fork and download).
     pub(crate) fn copy_state(&mut self, tenant: &str, id: &str) -> Result<State> {
+        self.sync(tenant, id)?;
         let e = self.entry(tenant, id)?;
         if e.busy {
             return Err(Error::SessionBusy(id.to_string()));
         }
-        self.load(id)?;
-        self.touch(id);
-        let st = self.map[id].state.clone().expect("loaded");
+        let k = self.key(tenant, id);
+        self.load(&k)?;
+        self.touch(&k);
+        let st = self.map[&k].state.clone().expect("loaded");
         self.enforce_budget()?;
         Ok(st)
     }
 
     /// Removes a session from memory and the store.
     pub(crate) fn delete(&mut self, tenant: &str, id: &str) -> Result<()> {
+        self.sync(tenant, id)?;
         let e = self.entry(tenant, id)?;
         if e.busy {
             return Err(Error::SessionBusy(id.to_string()));
         }
+        let sk = SessionKey::of(&e.meta);
         if let Some(store) = &self.store {
-            store.delete(id)?;
+            store.delete(&sk)?;
         }
-        self.remove_memory(id);
-        self.map.remove(id);
+        let k = self.key(tenant, id);
+        self.forget(&k);
         Ok(())
     }
 
-    /// Writes least recently used idle sessions to the store until memory is within budget.
+    /// Writes least recently used idle sessions to the store until memory is within budget
+    /// (with a shared store they are there already: only their states leave the cache).
     fn enforce_budget(&mut self) -> Result<()> {
         while self.memory_bytes > self.max_bytes {
             let victim = self
                 .map
-                .values()
-                .filter(|e| !e.busy && e.state.is_some())
-                .min_by_key(|e| e.tick)
-                .map(|e| e.meta.id.clone());
-            let Some(id) = victim else { return Ok(()) };
+                .iter()
+                .filter(|(_, e)| !e.busy && e.state.is_some())
+                .min_by_key(|(_, e)| e.tick)
+                .map(|(k, _)| k.clone());
+            let Some(k) = victim else { return Ok(()) };
             if self.store.is_none() {
                 return Err(Error::SessionStorage(format!(
                     "sessions take {} bytes, more than the {} allowed, and there is no session directory to spill to",
                     self.memory_bytes, self.max_bytes
                 )));
             }
-            self.spill(&id)?;
+            self.write_out(&k)?;
+            self.remove_memory(&k);
         }
         Ok(())
     }
 
-    /// Writes `id` to the store (if changed) and drops its state from memory.
-    fn spill(&mut self, id: &str) -> Result<()> {
-        self.write_out(id)?;
-        self.remove_memory(id);
-        Ok(())
+    /// Drops `k`'s state from the memory count (the entry stays).
+    fn remove_memory(&mut self, k: &Key) {
+        if let Some(st) = self.map.get_mut(k).and_then(|e| e.state.take()) {
+            self.memory_bytes -= st.size_bytes();
+        }
     }
 
-    fn write_out(&mut self, id: &str) -> Result<()> {
-        let e = &self.map[id];
+    fn write_out(&mut self, k: &Key) -> Result<()> {
+        let e = &self.map[k];
         if e.stored {
             return Ok(());
         }
@@ -359,45 +546,47 @@ impl Sessions {
             },
             None,
         )?;
-        self.map.get_mut(id).expect("present").stored = true;
+        self.map.get_mut(k).expect("present").stored = true;
         Ok(())
     }
 
-    /// Drops sessions idle for longer than the TTL; returns how many.
+    /// Drops sessions idle for longer than the TTL; returns how many. With a shared store only
+    /// the cache forgets them (another engine may be using them; expiry in the store is the
+    /// store's own business).
     pub(crate) fn expire(&mut self) -> usize {
         let Some(ttl) = self.ttl else { return 0 };
         let cutoff = now_unix().saturating_sub(ttl.as_secs());
-        let old: Vec<String> = self
+        let old: Vec<Key> = self
             .map
-            .values()
-            .filter(|e| !e.busy && e.meta.last_used < cutoff)
-            .map(|e| e.meta.id.clone())
+            .iter()
+            .filter(|(_, e)| !e.busy && e.meta.last_used < cutoff)
+            .map(|(k, _)| k.clone())
             .collect();
-        for id in &old {
-            if let Some(store) = &self.store {
-                if let Err(e) = store.delete(id) {
-                    eprintln!("performer: cannot delete expired session {id}: {e}");
+        for k in &old {
+            if let (Some(store), false) = (&self.store, self.shared) {
+                let sk = SessionKey::of(&self.map[k].meta);
+                if let Err(e) = store.delete(&sk) {
+                    eprintln!("performer: cannot delete expired session {}: {e}", k.1);
                 }
             }
-            self.remove_memory(id);
-            self.map.remove(id);
+            self.forget(k);
         }
         old.len()
     }
 
     /// Writes every session in memory to the store (at shutdown); returns how many were
-    /// written.
+    /// written. With a shared store every change is written already: none.
     pub(crate) fn write_all(&mut self) -> Result<usize> {
-        let ids: Vec<String> = self
+        let keys: Vec<Key> = self
             .map
-            .values()
-            .filter(|e| !e.stored && e.state.is_some())
-            .map(|e| e.meta.id.clone())
+            .iter()
+            .filter(|(_, e)| !e.stored && e.state.is_some())
+            .map(|(k, _)| k.clone())
             .collect();
-        for id in &ids {
-            self.write_out(id)?;
+        for k in &keys {
+            self.write_out(k)?;
         }
-        Ok(ids.len())
+        Ok(keys.len())
     }
 
     /// Counts for metrics.

@@ -50,19 +50,66 @@ pub struct StoredSession {
 /// could not be read, each with its reason.
 pub type Listing = (Vec<SessionMeta>, Vec<(String, Error)>);
 
+/// Names one stored session: the model it belongs to, its tenant and its id. A store keeps
+/// sessions of different models or tenants apart (a shared store puts all three in its keys).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    /// [`crate::Model::fingerprint`] of the model.
+    pub fingerprint: u64,
+    /// The tenant that owns the session (`""` without authentication).
+    pub tenant: String,
+    /// The session id ([`valid_id`]).
+    pub id: String,
+}
+
+impl SessionKey {
+    /// The key of a session's metadata.
+    pub fn of(meta: &SessionMeta) -> SessionKey {
+        SessionKey {
+            fingerprint: meta.fingerprint,
+            tenant: meta.tenant.clone(),
+            id: meta.id.clone(),
+        }
+    }
+}
+
 /// Storage for sessions out of memory. Implementations must be safe to call from several
 /// threads; the engine holds its session table's lock while calling them.
+///
+/// Two kinds exist. A store that is not [`shared`](SessionStore::shared) (the default,
+/// [`DiskStore`]) belongs to one engine: the engine indexes it at start ([`Self::list`]) and
+/// writes sessions to it when they leave memory. A shared store (Redis, in the server crate) is
+/// the truth for several engines: the engine's table is only a cache, it looks sessions up on a
+/// miss, checks [`Self::version`] before every use and writes every change at once with
+/// compare-and-set.
 pub trait SessionStore: Send + Sync {
-    /// The session of that id, if stored.
-    fn get(&self, id: &str) -> Result<Option<StoredSession>>;
-    /// Stores a session. With `expected` set, the write happens only if the stored version is
-    /// that one (`Some(0)`: only if absent), else [`Error::VersionConflict`].
+    /// The session under that key, if stored (a session of another tenant or model under the
+    /// same id is not returned).
+    fn get(&self, key: &SessionKey) -> Result<Option<StoredSession>>;
+    /// The stored version of the session under that key (`None`: not stored); cheaper than
+    /// [`Self::get`].
+    fn version(&self, key: &SessionKey) -> Result<Option<u64>>;
+    /// Stores a session under [`SessionKey::of`] its metadata. With `expected` set, the write
+    /// happens only if the stored version is that one (`Some(0)`: only if absent), else
+    /// [`Error::VersionConflict`].
     fn put(&self, session: &StoredSession, expected: Option<u64>) -> Result<()>;
     /// Removes a session (absent is not an error).
-    fn delete(&self, id: &str) -> Result<()>;
-    /// The metadata of every stored session. Entries that cannot be read are reported in the
-    /// second list, with the reason, and otherwise skipped.
+    fn delete(&self, key: &SessionKey) -> Result<()>;
+    /// The metadata of every stored session, of every model and tenant. Entries that cannot be
+    /// read are reported in the second list, with the reason, and otherwise skipped.
     fn list(&self) -> Result<Listing>;
+    /// The metadata of a tenant's sessions of one model.
+    fn list_tenant(&self, fingerprint: u64, tenant: &str) -> Result<Vec<SessionMeta>> {
+        let (metas, _) = self.list()?;
+        Ok(metas
+            .into_iter()
+            .filter(|m| m.fingerprint == fingerprint && m.tenant == tenant)
+            .collect())
+    }
+    /// Whether several engines share this store (see the trait's documentation).
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// Whether `id` is a valid session id: 1–64 ASCII letters, digits, `-` or `_` (it names a
@@ -120,8 +167,28 @@ impl DiskStore {
     }
 }
 
+impl DiskStore {
+    /// The metadata of the file of `id`, if there is one.
+    fn meta_of(&self, id: &str) -> Result<Option<SessionMeta>> {
+        let path = self.path(id)?;
+        match File::open(&path) {
+            Ok(mut f) => Self::read_meta(&path, &mut f).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+}
+
+/// Whether a stored session's metadata is the one `key` names.
+fn matches(meta: &SessionMeta, key: &SessionKey) -> bool {
+    meta.id == key.id && meta.tenant == key.tenant && meta.fingerprint == key.fingerprint
+}
+
+/// One directory is one namespace of ids: a file is named by the session id alone, and a
+/// session of another tenant or model under the same id is neither returned nor overwritten.
 impl SessionStore for DiskStore {
-    fn get(&self, id: &str) -> Result<Option<StoredSession>> {
+    fn get(&self, key: &SessionKey) -> Result<Option<StoredSession>> {
+        let id = key.id.as_str();
         let path = self.path(id)?;
         let mut file = match File::open(&path) {
             Ok(f) => f,
@@ -129,20 +196,34 @@ impl SessionStore for DiskStore {
             Err(e) => return Err(Error::io(&path, e)),
         };
         let meta = Self::read_meta(&path, &mut file)?;
+        if !matches(&meta, key) {
+            return Ok(None);
+        }
         let mut snapshot = Vec::new();
         file.read_to_end(&mut snapshot)
             .map_err(|e| Error::io(&path, e))?;
         Ok(Some(StoredSession { meta, snapshot }))
     }
 
+    fn version(&self, key: &SessionKey) -> Result<Option<u64>> {
+        Ok(self
+            .meta_of(&key.id)?
+            .filter(|m| matches(m, key))
+            .map(|m| m.version))
+    }
+
     fn put(&self, session: &StoredSession, expected: Option<u64>) -> Result<()> {
         let path = self.path(&session.meta.id)?;
+        let key = SessionKey::of(&session.meta);
+        let current = self.meta_of(&key.id)?;
+        if current.as_ref().is_some_and(|m| !matches(m, &key)) {
+            return Err(Error::SessionStorage(format!(
+                "`{}` is taken by a stored session of another tenant or model",
+                key.id
+            )));
+        }
         if let Some(want) = expected {
-            let found = match File::open(&path) {
-                Ok(mut f) => Self::read_meta(&path, &mut f)?.version,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-                Err(e) => return Err(Error::io(&path, e)),
-            };
+            let found = current.map_or(0, |m| m.version);
             if found != want {
                 return Err(Error::VersionConflict {
                     id: session.meta.id.clone(),
@@ -163,8 +244,11 @@ impl SessionStore for DiskStore {
         crate::fsutil::write_atomic(&path, |w| w.write_all(&bytes))
     }
 
-    fn delete(&self, id: &str) -> Result<()> {
-        let path = self.path(id)?;
+    fn delete(&self, key: &SessionKey) -> Result<()> {
+        if self.version(key)?.is_none() {
+            return Ok(());
+        }
+        let path = self.path(&key.id)?;
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -221,28 +305,37 @@ mod tests {
         }
     }
 
+    fn key(id: &str) -> SessionKey {
+        SessionKey::of(&session(id, 0).meta)
+    }
+
     #[test]
     fn put_get_list_delete_with_versions() {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path()).unwrap();
+        assert_eq!(store.version(&key("a")).unwrap(), None);
         store.put(&session("a", 1), Some(0)).unwrap();
         assert!(matches!(
             store.put(&session("a", 2), Some(0)),
             Err(Error::VersionConflict { found: 1, .. })
         ));
         store.put(&session("a", 2), Some(1)).unwrap();
-        let got = store.get("a").unwrap().unwrap();
+        assert_eq!(store.version(&key("a")).unwrap(), Some(2));
+        let got = store.get(&key("a")).unwrap().unwrap();
         assert_eq!(got.meta, session("a", 2).meta);
         assert_eq!(got.snapshot, [1, 2, 3]);
         std::fs::write(dir.path().join("junk.session"), b"nope").unwrap();
         let (metas, bad) = store.list().unwrap();
         assert_eq!(metas.len(), 1);
         assert_eq!(bad.len(), 1);
-        store.delete("a").unwrap();
-        store.delete("a").unwrap();
-        assert!(store.get("a").unwrap().is_none());
+        assert_eq!(store.list_tenant(5, "t").unwrap().len(), 1);
+        assert!(store.list_tenant(5, "u").unwrap().is_empty());
+        assert!(store.list_tenant(6, "t").unwrap().is_empty());
+        store.delete(&key("a")).unwrap();
+        store.delete(&key("a")).unwrap();
+        assert!(store.get(&key("a")).unwrap().is_none());
         assert!(
-            store.get("../x").is_err(),
+            store.get(&key("../x")).is_err(),
             "ids are checked before touching files"
         );
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -251,5 +344,24 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
             .collect();
         assert!(leftovers.is_empty(), "no temporary files are left behind");
+    }
+
+    #[test]
+    fn another_tenant_or_model_neither_reads_nor_overwrites_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        store.put(&session("a", 1), Some(0)).unwrap();
+        let mut other_tenant = session("a", 1);
+        other_tenant.meta.tenant = "u".into();
+        let mut other_model = session("a", 1);
+        other_model.meta.fingerprint = 6;
+        for s in [&other_tenant, &other_model] {
+            let k = SessionKey::of(&s.meta);
+            assert!(store.get(&k).unwrap().is_none());
+            assert_eq!(store.version(&k).unwrap(), None);
+            assert!(matches!(store.put(s, None), Err(Error::SessionStorage(_))));
+            store.delete(&k).unwrap();
+        }
+        assert_eq!(store.version(&key("a")).unwrap(), Some(1), "left alone");
     }
 }
