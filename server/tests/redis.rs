@@ -376,7 +376,7 @@ fn two_engines_race_on_one_session_and_the_loser_gets_a_conflict() {
     };
     // E2 starts a long generation from version 1 ...
     let (tx, rx) = std::sync::mpsc::channel();
-    e2.submit(req(20_000), Box::new(move |e| tx.send(e).is_ok()))
+    e2.submit(req(3_000), Box::new(move |e| tx.send(e).is_ok()))
         .unwrap();
     let start = Instant::now();
     while e2.stats().running == 0 {
@@ -651,7 +651,7 @@ async fn two_servers_racing_on_one_session_the_loser_gets_409() {
         let url = b.url(&path);
         tokio::spawn(async move {
             http.post(url)
-                .json(&json!({"prompt": "d", "max_tokens": 20000, "temperature": 0}))
+                .json(&json!({"prompt": "d", "max_tokens": 3000, "temperature": 0}))
                 .send()
                 .await
                 .unwrap()
@@ -781,7 +781,7 @@ async fn a_server_gone_mid_stream_leaves_the_last_committed_version() {
     let mut resp = a
         .post(
             &path,
-            json!({"prompt": "d", "max_tokens": 200000, "stream": true, "temperature": 0}),
+            json!({"prompt": "d", "max_tokens": 30000, "stream": true, "temperature": 0}),
         )
         .await;
     assert_eq!(resp.status(), 200);

@@ -1,0 +1,271 @@
+//! The engine over a *shared* session store (its table only a cache), without Redis: an
+//! in-memory store that says it is shared, with compare-and-set and a switch that makes it
+//! unreachable. The Redis backend itself is tested against a real redis-server in
+//! server/tests/redis.rs.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use performer::engine::store::Listing;
+use performer::engine::{
+    CompletionRequest, Engine, EngineConfig, Event, SessionKey, SessionMeta, SessionStore,
+    StoredSession, Target,
+};
+use performer::generate::{GenerateOptions, Generation};
+use performer::{Error, Model, Result, SamplingParams, State};
+
+/// What several engines share: sessions by key, a down switch and call counters.
+#[derive(Default)]
+struct Shared {
+    map: Mutex<HashMap<SessionKey, StoredSession>>,
+    down: AtomicBool,
+    gets: AtomicUsize,
+    versions: AtomicUsize,
+}
+
+/// One engine's handle on the shared map.
+struct MemStore(Arc<Shared>);
+
+impl MemStore {
+    fn up(&self) -> Result<()> {
+        if self.0.down.load(Ordering::SeqCst) {
+            return Err(Error::StoreUnavailable("switched off".into()));
+        }
+        Ok(())
+    }
+}
+
+impl SessionStore for MemStore {
+    fn get(&self, key: &SessionKey) -> Result<Option<StoredSession>> {
+        self.up()?;
+        self.0.gets.fetch_add(1, Ordering::SeqCst);
+        Ok(self.0.map.lock().unwrap().get(key).cloned())
+    }
+    fn version(&self, key: &SessionKey) -> Result<Option<u64>> {
+        self.up()?;
+        self.0.versions.fetch_add(1, Ordering::SeqCst);
+        Ok(self.0.map.lock().unwrap().get(key).map(|s| s.meta.version))
+    }
+    fn put(&self, session: &StoredSession, expected: Option<u64>) -> Result<()> {
+        self.up()?;
+        let mut map = self.0.map.lock().unwrap();
+        let key = SessionKey::of(&session.meta);
+        let found = map.get(&key).map_or(0, |s| s.meta.version);
+        if let Some(want) = expected {
+            if want != found {
+                return Err(Error::VersionConflict {
+                    id: key.id,
+                    expected: want,
+                    found,
+                });
+            }
+        }
+        map.insert(key, session.clone());
+        Ok(())
+    }
+    fn delete(&self, key: &SessionKey) -> Result<()> {
+        self.up()?;
+        self.0.map.lock().unwrap().remove(key);
+        Ok(())
+    }
+    fn list(&self) -> Result<Listing> {
+        self.up()?;
+        let metas: Vec<SessionMeta> = self
+            .0
+            .map
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| s.meta.clone())
+            .collect();
+        Ok((metas, Vec::new()))
+    }
+    fn shared(&self) -> bool {
+        true
+    }
+}
+
+/// A synthetic tiny model (rotary positions: no length limit, for long generations).
+fn tiny() -> (tempfile::TempDir, Arc<Model>) {
+    use performer::synthetic::{self, SyntheticShape, WeightDtype};
+    let dir = tempfile::tempdir().unwrap();
+    let shape = SyntheticShape::named("tiny").unwrap();
+    synthetic::write(dir.path(), &shape, WeightDtype::F32, 1).unwrap();
+    let model = Arc::new(Model::load(dir.path()).unwrap());
+    (dir, model)
+}
+
+fn shipped() -> Arc<Model> {
+    Arc::new(Model::load(common::workspace_root().join("models/performer-byte")).unwrap())
+}
+
+fn toks(s: &str) -> Vec<u32> {
+    s.bytes().map(u32::from).collect()
+}
+
+fn engine(model: &Arc<Model>, shared: &Arc<Shared>) -> Engine {
+    let cfg = EngineConfig {
+        threads: 1,
+        ..EngineConfig::default()
+    };
+    Engine::start(model.clone(), cfg, Some(Box::new(MemStore(shared.clone())))).unwrap()
+}
+
+fn on_session(id: &str, prompt: &str, max_tokens: usize) -> CompletionRequest {
+    let mut r = CompletionRequest::new(toks(prompt), max_tokens, SamplingParams::greedy());
+    r.target = Target::Session(id.to_string());
+    r
+}
+
+fn generate_text(model: &Model, prompt: &str, max_tokens: usize) -> String {
+    let mut state = State::new(model);
+    let options = GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        ..GenerateOptions::default()
+    };
+    Generation::new(model, &mut state, &toks(prompt), options)
+        .unwrap()
+        .collect::<Result<String>>()
+        .unwrap()
+}
+
+#[test]
+fn two_engines_on_one_shared_store_continue_one_generation() {
+    let model = shipped();
+    let shared = Arc::new(Shared::default());
+    let (a, b) = (engine(&model, &shared), engine(&model, &shared));
+    let id = a.create_session("", toks("The sea")).unwrap().id;
+    assert_eq!(
+        shared.map.lock().unwrap().len(),
+        1,
+        "written through at once"
+    );
+    let mut text = String::new();
+    for i in 0..6 {
+        let e = if i % 2 == 0 { &b } else { &a };
+        let done = e.complete(on_session(&id, "", 7)).unwrap();
+        text.push_str(&done.choices[0].text);
+        // `Done` came after the write: the store already holds this version.
+        let stored = shared.map.lock().unwrap()[&SessionKey {
+            fingerprint: model.fingerprint(),
+            tenant: String::new(),
+            id: id.clone(),
+        }]
+            .meta
+            .clone();
+        assert_eq!(stored.position, done.session.unwrap().position);
+    }
+    assert_eq!(text, generate_text(&model, "The sea", 42));
+    // Nothing is left to write at shutdown: everything is in the store already.
+    assert_eq!(a.shutdown(Duration::ZERO).unwrap(), 0);
+    assert_eq!(b.shutdown(Duration::ZERO).unwrap(), 0);
+}
+
+#[test]
+fn a_cached_session_is_reloaded_only_when_its_version_changed() {
+    let model = shipped();
+    let shared = Arc::new(Shared::default());
+    let (a, b) = (engine(&model, &shared), engine(&model, &shared));
+    let id = a.create_session("", toks("Rain")).unwrap().id;
+    b.complete(on_session(&id, " fell", 3)).unwrap();
+    let gets = shared.gets.load(Ordering::SeqCst);
+    let versions = shared.versions.load(Ordering::SeqCst);
+    // B's cache holds the current version: a version read, no snapshot read.
+    b.complete(on_session(&id, "", 3)).unwrap();
+    assert_eq!(shared.gets.load(Ordering::SeqCst), gets);
+    assert!(shared.versions.load(Ordering::SeqCst) > versions);
+    // A's cache is stale: it reloads, and continues from B's state.
+    let done = a.complete(on_session(&id, "", 3)).unwrap();
+    assert_eq!(shared.gets.load(Ordering::SeqCst), gets + 1);
+    assert_eq!(done.session.unwrap().position, 4 + 5 + 3 + 3 + 3);
+}
+
+#[test]
+fn the_loser_of_a_race_gets_a_version_conflict_and_the_winner_is_kept() {
+    let (_dir, model) = tiny();
+    let shared = Arc::new(Shared::default());
+    let (a, b) = (engine(&model, &shared), engine(&model, &shared));
+    let id = a.create_session("", toks("The king")).unwrap().id;
+    // B starts a long generation ...
+    let (tx, rx) = std::sync::mpsc::channel();
+    b.submit(
+        on_session(&id, "", 3_000),
+        Box::new(move |e| tx.send(e).is_ok()),
+    )
+    .unwrap();
+    let start = Instant::now();
+    while b.stats().running == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::yield_now();
+    }
+    // ... A, from the same version, finishes first.
+    let won = a.complete(on_session(&id, " said", 1)).unwrap();
+    let position = won.session.unwrap().position;
+    let lost = rx.iter().find_map(|e| match e {
+        Event::Failed(e) => Some(Err(e)),
+        Event::Done { .. } => Some(Ok(())),
+        _ => None,
+    });
+    assert!(
+        matches!(lost, Some(Err(Error::VersionConflict { .. }))),
+        "{lost:?}"
+    );
+    assert_eq!(b.session_info("", &id).unwrap().position, position);
+    // B serves the winner's state from now on (the synthetic model's text is random bytes,
+    // so positions are compared, not text).
+    let done = b.complete(on_session(&id, "", 5)).unwrap();
+    assert_eq!(done.session.unwrap().position, position + 5);
+    assert_eq!(a.session_info("", &id).unwrap().position, position + 5);
+}
+
+#[test]
+fn a_store_down_fails_session_requests_only_and_recovers() {
+    let model = shipped();
+    let shared = Arc::new(Shared::default());
+    let a = engine(&model, &shared);
+    let id = a.create_session("t", toks("Water")).unwrap().id;
+    shared.down.store(true, Ordering::SeqCst);
+    let mut r = on_session(&id, "", 3);
+    r.tenant = "t".into();
+    assert!(matches!(
+        a.complete(r.clone()),
+        Err(Error::StoreUnavailable(_))
+    ));
+    assert!(matches!(
+        a.create_session("t", toks("x")),
+        Err(Error::StoreUnavailable(_))
+    ));
+    assert!(matches!(
+        a.session_info("t", &id),
+        Err(Error::StoreUnavailable(_))
+    ));
+    let plain = CompletionRequest::new(toks("Water"), 3, SamplingParams::greedy());
+    assert_eq!(
+        a.complete(plain).unwrap().choices[0].text,
+        generate_text(&model, "Water", 3)
+    );
+    // Up again: the session is served, with nothing lost.
+    shared.down.store(false, Ordering::SeqCst);
+    assert_eq!(
+        a.complete(r).unwrap().choices[0].text,
+        generate_text(&model, "Water", 3)
+    );
+    // Other tenants and other models do not see it.
+    assert!(matches!(
+        a.session_info("u", &id),
+        Err(Error::SessionNotFound(_))
+    ));
+    let other = Arc::new(Model::load(common::fixture("default_a")).unwrap());
+    let o = engine(&other, &shared);
+    assert!(matches!(
+        o.session_info("t", &id),
+        Err(Error::SessionNotFound(_))
+    ));
+    assert_eq!(a.list_sessions("t").unwrap().len(), 1);
+    assert!(o.list_sessions("t").unwrap().is_empty());
+}
