@@ -269,3 +269,30 @@ fn a_store_down_fails_session_requests_only_and_recovers() {
     assert_eq!(a.list_sessions("t").unwrap().len(), 1);
     assert!(o.list_sessions("t").unwrap().is_empty());
 }
+
+#[test]
+fn a_session_deleted_and_uploaded_again_is_not_served_from_a_stale_cache() {
+    let model = shipped();
+    let shared = Arc::new(Shared::default());
+    let (a, b) = (engine(&model, &shared), engine(&model, &shared));
+    let snapshot = |prompt: &str| {
+        let mut st = State::new(&model);
+        model.prefill(&mut st, &toks(prompt)).unwrap();
+        st.to_bytes(&model).unwrap()
+    };
+    a.put_session_snapshot("", "fixed", &snapshot("abc"))
+        .unwrap();
+    assert_eq!(
+        b.session_info("", "fixed").unwrap().position,
+        3,
+        "cached in B"
+    );
+    a.delete_session("", "fixed").unwrap();
+    a.put_session_snapshot("", "fixed", &snapshot("abcdefgh"))
+        .unwrap();
+    assert_eq!(b.session_info("", "fixed").unwrap().position, 8);
+    let text = b.complete(on_session("fixed", "", 4)).unwrap().choices[0]
+        .text
+        .clone();
+    assert_eq!(text, generate_text(&model, "abcdefgh", 4));
+}

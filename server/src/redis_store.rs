@@ -29,27 +29,26 @@ use redis::{Connection, RedisError, Script};
 
 /// Compare-and-set of a staged snapshot. KEYS: meta hash, staged snapshot, index set. ARGV:
 /// expected version (`""`: any), new version, meta JSON, id. Returns `{status, found}` with
-/// status `ok`, `conflict` or `expired` (the staged snapshot is gone). Idempotent: a retry of a
-/// commit that went through (same snapshot key) returns `ok`.
+/// status `ok`, `conflict` or `expired` (the staged snapshot is gone). Versions are compared
+/// as decimal strings (Lua numbers are doubles: 64-bit versions would round). Idempotent: a
+/// retry of a commit that went through (same snapshot key) returns `ok`.
 const COMMIT: &str = r"
-local cur = redis.call('HGET', KEYS[1], 'version')
-local found = 0
-if cur then found = tonumber(cur) end
-if redis.call('HGET', KEYS[1], 'payload') == KEYS[2] and found == tonumber(ARGV[2]) then
-  return {'ok', found}
+local cur = redis.call('HGET', KEYS[1], 'version') or '0'
+if redis.call('HGET', KEYS[1], 'payload') == KEYS[2] and cur == ARGV[2] then
+  return {'ok', cur}
 end
-if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= found then
-  return {'conflict', found}
+if ARGV[1] ~= '' and ARGV[1] ~= cur then
+  return {'conflict', cur}
 end
 if redis.call('EXISTS', KEYS[2]) == 0 then
-  return {'expired', found}
+  return {'expired', cur}
 end
 local old = redis.call('HGET', KEYS[1], 'payload')
 redis.call('PERSIST', KEYS[2])
 redis.call('HSET', KEYS[1], 'version', ARGV[2], 'meta', ARGV[3], 'payload', KEYS[2])
 if old and old ~= KEYS[2] then redis.call('DEL', old) end
 redis.call('SADD', KEYS[3], ARGV[4])
-return {'ok', found}
+return {'ok', cur}
 ";
 
 /// Reads a session atomically. KEYS: meta hash. Returns nil, `{meta}` (snapshot missing) or
@@ -301,7 +300,7 @@ impl RedisStore {
         let meta_key = self.meta_key(&key);
         let index = self.index_key(key.fingerprint, &key.tenant);
         let expected_arg = expected.map_or(String::new(), |v| v.to_string());
-        let (status, found): (String, u64) = self.with(|c| {
+        let (status, found): (String, String) = self.with(|c| {
             self.commit
                 .key(&meta_key)
                 .key(&staged.key)
@@ -311,6 +310,9 @@ impl RedisStore {
                 .arg(&json)
                 .arg(&key.id)
                 .invoke(c)
+        })?;
+        let found: u64 = found.parse().map_err(|_| {
+            Error::SessionStorage(format!("redis: version `{found}` of `{}`", key.id))
         })?;
         match status.as_str() {
             "ok" => Ok(()),
@@ -435,25 +437,33 @@ impl SessionStore for RedisStore {
     fn list_tenant(&self, fingerprint: u64, tenant: &str) -> Result<Vec<SessionMeta>> {
         let index = self.index_key(fingerprint, tenant);
         let ids: Vec<String> = self.with(|c| redis::cmd("SMEMBERS").arg(&index).query(c))?;
-        let mut metas = Vec::with_capacity(ids.len());
-        for id in ids {
-            let key = SessionKey {
+        let keys: Vec<String> = ids
+            .into_iter()
+            .map(|id| SessionKey {
                 fingerprint,
                 tenant: tenant.to_string(),
                 id,
-            };
-            if Self::check_key(&key).is_err() {
-                continue;
-            }
-            let meta_key = self.meta_key(&key);
-            let json: Option<Vec<u8>> =
-                self.with(|c| redis::cmd("HGET").arg(&meta_key).arg("meta").query(c))?;
-            // An id whose session was deleted between the two reads is skipped.
-            if let Some(j) = json {
-                metas.push(Self::parse_meta(&j)?);
-            }
+            })
+            .filter(|k| Self::check_key(k).is_ok())
+            .map(|k| self.meta_key(&k))
+            .collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(metas)
+        // One round trip for all of them.
+        let jsons: Vec<Option<Vec<u8>>> = self.with(|c| {
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.cmd("HGET").arg(k).arg("meta");
+            }
+            pipe.query(c)
+        })?;
+        // An id whose session was deleted between the two reads is skipped.
+        jsons
+            .into_iter()
+            .flatten()
+            .map(|j| Self::parse_meta(&j))
+            .collect()
     }
 
     fn shared(&self) -> bool {

@@ -280,6 +280,14 @@ impl Sessions {
             }
             None => (now, 0),
         };
+        // With a shared store a new session's first version is random (below 2^62), not 1: a
+        // session deleted and created again under the same id (by an upload) does not repeat
+        // a version of its earlier life that another engine may still have cached.
+        let next = if self.shared && version == 0 {
+            (splitmix64(&mut self.rng) >> 2).max(1)
+        } else {
+            version + 1
+        };
         let bytes = state.size_bytes();
         let meta = SessionMeta {
             id: id.to_string(),
@@ -288,7 +296,7 @@ impl Sessions {
             last_used: now,
             position: state.position(),
             state_bytes: bytes,
-            version: version + 1,
+            version: next,
             fingerprint: self.model.fingerprint(),
         };
         if self.shared {
