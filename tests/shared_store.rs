@@ -23,6 +23,10 @@ use performer::{Error, Model, Result, SamplingParams, State};
 struct Shared {
     map: Mutex<HashMap<SessionKey, StoredSession>>,
     down: AtomicBool,
+    /// `version` sleeps this many milliseconds (a store that answers slowly).
+    slow_ms: AtomicUsize,
+    /// Set while a `version` call is sleeping.
+    stalled: AtomicBool,
     gets: AtomicUsize,
     versions: AtomicUsize,
 }
@@ -47,6 +51,12 @@ impl SessionStore for MemStore {
     }
     fn version(&self, key: &SessionKey) -> Result<Option<u64>> {
         self.up()?;
+        let slow = self.0.slow_ms.load(Ordering::SeqCst);
+        if slow > 0 {
+            self.0.stalled.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(slow as u64));
+            self.0.stalled.store(false, Ordering::SeqCst);
+        }
         self.0.versions.fetch_add(1, Ordering::SeqCst);
         Ok(self.0.map.lock().unwrap().get(key).map(|s| s.meta.version))
     }
@@ -295,4 +305,39 @@ fn a_session_deleted_and_uploaded_again_is_not_served_from_a_stale_cache() {
         .text
         .clone();
     assert_eq!(text, generate_text(&model, "abcdefgh", 4));
+}
+
+#[test]
+fn a_slow_store_does_not_hold_up_stateless_completions() {
+    let model = shipped();
+    let shared = Arc::new(Shared::default());
+    let a = Arc::new(engine(&model, &shared));
+    let id = a.create_session("", toks("Light fell")).unwrap().id;
+    // A session request waits 3 s on the store's version read, holding the session table;
+    // the scheduler's idle expiry comes round every second meanwhile.
+    shared.slow_ms.store(3000, Ordering::SeqCst);
+    let waiting = {
+        let a = a.clone();
+        let id = id.clone();
+        std::thread::spawn(move || a.complete(on_session(&id, "", 2)))
+    };
+    let start = Instant::now();
+    while !shared.stalled.load(Ordering::SeqCst) {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::yield_now();
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    for prompt in ["Water", "The sea"] {
+        let plain = CompletionRequest::new(toks(prompt), 8, SamplingParams::greedy());
+        assert_eq!(
+            a.complete(plain).unwrap().choices[0].text,
+            generate_text(&model, prompt, 8)
+        );
+    }
+    assert!(
+        shared.stalled.load(Ordering::SeqCst),
+        "the stateless completions finished while the session request was still waiting"
+    );
+    shared.slow_ms.store(0, Ordering::SeqCst);
+    assert!(waiting.join().unwrap().is_ok());
 }

@@ -137,8 +137,12 @@ impl Scheduler {
                 self.handle(cmd);
             }
             if self.last_expiry.elapsed() >= Duration::from_secs(1) {
-                self.last_expiry = Instant::now();
-                self.shared.sessions.lock().expect("poisoned").expire();
+                // Not when another thread holds the table (a request waiting on a slow shared
+                // store): the batch must not wait for it; expiry runs on a later tick.
+                if let Ok(mut sessions) = self.shared.sessions.try_lock() {
+                    self.last_expiry = Instant::now();
+                    sessions.expire();
+                }
             }
             if self.deadline.is_some_and(|d| Instant::now() >= d) {
                 for job in self
@@ -434,7 +438,11 @@ impl Scheduler {
             prompt_tokens: job.req.prompt.len(),
             completion_tokens: returned,
         };
-        let session = {
+        // A stateless request leaves the session table alone (another thread may hold it while
+        // it waits on a slow store).
+        let session = if job.req.target == Target::Stateless {
+            None
+        } else {
             let mut sessions = self.shared.sessions.lock().expect("poisoned");
             let kept = match (&job.req.target, state) {
                 (Target::Session(id), st) => sessions.checkin(&job.req.tenant, id, st),
