@@ -27,6 +27,10 @@ struct Shared {
     slow_ms: AtomicUsize,
     /// Set while a `version` call is sleeping.
     stalled: AtomicBool,
+    /// `put` sleeps this many milliseconds.
+    slow_put_ms: AtomicUsize,
+    /// Set while a `put` call is sleeping.
+    put_stalled: AtomicBool,
     gets: AtomicUsize,
     versions: AtomicUsize,
 }
@@ -62,6 +66,12 @@ impl SessionStore for MemStore {
     }
     fn put(&self, session: &StoredSession, expected: Option<u64>) -> Result<()> {
         self.up()?;
+        let slow = self.0.slow_put_ms.load(Ordering::SeqCst);
+        if slow > 0 {
+            self.0.put_stalled.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(slow as u64));
+            self.0.put_stalled.store(false, Ordering::SeqCst);
+        }
         let mut map = self.0.map.lock().unwrap();
         let key = SessionKey::of(&session.meta);
         let found = map.get(&key).map_or(0, |s| s.meta.version);
@@ -340,4 +350,52 @@ fn a_slow_store_does_not_hold_up_stateless_completions() {
     );
     shared.slow_ms.store(0, Ordering::SeqCst);
     assert!(waiting.join().unwrap().is_ok());
+}
+
+#[test]
+fn a_slow_commit_does_not_hold_up_the_batch() {
+    let model = shipped();
+    let shared = Arc::new(Shared::default());
+    let a = Arc::new(engine(&model, &shared));
+    let id = a.create_session("", toks("Under the tree")).unwrap().id;
+    let other = a.create_session("", toks("My friend")).unwrap().id;
+    // The write after this generation takes 3 s (it runs on the committer thread).
+    shared.slow_put_ms.store(3000, Ordering::SeqCst);
+    let committing = {
+        let a = a.clone();
+        let id = id.clone();
+        std::thread::spawn(move || a.complete(on_session(&id, "", 4)))
+    };
+    let start = Instant::now();
+    while !shared.put_stalled.load(Ordering::SeqCst) {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::yield_now();
+    }
+    shared.slow_put_ms.store(0, Ordering::SeqCst);
+    let plain = CompletionRequest::new(toks("Water"), 8, SamplingParams::greedy());
+    assert_eq!(
+        a.complete(plain).unwrap().choices[0].text,
+        generate_text(&model, "Water", 8)
+    );
+    // The session being written is busy meanwhile.
+    assert!(matches!(
+        a.complete(on_session(&id, "", 1)),
+        Err(Error::SessionBusy(_))
+    ));
+    assert!(
+        shared.put_stalled.load(Ordering::SeqCst),
+        "all that happened while the write was still going on"
+    );
+    // Writes are in order, one at a time: another session's request generates meanwhile and
+    // completes once its write (after the slow one) is done.
+    assert_eq!(
+        a.complete(on_session(&other, "", 4)).unwrap().choices[0].text,
+        generate_text(&model, "My friend", 4)
+    );
+    let done = committing.join().unwrap().unwrap();
+    assert_eq!(
+        done.choices[0].text,
+        generate_text(&model, "Under the tree", 4)
+    );
+    assert_eq!(done.session.unwrap().position, 14 + 4);
 }

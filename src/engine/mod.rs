@@ -151,6 +151,8 @@ pub struct Engine {
     shared: Arc<Shared>,
     tx: Mutex<Option<Sender<Cmd>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// With a shared store: the thread that writes finished sessions to it.
+    committer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Engine {
@@ -194,6 +196,7 @@ impl Engine {
             config.max_session_memory,
             config.session_ttl,
         )?;
+        let shared_store = sessions.shared_store();
         let shared = Arc::new(Shared {
             model,
             config,
@@ -205,7 +208,21 @@ impl Engine {
             accepting: AtomicBool::new(true),
         });
         let (tx, rx) = mpsc::channel();
-        let scheduler = Scheduler::new(shared.clone(), pool, rx);
+        let (commit_tx, committer) = match shared_store {
+            Some(store) => {
+                let (ctx, crx) = mpsc::channel();
+                let sh = shared.clone();
+                let t = std::thread::Builder::new()
+                    .name("performer-committer".into())
+                    .spawn(move || scheduler::run_committer(sh, store, crx))
+                    .map_err(|e| {
+                        Error::invalid("threads", format!("cannot start the committer: {e}"))
+                    })?;
+                (Some(ctx), Some(t))
+            }
+            None => (None, None),
+        };
+        let scheduler = Scheduler::new(shared.clone(), pool, rx, commit_tx);
         let thread = std::thread::Builder::new()
             .name("performer-scheduler".into())
             .spawn(move || scheduler.run())
@@ -214,6 +231,7 @@ impl Engine {
             shared,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
+            committer: Mutex::new(committer),
         })
     }
 
@@ -441,6 +459,11 @@ impl Engine {
         match thread {
             Some(t) => {
                 let _ = t.join();
+                // The scheduler is gone, so is the committer's sender: it ends once the writes
+                // it has are done.
+                if let Some(c) = self.committer.lock().expect("poisoned").take() {
+                    let _ = c.join();
+                }
                 self.sessions().write_all()
             }
             None => Ok(0),

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,9 @@ use super::request::{
     token_logprob, CancelHandle, CompletionRequest, Event, FinishReason, Sink, Target,
     TokenLogprob, Usage,
 };
+use super::sessions::PendingWrite;
 use super::stop::{Outcome, TextOut};
+use super::store::SessionStore;
 use super::Shared;
 use crate::error::{Error, Result};
 use crate::sampling::Sampler;
@@ -91,8 +93,48 @@ impl Job {
 }
 
 /// The scheduler's own data.
+/// A finished request whose session write goes to the committer thread (shared store only):
+/// the store is written outside the table's lock and off the scheduler thread, and `Done`
+/// follows the write.
+pub(crate) struct Commit {
+    job: Job,
+    write: PendingWrite,
+    usage: Usage,
+}
+
+/// The committer thread: writes sessions to a shared store, then ends their requests.
+pub(crate) fn run_committer(
+    shared: Arc<Shared>,
+    store: Arc<dyn SessionStore>,
+    rx: Receiver<Commit>,
+) {
+    for Commit {
+        mut job,
+        write,
+        usage,
+    } in rx
+    {
+        let result = store.put(&write.session, Some(write.expected));
+        let info = shared
+            .sessions
+            .lock()
+            .expect("poisoned")
+            .finish_write(write, result);
+        match info {
+            Ok(info) => job.send(Event::Done {
+                usage,
+                session: Some(info),
+            }),
+            Err(e) => job.send(Event::Failed(e)),
+        }
+        shared.inflight.fetch_sub(job.req.n, Ordering::AcqRel);
+    }
+}
+
 pub(crate) struct Scheduler {
     shared: Arc<Shared>,
+    /// With a shared store: where finished session requests go to be written.
+    committer: Option<Sender<Commit>>,
     pool: rayon::ThreadPool,
     rx: Receiver<Cmd>,
     queue: VecDeque<Job>,
@@ -103,13 +145,19 @@ pub(crate) struct Scheduler {
 }
 
 impl Scheduler {
-    pub(crate) fn new(shared: Arc<Shared>, pool: rayon::ThreadPool, rx: Receiver<Cmd>) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        pool: rayon::ThreadPool,
+        rx: Receiver<Cmd>,
+        committer: Option<Sender<Commit>>,
+    ) -> Self {
         let block = shared.model.prefill_block_tokens();
         let want = shared.config.prefill_chunk.max(1);
         // A multiple of the model's prefill block, so that slicing changes no result.
         let prefill_slice = want.div_ceil(block) * block;
         Scheduler {
             shared,
+            committer,
             pool,
             rx,
             queue: VecDeque::new(),
@@ -433,7 +481,7 @@ impl Scheduler {
     /// Hands the state to its session (with a shared store: writes it there), then sends
     /// `Done` and frees the slots. A session that cannot be written fails the request instead:
     /// `Done` means the session is stored.
-    fn complete_with(&mut self, mut job: Job, state: Option<State>, returned: usize) {
+    fn complete_with(&mut self, mut job: Job, mut state: Option<State>, returned: usize) {
         let usage = Usage {
             prompt_tokens: job.req.prompt.len(),
             completion_tokens: returned,
@@ -444,6 +492,30 @@ impl Scheduler {
             None
         } else {
             let mut sessions = self.shared.sessions.lock().expect("poisoned");
+            // With a shared store the write goes to the committer thread, which sends `Done`.
+            if let (Some(committer), true) = (&self.committer, state.is_some()) {
+                let st = state.take().expect("checked");
+                let prepared = match &job.req.target {
+                    Target::Session(id) => sessions.prepare_checkin(&job.req.tenant, id, st),
+                    _ => sessions.prepare_insert(&job.req.tenant, st),
+                };
+                drop(sessions);
+                match prepared {
+                    Ok(write) => {
+                        let n = job.req.n;
+                        if let Err(back) = committer.send(Commit { job, write, usage }) {
+                            let mut job = back.0.job;
+                            job.send(Event::Failed(Error::ShuttingDown));
+                            self.shared.inflight.fetch_sub(n, Ordering::AcqRel);
+                        }
+                    }
+                    Err(e) => {
+                        job.send(Event::Failed(e));
+                        self.release(&job);
+                    }
+                }
+                return;
+            }
             let kept = match (&job.req.target, state) {
                 (Target::Session(id), st) => sessions.checkin(&job.req.tenant, id, st),
                 (Target::NewSession, Some(st)) => sessions.insert(&job.req.tenant, st).map(Some),

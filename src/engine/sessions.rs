@@ -43,6 +43,16 @@ struct Entry {
     tick: u64,
 }
 
+/// A session write prepared under the table's lock, done outside it (shared store only).
+pub(crate) struct PendingWrite {
+    /// What to store.
+    pub(crate) session: StoredSession,
+    /// The version the store must hold (0: absent).
+    pub(crate) expected: u64,
+    /// The state the cache keeps once written.
+    state: State,
+}
+
 /// A key of the table: (namespace, id). With a shared store the namespace is the tenant
 /// (tenants never collide); otherwise it is `""`, the ids form one namespace and an id of
 /// another tenant is refused as not found.
@@ -52,7 +62,7 @@ type Key = (String, String);
 pub(crate) struct Sessions {
     model: Arc<Model>,
     map: HashMap<Key, Entry>,
-    store: Option<Box<dyn SessionStore>>,
+    store: Option<Arc<dyn SessionStore>>,
     /// Whether the store is shared by several engines: then the table is only a cache, checked
     /// against the store before every use and written through on every change.
     shared: bool,
@@ -89,7 +99,7 @@ impl Sessions {
         let mut s = Sessions {
             model,
             map: HashMap::new(),
-            store,
+            store: store.map(Arc::from),
             shared,
             max_bytes,
             memory_bytes: 0,
@@ -240,6 +250,101 @@ impl Sessions {
         );
         self.touch(&k);
         self.enforce_budget()
+    }
+
+    /// The store, if it is shared: for writes done outside the table's lock (see
+    /// [`Self::prepare_checkin`]).
+    pub(crate) fn shared_store(&self) -> Option<Arc<dyn SessionStore>> {
+        self.store.clone().filter(|_| self.shared)
+    }
+
+    /// With a shared store, the first step of ending a request that changed session `id`:
+    /// the new version's metadata and snapshot, to be written (outside the lock) with
+    /// compare-and-set against the version the request started from, then handed to
+    /// [`Self::finish_write`]. The session stays busy meanwhile. On an error the cached entry
+    /// is dropped.
+    pub(crate) fn prepare_checkin(
+        &mut self,
+        tenant: &str,
+        id: &str,
+        state: State,
+    ) -> Result<PendingWrite> {
+        let k = self.key(tenant, id);
+        let e = self
+            .map
+            .get(&k)
+            .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
+        let mut meta = e.meta.clone();
+        meta.position = state.position();
+        meta.state_bytes = state.size_bytes();
+        meta.version += 1;
+        meta.last_used = now_unix();
+        let expected = e.meta.version;
+        match state.to_bytes(&self.model) {
+            Ok(snapshot) => Ok(PendingWrite {
+                session: StoredSession { meta, snapshot },
+                expected,
+                state,
+            }),
+            Err(err) => {
+                self.forget(&k);
+                Err(err)
+            }
+        }
+    }
+
+    /// [`Self::prepare_checkin`] for a new session of `tenant` holding `state` (a new id, a
+    /// random first version, expected absent).
+    pub(crate) fn prepare_insert(&mut self, tenant: &str, state: State) -> Result<PendingWrite> {
+        let id = self.new_id(tenant);
+        let now = now_unix();
+        let meta = SessionMeta {
+            id,
+            tenant: tenant.to_string(),
+            created: now,
+            last_used: now,
+            position: state.position(),
+            state_bytes: state.size_bytes(),
+            version: (splitmix64(&mut self.rng) >> 2).max(1),
+            fingerprint: self.model.fingerprint(),
+        };
+        let snapshot = state.to_bytes(&self.model)?;
+        Ok(PendingWrite {
+            session: StoredSession { meta, snapshot },
+            expected: 0,
+            state,
+        })
+    }
+
+    /// Ends a write prepared by [`Self::prepare_checkin`] or [`Self::prepare_insert`] with the
+    /// store's answer: on success the cache holds the new version, free; on failure the cached
+    /// entry is dropped (the next use reloads it) and the error comes back.
+    pub(crate) fn finish_write(
+        &mut self,
+        write: PendingWrite,
+        result: Result<()>,
+    ) -> Result<SessionInfo> {
+        let meta = write.session.meta;
+        let k = self.key(&meta.tenant, &meta.id);
+        self.forget(&k);
+        result?;
+        self.memory_bytes += write.state.size_bytes();
+        self.map.insert(
+            k.clone(),
+            Entry {
+                meta,
+                state: Some(write.state),
+                stored: true,
+                busy: false,
+                tick: 0,
+            },
+        );
+        self.touch(&k);
+        let info = Self::info(&self.map[&k]);
+        if let Err(e) = self.enforce_budget() {
+            eprintln!("performer: cannot spill sessions: {e}");
+        }
+        Ok(info)
     }
 
     /// Adds a new session holding `state`.
