@@ -134,6 +134,35 @@ fn errors_are_one_line_with_nonzero_exit() {
 }
 
 #[test]
+fn serve_refuses_a_bad_session_store_before_listening() {
+    let m = model_dir();
+    let out = performer(&[
+        "serve",
+        "--model",
+        &m,
+        "--port",
+        "0",
+        "--session-store",
+        "http://127.0.0.1:1/0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("redis://"), "{stderr}");
+    // A directory and a shared store exclude each other (a usage error).
+    let out = performer(&[
+        "serve",
+        "--model",
+        &m,
+        "--session-dir",
+        "/tmp/never-created",
+        "--session-store",
+        "redis://127.0.0.1:1/0",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
 fn every_bad_flag_value_is_a_usage_error() {
     let m = model_dir();
     let gen = ["generate", "--model", &m, "--prompt", "x"];

@@ -74,7 +74,8 @@ impl SessionKey {
 }
 
 /// Storage for sessions out of memory. Implementations must be safe to call from several
-/// threads; the engine holds its session table's lock while calling them.
+/// threads; the engine calls them with its session table's lock held, except the writes of a
+/// shared store after a generation (made by the engine's committer thread).
 ///
 /// Two kinds exist. A store that is not [`shared`](SessionStore::shared) (the default,
 /// [`DiskStore`]) belongs to one engine: the engine indexes it at start ([`Self::list`]) and
