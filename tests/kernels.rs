@@ -230,9 +230,10 @@ fn matvec_batch_equals_single_rows_and_scalar() {
 
 fn matvec_batch_equals_single_rows_and_scalar_at(k: Kernels) {
     let mut rng = TestRng(31);
-    // Inputs and weight rows around every register tile's edges (1–3 rows, 1–2 inputs), and
-    // columns around the 16-lane, 64-column and tail boundaries.
-    for &inputs in &[1usize, 2, 3, 4, 5, 7, 16] {
+    // Inputs on both sides of the packed register tiles (from 8) and around every tile edge
+    // (1–3 weight rows, 1–2 inputs), and columns around the 16-lane, 64-column and tail
+    // boundaries.
+    for &inputs in &[1usize, 2, 3, 4, 5, 7, 8, 9, 16] {
         for &out in &[1usize, 2, 3, 4, 5, 7, 8, 17] {
             for &cols in &[0usize, 1, 15, 16, 17, 63, 64, 65, 100, 129, 257] {
                 // Zeros, tiny (products below f32's normal range), plain, and huge ones.
@@ -256,6 +257,15 @@ fn matvec_batch_equals_single_rows_and_scalar_at(k: Kernels) {
                 }
             }
         }
+    }
+    // Weights of several packed blocks (96 KiB of f32 each: 93 rows of 257 columns, 8 of
+    // 3072), so that a block is multiplied while the next one is prefetched.
+    for &(inputs, out, cols) in &[(9usize, 200usize, 257usize), (16, 20, 3072), (8, 95, 100)] {
+        let w = rng.vec(out * cols, 1.0);
+        let x = rng.vec(inputs * cols, 1.0);
+        check_matvec_batch(k, &w, &x, inputs);
+        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        check_matvec_batch(k, &wh, &x, inputs);
     }
     // Non-finite values stay where they are: a NaN or infinity in one input row poisons only
     // that row's outputs, in the same way as the single-row kernel.

@@ -386,10 +386,17 @@ fn matvec_rows_k<S: Lanes, T: Elem>(s: S, w: &[T], cols: usize, x: &[f32], y: &m
     }
 }
 
-/// Weight rows per tile of the batched product when a level's bf16 rows go through its own
-/// single-row kernel: 16 rows of gpt2-small's widest input (3072) are 96 KiB of bf16, well
-/// inside L2, reused for every input row.
-const BATCH_BF16_ROWS: usize = 16;
+/// Weight rows per tile of the batched product when it runs the single-row kernel once per
+/// input row (few inputs, or bf16 weights at a level with its own bf16 row kernel): 16 rows
+/// of gpt2-small's widest input (3072) are 192 KiB of f32, inside L2, read from memory once
+/// and reused for every input row.
+const BATCH_ROW_TILE: usize = 16;
+
+/// Input rows from which the batched product packs weight blocks and runs register tiles.
+/// Below it, the copy into the block buffer costs more than the tiles save: measured on
+/// gpt2-small at B=4 (2 threads, depth 0), 57 t/s with the single-row kernel on cached tiles
+/// against 42 t/s packed.
+const BATCH_TILED_INPUTS: usize = 8;
 
 /// Bytes of f32 weights the batched product widens into a per-thread buffer at a time: a
 /// block that stays in L2 (1–2 MiB per core here) beside the inputs while every input row
@@ -409,8 +416,9 @@ std::thread_local! {
 /// Reading the tiles straight from memory instead left the loads of the first input row
 /// waiting on memory with only a few rows' streams in flight, and widening f16 in every tile
 /// converted each weight once per input row. Widening is exact, so the products are those of
-/// the single-row kernel. bf16 weights at a level with its own bf16 row kernel go through
-/// that kernel on cached tiles of weight rows instead, so they too stay bit-identical to it.
+/// the single-row kernel. Fewer than [`BATCH_TILED_INPUTS`] inputs, and bf16 weights at a
+/// level with its own bf16 row kernel, go through the single-row kernel on cached tiles of
+/// weight rows instead (bf16 so that they too stay bit-identical to it).
 #[inline(always)]
 fn matvec_batch_k<S: Lanes, T: Elem>(
     s: S,
@@ -426,9 +434,9 @@ fn matvec_batch_k<S: Lanes, T: Elem>(
         matvec_rows_k(s, w, cols, x, y);
         return;
     }
-    if T::KIND == simd::ElemKind::Bf16 && S::BF16_MATVEC {
-        for t0 in (0..out).step_by(BATCH_BF16_ROWS) {
-            let t1 = (t0 + BATCH_BF16_ROWS).min(out);
+    if inputs < BATCH_TILED_INPUTS || (T::KIND == simd::ElemKind::Bf16 && S::BF16_MATVEC) {
+        for t0 in (0..out).step_by(BATCH_ROW_TILE) {
+            let t1 = (t0 + BATCH_ROW_TILE).min(out);
             for i in 0..inputs {
                 matvec_rows_k(
                     s,
