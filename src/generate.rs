@@ -339,6 +339,19 @@ impl StopMatcher {
         })
     }
 
+    /// How many of the pushed tokens, counted from the latest, have text that is still held
+    /// back (not yet returned by [`StopMatcher::push`]): a caller that reports per-token data
+    /// (log-probabilities) with the text sends it for the tokens before those. Zero when
+    /// nothing is held back.
+    pub fn held_tokens(&self) -> usize {
+        if !self.holding {
+            return 0;
+        }
+        // A token's character begins at `own`; characters are emitted whole, so the tokens
+        // whose character begins at or after the emitted length are the held ones.
+        self.since.len() - self.since.partition_point(|&(_, own)| own < self.base)
+    }
+
     /// Ends the stream (the token limit was reached): returns the held-back text and any
     /// partial character (as U+FFFD). The state keeps every token stepped so far; a held
     /// checkpoint can be dropped. (A stop string that only the U+FFFD of a partial character

@@ -117,10 +117,6 @@ impl Weight {
 /// tiles instead of a general matrix product (whose packing dominates at a few rows).
 const FEW_ROWS: usize = 64;
 
-/// Weight rows per tile of [`Linear::forward_few_rows`]: 16 rows of gpt2-small's widest input
-/// (3072) are 192 KiB of f32, well inside L2.
-const FEW_ROWS_TILE: usize = 16;
-
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
     pub(crate) weight: Weight,
@@ -196,40 +192,38 @@ impl Linear {
         }
     }
 
-    /// [`Linear::forward_rows`] for a few rows (batched decode): the decode matrix-vector
-    /// kernel on tiles of [`FEW_ROWS_TILE`] weight rows, each tile read from memory once and
-    /// applied to every input row while it sits in cache. Weight traffic is that of one
-    /// sequence; each output element is computed exactly as single-stream decoding computes it.
+    /// [`Linear::forward_rows`] for a few rows (batched decode): [`kernels::matvec_batch`] on
+    /// blocks of weight rows split across the pool as single-stream decoding splits them, so
+    /// the weights are read from memory once for all rows and each loaded weight vector feeds
+    /// several rows' multiply-adds. Each output element is bit for bit what single-stream
+    /// decoding computes.
     fn forward_few_rows(&self, weight: &Tensor, x: &[f32], rows: usize, y: &mut [f32]) {
         let out = self.out_features();
         let cols = x.len() / rows.max(1);
-        let block = kernels::matvec_block_rows(out, cols, rayon::current_num_threads())
-            .unwrap_or(out)
-            .max(1);
-        let blocks: Vec<(usize, Vec<f32>)> = (0..out.div_ceil(block))
-            .into_par_iter()
-            .map(|b| {
-                let (r0, r1) = (b * block, ((b + 1) * block).min(out));
-                let len = r1 - r0;
-                let mut buf = vec![0f32; rows * len];
-                for t0 in (r0..r1).step_by(FEW_ROWS_TILE) {
-                    let t1 = (t0 + FEW_ROWS_TILE).min(r1);
-                    for r in 0..rows {
-                        let dst = &mut buf[r * len + (t0 - r0)..r * len + (t1 - r0)];
-                        with_view!(weight.view(), |w| kernels::matvec_serial(
-                            &w[t0 * cols..t1 * cols],
-                            &x[r * cols..(r + 1) * cols],
-                            dst
+        let y = &mut y[..rows * out];
+        match kernels::matvec_block_rows(out, cols, rayon::current_num_threads()) {
+            None => with_view!(weight.view(), |w| kernels::matvec_batch(w, x, rows, y)),
+            Some(block) => {
+                let blocks: Vec<(usize, Vec<f32>)> = (0..out.div_ceil(block))
+                    .into_par_iter()
+                    .map(|b| {
+                        let (r0, r1) = (b * block, ((b + 1) * block).min(out));
+                        let mut buf = vec![0f32; rows * (r1 - r0)];
+                        with_view!(weight.view(), |w| kernels::matvec_batch(
+                            &w[r0 * cols..r1 * cols],
+                            x,
+                            rows,
+                            &mut buf
                         ));
+                        (r0, buf)
+                    })
+                    .collect();
+                for (r0, buf) in blocks {
+                    let len = buf.len() / rows.max(1);
+                    for (r, src) in buf.chunks(len.max(1)).enumerate() {
+                        y[r * out + r0..r * out + r0 + len].copy_from_slice(src);
                     }
                 }
-                (r0, buf)
-            })
-            .collect();
-        for (r0, buf) in blocks {
-            let len = buf.len() / rows.max(1);
-            for r in 0..rows {
-                y[r * out + r0..r * out + r0 + len].copy_from_slice(&buf[r * len..(r + 1) * len]);
             }
         }
         if let Some(b) = &self.bias {

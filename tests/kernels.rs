@@ -179,6 +179,178 @@ fn matvec_matches_scalar_including_parallel_blocks() {
     }
 }
 
+/// The batched product against (1) the single-row kernel at the same level, which it must
+/// equal bit for bit (batched decode then gives exactly single-stream decoding's products),
+/// and (2) the scalar twin, within the matvec tolerance of `check_matvec` (f32 rounding of a
+/// split-accumulator sum against an f64 one: 1e-5 of Σ|w·x|).
+fn check_matvec_batch<T: Elem>(k: Kernels, w: &[T], x: &[f32], inputs: usize) {
+    let cols = x.len() / inputs;
+    let out = w.len() / cols; // callers pass at least one column
+    let mut fast = vec![f32::NAN; inputs * out];
+    let mut slow = vec![f32::NAN; inputs * out];
+    k.matvec_batch(w, x, inputs, &mut fast);
+    scalar::matvec_batch(w, x, inputs, &mut slow);
+    for i in 0..inputs {
+        let xi = &x[i * cols..(i + 1) * cols];
+        let mut one = vec![f32::NAN; out];
+        k.matvec_serial(w, xi, &mut one);
+        for o in 0..out {
+            let (got, want) = (fast[i * out + o], one[o]);
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{} {} batch {inputs}x{out}x{cols} input {i} row {o}: {got} vs single row {want}",
+                k.isa(),
+                T::NAME,
+            );
+            let mag: f32 = (0..cols)
+                .map(|c| (w[o * cols + c].to_f32() * xi[c]).abs())
+                .sum();
+            let sl = slow[i * out + o];
+            assert!(
+                got == sl
+                    || (got.is_nan() && sl.is_nan())
+                    || rel_err(got, sl, mag) <= 1e-5
+                    || (got - sl).abs() <= 1e-30,
+                "{} {} batch {inputs}x{out}x{cols} input {i} row {o}: {got} vs scalar {sl}",
+                k.isa(),
+                T::NAME,
+            );
+        }
+    }
+}
+
+#[test]
+fn matvec_batch_equals_single_rows_and_scalar() {
+    for k in levels() {
+        eprintln!("level {}", k.isa());
+        matvec_batch_equals_single_rows_and_scalar_at(k);
+    }
+}
+
+fn matvec_batch_equals_single_rows_and_scalar_at(k: Kernels) {
+    let mut rng = TestRng(31);
+    // Inputs on both sides of the packed register tiles (from 8) and around every tile edge
+    // (1–3 weight rows, 1–2 inputs), and columns around the 16-lane, 64-column and tail
+    // boundaries.
+    for &inputs in &[1usize, 2, 3, 4, 5, 7, 8, 9, 16] {
+        for &out in &[1usize, 2, 3, 4, 5, 7, 8, 17] {
+            for &cols in &[0usize, 1, 15, 16, 17, 63, 64, 65, 100, 129, 257] {
+                // Zeros, tiny (products below f32's normal range), plain, and huge ones.
+                for scale in [0.0, 1e-20, 1.0, 1e15] {
+                    let w = rng.vec(out * cols, scale);
+                    let x = rng.vec(inputs * cols, 1.0);
+                    if cols == 0 {
+                        // No columns: every output is an empty sum.
+                        let mut y = vec![f32::NAN; inputs * out];
+                        k.matvec_batch(&w, &x, inputs, &mut y);
+                        assert!(y.iter().all(|&v| v == 0.0), "{} cols 0", k.isa());
+                        continue;
+                    }
+                    check_matvec_batch(k, &w, &x, inputs);
+                    if scale == 1.0 || scale == 0.0 {
+                        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+                        check_matvec_batch(k, &wh, &x, inputs);
+                        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+                        check_matvec_batch(k, &wb, &x, inputs);
+                    }
+                }
+            }
+        }
+    }
+    // Weights of several packed blocks (96 KiB of f32 each: 93 rows of 257 columns, 8 of
+    // 3072), so that a block is multiplied while the next one is prefetched.
+    for &(inputs, out, cols) in &[(9usize, 200usize, 257usize), (16, 20, 3072), (8, 95, 100)] {
+        let w = rng.vec(out * cols, 1.0);
+        let x = rng.vec(inputs * cols, 1.0);
+        check_matvec_batch(k, &w, &x, inputs);
+        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        check_matvec_batch(k, &wh, &x, inputs);
+    }
+    // Non-finite values stay where they are: a NaN or infinity in one input row poisons only
+    // that row's outputs, in the same way as the single-row kernel.
+    let (inputs, out, cols) = (4, 5, 70);
+    let w = rng.vec(out * cols, 1.0);
+    let mut x = rng.vec(inputs * cols, 1.0);
+    x[cols + 3] = f32::NAN;
+    x[3 * cols + 69] = f32::INFINITY;
+    check_matvec_batch(k, &w, &x, inputs);
+    let mut y = vec![0f32; inputs * out];
+    k.matvec_batch(&w, &x, inputs, &mut y);
+    assert!(y[..out].iter().all(|v| v.is_finite()));
+    assert!(y[out..2 * out].iter().all(|v| v.is_nan()));
+    assert!(y[2 * out..3 * out].iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn axpy_rows_equals_repeated_axpy_and_scalar() {
+    for k in levels() {
+        let mut rng = TestRng(41);
+        // Widths held in registers (16..=128 by 16) and the fallback (odd, 0, 144).
+        for d in [0usize, 1, 7, 16, 17, 32, 48, 64, 100, 128, 144] {
+            for rows in [0usize, 1, 2, 3, 31, 257] {
+                for scale in [0.0, 1e-20, 1.0, 1e15] {
+                    let p = rng.vec(rows, 1.0);
+                    let w = rng.vec(rows * d, scale);
+                    let start = rng.vec(d, scale);
+                    let mut fast = start.clone();
+                    k.axpy_rows(&p, &w, &mut fast);
+                    let mut each = start.clone();
+                    let mut slow = start.clone();
+                    for (j, &pj) in p.iter().enumerate() {
+                        k.axpy(pj, &w[j * d..(j + 1) * d], &mut each);
+                        scalar::axpy(pj, &w[j * d..(j + 1) * d], &mut slow);
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&fast),
+                        bits(&each),
+                        "{} d={d} rows={rows}: not the same as axpy row by row",
+                        k.isa()
+                    );
+                    // Against the unfused scalar twin: each step rounds once more there, so
+                    // they differ by f32 rounding of each partial sum (rows · ε relative to
+                    // the sum of magnitudes, ≤ 258 · 6e-8 ≈ 1.6e-5 here; 1e-4 bounds it).
+                    for i in 0..d {
+                        let mag: f32 = start[i].abs()
+                            + p.iter()
+                                .enumerate()
+                                .map(|(j, pj)| (pj * w[j * d + i]).abs())
+                                .sum::<f32>();
+                        assert!(
+                            rel_err(fast[i], slow[i], mag) <= 1e-4
+                                || (fast[i] - slow[i]).abs() <= 1e-30,
+                            "{} d={d} rows={rows}: {} vs {}",
+                            k.isa(),
+                            fast[i],
+                            slow[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matvec_batch_rejects_shapes_that_do_not_fit() {
+    let k = Kernels::all_supported()[0];
+    let w = vec![0f32; 12];
+    let x = vec![0f32; 8];
+    let run = |inputs: usize, y_len: usize| {
+        let (w, x) = (w.clone(), x.clone());
+        std::panic::catch_unwind(move || {
+            let mut y = vec![0f32; y_len];
+            k.matvec_batch(&w, &x, inputs, &mut y);
+        })
+        .is_ok()
+    };
+    assert!(run(2, 6), "2 inputs of 4 columns, 3 weight rows");
+    assert!(!run(3, 6), "8 floats are not 3 rows");
+    assert!(!run(2, 8), "4 outputs per row need 16 weights");
+    assert!(!run(0, 6), "no inputs but data");
+}
+
 #[test]
 fn matvec_blocks_cover_the_rows_one_to_four_per_thread() {
     use performer::kernels::{matvec_block_rows, PAR_MIN_ELEMS};

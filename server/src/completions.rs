@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::error::ApiError;
+use performer::tokenizer::Tokenizer;
+
 use crate::openai::{logprobs_json, parse, usage_json, CompletionBody};
 use crate::{App, Tenant};
 
@@ -32,15 +34,10 @@ impl Drop for CancelOnDrop {
 }
 
 /// Maps a body rejection (too large, unreadable) to the OpenAI error shape.
-pub(crate) fn body_bytes(
-    app: &App,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Bytes, ApiError> {
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|r| {
         let status = r.status();
         let too_large = status == StatusCode::PAYLOAD_TOO_LARGE;
-        app.metrics
-            .reject(if too_large { "too_large" } else { "invalid" });
         ApiError {
             status,
             kind: "invalid_request_error",
@@ -73,17 +70,7 @@ pub(crate) async fn submit(
     };
     match submitted {
         Ok(h) => Ok((rx, CancelOnDrop(h))),
-        Err(e) => {
-            let err = ApiError::from(e);
-            match err.status.as_u16() {
-                429 => app.metrics.reject("queue_full"),
-                409 => app.metrics.reject("session_busy"),
-                503 if err.code == "store_unavailable" => app.metrics.reject("store_unavailable"),
-                400 => app.metrics.reject("invalid"),
-                _ => {}
-            }
-            Err(err)
-        }
+        Err(e) => Err(ApiError::from(e)),
     }
 }
 
@@ -118,17 +105,16 @@ pub(crate) async fn run(
     target: Target,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let bytes = body_bytes(app, body)?;
-    let parsed: CompletionBody = parse(&bytes).inspect_err(|_| app.metrics.reject("invalid"))?;
-    let req = parsed
-        .to_request(tenant, target)
-        .inspect_err(|_| app.metrics.reject("invalid"))?;
+    let bytes = body_bytes(body)?;
+    let parsed: CompletionBody = parse(&bytes)?;
+    let req = parsed.to_request(tenant, target, app.engine.model().tokenizer())?;
     let n = req.n;
     let (rx, guard) = submit(app, req).await?;
     let head = Head {
         id: completion_id(),
         created: now(),
         model: app.options.model_id.clone(),
+        tokenizer: app.engine.model().tokenizer().clone(),
     };
     if parsed.streams() {
         Ok(stream_response(head, rx, guard, parsed.include_usage(), n))
@@ -141,6 +127,8 @@ struct Head {
     id: String,
     created: u64,
     model: String,
+    /// The model's, for the tokens' text in logprobs.
+    tokenizer: Tokenizer,
 }
 
 impl Head {
@@ -159,9 +147,9 @@ impl Head {
     }
 }
 
-fn lp_value(lps: &[TokenLogprob], offset: usize, want: bool) -> Value {
+fn lp_value(lps: &[TokenLogprob], offset: usize, want: bool, tokenizer: &Tokenizer) -> Value {
     if want {
-        logprobs_json(lps, offset)
+        logprobs_json(lps, offset, tokenizer)
     } else {
         Value::Null
     }
@@ -196,7 +184,7 @@ async fn collect(
                         json!({
                             "text": texts[i],
                             "index": i,
-                            "logprobs": lp_value(&lps[i], 0, any_lp),
+                            "logprobs": lp_value(&lps[i], 0, any_lp, &head.tokenizer),
                             "finish_reason": reasons[i],
                         })
                     })
@@ -260,7 +248,12 @@ impl StreamState {
                 text,
                 logprobs,
             } => {
-                let lp = lp_value(&logprobs, self.offsets[choice], !logprobs.is_empty());
+                let lp = lp_value(
+                    &logprobs,
+                    self.offsets[choice],
+                    !logprobs.is_empty(),
+                    &self.head.tokenizer,
+                );
                 self.offsets[choice] += logprobs.iter().filter(|l| l.token < 256).count();
                 self.head.chunk(
                     json!([{"text": text, "index": choice, "logprobs": lp, "finish_reason": null}]),

@@ -44,6 +44,7 @@ impl From<Error> for ApiError {
         let (status, kind, code) = match &e {
             Error::InvalidParameter { .. } => (400, "invalid_request_error", "invalid_parameter"),
             Error::EmptyInput(_) => (400, "invalid_request_error", "empty_input"),
+            Error::Tokenizer(_) => (400, "invalid_request_error", "tokenizer"),
             Error::TokenOutOfRange { .. } => (400, "invalid_request_error", "token_out_of_range"),
             Error::PositionOutOfRange { .. } => {
                 (400, "invalid_request_error", "context_length_exceeded")
@@ -68,9 +69,35 @@ impl From<Error> for ApiError {
     }
 }
 
+/// The reason a request was refused, as the `rejected_requests` metric labels it; every error
+/// response carries it as an extension and the request-counting middleware counts it. Server
+/// faults (500) are not rejections and carry none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Rejected(pub &'static str);
+
+impl ApiError {
+    /// The metric label of this error, `None` for a server fault.
+    fn rejection(&self) -> Option<&'static str> {
+        Some(match self.status.as_u16() {
+            400 | 422 => "invalid",
+            401 => "unauthorized",
+            404 => "not_found",
+            // session_busy or version_conflict
+            409 => self.code,
+            413 => "too_large",
+            429 => "queue_full",
+            503 | 507 => self.code,
+            _ => return None,
+        })
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, Json(self.body())).into_response();
+        if let Some(reason) = self.rejection() {
+            r.extensions_mut().insert(Rejected(reason));
+        }
         // Worth retrying after a second: a full queue, or a session store that is down (the
         // next request reconnects).
         if self.status == StatusCode::TOO_MANY_REQUESTS || self.code == "store_unavailable" {

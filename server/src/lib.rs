@@ -125,7 +125,6 @@ async fn auth(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Resp
             match key.and_then(|k| map.get(k)) {
                 Some(t) => t.clone(),
                 None => {
-                    app.metrics.reject("unauthorized");
                     return ApiError {
                         status: StatusCode::UNAUTHORIZED,
                         kind: "invalid_request_error",
@@ -147,6 +146,9 @@ async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let resp = next.run(req).await;
+    if let Some(error::Rejected(reason)) = resp.extensions().get::<error::Rejected>() {
+        app.metrics.reject(reason);
+    }
     app.metrics
         .requests
         .get_or_create(&metrics::RequestLabels {

@@ -1,6 +1,7 @@
 //! The OpenAI Completions request body and the JSON of responses and stream chunks.
 
 use performer::engine::{CompletionRequest, Target, TokenLogprob, Usage};
+use performer::tokenizer::Tokenizer;
 use performer::SamplingParams;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -80,7 +81,13 @@ impl CompletionBody {
     }
 
     /// The engine request for `tenant` on `target`.
-    pub fn to_request(&self, tenant: &str, target: Target) -> Result<CompletionRequest, ApiError> {
+    /// The prompt is encoded with `tokenizer` (the model's).
+    pub fn to_request(
+        &self,
+        tenant: &str,
+        target: Target,
+        tokenizer: &Tokenizer,
+    ) -> Result<CompletionRequest, ApiError> {
         let prompt = self.prompt.clone().unwrap_or_default();
         let seed = self.seed.unwrap_or_else(random_seed);
         let sampling = SamplingParams {
@@ -106,7 +113,7 @@ impl CompletionBody {
             .map_err(|_| ApiError::bad_request("invalid_parameter", "max_tokens is too large"))?;
         Ok(CompletionRequest {
             tenant: tenant.to_string(),
-            prompt: prompt.bytes().map(u32::from).collect(),
+            prompt: tokenizer.encode(&prompt)?,
             max_tokens,
             sampling,
             stop,
@@ -128,18 +135,26 @@ fn random_seed() -> u64 {
     performer::sampling::splitmix64(&mut s)
 }
 
-/// A token's text in logprobs: the byte as text when it is ASCII, else `bytes:\xNN`.
-fn token_text(token: u32) -> String {
-    match u8::try_from(token) {
-        Ok(b) if b.is_ascii() => (b as char).to_string(),
-        Ok(b) => format!("bytes:\\x{b:02x}"),
-        Err(_) => format!("<{token}>"),
+/// A token's text in logprobs. Byte-level: the byte as text when it is ASCII, else
+/// `bytes:\xNN`. Other tokenizers: the token's decoded text, or `<ID>` when the token alone is
+/// not whole UTF-8 (part of a character) or has no text.
+fn token_text(tokenizer: &Tokenizer, token: u32) -> String {
+    if tokenizer.is_byte_level() {
+        return match u8::try_from(token) {
+            Ok(b) if b.is_ascii() => (b as char).to_string(),
+            Ok(b) => format!("bytes:\\x{b:02x}"),
+            Err(_) => format!("<{token}>"),
+        };
+    }
+    match tokenizer.decode(&[token]) {
+        Ok(t) if !t.is_empty() && !t.contains('\u{FFFD}') => t,
+        _ => format!("<{token}>"),
     }
 }
 
-/// The OpenAI `logprobs` object of a run of tokens, with text offsets from `offset`.
-pub fn logprobs_json(lps: &[TokenLogprob], offset: usize) -> Value {
-    let tokens: Vec<String> = lps.iter().map(|l| token_text(l.token)).collect();
+/// The OpenAI `logprobs` object of a run of tokens, with text offsets (bytes) from `offset`.
+pub fn logprobs_json(lps: &[TokenLogprob], offset: usize, tokenizer: &Tokenizer) -> Value {
+    let tokens: Vec<String> = lps.iter().map(|l| token_text(tokenizer, l.token)).collect();
     let token_logprobs: Vec<f32> = lps.iter().map(|l| l.logprob).collect();
     let top: Vec<Value> = lps
         .iter()
@@ -147,7 +162,7 @@ pub fn logprobs_json(lps: &[TokenLogprob], offset: usize) -> Value {
             let m: serde_json::Map<String, Value> = l
                 .top
                 .iter()
-                .map(|(t, lp)| (token_text(*t), json!(lp)))
+                .map(|(t, lp)| (token_text(tokenizer, *t), json!(lp)))
                 .collect();
             Value::Object(m)
         })
@@ -157,7 +172,11 @@ pub fn logprobs_json(lps: &[TokenLogprob], offset: usize) -> Value {
         .iter()
         .map(|l| {
             let o = off;
-            off += usize::from(l.token < 256);
+            off += if tokenizer.is_byte_level() {
+                usize::from(l.token < 256)
+            } else {
+                tokenizer.decode(&[l.token]).map_or(0, |t| t.len())
+            };
             o
         })
         .collect();

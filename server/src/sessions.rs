@@ -63,7 +63,7 @@ pub(crate) async fn create(
     Extension(tenant): Extension<Tenant>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let bytes = body_bytes(&app, body)?;
+    let bytes = body_bytes(body)?;
     let parsed: CreateBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         CreateBody::default()
     } else {
@@ -71,7 +71,7 @@ pub(crate) async fn create(
     };
     let prompt = parsed.prompt.unwrap_or_default();
     let mut req = CompletionRequest::new(
-        prompt.bytes().map(u32::from).collect(),
+        app.engine.model().tokenizer().encode(&prompt)?,
         0,
         SamplingParams::greedy(),
     );
@@ -165,7 +165,7 @@ pub(crate) async fn upload(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let bytes = body_bytes(&app, body)?;
+    let bytes = body_bytes(body)?;
     let engine = app.engine.clone();
     let (existed, info) = blocking(move || {
         let existed = engine.session_info(&tenant.0, &id).is_ok();

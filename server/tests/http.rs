@@ -748,8 +748,9 @@ async fn busy_queue_full_and_cancel_on_disconnect() {
         .await
         .unwrap();
     assert!(metrics.contains("performer_rejected_requests_total{reason=\"queue_full\"} 1"));
+    // Both 409s count: the busy completion and the busy state download.
     assert!(
-        metrics.contains("performer_rejected_requests_total{reason=\"session_busy\"} 1"),
+        metrics.contains("performer_rejected_requests_total{reason=\"session_busy\"} 2"),
         "{metrics}"
     );
     s.shutdown().await;
@@ -846,4 +847,143 @@ async fn shutdown_gives_streams_a_grace_period_then_ends_them() {
         ),
         Err(performer::Error::ShuttingDown)
     ));
+}
+
+#[path = "../../tests/common/bpe_model.rs"]
+mod bpe_model;
+
+/// Greedy text of the library's own generation (`Generation`, the CLI's path) for token ids.
+fn generate_ids(model: &Model, ids: &[u32], max_tokens: usize, stop: Vec<String>) -> String {
+    let mut state = State::new(model);
+    let options = GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop,
+        ..GenerateOptions::default()
+    };
+    Generation::new(model, &mut state, ids, options)
+        .unwrap()
+        .collect::<performer::Result<String>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokenizer_json_model_is_served_with_its_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    bpe_model::write_bpe_model(dir.path());
+    let model = Arc::new(Model::load(dir.path()).unwrap());
+    assert!(!model.tokenizer().is_byte_level());
+    let prompt = "ROMEO:\nBut soft, what light";
+    let ids = model.tokenizer().encode(prompt).unwrap();
+    assert!(
+        ids.len() < prompt.len(),
+        "BPE merges: fewer tokens than bytes"
+    );
+    let s = Server::start(model.clone(), config(), None, None).await;
+
+    // Without stops: the prompt is encoded by the BPE, usage counts its tokens, and the text
+    // is `performer generate`'s.
+    let free = generate_ids(&model, &ids, 24, Vec::new());
+    let v: Value = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 1}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["choices"][0]["text"], free.as_str(), "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], ids.len());
+    assert_eq!(v["usage"]["completion_tokens"], 24);
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 24, "one logprob entry per generated token");
+    // Tokens that are whole characters by themselves spell the text.
+    if tokens.iter().all(|t| !t.starts_with('<')) {
+        assert_eq!(tokens.concat(), free);
+    }
+
+    // A stop string from inside that text (its second to fourth characters): the text before
+    // it, streamed and not, as the library's `Generation` returns it.
+    let chars: Vec<char> = free.chars().collect();
+    assert!(chars.len() >= 4, "{free:?}");
+    let stop: String = chars[1..4].iter().collect();
+    let expected = generate_ids(&model, &ids, 24, vec![stop.clone()]);
+    assert_eq!(expected, free[..free.find(&stop).unwrap()]);
+    let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "stop": stop});
+    let v: Value = s
+        .post("/v1/completions", body.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["choices"][0]["text"], expected.as_str(), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let text = s
+        .post("/v1/completions", streamed)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let pieces: String = sse_data(&text)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| {
+            let v: Value = serde_json::from_str(d).unwrap();
+            v["choices"][0]["text"].as_str().map(str::to_string)
+        })
+        .collect();
+    assert_eq!(pieces, expected);
+
+    // Sessions encode with the tokenizer too: a session of the prompt continues as the
+    // stateless completion does.
+    let v: Value = s
+        .post("/v1/sessions", json!({"prompt": prompt}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["position"], ids.len());
+    let id = v["id"].as_str().unwrap().to_string();
+    let v: Value = s
+        .post(
+            &format!("/v1/sessions/{id}/completions"),
+            json!({"prompt": "", "max_tokens": 24, "temperature": 0}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["choices"][0]["text"], free.as_str(), "{v}");
+
+    // Every refusal is counted by its reason, whichever route refused it.
+    let missing = s
+        .http
+        .post(s.url("/v1/sessions/sess-0/fork"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(missing, StatusCode::NOT_FOUND, "session_not_found").await;
+    let metrics = s
+        .http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("performer_rejected_requests_total{reason=\"not_found\"} 1"),
+        "{metrics}"
+    );
+    s.shutdown().await;
 }

@@ -729,6 +729,19 @@ async fn redis_down_gives_503_for_sessions_and_recovers_when_it_returns() {
         );
         assert_error(resp, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable").await;
     }
+    let metrics = s
+        .http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("performer_rejected_requests_total{reason=\"store_unavailable\"} 5"),
+        "{metrics}"
+    );
     let v: Value = s
         .post(
             "/v1/completions",

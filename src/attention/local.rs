@@ -63,16 +63,20 @@ pub fn step(
     let start = window_start(pos, window);
     let count = pos + 1 - start;
     let scores = &mut st.scores[..count];
-    for (i, j) in (start..=pos).enumerate() {
-        let s = j % ring;
-        scores[i] = crate::kernels::dot::<f32>(&st.keys[s * d..(s + 1) * d], q);
-    }
+    // The window's slots are at most two runs of the ring: `first` slots from `s0`, then the
+    // rest from slot 0. Each run is one matrix-vector product (each score the same dot
+    // product as taken one key at a time) and one weighted sum of value rows (added row by
+    // row as one `axpy` per row would).
+    let s0 = start % ring;
+    let first = count.min(ring - s0);
+    let (head, tail) = scores.split_at_mut(first);
+    crate::kernels::matvec_serial(&st.keys[s0 * d..(s0 + first) * d], q, head);
+    crate::kernels::matvec_serial(&st.keys[..tail.len() * d], q, tail);
     crate::kernels::softmax(scores);
     out.fill(0.0);
-    for (i, j) in (start..=pos).enumerate() {
-        let s = j % ring;
-        crate::kernels::axpy(scores[i], &st.values[s * d..(s + 1) * d], out);
-    }
+    let (head, tail) = scores.split_at(first);
+    crate::kernels::axpy_rows(head, &st.values[s0 * d..(s0 + first) * d], out);
+    crate::kernels::axpy_rows(tail, &st.values[..tail.len() * d], out);
 }
 
 /// The definition in f64, all positions at once: rows of `q`, `k`, `v` are positions.

@@ -19,7 +19,6 @@
 mod request;
 mod scheduler;
 mod sessions;
-mod stop;
 pub mod store;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -11,10 +11,10 @@ use super::request::{
     TokenLogprob, Usage,
 };
 use super::sessions::PendingWrite;
-use super::stop::{Outcome, TextOut};
 use super::store::SessionStore;
 use super::Shared;
 use crate::error::{Error, Result};
+use crate::generate::{Checkpoint, StopAction, StopMatcher};
 use crate::sampling::Sampler;
 use crate::state::State;
 
@@ -50,14 +50,18 @@ struct Row {
     choice: usize,
     state: State,
     sampler: Sampler,
-    out: TextOut,
+    /// Text out of the sampled tokens, and the stop strings (the rule of [`StopMatcher`]).
+    out: StopMatcher,
     /// Prompt and sampled tokens for the repetition penalty (the last `penalty_window`).
     history: Vec<u32>,
     /// Every sampled token.
     generated: Vec<u32>,
     logprobs: Vec<TokenLogprob>,
-    /// State and sampled-token count to roll back to after a stop (sessions only).
-    checkpoint: Option<(State, usize)>,
+    /// Sampled tokens before the stop matcher's checkpoint, and (sessions only) the state
+    /// that had consumed them, to roll back to after a stop.
+    checkpoint: Option<(Option<State>, usize)>,
+    /// Log-probabilities already sent with text.
+    sent_logprobs: usize,
     budget: usize,
     finished: Option<FinishReason>,
     last_token: Option<Instant>,
@@ -390,11 +394,22 @@ impl Scheduler {
                 choice,
                 state: st,
                 sampler,
-                out: TextOut::new(&job.req.stop),
+                out: match StopMatcher::with_tokenizer(
+                    job.req.stop.clone(),
+                    self.shared.model.tokenizer(),
+                    &job.req.prompt,
+                ) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.fail(job, e);
+                        return None;
+                    }
+                },
                 history: history.clone(),
                 generated: Vec::new(),
                 logprobs: Vec::new(),
                 checkpoint: None,
+                sent_logprobs: 0,
                 budget,
                 finished: None,
                 last_token: None,
@@ -593,39 +608,46 @@ fn sample_job(job: &mut Job, shared: &Shared) -> Result<()> {
         }
         r.generated.push(token);
         let s = r.generated.len();
-        match r.out.push(token) {
-            Outcome::Emit { text, tokens } => {
-                r.returned += tokens.len();
-                events.push(text_event(r, text, tokens, want));
+        let pushed = r.out.push(token)?;
+        match pushed.action {
+            StopAction::Step(checkpoint) => {
+                match checkpoint {
+                    // The state has not consumed this token yet: it is the one to restore.
+                    Checkpoint::Take => {
+                        r.checkpoint = Some((keeps.then(|| r.state.clone()), s - 1))
+                    }
+                    Checkpoint::Release => r.checkpoint = None,
+                    Checkpoint::Keep => {}
+                }
+                let done = s - r.out.held_tokens();
+                events.push(text_event(r, pushed.text, done, want));
                 if s >= r.budget {
-                    if let Outcome::Emit { text, tokens } = r.out.finish() {
-                        r.returned += tokens.len();
-                        events.push(text_event(r, text, tokens, want));
-                    }
+                    // The token limit: the held-back text goes out and the state keeps every
+                    // token.
+                    let rest = r.out.finish()?;
+                    r.checkpoint = None;
+                    events.push(text_event(r, rest, s, want));
                     r.finished = Some(FinishReason::Length);
-                } else if keeps && !job.req.stop.is_empty() {
-                    if r.out.all_emitted() {
-                        r.checkpoint = None;
-                    } else if r.checkpoint.is_none() {
-                        r.checkpoint = Some((r.state.clone(), s - 1));
-                    }
                 }
             }
-            Outcome::Stop { text, tokens, keep } => {
-                r.returned += tokens.len();
-                events.push(text_event(r, text, tokens, want));
-                r.finished = Some(FinishReason::Stop);
-                if keeps && keep < s - 1 {
-                    let (cp, c) = r
+            StopAction::Stop { restore, replay } => {
+                let kept = if restore {
+                    let (state, at) = r
                         .checkpoint
                         .take()
-                        .expect("a checkpoint exists while text is held back");
-                    r.state = cp;
-                    if keep > c {
-                        let replay = &r.generated[c..keep];
-                        shared.model.prefill(&mut r.state, replay)?;
+                        .expect("the stop matcher asked for a checkpoint before restoring one");
+                    if let Some(state) = state {
+                        r.state = state;
                     }
+                    at + replay.len()
+                } else {
+                    s - 1 + replay.len()
+                };
+                if keeps && !replay.is_empty() {
+                    shared.model.prefill(&mut r.state, &replay)?;
                 }
+                events.push(text_event(r, pushed.text, kept, want));
+                r.finished = Some(FinishReason::Stop);
             }
         }
         r.needs_step = match r.finished {
@@ -652,14 +674,14 @@ fn sample_job(job: &mut Job, shared: &Shared) -> Result<()> {
     Ok(())
 }
 
-fn text_event(
-    r: &Row,
-    text: String,
-    tokens: std::ops::Range<usize>,
-    want: Option<usize>,
-) -> Option<Event> {
+/// The event for a piece of text whose tokens end at `upto` (sampled tokens): it carries the
+/// log-probabilities of the tokens not sent yet, and counts them as returned.
+fn text_event(r: &mut Row, text: String, upto: usize, want: Option<usize>) -> Option<Event> {
+    let from = r.sent_logprobs.min(upto);
+    r.returned = r.returned.max(upto);
     let logprobs = if want.is_some() {
-        r.logprobs[tokens.clone()].to_vec()
+        r.sent_logprobs = upto;
+        r.logprobs[from..upto].to_vec()
     } else {
         Vec::new()
     };

@@ -143,6 +143,8 @@ at_active_level! {
     pub fn matvec_serial<T: Elem>(w: &[T], x: &[f32], y: &mut [f32]);
     /// `y = W x`, large products split across the rayon pool ([`Kernels::matvec`]).
     pub fn matvec<T: Elem>(w: &[T], x: &[f32], y: &mut [f32]);
+    /// `y = X Wᵀ` for a few input rows, on the calling thread ([`Kernels::matvec_batch`]).
+    pub fn matvec_batch<T: Elem>(w: &[T], x: &[f32], inputs: usize, y: &mut [f32]);
     /// `y += a · x` ([`Kernels::axpy`]).
     pub fn axpy(a: f32, x: &[f32], y: &mut [f32]);
     /// `x *= a` ([`Kernels::scale`]).
@@ -175,6 +177,8 @@ at_active_level! {
     );
     /// `out = pᵀ W` ([`Kernels::vecmat`]).
     pub fn vecmat(p: &[f32], w: &[f32], out: &mut [f32]);
+    /// `out += Σ_j p_j · W_j`, row after row as repeated [`axpy`] ([`Kernels::axpy_rows`]).
+    pub fn axpy_rows(p: &[f32], w: &[f32], out: &mut [f32]);
     /// Compensated `s = b · s + a · x` ([`Kernels::kahan_scale_axpy`]).
     pub fn kahan_scale_axpy(b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [f32]);
 }
@@ -188,6 +192,10 @@ kernels! {
 
     /// `y = W x` over the rows of `w` (`cols` wide) on this thread.
     fn matvec_rows<T: Elem>(w: &[T], cols: usize, x: &[f32], y: &mut [f32]) => matvec_rows_k;
+
+    /// `y = X Wᵀ` for `inputs` input rows of `cols` columns and `y.len() / inputs` weight rows.
+    fn matvec_batch_rows<T: Elem>(w: &[T], cols: usize, inputs: usize, x: &[f32], y: &mut [f32])
+        => matvec_batch_k;
 
     /// `y += a · x`.
     pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) => axpy_k;
@@ -246,6 +254,16 @@ kernels! {
     /// wait on each other's FMA.
     pub fn vecmat(p: &[f32], w: &[f32], out: &mut [f32]) => vecmat_k;
 
+    /// `out += Σ_j p_j · W_j` for a row-major `W` of `p.len()` rows of width `out.len()`,
+    /// each row added exactly as [`Kernels::axpy`] adds it, in row order: bit for bit the same
+    /// as `p.len()` calls of `axpy` (local attention's weighted sum of value rows, whose
+    /// results must not change), but for widths that are a multiple of 16 up to 128 the output
+    /// stays in registers instead of a call, a load and a store per row.
+    ///
+    /// # Panics
+    /// When `W` has fewer than `p.len()` rows.
+    pub fn axpy_rows(p: &[f32], w: &[f32], out: &mut [f32]) => axpy_rows_k;
+
     /// Compensated (Kahan) `s = b · s + a · x`, keeping in `c` the low-order bits each
     /// addition lost, so that rounding does not accumulate over millions of additions (the
     /// true sum is `s − c`). `b` rescales sum and compensation alike.
@@ -262,6 +280,43 @@ impl Kernels {
             "matvec: weight is not [rows, cols]"
         );
         self.matvec_rows(w, x.len(), x, y);
+    }
+
+    /// `y = X Wᵀ` on the calling thread for `inputs` input rows `x` (`inputs × cols`, row
+    /// major) and a row-major `w` of shape `[out, cols]`: `y` is `inputs × out`, and
+    /// `y[i·out + o]` is bit for bit what [`Kernels::matvec_serial`] gives for row `o` of `w`
+    /// and input row `i` (the same split accumulators, added in the same order). The weights
+    /// are read once for all inputs: each tile of a few weight rows is multiplied by every
+    /// input row while it sits in registers and L1, several outputs at once ([`simd::BatchTile`]
+    /// of the level), so that each loaded weight vector feeds several multiply-adds. This is
+    /// batched decode's product: a few rows, where a general matrix product's packing costs
+    /// more than it saves.
+    ///
+    /// # Panics
+    /// When the lengths do not fit those shapes (`x.len() = inputs · cols`,
+    /// `y.len() = inputs · out`, `w.len() = out · cols`).
+    pub fn matvec_batch<T: Elem>(self, w: &[T], x: &[f32], inputs: usize, y: &mut [f32]) {
+        if inputs == 0 {
+            assert!(
+                x.is_empty() && y.is_empty(),
+                "matvec_batch: no inputs but data"
+            );
+            return;
+        }
+        assert!(
+            x.len().is_multiple_of(inputs) && y.len().is_multiple_of(inputs),
+            "matvec_batch: x or y is not {inputs} rows"
+        );
+        let (cols, out) = (x.len() / inputs, y.len() / inputs);
+        assert_eq!(
+            w.len(),
+            out * cols,
+            "matvec_batch: weight is not [out, cols]"
+        );
+        if out == 0 {
+            return;
+        }
+        self.matvec_batch_rows(w, cols, inputs, x, y);
     }
 
     /// `y = W x` for a row-major `W` of shape `[y.len(), x.len()]` (a torch `Linear` weight).
@@ -328,6 +383,248 @@ fn matvec_rows_k<S: Lanes, T: Elem>(s: S, w: &[T], cols: usize, x: &[f32], y: &m
     }
     for (r, out) in y.iter_mut().enumerate() {
         *out = dot_k(s, &w[r * cols..(r + 1) * cols], x);
+    }
+}
+
+/// Weight rows per tile of the batched product when it runs the single-row kernel once per
+/// input row (few inputs, or bf16 weights at a level with its own bf16 row kernel): 16 rows
+/// of gpt2-small's widest input (3072) are 192 KiB of f32, inside L2, read from memory once
+/// and reused for every input row.
+const BATCH_ROW_TILE: usize = 16;
+
+/// Input rows from which the batched product packs weight blocks and runs register tiles.
+/// Below it, the copy into the block buffer costs more than the tiles save: measured on
+/// gpt2-small at B=4 (2 threads, depth 0), 57 t/s with the single-row kernel on cached tiles
+/// against 42 t/s packed.
+const BATCH_TILED_INPUTS: usize = 8;
+
+/// Bytes of f32 weights per block of the batched product: a block that stays in L2 (1–2 MiB
+/// per core here) beside the inputs while every input row passes over it.
+const BATCH_PACK_BYTES: usize = 96 << 10;
+
+std::thread_local! {
+    /// The batched product's block of weight rows, widened to f32.
+    static BATCH_PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `y = X Wᵀ` ([`Kernels::matvec_batch`]) for `inputs` input rows of `cols` columns.
+///
+/// The weights go block by block ([`BATCH_PACK_BYTES`]): register tiles of the level's
+/// [`simd::BatchTile`] shape multiply a block with every input row from cache while the next
+/// block is prefetched. f16 and bf16 blocks are first widened into a per-thread f32 buffer
+/// (widening in every tile converted each weight once per input row; widening is exact, so the
+/// products are those of the single-row kernel); f32 blocks are used where they lie (copying
+/// them too cost ~10% more CPU time at B=16 on gpt2-small). Without the prefetch, the loads
+/// of the first input row waited on memory with only a few rows' streams in flight. Fewer than [`BATCH_TILED_INPUTS`] inputs, and bf16 weights at a
+/// level with its own bf16 row kernel, go through the single-row kernel on cached tiles of
+/// weight rows instead (bf16 so that they too stay bit-identical to it).
+#[inline(always)]
+fn matvec_batch_k<S: Lanes, T: Elem>(
+    s: S,
+    w: &[T],
+    cols: usize,
+    inputs: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let out = y.len() / inputs.max(1);
+    if inputs == 1 {
+        // One input: nothing to reuse a block for; the single-row kernel streams the weights.
+        matvec_rows_k(s, w, cols, x, y);
+        return;
+    }
+    if inputs < BATCH_TILED_INPUTS || (T::KIND == simd::ElemKind::Bf16 && S::BF16_MATVEC) {
+        for t0 in (0..out).step_by(BATCH_ROW_TILE) {
+            let t1 = (t0 + BATCH_ROW_TILE).min(out);
+            for i in 0..inputs {
+                matvec_rows_k(
+                    s,
+                    &w[t0 * cols..t1 * cols],
+                    cols,
+                    &x[i * cols..(i + 1) * cols],
+                    &mut y[i * out + t0..i * out + t1],
+                );
+            }
+        }
+        return;
+    }
+    let tile = S::BATCH_TILE;
+    let per = (BATCH_PACK_BYTES / 4 / cols.max(1)).max(tile.rows) / tile.rows * tile.rows;
+    let mut buf = BATCH_PACK.take();
+    if buf.len() < per * cols {
+        buf.resize(per * cols, 0.0);
+    }
+    let mut p0 = 0;
+    while p0 < out {
+        let p1 = (p0 + per).min(out);
+        let src = &w[p0 * cols..p1 * cols];
+        let packed: &[f32] = match T::as_f32(src) {
+            Some(f) => f,
+            None => {
+                widen_k(s, src, &mut buf[..src.len()]);
+                &buf[..src.len()]
+            }
+        };
+        // The next block's weights, fetched into cache while this one is multiplied.
+        let next = &w[p1 * cols..(p1 + per).min(out) * cols];
+        let block = Block {
+            w: packed,
+            cols,
+            rows: p1 - p0,
+            first: p0,
+            out,
+            next: bytemuck::cast_slice(next),
+        };
+        match (tile.rows, tile.inputs, tile.split) {
+            (3, 2, 4) => batch_tiles::<S, 3, 2, 4>(s, block, inputs, x, y),
+            (2, 2, 1) => batch_tiles::<S, 2, 2, 1>(s, block, inputs, x, y),
+            (1, 2, 1) => batch_tiles::<S, 1, 2, 1>(s, block, inputs, x, y),
+            _ => batch_tiles::<S, 1, 1, 4>(s, block, inputs, x, y),
+        }
+        p0 = p1;
+    }
+    BATCH_PACK.set(buf);
+}
+
+/// A block of weight rows (widened, `rows × cols`) of a batched product: rows
+/// `first..first + rows` of a weight with `out` rows, `out` also being the row stride of `y`.
+#[derive(Clone, Copy)]
+struct Block<'a> {
+    w: &'a [f32],
+    cols: usize,
+    rows: usize,
+    first: usize,
+    out: usize,
+    /// The raw bytes of the next block, to prefetch a share of in every tile.
+    next: &'a [u8],
+}
+
+/// Bytes of a cache line (the prefetch granule).
+const LINE: usize = 64;
+
+/// A block's products in `R × C` register tiles (weight rows × input rows), the edges in
+/// `R × 1`, `1 × C` and `1 × 1` tiles. Weight tiles outside, input rows inside: a tile of `R`
+/// weight rows is reused from L1 for every input row.
+#[inline(always)]
+fn batch_tiles<S: Lanes, const R: usize, const C: usize, const J: usize>(
+    s: S,
+    b: Block<'_>,
+    inputs: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    // Every tile prefetches its share of the next block's lines, spread over its columns.
+    let tiles = (b.rows / R + b.rows % R) * (inputs / C + inputs % C);
+    let share = b.next.len().div_ceil(LINE).div_ceil(tiles.max(1)) * LINE;
+    let mut pf = 0;
+    let mut o = 0;
+    while o + R <= b.rows {
+        let mut i = 0;
+        while i + C <= inputs {
+            batch_tile::<S, R, C, J>(s, b, o, x, i, y, pf..pf + share);
+            (i, pf) = (i + C, pf + share);
+        }
+        while i < inputs {
+            batch_tile::<S, R, 1, J>(s, b, o, x, i, y, pf..pf + share);
+            (i, pf) = (i + 1, pf + share);
+        }
+        o += R;
+    }
+    while o < b.rows {
+        let mut i = 0;
+        while i + C <= inputs {
+            batch_tile::<S, 1, C, J>(s, b, o, x, i, y, pf..pf + share);
+            (i, pf) = (i + C, pf + share);
+        }
+        while i < inputs {
+            batch_tile::<S, 1, 1, J>(s, b, o, x, i, y, pf..pf + share);
+            (i, pf) = (i + 1, pf + share);
+        }
+        o += 1;
+    }
+}
+
+/// One register tile: the outputs of block rows `o0..o0 + R` and input rows `i0..i0 + C`,
+/// each exactly as [`dot_k`] computes it. `dot_k` keeps four accumulators, accumulator `j`
+/// taking lanes `64k + 16j ..` of every 64-column block `k` in order, then the 16-column
+/// remainder blocks into accumulator 0, then `(a₀ + a₁) + (a₂ + a₃)` reduced, then the last
+/// columns one by one. The accumulators never meet before the end, so they may run in
+/// separate passes over the columns, `J` at a time: the same values, fewer live registers.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn batch_tile<S: Lanes, const R: usize, const C: usize, const J: usize>(
+    s: S,
+    b: Block<'_>,
+    o0: usize,
+    x: &[f32],
+    i0: usize,
+    y: &mut [f32],
+    prefetch: std::ops::Range<usize>,
+) {
+    let n = b.cols;
+    // Lines of `prefetch` per 64-column step, so that they are all asked for by the end.
+    let steps = (n / (4 * LANES)).max(1);
+    let per_step = prefetch.len().div_ceil(LINE).div_ceil(steps);
+    let mut pf = prefetch.start;
+    let wr: [&[f32]; R] = std::array::from_fn(|r| &b.w[(o0 + r) * n..(o0 + r + 1) * n]);
+    let xr: [&[f32]; C] = std::array::from_fn(|c| &x[(i0 + c) * n..(i0 + c + 1) * n]);
+    let main = n / (4 * LANES) * (4 * LANES);
+    let mut sums = [[[s.zero(); 4]; C]; R];
+    for p in 0..4 / J {
+        let mut acc = [[[s.zero(); J]; C]; R];
+        let mut i = 0;
+        while i < main {
+            if p == 0 {
+                for _ in 0..per_step {
+                    if pf < prefetch.end {
+                        s.prefetch(b.next, pf);
+                    }
+                    pf += LINE;
+                }
+            }
+            for (jj, _) in [(); J].iter().enumerate() {
+                let o = i + (p * J + jj) * LANES;
+                let xv: [S::V; C] = std::array::from_fn(|c| s.load(&xr[c][o..]));
+                for r in 0..R {
+                    let wv = s.load(&wr[r][o..]);
+                    for c in 0..C {
+                        acc[r][c][jj] = s.mul_add(wv, xv[c], acc[r][c][jj]);
+                    }
+                }
+            }
+            i += 4 * LANES;
+        }
+        if p == 0 {
+            // dot_k's 16-column remainder blocks, into accumulator 0 (pass 0's first).
+            while i + LANES <= n {
+                let xv: [S::V; C] = std::array::from_fn(|c| s.load(&xr[c][i..]));
+                for r in 0..R {
+                    let wv = s.load(&wr[r][i..]);
+                    for c in 0..C {
+                        acc[r][c][0] = s.mul_add(wv, xv[c], acc[r][c][0]);
+                    }
+                }
+                i += LANES;
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                for jj in 0..J {
+                    sums[r][c][p * J + jj] = acc[r][c][jj];
+                }
+            }
+        }
+    }
+    let tail = n / LANES * LANES;
+    for r in 0..R {
+        for c in 0..C {
+            let a = sums[r][c];
+            let mut sum = s.reduce_add(s.add(s.add(a[0], a[1]), s.add(a[2], a[3])));
+            for k in tail..n {
+                sum += wr[r][k] * xr[c][k];
+            }
+            y[(i0 + c) * b.out + b.first + o0 + r] = sum;
+        }
     }
 }
 
@@ -767,6 +1064,38 @@ fn vecmat_regs<S: Lanes, const V: usize>(s: S, p: &[f32], w: &[f32], out: &mut [
     }
     for v in 0..V {
         s.store(&mut out[v * LANES..], s.add(even[v], odd[v]));
+    }
+}
+
+#[inline(always)]
+fn axpy_rows_k<S: Lanes>(s: S, p: &[f32], w: &[f32], out: &mut [f32]) {
+    let d = out.len();
+    assert!(
+        w.len() >= p.len() * d,
+        "axpy_rows: W has fewer than p.len() rows"
+    );
+    if d == 0 || !d.is_multiple_of(LANES) || d / LANES > 8 {
+        for (j, &pj) in p.iter().enumerate() {
+            axpy_k(s, pj, &w[j * d..(j + 1) * d], out);
+        }
+        return;
+    }
+    by_vectors!(d / LANES, axpy_rows_regs(s, p, w, out));
+}
+
+#[inline(always)]
+fn axpy_rows_regs<S: Lanes, const V: usize>(s: S, p: &[f32], w: &[f32], out: &mut [f32]) {
+    let d = V * LANES;
+    let mut acc: [S::V; V] = std::array::from_fn(|v| s.load(&out[v * LANES..]));
+    for (j, &pj) in p.iter().enumerate() {
+        let a = s.splat(pj);
+        for (v, acc) in acc.iter_mut().enumerate() {
+            // axpy_k's operation and operand order: x · a + y.
+            *acc = s.mul_add(s.load(&w[j * d + v * LANES..]), a, *acc);
+        }
+    }
+    for (v, acc) in acc.iter().enumerate() {
+        s.store(&mut out[v * LANES..], *acc);
     }
 }
 

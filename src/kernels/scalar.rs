@@ -19,6 +19,21 @@ pub fn matvec<T: Elem>(w: &[T], x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `y = X Wᵀ` for `inputs` input rows: `y[i·out + o] = dot(w_o, x_i)`, input row by input row.
+pub fn matvec_batch<T: Elem>(w: &[T], x: &[f32], inputs: usize, y: &mut [f32]) {
+    if inputs == 0 {
+        return;
+    }
+    let (cols, out) = (x.len() / inputs, y.len() / inputs);
+    if cols == 0 {
+        y.fill(0.0);
+        return;
+    }
+    for (xi, yi) in x.chunks(cols.max(1)).zip(y.chunks_mut(out.max(1))) {
+        matvec(&w[..out * cols], xi, yi);
+    }
+}
+
 /// `y += a · x`.
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (o, v) in y.iter_mut().zip(x) {
