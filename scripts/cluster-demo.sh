@@ -25,6 +25,8 @@ PROXY_PORT=$((BASE_PORT + 1))
 R1_PORT=$((BASE_PORT + 2))
 R2_PORT=$((BASE_PORT + 3))
 LOAD_SECONDS=${LOAD_SECONDS:-10}
+# Streams per replica: the one-replica run has this many, the two-replica run twice as many
+# (each replica sees the same load, so each batches as many rows).
 LOAD_CONCURRENCY=${LOAD_CONCURRENCY:-8}
 LOAD_TOKENS=${LOAD_TOKENS:-64}
 # Load-test runs per configuration (interleaved); the table shows each run and the median.
@@ -144,7 +146,7 @@ backend replicas
     server r1 127.0.0.1:$R1_PORT check inter 300ms fall 2 rise 2
     server r2 127.0.0.1:$R2_PORT check inter 300ms fall 2 rise 2
 EOF
-    haproxy -W -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
+    haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
     PID[haproxy]=$!
     for _ in $(seq 200); do
         curl -sf "$PROXY/health" >/dev/null && return 0
@@ -279,11 +281,21 @@ TEXT+=$(jq -j '.choices[0].text' "$WORK/body")
 pass "3. Redis down: 503 (Retry-After: $retry) for sessions, stateless 200; back: $count_after sessions, session continues exactly"
 
 # --- 4: load, one replica against two ---------------------------------------------------------
-# load: one load-test run through the proxy; prints its aggregate tokens/s.
+# CPU seconds (user + system) a process has used so far (0 when it is not running).
+cpu() {
+    local ticks
+    ticks=$(awk '{print $14 + $15}' "/proc/${1:-0}/stat" 2>/dev/null || echo 0)
+    awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t / hz}'
+}
+# load N: one load-test run through the proxy with N streams; prints its aggregate tokens/s.
 load() {
-    "$BIN" loadtest --url "$PROXY" --concurrency "$LOAD_CONCURRENCY" --duration "$LOAD_SECONDS" \
-        --max-tokens "$LOAD_TOKENS" --prompt "$PROMPT" >"$WORK/load.md"
+    local h r1 r2 client
+    h=$(cpu "${PID[haproxy]}") r1=$(cpu "${PID[r1]:-}") r2=$(cpu "${PID[r2]:-}")
+    client=$({ TIMEFORMAT='%U %S'; time "$BIN" loadtest --url "$PROXY" --concurrency "$1" \
+        --duration "$LOAD_SECONDS" --max-tokens "$LOAD_TOKENS" --prompt "$PROMPT" >"$WORK/load.md"; } 2>&1 |
+        tail -1 | awk '{printf "%.1f", $1 + $2}')
     cat "$WORK/load.md" >&2
+    say "CPU seconds in this run: replica 1 $(awk -v a="$r1" -v b="$(cpu "${PID[r1]:-}")" 'BEGIN {printf "%.1f", b - a}'), replica 2 $(awk -v a="$r2" -v b="$(cpu "${PID[r2]:-}")" 'BEGIN {printf "%.1f", (b > a) ? b - a : 0}'), haproxy $(awk -v a="$h" -v b="$(cpu "${PID[haproxy]}")" 'BEGIN {printf "%.1f", b - a}'), load client $client (of $((CORES * LOAD_SECONDS)) available)"
     local errors
     errors=$(awk -F'|' 'NR==3 {gsub(/ /, "", $4); print $4}' "$WORK/load.md")
     [ "$errors" = 0 ] || fail "the load test had $errors errors"
@@ -296,10 +308,10 @@ two_runs=""
 for _ in $(seq "$LOAD_RUNS"); do
     stop r2
     wait_backends 1
-    one_runs+="$(load) "
+    one_runs+="$(load "$LOAD_CONCURRENCY") "
     start_replica 2
     wait_backends 2
-    two_runs+="$(load) "
+    two_runs+="$(load $((2 * LOAD_CONCURRENCY))) "
 done
 one=$(median "$one_runs")
 two=$(median "$two_runs")
@@ -308,7 +320,7 @@ echo "| replicas (--threads 1 each, pinned) | aggregate tokens/s, runs | median 
 echo "|---|---|---|"
 echo "| 1 | ${one_runs% } | $one |"
 echo "| 2 | ${two_runs% } | $two |"
-echo "ratio of medians: $ratio (concurrency $LOAD_CONCURRENCY, $LOAD_TOKENS tokens per request, ${LOAD_SECONDS} s per run, $CORES cores)"
+echo "ratio of medians: $ratio ($LOAD_CONCURRENCY streams per replica, $LOAD_TOKENS tokens per request, ${LOAD_SECONDS} s per run, $CORES cores)"
 awk -v r="$ratio" -v m="$MIN_RATIO" 'BEGIN {exit !(r >= m)}' || fail "two replicas reach ${ratio}x of one, under $MIN_RATIO"
 pass "4. load: one replica $one tokens/s, two $two tokens/s (medians of $LOAD_RUNS), ${ratio}x"
 say "all scenarios passed"
