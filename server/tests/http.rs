@@ -2,6 +2,9 @@
 //! route and error case, SSE streaming, cancellation on disconnect, 429, 409, tenants, and a
 //! restart that serves the sessions again.
 
+mod common;
+use common::Server;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,10 +12,9 @@ use std::time::{Duration, Instant};
 use performer::engine::{DiskStore, Engine, EngineConfig, SessionStore};
 use performer::generate::{GenerateOptions, Generation};
 use performer::{Model, SamplingParams, State};
-use performer_server::{App, Metrics, ServerOptions};
+use performer_server::{Metrics, ServerOptions};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -30,14 +32,6 @@ fn endless() -> (tempfile::TempDir, Arc<Model>) {
     synthetic::write(dir.path(), &shape, WeightDtype::F32, 1).unwrap();
     let model = Arc::new(Model::load(dir.path()).unwrap());
     (dir, model)
-}
-
-struct Server {
-    base: String,
-    engine: Arc<Engine>,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<usize, String>>,
-    http: Client,
 }
 
 impl Server {
@@ -59,38 +53,7 @@ impl Server {
             grace: Duration::from_secs(2),
             ..ServerOptions::default()
         };
-        let app = App::new(engine.clone(), metrics, options);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(performer_server::serve(listener, app, async {
-            let _ = rx.await;
-        }));
-        Server {
-            base,
-            engine,
-            stop: Some(tx),
-            task,
-            http: Client::new(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn post(&self, path: &str, body: Value) -> reqwest::Response {
-        self.http
-            .post(self.url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn shutdown(mut self) -> usize {
-        self.stop.take().unwrap().send(()).unwrap();
-        self.task.await.unwrap().unwrap()
+        Server::serve(engine, metrics, options).await
     }
 }
 

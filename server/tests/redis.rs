@@ -7,6 +7,9 @@
 //! Without `redis-server` on the PATH every test prints why it is skipped and passes, unless
 //! `PERFORMER_REQUIRE_REDIS=1` (set by `.ci/run`, which installs it), where that fails.
 
+mod common;
+use common::Server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -18,10 +21,9 @@ use performer::engine::{
 };
 use performer::generate::{GenerateOptions, Generation};
 use performer::{Error, Model, SamplingParams, State};
-use performer_server::{App, Metrics, RedisStore, ServerOptions};
-use reqwest::{Client, StatusCode};
+use performer_server::{Metrics, RedisStore, ServerOptions};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -414,15 +416,7 @@ fn two_engines_race_on_one_session_and_the_loser_gets_a_conflict() {
     assert_eq!(e1.session_info("", &id).unwrap().position, position + 2);
 }
 
-/// A server in-process on an ephemeral 127.0.0.1 port with a Redis session store.
-struct Server {
-    base: String,
-    engine: Arc<Engine>,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<usize, String>>,
-    http: Client,
-}
-
+/// The shared test server, with a Redis session store.
 impl Server {
     async fn start(model: Arc<Model>, redis_url: &str) -> Server {
         let store = RedisStore::open(redis_url)
@@ -443,38 +437,7 @@ impl Server {
             grace: Duration::from_secs(1),
             ..ServerOptions::default()
         };
-        let app = App::new(engine.clone(), metrics, options);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(performer_server::serve(listener, app, async {
-            let _ = rx.await;
-        }));
-        Server {
-            base,
-            engine,
-            stop: Some(tx),
-            task,
-            http: Client::new(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn post(&self, path: &str, body: Value) -> reqwest::Response {
-        self.http
-            .post(self.url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn shutdown(mut self) -> usize {
-        self.stop.take().unwrap().send(()).unwrap();
-        self.task.await.unwrap().unwrap()
+        Server::serve(engine, metrics, options).await
     }
 }
 
