@@ -8,7 +8,8 @@
 #   3. Redis killed: 503 with Retry-After for session requests, a plain completion still
 #      succeeds; Redis restarted (append-only file, fsync always): every session is there;
 #   4. a load test through the proxy: aggregate tokens/s of one replica against two, each
-#      with --threads 1 and pinned to one core.
+#      with --threads 1 and pinned to one core (HAProxy and the load client on cores of their
+#      own when there are four or more).
 # Installs redis-server and haproxy from Debian's packages if missing. Exits non-zero on any
 # failure; a trap stops everything it started.
 #
@@ -81,6 +82,14 @@ if [ ! -x "$BIN" ]; then
     cargo build --release -p performer-cli >&2
 fi
 CORES=$(nproc)
+# With four cores or more, HAProxy and the load client get cores of their own (2 and 3), so
+# that the replicas' cores (0 and 1) serve only the replicas; with fewer, they share them.
+PROXY_PIN=()
+CLIENT_PIN=()
+if [ "$CORES" -ge 4 ] && command -v taskset >/dev/null; then
+    PROXY_PIN=(taskset -c 2)
+    CLIENT_PIN=(taskset -c 3)
+fi
 
 # --- the processes -------------------------------------------------------------------------
 start_redis() {
@@ -146,7 +155,7 @@ backend replicas
     server r1 127.0.0.1:$R1_PORT check inter 300ms fall 2 rise 2
     server r2 127.0.0.1:$R2_PORT check inter 300ms fall 2 rise 2
 EOF
-    haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
+    "${PROXY_PIN[@]}" haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
     PID[haproxy]=$!
     for _ in $(seq 200); do
         curl -sf "$PROXY/health" >/dev/null && return 0
@@ -291,7 +300,7 @@ cpu() {
 load() {
     local h r1 r2 client
     h=$(cpu "${PID[haproxy]}") r1=$(cpu "${PID[r1]:-}") r2=$(cpu "${PID[r2]:-}")
-    client=$({ TIMEFORMAT='%U %S'; time "$BIN" loadtest --url "$PROXY" --concurrency "$1" \
+    client=$({ TIMEFORMAT='%U %S'; time "${CLIENT_PIN[@]}" "$BIN" loadtest --url "$PROXY" --concurrency "$1" \
         --duration "$LOAD_SECONDS" --max-tokens "$LOAD_TOKENS" --prompt "$PROMPT" >"$WORK/load.md"; } 2>&1 |
         tail -1 | awk '{printf "%.1f", $1 + $2}')
     cat "$WORK/load.md" >&2

@@ -112,10 +112,45 @@ impl Weight {
     }
 }
 
+/// `y = x Wᵀ` for a few rows of `x` (batched decode): [`kernels::matvec_batch`] on blocks of
+/// weight rows split across the pool as single-stream decoding splits them, so the weights are
+/// read from memory once for all rows and each loaded weight vector feeds several rows'
+/// multiply-adds. Each output element is bit for bit what single-stream decoding computes.
+/// `weight` is `[out, cols]`, `x` is `rows × cols`, `y` at least `rows × out`.
+pub(crate) fn few_rows_product(weight: &Tensor, out: usize, x: &[f32], rows: usize, y: &mut [f32]) {
+    let cols = x.len() / rows.max(1);
+    let y = &mut y[..rows * out];
+    let Some(block) = kernels::matvec_block_rows(out, cols, rayon::current_num_threads()) else {
+        with_view!(weight.view(), |w| kernels::matvec_batch(w, x, rows, y));
+        return;
+    };
+    // Block `b` of weight rows `b·block..` leaves its `rows × len` outputs at `rows · b·block`
+    // of one buffer; they are then moved to their columns of `y`.
+    let mut blocks = vec![0f32; rows * out];
+    blocks
+        .par_chunks_mut(rows * block)
+        .enumerate()
+        .for_each(|(b, buf)| {
+            let (r0, r1) = (b * block, ((b + 1) * block).min(out));
+            with_view!(weight.view(), |w| kernels::matvec_batch(
+                &w[r0 * cols..r1 * cols],
+                x,
+                rows,
+                buf
+            ));
+        });
+    for (b, buf) in blocks.chunks(rows * block).enumerate() {
+        let len = buf.len() / rows;
+        for (r, src) in buf.chunks(len).enumerate() {
+            y[r * out + b * block..r * out + b * block + len].copy_from_slice(src);
+        }
+    }
+}
+
 /// A linear layer: `y = W x (+ b)` with `W` of shape `[out, in]`.
 /// Row counts up to which [`Linear::forward_rows`] uses the decode kernel on cached weight
 /// tiles instead of a general matrix product (whose packing dominates at a few rows).
-const FEW_ROWS: usize = 64;
+pub(crate) const FEW_ROWS: usize = 64;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
@@ -192,40 +227,12 @@ impl Linear {
         }
     }
 
-    /// [`Linear::forward_rows`] for a few rows (batched decode): [`kernels::matvec_batch`] on
-    /// blocks of weight rows split across the pool as single-stream decoding splits them, so
-    /// the weights are read from memory once for all rows and each loaded weight vector feeds
-    /// several rows' multiply-adds. Each output element is bit for bit what single-stream
-    /// decoding computes.
+    /// [`Linear::forward_rows`] for a few rows (batched decode): [`few_rows_product`], then
+    /// the bias.
     fn forward_few_rows(&self, weight: &Tensor, x: &[f32], rows: usize, y: &mut [f32]) {
         let out = self.out_features();
-        let cols = x.len() / rows.max(1);
+        few_rows_product(weight, out, x, rows, y);
         let y = &mut y[..rows * out];
-        match kernels::matvec_block_rows(out, cols, rayon::current_num_threads()) {
-            None => with_view!(weight.view(), |w| kernels::matvec_batch(w, x, rows, y)),
-            Some(block) => {
-                let blocks: Vec<(usize, Vec<f32>)> = (0..out.div_ceil(block))
-                    .into_par_iter()
-                    .map(|b| {
-                        let (r0, r1) = (b * block, ((b + 1) * block).min(out));
-                        let mut buf = vec![0f32; rows * (r1 - r0)];
-                        with_view!(weight.view(), |w| kernels::matvec_batch(
-                            &w[r0 * cols..r1 * cols],
-                            x,
-                            rows,
-                            &mut buf
-                        ));
-                        (r0, buf)
-                    })
-                    .collect();
-                for (r0, buf) in blocks {
-                    let len = buf.len() / rows.max(1);
-                    for (r, src) in buf.chunks(len.max(1)).enumerate() {
-                        y[r * out + r0..r * out + r0 + len].copy_from_slice(src);
-                    }
-                }
-            }
-        }
         if let Some(b) = &self.bias {
             for r in 0..rows {
                 with_view!(b.view(), |b| kernels::add_bias(

@@ -8,7 +8,7 @@ use crate::attention::favor::{self, HeadState, HeadStateRef};
 use crate::attention::rotary;
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::model::{shift_features, LocalBuffers, Model, RowQkv};
+use crate::model::{few_rows_product, shift_features, LocalBuffers, Model, RowQkv, FEW_ROWS};
 use crate::state::State;
 use crate::with_view;
 
@@ -276,28 +276,56 @@ impl RowAttention for Batch<'_, '_> {
         let layer = &model.layers[l];
         let gh = heads - layer.local_heads;
         let map = model.feature_map(l);
+        let rows = self.states.len();
+        // Rotary positions first, so that the projections below see the rotated q and k.
+        if let Some(rot) = model.positions.rotary() {
+            self.states
+                .par_iter_mut()
+                .zip(q.par_chunks_mut(inner))
+                .zip(k.par_chunks_mut(inner))
+                .for_each(|((st, q), k)| {
+                    rot.row(st.pos, &mut st.rot);
+                    for hd in 0..gh {
+                        rotary::rotate(&mut q[hd * d..(hd + 1) * d], &st.rot);
+                        rotary::rotate(&mut k[hd * d..(hd + 1) * d], &st.rot);
+                    }
+                });
+        }
+        // Every row's and global head's key and query projected in one batched product (the
+        // projection read once, in register tiles), bit for bit what each head's own
+        // `project` gives: per row and head, m key features then m query features.
+        let vectors = rows * gh * 2;
+        let mut inputs = vec![0f32; vectors * d];
+        for (r, x) in inputs.chunks_exact_mut((gh * 2 * d).max(1)).enumerate() {
+            for hd in 0..gh {
+                let src = r * inner + hd * d..r * inner + (hd + 1) * d;
+                x[2 * hd * d..(2 * hd + 1) * d].copy_from_slice(&k[src.clone()]);
+                x[(2 * hd + 1) * d..(2 * hd + 2) * d].copy_from_slice(&q[src]);
+            }
+        }
+        let mut feats = vec![0f32; vectors * m];
+        let per = vectors.div_ceil(rayon::current_num_threads()).max(1);
+        feats
+            .par_chunks_mut(per * m)
+            .zip(inputs.par_chunks(per * d))
+            .for_each(|(u, x)| map.project_batch(x, x.len() / d, u));
         self.states
             .par_iter_mut()
             .zip(q.par_chunks_mut(inner))
             .zip(k.par_chunks_mut(inner))
             .zip(v.par_chunks(inner))
             .zip(att.par_chunks_mut(inner))
-            .for_each(|((((st, q), k), v), att)| {
+            .zip(feats.par_chunks_mut((gh * 2 * m).max(1)))
+            .for_each(|(((((st, q), k), v), att), feats)| {
                 let pos = st.pos;
-                if let Some(rot) = model.positions.rotary() {
-                    rot.row(pos, &mut st.rot);
-                    for hd in 0..gh {
-                        rotary::rotate(&mut q[hd * d..(hd + 1) * d], &st.rot);
-                        rotary::rotate(&mut k[hd * d..(hd + 1) * d], &st.rot);
-                    }
-                }
                 let (h0, h1) = (st.favor_start[l], st.favor_start[l + 1]);
                 let st = &mut **st;
-                for (i, hd) in (0..gh).enumerate() {
+                for ((i, hd), feats) in (0..gh).enumerate().zip(feats.chunks_exact_mut(2 * m)) {
                     let g = h0 + i;
                     debug_assert!(g < h1);
                     let r = hd * d..(hd + 1) * d;
-                    favor::step(
+                    let (key_feat, query_feat) = feats.split_at_mut(m);
+                    favor::step_projected(
                         &map,
                         c.denominator_eps,
                         HeadState {
@@ -310,8 +338,8 @@ impl RowAttention for Batch<'_, '_> {
                                 v_sum: &mut st.v_sum_c[g * d..(g + 1) * d],
                             },
                             max: &mut st.max[g],
-                            key_feat: &mut st.key_feat[..m],
-                            query_feat: &mut st.query_feat[..m],
+                            key_feat,
+                            query_feat,
                         },
                         favor::Token {
                             q: &q[r.clone()],
@@ -360,7 +388,11 @@ impl Model {
             layer.to_v.forward_rows(&xn, rows, &mut v);
             attn.attend(self, l, &mut q, &mut k, &v, &mut att);
             layer.attn_out.forward_rows(&att, rows, &mut tmp);
-            kernels::axpy(layer.attn_norm.gain(), &tmp, h);
+            // Row by row, as stepping adds it: a row's last `dim % 16` elements then take the
+            // same (scalar) path, so batched and stepped residuals stay bit for bit equal.
+            for (t, h) in tmp.chunks(dim).zip(h.chunks_mut(dim)) {
+                kernels::axpy(layer.attn_norm.gain(), t, h);
+            }
 
             for (x, o) in h.chunks(dim).zip(xn.chunks_mut(dim)) {
                 layer.ff_norm.apply(x, o);
@@ -381,7 +413,9 @@ impl Model {
                 }
             }
             layer.w2.forward_rows(&packed, rows, &mut tmp);
-            kernels::axpy(layer.ff_norm.gain(), &tmp, h);
+            for (t, h) in tmp.chunks(dim).zip(h.chunks_mut(dim)) {
+                kernels::axpy(layer.ff_norm.gain(), t, h);
+            }
         }
     }
 
@@ -405,6 +439,10 @@ impl Model {
         }
         match &self.to_out {
             Some(out) => out.forward_rows(&xn, rows, logits),
+            // Tied embedding: the decode kernel for a few rows, as for any output layer.
+            None if rows <= FEW_ROWS => {
+                few_rows_product(&self.token_emb, self.config.num_tokens, &xn, rows, logits)
+            }
             None => with_view!(self.token_emb.view(), |w| kernels::matmul::linear(
                 &xn,
                 rows,

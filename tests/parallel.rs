@@ -112,14 +112,26 @@ fn chunked_prefill_continues_an_existing_state() {
     assert!(max_diff(&got, &want) <= 1e-5 * scale_of(&[want.clone()]));
 }
 
-/// Batched decode runs the same per-sequence attention; only the dense products are grouped,
-/// so results agree to f32 rounding (1e-5 relative, the bound).
+/// Batched decode groups the dense products and the feature projections of all rows and
+/// heads, each output computed in the single-row dot product's order, and runs the same
+/// per-sequence attention; so its logits are bit for bit those of stepping each sequence
+/// alone, for every option fixture (rotary and axial positions, local heads, ReLU/GELU
+/// kernels, no projection, a tied embedding, bf16 and f16 weights).
+/// Nine rows, so that the register-tiled product runs (from 8 rows) with edge tiles.
 #[test]
 fn batched_decode_matches_stepping_each_alone() {
     let mut rng = TestRng(43);
-    for name in FIXTURES {
+    // Also a tied embedding (logits through the same few-rows kernel), axial positions and
+    // half-precision weights.
+    let more = [
+        "opt_scalenorm_tie",
+        "opt_axial",
+        "default_a_bf16",
+        "default_a_f16",
+    ];
+    for name in FIXTURES.iter().chain(&more) {
         let model = Model::load(fixture(name)).unwrap();
-        let prompts: Vec<Vec<u32>> = [1usize, 4, 17, 9, 30]
+        let prompts: Vec<Vec<u32>> = [1usize, 4, 17, 9, 30, 2, 7, 12, 5]
             .iter()
             .map(|&n| rng.tokens(n, 256))
             .collect();
@@ -141,10 +153,13 @@ fn batched_decode_matches_stepping_each_alone() {
                 .collect();
             let mut refs: Vec<&mut State> = batched.iter_mut().collect();
             model.step_batch(&mut refs, &tokens).unwrap();
-            let scale = scale_of(&want);
             for ((s, w), a) in batched.iter().zip(&want).zip(&alone) {
-                let d = max_diff(s.logits().unwrap(), w);
-                assert!(d <= 1e-5 * scale, "{name}: {d}");
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+                assert!(
+                    bits(s.logits().unwrap()) == bits(w),
+                    "{name}: batched logits differ from stepping alone (max diff {})",
+                    max_diff(s.logits().unwrap(), w)
+                );
                 assert_eq!(s.position(), a.position());
             }
         }

@@ -52,6 +52,21 @@ pub struct Token<'a> {
 /// Adds the token's key and value to the head's state, then reads out its query into
 /// `out[..d]`. `delta` is δ.
 pub fn step(map: &FeatureMap<'_>, delta: f32, st: HeadState<'_>, tok: Token<'_>, out: &mut [f32]) {
+    map.project(tok.k, st.key_feat);
+    map.project(tok.q, st.query_feat);
+    step_projected(map, delta, st, tok, out);
+}
+
+/// [`step`] when the scratch already holds the projections: `st.key_feat[..m]` =
+/// [`FeatureMap::project`]`(k)` and `st.query_feat[..m]` = `project(q)` (batched decode
+/// computes them for all rows and heads at once with [`FeatureMap::project_batch`]).
+pub fn step_projected(
+    map: &FeatureMap<'_>,
+    delta: f32,
+    st: HeadState<'_>,
+    tok: Token<'_>,
+    out: &mut [f32],
+) {
     let Token { q, k, v, n } = tok;
     let (m, d) = (map.m, map.d);
     let (q, k, v, out) = (&q[..d], &k[..d], &v[..d], &mut out[..d]);
@@ -61,7 +76,6 @@ pub fn step(map: &FeatureMap<'_>, delta: f32, st: HeadState<'_>, tok: Token<'_>,
     let mut rescale = 1.0f32;
     match map.kind {
         FeatureKind::Softmax { .. } => {
-            map.project(k, ek);
             let mk = kernels::max(ek);
             if mk > *st.max {
                 // exp(−inf) = 0 on the first token: the state is empty then anyway.
@@ -70,14 +84,10 @@ pub fn step(map: &FeatureMap<'_>, delta: f32, st: HeadState<'_>, tok: Token<'_>,
             }
             kernels::exp_shifted(ek, map.diag(k) + *st.max);
         }
-        FeatureKind::Generalized(f) => {
-            map.project(k, ek);
-            super::features::apply_kernel_fn(f, ek);
-        }
+        FeatureKind::Generalized(f) => super::features::apply_kernel_fn(f, ek),
         FeatureKind::NoProjection => {
             // φ(k) = exp(k) with no stabiliser in performer-pytorch; keeping a running max is
             // exact because the common factor exp(M) cancels, except against δ (see below).
-            ek.copy_from_slice(k);
             let mk = kernels::max(ek);
             if mk > *st.max {
                 rescale = (*st.max - mk).exp();
@@ -89,7 +99,7 @@ pub fn step(map: &FeatureMap<'_>, delta: f32, st: HeadState<'_>, tok: Token<'_>,
 
     // Query features w = φ(q) / r without ε: ε and r are applied in closed form below.
     let w = &mut st.query_feat[..m];
-    map.query(q, w);
+    map.query_from_projection(q, w);
     let (r, eps) = (map.r(), map.eps());
     // φ(q)_f = r (w_f + ε)
     for x in w.iter_mut() {

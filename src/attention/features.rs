@@ -72,6 +72,24 @@ impl FeatureMap<'_> {
         kernels::scale(self.c(), u);
     }
 
+    /// [`FeatureMap::project`] of `count` vectors at once: `x` holds `count × d` values (row
+    /// major), `u` receives `count × m`. Each row is bit for bit what `project` gives it
+    /// ([`kernels::matvec_batch`] keeps the single-row dot product's order), while the
+    /// projection matrix is read once for all rows in register tiles: batched decode projects
+    /// every row's and head's query and key in one call.
+    pub fn project_batch(&self, x: &[f32], count: usize, u: &mut [f32]) {
+        let (m, d) = (self.m, self.d);
+        let (x, u) = (&x[..count * d], &mut u[..count * m]);
+        if self.kind == FeatureKind::NoProjection {
+            for (u, x) in u.chunks_exact_mut(m).zip(x.chunks_exact(d)) {
+                u.copy_from_slice(&x[..m]);
+            }
+            return;
+        }
+        with_view!(self.projection, |w| kernels::matvec_batch(w, x, count, u));
+        kernels::scale(self.c(), u);
+    }
+
     /// `c² · |x|² / 2`, the softmax kernel's norm term.
     pub fn diag(&self, x: &[f32]) -> f32 {
         let c = self.c();
@@ -83,6 +101,11 @@ impl FeatureMap<'_> {
     /// `softmax(q)`. Written to `u[..m]`.
     pub fn query(&self, q: &[f32], u: &mut [f32]) {
         self.project(q, u);
+        self.query_from_projection(q, u);
+    }
+
+    /// [`FeatureMap::query`] when `u[..m]` already holds [`FeatureMap::project`]`(q)`.
+    pub fn query_from_projection(&self, q: &[f32], u: &mut [f32]) {
         let u = &mut u[..self.m];
         match self.kind {
             FeatureKind::Softmax { .. } => {
