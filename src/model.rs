@@ -192,8 +192,9 @@ impl Linear {
         let cols = x.len();
         let rows: usize = linears.iter().map(|l| l.out_features()).sum();
         assert_eq!(y.len(), rows, "stacked linear: output length");
-        // Rows g0.. of the stack (y is that block of the output).
-        let run = |g0: usize, y: &mut [f32]| {
+        // Rows g0.. of the stack (y is that block of the output); `act` is `x` quantized once
+        // for every quantized linear whose kernel takes it so.
+        let run = |g0: usize, y: &mut [f32], act: Option<&kernels::quant::Activation>| {
             let mut off = 0;
             for lin in linears {
                 let out = lin.out_features();
@@ -207,9 +208,12 @@ impl Linear {
                             x,
                             ys
                         )),
-                        Weight::Quant(q) => {
-                            kernels::quant::matvec_serial(q.matrix().row_range(r0..r1), x, ys)
-                        }
+                        Weight::Quant(q) => kernels::quant::matvec_serial_prepared(
+                            q.matrix().row_range(r0..r1),
+                            x,
+                            act,
+                            ys,
+                        ),
                     }
                     if let Some(bias) = &lin.bias {
                         with_view!(bias.view(), |bv| kernels::add_bias(&bv[r0..r1], ys));
@@ -218,12 +222,23 @@ impl Linear {
                 off += out;
             }
         };
-        match kernels::matvec_block_rows(rows, cols, rayon::current_num_threads()) {
-            None => run(0, y),
-            Some(block) => y
-                .par_chunks_mut(block)
-                .enumerate()
-                .for_each(|(b, yb)| run(b * block, yb)),
+        let all = |y: &mut [f32], act: Option<&kernels::quant::Activation>| {
+            match kernels::matvec_block_rows(rows, cols, rayon::current_num_threads()) {
+                None => run(0, y, act),
+                Some(block) => y
+                    .par_chunks_mut(block)
+                    .enumerate()
+                    .for_each(|(b, yb)| run(b * block, yb, act)),
+            }
+        };
+        let quantizes_x = linears.iter().any(|l| match &l.weight {
+            Weight::Quant(q) => kernels::quant::needs_activation(q.format()),
+            Weight::Float(_) => false,
+        });
+        if quantizes_x {
+            kernels::quant::with_activation(x, |act| all(y, Some(act)));
+        } else {
+            all(y, None);
         }
     }
 
