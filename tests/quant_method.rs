@@ -48,6 +48,24 @@ fn the_process_wide_method_choice_is_honoured_and_restored() {
             // As in tests/quant.rs: 1e-5 of Σ|w·x|, which is below 256 here (|w| ≤ 1 after
             // rounding, |x| < 1, 256 terms).
             assert!(max_diff(&y, &twin) <= 1e-5 * 256.0, "{format} {method:?}");
+            // One activation shared by row blocks (as decoding's stacked products share it)
+            // gives bit for bit the rows of the plain product, also while another product
+            // quantizes on this thread inside the shared scope.
+            let mut blocks = vec![0f32; rows];
+            qk::with_activation(&x, |act| {
+                for (b, yb) in blocks.chunks_mut(16).enumerate() {
+                    let r0 = b * 16;
+                    let act = qk::needs_activation(format).then_some(act);
+                    qk::matvec_serial_prepared(m.row_range(r0..r0 + yb.len()), &x, act, yb);
+                    let mut nested = vec![0f32; rows];
+                    qk::matvec_serial(m, &x, &mut nested);
+                    assert!(nested.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()));
+                }
+            });
+            assert!(
+                blocks.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{format} {method:?}: shared activation"
+            );
         }
         assert!(qk::set_method(format, None));
     }
