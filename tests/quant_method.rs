@@ -61,11 +61,17 @@ fn the_process_wide_method_choice_is_honoured_and_restored() {
                     qk::matvec_serial_prepared(m.row_range(r0..r0 + yb.len()), &x, act, yb);
                     let mut nested = vec![0f32; rows];
                     qk::matvec_serial(m, &x, &mut nested);
-                    assert!(nested.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()));
+                    assert!(nested
+                        .iter()
+                        .zip(&y)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()));
                 }
             });
             assert!(
-                blocks.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                blocks
+                    .iter()
+                    .zip(&y)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{format} {method:?}: shared activation"
             );
         }

@@ -33,7 +33,8 @@ use crate::quant::{QMatrix, QuantFormat, BLOCK};
 pub enum Method {
     /// Scalar code, any CPU.
     Portable,
-    /// Codes widened to f32 in AVX-512 registers, f32 FMA (needs avx512f).
+    /// Codes widened to f32 in AVX-512 registers, f32 FMA (needs avx512f, avx512bw,
+    /// avx512vl).
     Dequant,
     /// Activation quantized to int8 per block, AVX-512 VNNI integer dot products (needs
     /// avx512f, avx512bw, avx512vl, avx512vnni).
@@ -46,7 +47,10 @@ fn features() -> (bool, bool) {
     *F.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            let f = std::arch::is_x86_feature_detected!("avx512f");
+            // The dequantizing kernels load their scales with AVX-512BW masked loads.
+            let f = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl");
             let vnni = f
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vl")
@@ -146,7 +150,7 @@ impl Activation {
         assert!(x.len().is_multiple_of(BLOCK), "activation: partial block");
         #[cfg(target_arch = "x86_64")]
         if features().0 {
-            // SAFETY: avx512f was detected at run time.
+            // SAFETY: avx512f (with bw and vl) was detected at run time.
             unsafe { self.quantize_avx512(x) };
             return;
         }
@@ -318,12 +322,7 @@ pub fn with_activation<R>(x: &[f32], f: impl FnOnce(&Activation) -> R) -> R {
 /// [`matvec_serial`] given, when [`needs_activation`], the activation already quantized from
 /// `x` (by [`with_activation`]); decoding's stacked q/k/v products and their row blocks share
 /// one instead of each quantizing `x` again (7–12% of a q4_0 decode).
-pub fn matvec_serial_prepared(
-    m: QMatrix<'_>,
-    x: &[f32],
-    act: Option<&Activation>,
-    y: &mut [f32],
-) {
+pub fn matvec_serial_prepared(m: QMatrix<'_>, x: &[f32], act: Option<&Activation>, y: &mut [f32]) {
     match (usable(default_method(m.format)), act) {
         (Method::Int8, Some(act)) => {
             assert_eq!(x.len(), m.cols, "quantized matvec: x length");
@@ -350,7 +349,7 @@ fn float_rows(method: Method, m: QMatrix<'_>, x: &[f32], y: &mut [f32]) {
         *out = match method {
             #[cfg(target_arch = "x86_64")]
             Method::Dequant => {
-                // SAFETY: `supported(Dequant)` checked avx512f at run time; `codes` holds
+                // SAFETY: `supported(Dequant)` checked avx512f/bw/vl at run time; `codes` holds
                 // `scales.len()` blocks of the format and `x` `32·scales.len()` values (the
                 // callers' asserts and QMatrix's invariant).
                 unsafe {
@@ -368,7 +367,11 @@ fn float_rows(method: Method, m: QMatrix<'_>, x: &[f32], y: &mut [f32]) {
 /// [`Method::Int8`] rows (supported) against an activation quantized from `x` once for the
 /// whole product.
 fn int8_rows(m: QMatrix<'_>, act: &Activation, y: &mut [f32]) {
-    assert_eq!(act.scales.len(), m.cols / BLOCK, "quantized matvec: activation length");
+    assert_eq!(
+        act.scales.len(),
+        m.cols / BLOCK,
+        "quantized matvec: activation length"
+    );
     for (r, out) in y.iter_mut().enumerate() {
         let (codes, scales) = m.row(r);
         #[cfg(target_arch = "x86_64")]
@@ -402,8 +405,7 @@ pub fn matvec_serial(m: QMatrix<'_>, x: &[f32], y: &mut [f32]) {
 pub fn matvec_with(method: Method, m: QMatrix<'_>, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), m.cols, "quantized matvec: x length");
     assert_eq!(y.len(), m.rows, "quantized matvec: y length");
-    let Some(block) = super::matvec_block_rows(m.rows, m.cols, rayon::current_num_threads())
-    else {
+    let Some(block) = super::matvec_block_rows(m.rows, m.cols, rayon::current_num_threads()) else {
         matvec_serial_with(method, m, x, y);
         return;
     };
@@ -466,34 +468,58 @@ mod avx512 {
     /// of a pass over every scale of the matrix before it (10% of a q4_0 decode).
     ///
     /// # Safety
-    /// avx512f is available; `b0 < scales.len()`.
-    #[target_feature(enable = "avx512f")]
+    /// avx512f/bw/vl are available; `b0 < scales.len()` (`f16` is two bytes, `repr(transparent)`
+    /// over `u16`: sixteen of them are 256 bits).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[inline]
-    unsafe fn widen16(scales: &[f16], b0: usize) -> [f32; 16] {
-        let mut bits = [0u16; 16];
-        let part = &scales[b0..(b0 + 16).min(scales.len())];
-        for (o, s) in bits.iter_mut().zip(part) {
-            *o = s.to_bits();
+    unsafe fn widen16(scales: &[f16], b0: usize) -> __m512 {
+        // A masked load: the lanes past the row's last scale are neither read nor faulted on.
+        let halves =
+            _mm256_maskz_loadu_epi16(lanes16(scales.len() - b0), scales.as_ptr().add(b0).cast());
+        _mm512_cvtph_ps(halves)
+    }
+
+    /// The mask of the first `min(n, 16)` lanes.
+    #[inline]
+    fn lanes16(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << n) - 1
         }
-        let mut out = [0f32; 16];
-        _mm512_storeu_ps(
-            out.as_mut_ptr(),
-            _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr().cast())),
-        );
-        out
+    }
+
+    /// Lane `i` of `v` in every lane (the scale of one block, kept in a register: reading it
+    /// back from a stored array stalled on store forwarding).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    fn lane(v: __m512, i: usize) -> __m512 {
+        _mm512_permutexvar_ps(_mm512_set1_epi32(i as i32), v)
+    }
+
+    /// [`widen16`] times the activation's scales of the same blocks, in f32 (the product the
+    /// twin forms): the int8 kernels' combined per-block scales, 16 at a time.
+    ///
+    /// # Safety
+    /// avx512f/bw/vl are available; `b0 < scales.len()` and `act_scales.len() ≥ scales.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn widen16_times(scales: &[f16], act_scales: &[f32], b0: usize) -> __m512 {
+        let a = _mm512_maskz_loadu_ps(lanes16(scales.len() - b0), act_scales.as_ptr().add(b0));
+        _mm512_mul_ps(widen16(scales, b0), a)
     }
 
     /// One q8_0 row, codes widened to f32.
     ///
     /// # Safety
-    /// avx512f is available; `codes.len() ≥ 32·n`, `x.len() ≥ 32·n` for `n = scales.len()`.
-    #[target_feature(enable = "avx512f")]
+    /// avx512f/bw/vl are available; `codes.len() ≥ 32·n`, `x.len() ≥ 32·n` for `n = scales.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) unsafe fn q8_dequant_row(codes: &[u8], scales: &[f16], x: &[f32]) -> f32 {
         let n = scales.len();
         debug_assert!(codes.len() >= n * BLOCK && x.len() >= n * BLOCK);
         let (c, xp) = (codes.as_ptr(), x.as_ptr());
         let mut acc = [_mm512_setzero_ps(); 2];
-        let mut sc = [0f32; 16];
+        let mut sc = _mm512_setzero_ps();
         for b in 0..n {
             let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
                 c.add(b * BLOCK).cast(),
@@ -506,7 +532,7 @@ mod avx512 {
             if b % 16 == 0 {
                 sc = widen16(scales, b);
             }
-            acc[b & 1] = _mm512_fmadd_ps(t, _mm512_set1_ps(sc[b % 16]), acc[b & 1]);
+            acc[b & 1] = _mm512_fmadd_ps(t, lane(sc, b % 16), acc[b & 1]);
         }
         _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
     }
@@ -514,8 +540,8 @@ mod avx512 {
     /// One q4_0 row, nibbles looked up as `n − 8` in f32.
     ///
     /// # Safety
-    /// avx512f is available; `codes.len() ≥ 16·n`, `x.len() ≥ 32·n` for `n = scales.len()`.
-    #[target_feature(enable = "avx512f")]
+    /// avx512f/bw/vl are available; `codes.len() ≥ 16·n`, `x.len() ≥ 32·n` for `n = scales.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) unsafe fn q4_dequant_row(codes: &[u8], scales: &[f16], x: &[f32]) -> f32 {
         let n = scales.len();
         debug_assert!(codes.len() >= n * BLOCK / 2 && x.len() >= n * BLOCK);
@@ -524,7 +550,7 @@ mod avx512 {
             -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
         );
         let mut acc = [_mm512_setzero_ps(); 2];
-        let mut sc = [0f32; 16];
+        let mut sc = _mm512_setzero_ps();
         for b in 0..n {
             let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.add(b * BLOCK / 2).cast()));
             // vpermps reads the low 4 bits of each index: the low nibble directly.
@@ -535,7 +561,7 @@ mod avx512 {
             if b % 16 == 0 {
                 sc = widen16(scales, b);
             }
-            acc[b & 1] = _mm512_fmadd_ps(t, _mm512_set1_ps(sc[b % 16]), acc[b & 1]);
+            acc[b & 1] = _mm512_fmadd_ps(t, lane(sc, b % 16), acc[b & 1]);
         }
         _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
     }
@@ -554,18 +580,21 @@ mod avx512 {
         let (c, xq, off) = (codes.as_ptr(), act.codes.as_ptr(), act.offset_q8.as_ptr());
         let flip = _mm256_set1_epi8(-128);
         let mut acc = [_mm256_setzero_ps(); 2];
-        let mut sc = [0f32; 16];
+        let mut sc = _mm512_setzero_ps();
         for b in 0..n {
             if b % 16 == 0 {
-                sc = widen16(scales, b);
+                sc = widen16_times(scales, &act.scales, b);
             }
             let w = _mm256_xor_si256(_mm256_loadu_si256(c.add(b * BLOCK).cast()), flip);
             let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
             // −128 · Σx per lane, then + Σ (q + 128) · x.
             let init = _mm256_loadu_si256(off.add(b * 8).cast());
             let dot = _mm256_dpbusd_epi32(init, w, x);
-            let scale = sc[b % 16] * *act.scales.get_unchecked(b);
-            acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), acc[b & 1]);
+            acc[b & 1] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(dot),
+                _mm512_castps512_ps256(lane(sc, b % 16)),
+                acc[b & 1],
+            );
         }
         let s = _mm256_add_ps(acc[0], acc[1]);
         let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
@@ -595,13 +624,15 @@ mod avx512 {
         let low = _mm256_set1_epi8(0x0F);
         // Lanes 0–3 and 8–11 belong to the first block of a pair, 4–7 and 12–15 to the second.
         let pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+        let two = _mm512_set1_epi32(2);
         let mut acc = _mm512_setzero_ps();
-        let mut sc = [0f32; 16];
+        let (mut sc, mut idx) = (_mm512_setzero_ps(), pick);
         let mut b = 0;
         while b + 2 <= n {
             // `b` is even, so a pair never straddles two groups of 16.
             if b % 16 == 0 {
-                sc = widen16(scales, b);
+                sc = widen16_times(scales, &act.scales, b);
+                idx = pick;
             }
             let v = _mm256_loadu_si256(c.add(b * BLOCK / 2).cast());
             let lo = _mm256_and_si256(v, low);
@@ -610,11 +641,10 @@ mod avx512 {
             let x = _mm512_loadu_si512(xq.add(b * BLOCK).cast());
             let init = _mm512_loadu_si512(off.add(b * 8).cast());
             let dot = _mm512_dpbusd_epi32(init, w, x);
-            let pair = _mm_mul_ps(
-                _mm_setr_ps(sc[b % 16], sc[b % 16 + 1], 0.0, 0.0),
-                _mm_castpd_ps(_mm_load_sd(act.scales.as_ptr().add(b).cast())),
-            );
-            let s = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(pair));
+            // The pair's two combined scales, lanes b % 16 and the next, spread as `pick` says
+            // (`idx` = `pick` + b % 16, stepped by 2 in a register).
+            let s = _mm512_permutexvar_ps(idx, sc);
+            idx = _mm512_add_epi32(idx, two);
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc);
             b += 2;
         }
