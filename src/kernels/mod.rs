@@ -587,7 +587,7 @@ fn batch_tile<S: Lanes, const R: usize, const C: usize, const J: usize>(
                     pf += LINE;
                 }
             }
-            for jj in 0..J {
+            for (jj, _) in [(); J].iter().enumerate() {
                 let o = (p * J + jj) * LANES;
                 let xv: [S::V; C] = std::array::from_fn(|c| s.load(&x64[c][k][o..o + LANES]));
                 for r in 0..R {
