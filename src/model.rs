@@ -125,8 +125,10 @@ pub(crate) fn few_rows_product(weight: &Tensor, out: usize, x: &[f32], rows: usi
         return;
     };
     // Block `b` of weight rows `b·block..` leaves its `rows × len` outputs at `rows · b·block`
-    // of one buffer; they are then moved to their columns of `y`.
-    let mut blocks = vec![0f32; rows * out];
+    // of one buffer (this thread's, reused: every element is written before it is read);
+    // then each row of `y` gathers its columns from the blocks, rows in parallel.
+    let mut blocks = FEW_ROWS_BLOCKS.take();
+    blocks.resize(rows * out, 0.0);
     blocks
         .par_chunks_mut(rows * block)
         .enumerate()
@@ -139,12 +141,18 @@ pub(crate) fn few_rows_product(weight: &Tensor, out: usize, x: &[f32], rows: usi
                 buf
             ));
         });
-    for (b, buf) in blocks.chunks(rows * block).enumerate() {
-        let len = buf.len() / rows;
-        for (r, src) in buf.chunks(len).enumerate() {
-            y[r * out + b * block..r * out + b * block + len].copy_from_slice(src);
+    y.par_chunks_mut(out).enumerate().for_each(|(r, yr)| {
+        for (b, buf) in blocks.chunks(rows * block).enumerate() {
+            let len = buf.len() / rows;
+            yr[b * block..b * block + len].copy_from_slice(&buf[r * len..(r + 1) * len]);
         }
-    }
+    });
+    FEW_ROWS_BLOCKS.set(blocks);
+}
+
+std::thread_local! {
+    /// [`few_rows_product`]'s block-major buffer, kept between calls on the calling thread.
+    static FEW_ROWS_BLOCKS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// A linear layer: `y = W x (+ b)` with `W` of shape `[out, in]`.

@@ -277,30 +277,30 @@ impl RowAttention for Batch<'_, '_> {
         let gh = heads - layer.local_heads;
         let map = model.feature_map(l);
         let rows = self.states.len();
-        // Rotary positions first, so that the projections below see the rotated q and k.
-        if let Some(rot) = model.positions.rotary() {
-            self.states
-                .par_iter_mut()
-                .zip(q.par_chunks_mut(inner))
-                .zip(k.par_chunks_mut(inner))
-                .for_each(|((st, q), k)| {
-                    rot.row(st.pos, &mut st.rot);
-                    for hd in 0..gh {
-                        rotary::rotate(&mut q[hd * d..(hd + 1) * d], &st.rot);
-                        rotary::rotate(&mut k[hd * d..(hd + 1) * d], &st.rot);
-                    }
-                });
-        }
         // Every row's and global head's key and query projected in one batched product (the
         // projection read once, in register tiles), bit for bit what each head's own
-        // `project` gives: per row and head, m key features then m query features.
+        // `project` gives: per row and head, m key features then m query features. The
+        // rotary positions are applied on the way (a few thousand multiplies: serial).
         let vectors = rows * gh * 2;
         let mut inputs = vec![0f32; vectors * d];
-        for (r, x) in inputs.chunks_exact_mut((gh * 2 * d).max(1)).enumerate() {
+        let rotary = model.positions.rotary();
+        for (((x, st), q), k) in inputs
+            .chunks_exact_mut((gh * 2 * d).max(1))
+            .zip(self.states.iter_mut())
+            .zip(q.chunks_mut(inner))
+            .zip(k.chunks_mut(inner))
+        {
+            if let Some(rot) = rotary {
+                rot.row(st.pos, &mut st.rot);
+            }
             for hd in 0..gh {
-                let src = r * inner + hd * d..r * inner + (hd + 1) * d;
-                x[2 * hd * d..(2 * hd + 1) * d].copy_from_slice(&k[src.clone()]);
-                x[(2 * hd + 1) * d..(2 * hd + 2) * d].copy_from_slice(&q[src]);
+                let (q, k) = (&mut q[hd * d..(hd + 1) * d], &mut k[hd * d..(hd + 1) * d]);
+                if rotary.is_some() {
+                    rotary::rotate(q, &st.rot);
+                    rotary::rotate(k, &st.rot);
+                }
+                x[2 * hd * d..(2 * hd + 1) * d].copy_from_slice(k);
+                x[(2 * hd + 1) * d..(2 * hd + 2) * d].copy_from_slice(q);
             }
         }
         let mut feats = vec![0f32; vectors * m];
@@ -383,9 +383,23 @@ impl Model {
             if c.shift_tokens {
                 attn.shift(2 * l * dim, &mut xn, dim);
             }
-            layer.to_q.forward_rows(&xn, rows, &mut q);
-            layer.to_k.forward_rows(&xn, rows, &mut k);
-            layer.to_v.forward_rows(&xn, rows, &mut v);
+            if rows <= FEW_ROWS {
+                // Batched decode: the three products in one parallel region, so that a thread
+                // done with its share of one takes blocks of the next instead of waiting.
+                rayon::join(
+                    || layer.to_q.forward_rows(&xn, rows, &mut q),
+                    || {
+                        rayon::join(
+                            || layer.to_k.forward_rows(&xn, rows, &mut k),
+                            || layer.to_v.forward_rows(&xn, rows, &mut v),
+                        )
+                    },
+                );
+            } else {
+                layer.to_q.forward_rows(&xn, rows, &mut q);
+                layer.to_k.forward_rows(&xn, rows, &mut k);
+                layer.to_v.forward_rows(&xn, rows, &mut v);
+            }
             attn.attend(self, l, &mut q, &mut k, &v, &mut att);
             layer.attn_out.forward_rows(&att, rows, &mut tmp);
             // Row by row, as stepping adds it: a row's last `dim % 16` elements then take the
