@@ -245,6 +245,11 @@ impl<G: GlobalAttention> RowAttention for Chunk<'_, G> {
     }
 }
 
+std::thread_local! {
+    /// [`Model::step_batch`]'s logits of all rows, kept between ticks on the calling thread.
+    static STEP_LOGITS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Rows are independent sequences, one token each.
 struct Batch<'a, 's> {
     states: &'a mut [&'s mut State],
@@ -654,15 +659,30 @@ impl Model {
         let mut attn = Batch { states };
         let mut h = self.embed_rows(tokens, &attn);
         self.forward_rows(&mut h, rows, &mut attn);
-        let mut logits = vec![0f32; rows * vocab];
+        // The logits buffer is this thread's, reused (every element is written), and the rows
+        // go to their states in parallel: at B=16 on a 50k vocabulary a serial zeroing and
+        // copy of 3 MiB each kept the other core idle for ~3% of a tick.
+        let mut logits = STEP_LOGITS.take();
+        logits.resize(rows * vocab, 0.0);
         self.logits_rows(&h, rows, &mut logits);
-        let mut bad = None;
-        for (st, row) in attn.states.iter_mut().zip(logits.chunks(vocab)) {
-            st.logits.copy_from_slice(row);
-            st.has_logits = row.iter().all(|x| x.is_finite());
-            if !st.has_logits && bad.is_none() {
-                bad = Some(st.pos);
-            }
+        let finite: Vec<bool> = attn
+            .states
+            .par_iter_mut()
+            .zip(logits.par_chunks(vocab.max(1)))
+            .map(|(st, row)| {
+                st.logits.copy_from_slice(row);
+                st.has_logits = row.iter().all(|x| x.is_finite());
+                st.has_logits
+            })
+            .collect();
+        STEP_LOGITS.set(logits);
+        let bad = attn
+            .states
+            .iter()
+            .zip(&finite)
+            .find(|(_, ok)| !**ok)
+            .map(|(st, _)| st.pos);
+        for st in attn.states.iter_mut() {
             st.pos += 1;
         }
         match bad {
