@@ -653,7 +653,7 @@ pub fn model_files(dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf
     }
 }
 
-/// Reads `config.json` as UTF-8 text: a regular file of at most [`MAX_CONFIG_BYTES`], errors
+/// Reads `config.json` as UTF-8 text: a regular file of at most `MAX_CONFIG_BYTES`, errors
 /// naming the path.
 pub fn read_config_text(path: &Path) -> Result<String> {
     let bytes = crate::fsutil::read_regular_file(path, MAX_CONFIG_BYTES)?;

@@ -1,6 +1,6 @@
 //! Synthetic causal `PerformerLM` checkpoints with random weights, for benchmarks and tests.
 //!
-//! [`write`] lays out a model directory exactly as a performer-pytorch checkpoint: `config.json`
+//! [`write()`] lays out a model directory exactly as a performer-pytorch checkpoint: `config.json`
 //! with the `PerformerLM` keyword arguments (`"causal": true`) and `model.safetensors` with the
 //! checkpoint's tensor names, written by the `safetensors` crate. It loads through the normal
 //! memory-mapped path ([`crate::Model::load`]).

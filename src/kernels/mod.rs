@@ -44,7 +44,7 @@ const MATVEC_ROWS: usize = 8;
 
 /// Rows per parallel block of a `rows × cols` matrix-vector product on `threads` threads:
 /// multiples of 8 rows, one to four blocks per thread and a multiple of the thread count (about
-/// [`BLOCK_ELEMS`] weights each); `None` when the product is too small to split ([`PAR_MIN_ELEMS`], one thread, or a
+/// `BLOCK_ELEMS` weights each); `None` when the product is too small to split (`PAR_MIN_ELEMS`, one thread, or a
 /// single block).
 pub fn matvec_block_rows(rows: usize, cols: usize, threads: usize) -> Option<usize> {
     let elems = rows.saturating_mul(cols);

@@ -8,8 +8,9 @@
 //!   `n − 8` with one permute), multiply-add with `x`, and scale the block's partial sum by its
 //!   f16 scale. The products are exact, so the result matches "dequantize to f32, then
 //!   multiply" up to the order of the f32 sum.
-//! - [`Method::Int8`]: quantize `x` per block of 32 to int8 once per call (scale `max|x|/127`),
-//!   then take integer dot products with AVX-512 VNNI `vpdpbusd` (unsigned × signed bytes, four
+//! - [`Method::Int8`]: quantize `x` per block of 32 to int8 once per product (scale `max|x|/127`,
+//!   ties rounded to even; decoding's stacked q/k/v products share one), then take integer dot
+//!   products with AVX-512 VNNI `vpdpbusd` (unsigned × signed bytes, four
 //!   products summed per 32-bit lane): q8_0 codes are made unsigned by adding 128 (an `xor`),
 //!   q4_0 nibbles are unsigned already, and the offset (`128 · Σx` or `8 · Σx` per lane) is
 //!   precomputed from the quantized activation. Fewer instructions per weight, but the
