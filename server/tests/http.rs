@@ -185,27 +185,21 @@ async fn completions_health_models_metrics_and_errors() {
     // Stop strings, n, logprobs.
     let stop = want[5..8].to_string();
     let v: Value = s
-        .post(
+        .post_json(
             "/v1/completions",
             json!({"prompt": "The sea", "max_tokens": 20,
         "temperature": 0, "stop": [stop]}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["choices"][0]["text"], &want[..want.find(&stop).unwrap()]);
     let v: Value = s
-        .post(
+        .post_json(
             "/v1/completions",
             json!({"prompt": "The sea", "max_tokens": 8,
         "n": 3, "seed": 5, "logprobs": 2}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(v["choices"].as_array().unwrap().len(), 3);
     assert_eq!(
         v["usage"]["prompt_tokens"], 7,
@@ -291,15 +285,7 @@ async fn completions_health_models_metrics_and_errors() {
         200
     );
 
-    let metrics = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     for name in [
         "performer_http_requests_total{route=\"/v1/completions\",status=\"200\"}",
         "performer_http_requests_total{route=\"/v1/completions\",status=\"400\"}",
@@ -455,14 +441,11 @@ async fn sessions_api() {
     let want = generate_text(&model, "Once upon a time there", 12);
     for sid in [&id, &fork] {
         let v: Value = s
-            .post(
+            .post_json(
                 &format!("/v1/sessions/{sid}/completions"),
                 json!({"prompt": " there", "max_tokens": 12, "temperature": 0}),
             )
-            .await
-            .json()
-            .await
-            .unwrap();
+            .await;
         assert_eq!(v["choices"][0]["text"], want.as_str());
     }
     // An empty prompt continues from the session's context.
@@ -701,15 +684,7 @@ async fn busy_queue_full_and_cancel_on_disconnect() {
         )
         .await;
     assert_eq!(r.status(), 200, "the session is free again");
-    let metrics = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(metrics.contains("performer_rejected_requests_total{reason=\"queue_full\"} 1"));
     // Both 409s count: the busy completion and the busy state download.
     assert!(
@@ -748,14 +723,11 @@ async fn restart_serves_the_sessions_again() {
         .unwrap();
     assert_eq!(v["position"], 16);
     let v: Value = s
-        .post(
+        .post_json(
             &format!("/v1/sessions/{id}/completions"),
             json!({"prompt": " there", "max_tokens": 12, "temperature": 0}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(
         v["choices"][0]["text"],
         generate_text(&model, "Once upon a time there", 12).as_str()
@@ -848,14 +820,11 @@ async fn a_tokenizer_json_model_is_served_with_its_tokenizer() {
     // is `performer generate`'s.
     let free = generate_ids(&model, &ids, 24, Vec::new());
     let v: Value = s
-        .post(
+        .post_json(
             "/v1/completions",
             json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 1}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(v["choices"][0]["text"], free.as_str(), "{v}");
     assert_eq!(v["usage"]["prompt_tokens"], ids.len());
     assert_eq!(v["usage"]["completion_tokens"], 24);
@@ -880,12 +849,7 @@ async fn a_tokenizer_json_model_is_served_with_its_tokenizer() {
     let expected = generate_ids(&model, &ids, 24, vec![stop.clone()]);
     assert_eq!(expected, free[..free.find(&stop).unwrap()]);
     let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "stop": stop});
-    let v: Value = s
-        .post("/v1/completions", body.clone())
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = s.post_json("/v1/completions", body.clone()).await;
     assert_eq!(v["choices"][0]["text"], expected.as_str(), "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     let mut streamed = body;
@@ -908,23 +872,15 @@ async fn a_tokenizer_json_model_is_served_with_its_tokenizer() {
 
     // Sessions encode with the tokenizer too: a session of the prompt continues as the
     // stateless completion does.
-    let v: Value = s
-        .post("/v1/sessions", json!({"prompt": prompt}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = s.post_json("/v1/sessions", json!({"prompt": prompt})).await;
     assert_eq!(v["position"], ids.len());
     let id = v["id"].as_str().unwrap().to_string();
     let v: Value = s
-        .post(
+        .post_json(
             &format!("/v1/sessions/{id}/completions"),
             json!({"prompt": "", "max_tokens": 24, "temperature": 0}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(v["choices"][0]["text"], free.as_str(), "{v}");
 
     // Every refusal is counted by its reason, whichever route refused it.
@@ -935,15 +891,7 @@ async fn a_tokenizer_json_model_is_served_with_its_tokenizer() {
         .await
         .unwrap();
     assert_error(missing, StatusCode::NOT_FOUND, "session_not_found").await;
-    let metrics = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("performer_rejected_requests_total{reason=\"not_found\"} 1"),
         "{metrics}"

@@ -494,12 +494,7 @@ async fn a_session_continued_alternately_on_two_servers_is_one_greedy_generation
     let a = Server::start(model.clone(), &r.url()).await;
     let b = Server::start(model.clone(), &r.url()).await;
     let prompt = "Once upon a time";
-    let v: Value = a
-        .post("/v1/sessions", json!({"prompt": prompt}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = a.post_json("/v1/sessions", json!({"prompt": prompt})).await;
     let id = v["id"].as_str().unwrap().to_string();
     let mut text = String::new();
     let steps = 6;
@@ -555,11 +550,8 @@ async fn a_session_continued_alternately_on_two_servers_is_one_greedy_generation
         .await
         .unwrap();
     let fork: Value = a
-        .post(&format!("/v1/sessions/{id}/fork"), json!({}))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .post_json(&format!("/v1/sessions/{id}/fork"), json!({}))
+        .await;
     let fork_snap = b
         .http
         .get(b.url(&format!(
@@ -602,12 +594,7 @@ async fn two_servers_racing_on_one_session_the_loser_gets_409() {
     let (_dir, model) = tiny();
     let a = Server::start(model.clone(), &r.url()).await;
     let b = Server::start(model.clone(), &r.url()).await;
-    let v: Value = a
-        .post("/v1/sessions", json!({"prompt": "abc"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = a.post_json("/v1/sessions", json!({"prompt": "abc"})).await;
     let id = v["id"].as_str().unwrap().to_string();
     let path = format!("/v1/sessions/{id}/completions");
     let long = {
@@ -656,20 +643,12 @@ async fn redis_down_gives_503_for_sessions_and_recovers_when_it_returns() {
     let model = shipped();
     let s = Server::start(model.clone(), &r.url()).await;
     let prompt = "The old house";
-    let v: Value = s
-        .post("/v1/sessions", json!({"prompt": prompt}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = s.post_json("/v1/sessions", json!({"prompt": prompt})).await;
     let id = v["id"].as_str().unwrap().to_string();
     let path = format!("/v1/sessions/{id}/completions");
     let first: Value = s
-        .post(&path, json!({"max_tokens": 8, "temperature": 0}))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .post_json(&path, json!({"max_tokens": 8, "temperature": 0}))
+        .await;
     let mut text = first["choices"][0]["text"].as_str().unwrap().to_string();
 
     r.stop();
@@ -697,28 +676,17 @@ async fn redis_down_gives_503_for_sessions_and_recovers_when_it_returns() {
         );
         assert_error(resp, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable").await;
     }
-    let metrics = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("performer_rejected_requests_total{reason=\"store_unavailable\"} 5"),
         "{metrics}"
     );
     let v: Value = s
-        .post(
+        .post_json(
             "/v1/completions",
             json!({"prompt": prompt, "max_tokens": 8, "temperature": 0}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(
         v["choices"][0]["text"],
         generate_text(&model, prompt, 8).as_str(),
@@ -729,11 +697,8 @@ async fn redis_down_gives_503_for_sessions_and_recovers_when_it_returns() {
     // without a restart.
     r.restart();
     let v: Value = s
-        .post(&path, json!({"max_tokens": 8, "temperature": 0}))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .post_json(&path, json!({"max_tokens": 8, "temperature": 0}))
+        .await;
     text.push_str(v["choices"][0]["text"].as_str().unwrap());
     assert_eq!(text, generate_text(&model, prompt, 16));
     s.shutdown().await;
@@ -747,12 +712,7 @@ async fn a_server_gone_mid_stream_leaves_the_last_committed_version() {
     let (_dir, model) = tiny();
     let a = Server::start(model.clone(), &r.url()).await;
     let b = Server::start(model.clone(), &r.url()).await;
-    let v: Value = a
-        .post("/v1/sessions", json!({"prompt": "abc"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = a.post_json("/v1/sessions", json!({"prompt": "abc"})).await;
     let id = v["id"].as_str().unwrap().to_string();
     let path = format!("/v1/sessions/{id}/completions");
     let mut resp = a

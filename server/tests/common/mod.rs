@@ -51,6 +51,17 @@ impl Server {
             .unwrap()
     }
 
+    /// POSTs `body` and parses the response as JSON, whatever its status.
+    pub async fn post_json(&self, path: &str, body: Value) -> Value {
+        self.post(path, body).await.json().await.unwrap()
+    }
+
+    /// The Prometheus text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        let r = self.http.get(self.url("/metrics")).send().await.unwrap();
+        r.text().await.unwrap()
+    }
+
     /// Stops the server; the number of sessions it wrote out.
     pub async fn shutdown(mut self) -> usize {
         self.stop.take().unwrap().send(()).unwrap();
