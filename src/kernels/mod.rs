@@ -1037,10 +1037,9 @@ fn vecmat_k<S: Lanes>(s: S, p: &[f32], w: &[f32], out: &mut [f32]) {
         "vecmat: W has fewer than p.len() rows"
     );
     if d == 0 || !d.is_multiple_of(LANES) || d / LANES > 8 {
+        // axpy_rows_k takes the same fallback for these widths: its row loop, from zero.
         out.fill(0.0);
-        for (j, &pj) in p.iter().enumerate() {
-            axpy_k(s, pj, &w[j * d..(j + 1) * d], out);
-        }
+        axpy_rows_k(s, p, w, out);
         return;
     }
     by_vectors!(d / LANES, vecmat_regs(s, p, w, out));

@@ -439,6 +439,21 @@ mod x86 {
         [f(a[0], b[0]), f(a[1], b[1])]
     }
 
+    /// [`Lanes::prefetch`] of the AVX2 and AVX-512 levels: `prefetcht1` on the line holding
+    /// `bytes[at]`, nothing when `at` is out of bounds.
+    #[inline(always)]
+    fn prefetch_l2(bytes: &[u8], at: usize) {
+        if let Some(b) = bytes.get(at) {
+            // SAFETY: a prefetch is only a hint and never faults; the address is that of a
+            // live byte anyway. SSE (baseline on x86-64) provides the instruction.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                    (b as *const u8).cast(),
+                )
+            };
+        }
+    }
+
     impl Lanes for Avx2 {
         // 16 ymm registers, two per 16-lane vector: 2 × 2 outputs, one accumulator each per
         // pass (8), two weight vectors (4) and one input vector (2).
@@ -449,14 +464,7 @@ mod x86 {
         };
         #[inline(always)]
         fn prefetch(self, bytes: &[u8], at: usize) {
-            if let Some(b) = bytes.get(at) {
-                // SAFETY: as at the AVX-512 level.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                        (b as *const u8).cast(),
-                    )
-                };
-            }
+            prefetch_l2(bytes, at);
         }
         type V = [__m256; 2];
         type M = [__m256; 2];
@@ -640,15 +648,7 @@ mod x86 {
         const BF16_MATVEC: bool = true;
         #[inline(always)]
         fn prefetch(self, bytes: &[u8], at: usize) {
-            if let Some(b) = bytes.get(at) {
-                // SAFETY: a prefetch is only a hint and never faults; the address is that of
-                // a live byte anyway. SSE (baseline on x86-64) provides the instruction.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                        (b as *const u8).cast(),
-                    )
-                };
-            }
+            prefetch_l2(bytes, at);
         }
         type V = __m512;
         type M = __mmask16;
