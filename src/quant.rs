@@ -621,15 +621,10 @@ pub fn quantize_dir(
     let write = || -> Result<()> {
         std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let weights = tmp.join("model.safetensors");
-        let mut metadata = std::collections::HashMap::new();
+        let mut metadata = std::collections::BTreeMap::new();
         metadata.insert(CONFIG_KEY.to_string(), format.name().to_string());
-        safetensors::serialize_to_file(
-            tensors.iter().map(|(n, t)| (n.as_str(), t)),
-            Some(metadata),
-            &weights,
-        )
-        .map_err(|e| Error::io(&weights, std::io::Error::other(e.to_string())))?;
-        // The writer creates the file owner-only; a model is as readable as its source.
+        crate::weights::write_aligned(&weights, tensors.iter().map(|(n, t)| (n, t)), &metadata)?;
+        // Readable by all, as a model directory usually is, whatever the umask.
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -358,7 +358,7 @@ impl Rng {
     }
 }
 
-/// One tensor's bytes, ready for `safetensors::serialize_to_file`.
+/// One tensor's bytes, ready for [`crate::weights::write_aligned`].
 struct Owned {
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
@@ -428,8 +428,8 @@ fn generate(shape: &[usize], init: Init, dtype: WeightDtype, seed: u64) -> Vec<u
 }
 
 /// Writes `dir/config.json` and `dir/model.safetensors` of a random model (creating `dir`),
-/// each atomically: the config through [`crate::fsutil::write_atomic`], the weights through
-/// `safetensors::serialize_to_file`, which also writes a temporary file and renames it.
+/// each atomically ([`crate::fsutil::write_atomic`]; the weights through
+/// [`crate::weights::write_aligned`], every tensor on a 64-byte boundary).
 /// The same shape, dtype and seed always give the same bytes.
 pub fn write(dir: &Path, shape: &SyntheticShape, dtype: WeightDtype, seed: u64) -> Result<()> {
     if let Some(format) = dtype.quant_format() {
@@ -451,17 +451,12 @@ pub fn write(dir: &Path, shape: &SyntheticShape, dtype: WeightDtype, seed: u64) 
         })
         .collect();
     let path = dir.join("model.safetensors");
-    let mut metadata = std::collections::HashMap::new();
+    let mut metadata = std::collections::BTreeMap::new();
     metadata.insert(
         "synthetic".to_string(),
         format!("shape={} dtype={dtype} seed={seed}", shape.name),
     );
-    safetensors::serialize_to_file(
-        tensors.iter().map(|(n, t)| (n.as_str(), t)),
-        Some(metadata),
-        &path,
-    )
-    .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
+    crate::weights::write_aligned(&path, tensors.iter().map(|(n, t)| (n, t)), &metadata)?;
     let config = dir.join("config.json");
     crate::fsutil::write_atomic(&config, |w| w.write_all(shape.config_json().as_bytes()))?;
     Ok(())
@@ -483,17 +478,12 @@ fn write_quantized(
         |_, _| {},
     )?;
     let path = dir.join("model.safetensors");
-    let mut metadata = std::collections::HashMap::new();
+    let mut metadata = std::collections::BTreeMap::new();
     metadata.insert(
         "synthetic".to_string(),
         format!("shape={} dtype={format} seed={seed}", shape.name),
     );
-    safetensors::serialize_to_file(
-        tensors.iter().map(|(n, t)| (n.as_str(), t)),
-        Some(metadata),
-        &path,
-    )
-    .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
+    crate::weights::write_aligned(&path, tensors.iter().map(|(n, t)| (n, t)), &metadata)?;
     std::fs::remove_dir_all(&float).map_err(|e| Error::io(&float, e))?;
     let mut config: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&shape.config_json()).expect("config_json is an object");

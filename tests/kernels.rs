@@ -267,6 +267,21 @@ fn matvec_batch_equals_single_rows_and_scalar_at(k: Kernels) {
         let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
         check_matvec_batch(k, &wh, &x, inputs);
     }
+    // Rows wider than a tile's L1 share, whose columns go in chunks with the accumulators
+    // saved in between (AVX-512: 3 rows × over 1024 columns; AVX2: 2 × 1536; portable: 1 ×
+    // 3072), with edge tiles (7 and 4 rows, 17 and 9 inputs), 16-column remainder blocks and
+    // tail columns (3089 = 48·64 + 17, 6200 = 96·64 + 56), huge values and a NaN.
+    for &(inputs, out, cols) in &[(17usize, 7usize, 3089usize), (9, 4, 6200), (8, 5, 1100)] {
+        for scale in [1.0, 1e15] {
+            let w = rng.vec(out * cols, scale);
+            let mut x = rng.vec(inputs * cols, 1.0);
+            check_matvec_batch(k, &w, &x, inputs);
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            check_matvec_batch(k, &wh, &x, inputs);
+            x[2 * cols + cols / 2] = f32::NAN;
+            check_matvec_batch(k, &w, &x, inputs);
+        }
+    }
     // Non-finite values stay where they are: a NaN or infinity in one input row poisons only
     // that row's outputs, in the same way as the single-row kernel.
     let (inputs, out, cols) = (4, 5, 70);

@@ -405,6 +405,18 @@ const BATCH_PACK_BYTES: usize = 96 << 10;
 std::thread_local! {
     /// The batched product's block of weight rows, widened to f32.
     static BATCH_PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The batched product's input rows, copied to 64-byte-aligned rows.
+    static BATCH_INPUTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `len` elements of `buf` starting on a 64-byte boundary (a cache line, and a 512-bit
+/// vector), `buf` grown as needed.
+fn aligned_part(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len + LANES {
+        buf.resize(len + LANES, 0.0);
+    }
+    let off = buf.as_ptr().align_offset(LINE);
+    &mut buf[off..off + len]
 }
 
 /// `y = X Wᵀ` ([`Kernels::matvec_batch`]) for `inputs` input rows of `cols` columns.
@@ -428,6 +440,11 @@ fn matvec_batch_k<S: Lanes, T: Elem>(
     y: &mut [f32],
 ) {
     let out = y.len() / inputs.max(1);
+    if cols == 0 {
+        // Empty sums, as the single-row kernel gives them.
+        y.fill(0.0);
+        return;
+    }
     if inputs == 1 {
         // One input: nothing to reuse a block for; the single-row kernel streams the weights.
         matvec_rows_k(s, w, cols, x, y);
@@ -451,9 +468,13 @@ fn matvec_batch_k<S: Lanes, T: Elem>(
     let tile = S::BATCH_TILE;
     let per = (BATCH_PACK_BYTES / 4 / cols.max(1)).max(tile.rows) / tile.rows * tile.rows;
     let mut buf = BATCH_PACK.take();
-    if buf.len() < per * cols {
-        buf.resize(per * cols, 0.0);
+    let mut xbuf = BATCH_INPUTS.take();
+    let xstride = cols.next_multiple_of(LANES);
+    let xs = aligned_part(&mut xbuf, inputs * xstride);
+    for (dst, src) in xs.chunks_exact_mut(xstride).zip(x.chunks_exact(cols)) {
+        dst[..cols].copy_from_slice(src);
     }
+    let pack = aligned_part(&mut buf, per * cols);
     let mut p0 = 0;
     while p0 < out {
         let p1 = (p0 + per).min(out);
@@ -461,8 +482,8 @@ fn matvec_batch_k<S: Lanes, T: Elem>(
         let packed: &[f32] = match T::as_f32(src) {
             Some(f) => f,
             None => {
-                widen_k(s, src, &mut buf[..src.len()]);
-                &buf[..src.len()]
+                widen_k(s, src, &mut pack[..src.len()]);
+                &pack[..src.len()]
             }
         };
         // The next block's weights, fetched into cache while this one is multiplied.
@@ -474,16 +495,18 @@ fn matvec_batch_k<S: Lanes, T: Elem>(
             first: p0,
             out,
             next: bytemuck::cast_slice(next),
+            xstride,
         };
         match (tile.rows, tile.inputs, tile.split) {
-            (3, 2, 4) => batch_tiles::<S, 3, 2, 4>(s, block, inputs, x, y),
-            (2, 2, 1) => batch_tiles::<S, 2, 2, 1>(s, block, inputs, x, y),
-            (1, 2, 1) => batch_tiles::<S, 1, 2, 1>(s, block, inputs, x, y),
-            _ => batch_tiles::<S, 1, 1, 4>(s, block, inputs, x, y),
+            (3, 2, 4) => batch_tiles::<S, 3, 2, 4>(s, block, inputs, xs, y),
+            (2, 2, 1) => batch_tiles::<S, 2, 2, 1>(s, block, inputs, xs, y),
+            (1, 2, 1) => batch_tiles::<S, 1, 2, 1>(s, block, inputs, xs, y),
+            _ => batch_tiles::<S, 1, 1, 4>(s, block, inputs, xs, y),
         }
         p0 = p1;
     }
     BATCH_PACK.set(buf);
+    BATCH_INPUTS.set(xbuf);
 }
 
 /// A block of weight rows (widened, `rows × cols`) of a batched product: rows
@@ -497,14 +520,27 @@ struct Block<'a> {
     out: usize,
     /// The raw bytes of the next block, to prefetch a share of in every tile.
     next: &'a [u8],
+    /// Row stride of the inputs `x` (at least `cols`).
+    xstride: usize,
 }
 
 /// Bytes of a cache line (the prefetch granule).
 const LINE: usize = 64;
 
+/// Bytes of a register tile's weight rows, per column chunk, that stay in L1 while every input
+/// row passes over them. Rows wider than this (gpt2-small's FF output: 3 rows × 3072 columns
+/// = 36 KiB against Zen 4's 32 KiB L1) were reloaded from L2 for every input row, at ~45
+/// GFLOP/s per core against ~68 for 768-column rows; split into column chunks, with the
+/// accumulators kept in memory between chunks, they run like the narrow ones.
+const BATCH_TILE_L1_BYTES: usize = 12 << 10;
+
 /// A block's products in `R × C` register tiles (weight rows × input rows), the edges in
 /// `R × 1`, `1 × C` and `1 × 1` tiles. Weight tiles outside, input rows inside: a tile of `R`
-/// weight rows is reused from L1 for every input row.
+/// weight rows is reused from L1 for every input row. When the tile's rows are wider than
+/// [`BATCH_TILE_L1_BYTES`], the columns go in chunks (whole 64-column blocks): every input
+/// row passes over one chunk of the tile before the next chunk, each tile's accumulators
+/// saved between chunks. An accumulator sees the same multiply-adds in the same order either
+/// way, so the results are bit for bit the same.
 #[inline(always)]
 fn batch_tiles<S: Lanes, const R: usize, const C: usize, const J: usize>(
     s: S,
@@ -513,35 +549,130 @@ fn batch_tiles<S: Lanes, const R: usize, const C: usize, const J: usize>(
     x: &[f32],
     y: &mut [f32],
 ) {
+    let blocks = b.cols / (4 * LANES);
+    let per_chunk = (BATCH_TILE_L1_BYTES / (R * 4 * 4 * LANES)).max(1);
+    let chunks = blocks.div_ceil(per_chunk).max(1);
     // Every tile prefetches its share of the next block's lines, spread over its columns.
-    let tiles = (b.rows / R + b.rows % R) * (inputs / C + inputs % C);
+    let tiles = (b.rows / R + b.rows % R) * (inputs / C + inputs % C) * chunks;
     let share = b.next.len().div_ceil(LINE).div_ceil(tiles.max(1)) * LINE;
     let mut pf = 0;
+    if chunks == 1 {
+        // Whole rows: the tiles' sums start and end in registers.
+        let span = Span { k: 0..blocks };
+        let mut o = 0;
+        while o + R <= b.rows {
+            let mut i = 0;
+            while i + C <= inputs {
+                batch_tile::<S, R, C, J, true, true>(
+                    s,
+                    b,
+                    o,
+                    x,
+                    i,
+                    y,
+                    pf..pf + share,
+                    &span,
+                    &mut [],
+                );
+                (i, pf) = (i + C, pf + share);
+            }
+            while i < inputs {
+                batch_tile::<S, R, 1, J, true, true>(
+                    s,
+                    b,
+                    o,
+                    x,
+                    i,
+                    y,
+                    pf..pf + share,
+                    &span,
+                    &mut [],
+                );
+                (i, pf) = (i + 1, pf + share);
+            }
+            o += R;
+        }
+        while o < b.rows {
+            let mut i = 0;
+            while i + C <= inputs {
+                batch_tile::<S, 1, C, J, true, true>(
+                    s,
+                    b,
+                    o,
+                    x,
+                    i,
+                    y,
+                    pf..pf + share,
+                    &span,
+                    &mut [],
+                );
+                (i, pf) = (i + C, pf + share);
+            }
+            while i < inputs {
+                batch_tile::<S, 1, 1, J, true, true>(
+                    s,
+                    b,
+                    o,
+                    x,
+                    i,
+                    y,
+                    pf..pf + share,
+                    &span,
+                    &mut [],
+                );
+                (i, pf) = (i + 1, pf + share);
+            }
+            o += 1;
+        }
+        return;
+    }
+    // Column chunks: `R·C·4` saved accumulators per tile of input rows.
+    let groups = inputs / C + inputs % C;
+    let mut saved = vec![s.zero(); groups * R * C * 4];
     let mut o = 0;
-    while o + R <= b.rows {
-        let mut i = 0;
-        while i + C <= inputs {
-            batch_tile::<S, R, C, J>(s, b, o, x, i, y, pf..pf + share);
-            (i, pf) = (i + C, pf + share);
-        }
-        while i < inputs {
-            batch_tile::<S, R, 1, J>(s, b, o, x, i, y, pf..pf + share);
-            (i, pf) = (i + 1, pf + share);
-        }
-        o += R;
-    }
     while o < b.rows {
-        let mut i = 0;
-        while i + C <= inputs {
-            batch_tile::<S, 1, C, J>(s, b, o, x, i, y, pf..pf + share);
-            (i, pf) = (i + C, pf + share);
+        let rows = if o + R <= b.rows { R } else { 1 };
+        for chunk in 0..chunks {
+            let span = Span {
+                k: chunk * per_chunk..((chunk + 1) * per_chunk).min(blocks),
+            };
+            let (first, last) = (chunk == 0, chunk + 1 == chunks);
+            let mut i = 0;
+            for slot in saved.chunks_exact_mut(R * C * 4) {
+                let cols = if i + C <= inputs { C } else { 1 };
+                let range = pf..pf + share;
+                macro_rules! tile {
+                    ($r:expr, $c:expr) => {
+                        match (first, last) {
+                            (true, _) => batch_tile::<S, $r, $c, J, true, false>(
+                                s, b, o, x, i, y, range, &span, slot,
+                            ),
+                            (false, false) => batch_tile::<S, $r, $c, J, false, false>(
+                                s, b, o, x, i, y, range, &span, slot,
+                            ),
+                            (false, true) => batch_tile::<S, $r, $c, J, false, true>(
+                                s, b, o, x, i, y, range, &span, slot,
+                            ),
+                        }
+                    };
+                }
+                match (rows == R, cols == C) {
+                    (true, true) => tile!(R, C),
+                    (true, false) => tile!(R, 1),
+                    (false, true) => tile!(1, C),
+                    (false, false) => tile!(1, 1),
+                }
+                i += cols;
+                pf += share;
+            }
         }
-        while i < inputs {
-            batch_tile::<S, 1, 1, J>(s, b, o, x, i, y, pf..pf + share);
-            (i, pf) = (i + 1, pf + share);
-        }
-        o += 1;
+        o += rows;
     }
+}
+
+/// The 64-column blocks a [`batch_tile`] call covers.
+struct Span {
+    k: std::ops::Range<usize>,
 }
 
 /// One register tile: the outputs of block rows `o0..o0 + R` and input rows `i0..i0 + C`,
@@ -549,10 +680,19 @@ fn batch_tiles<S: Lanes, const R: usize, const C: usize, const J: usize>(
 /// taking lanes `64k + 16j ..` of every 64-column block `k` in order, then the 16-column
 /// remainder blocks into accumulator 0, then `(a₀ + a₁) + (a₂ + a₃)` reduced, then the last
 /// columns one by one. The accumulators never meet before the end, so they may run in
-/// separate passes over the columns, `J` at a time: the same values, fewer live registers.
+/// separate passes over the columns, `J` at a time, and over the 64-column blocks of `span`
+/// only, resumed from `saved` unless `FIRST` and saved to it unless `LAST` (`R·C·4` vectors,
+/// row-major by weight row, input row, accumulator): the same values, fewer live registers.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn batch_tile<S: Lanes, const R: usize, const C: usize, const J: usize>(
+fn batch_tile<
+    S: Lanes,
+    const R: usize,
+    const C: usize,
+    const J: usize,
+    const FIRST: bool,
+    const LAST: bool,
+>(
     s: S,
     b: Block<'_>,
     o0: usize,
@@ -560,24 +700,39 @@ fn batch_tile<S: Lanes, const R: usize, const C: usize, const J: usize>(
     i0: usize,
     y: &mut [f32],
     prefetch: std::ops::Range<usize>,
+    span: &Span,
+    saved: &mut [S::V],
 ) {
     let n = b.cols;
     // Lines of `prefetch` per 64-column step, so that they are all asked for by the end.
-    let steps = (n / (4 * LANES)).max(1);
+    let steps = span.k.len().max(1);
     let per_step = prefetch.len().div_ceil(LINE).div_ceil(steps);
     let mut pf = prefetch.start;
     let wr: [&[f32]; R] = std::array::from_fn(|r| &b.w[(o0 + r) * n..(o0 + r + 1) * n]);
-    let xr: [&[f32]; C] = std::array::from_fn(|c| &x[(i0 + c) * n..(i0 + c + 1) * n]);
+    let xr: [&[f32]; C] = std::array::from_fn(|c| &x[(i0 + c) * b.xstride..][..n]);
     let main = n / (4 * LANES) * (4 * LANES);
     // The 64-column blocks as arrays, all `main / 64` long: indexing them needs no bounds
     // checks in the loop (with slices, ~20 compare-and-branch pairs per 24 multiply-adds).
-    let w64: [&[[f32; 4 * LANES]]; R] = std::array::from_fn(|r| wr[r][..main].as_chunks().0);
-    let x64: [&[[f32; 4 * LANES]]; C] = std::array::from_fn(|c| xr[c][..main].as_chunks().0);
-    let blocks = main / (4 * LANES);
+    let w64: [&[[f32; 4 * LANES]]; R] =
+        std::array::from_fn(|r| &wr[r][..main].as_chunks().0[span.k.clone()]);
+    let x64: [&[[f32; 4 * LANES]]; C] =
+        std::array::from_fn(|c| &xr[c][..main].as_chunks().0[span.k.clone()]);
+    let blocks = span.k.len();
     let pf_end = prefetch.end.min(b.next.len());
     let mut sums = [[[s.zero(); 4]; C]; R];
+    if !FIRST {
+        for r in 0..R {
+            for c in 0..C {
+                for j in 0..4 {
+                    sums[r][c][j] = saved[(r * C + c) * 4 + j];
+                }
+            }
+        }
+    }
     for p in 0..4 / J {
-        let mut acc = [[[s.zero(); J]; C]; R];
+        let mut acc: [[[S::V; J]; C]; R] = std::array::from_fn(|r| {
+            std::array::from_fn(|c| std::array::from_fn(|jj| sums[r][c][p * J + jj]))
+        });
         for k in 0..blocks {
             if p == 0 {
                 for _ in 0..per_step {
@@ -599,7 +754,7 @@ fn batch_tile<S: Lanes, const R: usize, const C: usize, const J: usize>(
             }
         }
         let mut i = main;
-        if p == 0 {
+        if p == 0 && LAST {
             // dot_k's 16-column remainder blocks, into accumulator 0 (pass 0's first).
             while i + LANES <= n {
                 let xv: [S::V; C] = std::array::from_fn(|c| s.load(&xr[c][i..]));
@@ -619,6 +774,16 @@ fn batch_tile<S: Lanes, const R: usize, const C: usize, const J: usize>(
                 }
             }
         }
+    }
+    if !LAST {
+        for r in 0..R {
+            for c in 0..C {
+                for j in 0..4 {
+                    saved[(r * C + c) * 4 + j] = sums[r][c][j];
+                }
+            }
+        }
+        return;
     }
     let tail = n / LANES * LANES;
     for r in 0..R {

@@ -23,6 +23,9 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use crate::error::{Error, Result};
 
 pub mod names;
+mod write;
+
+pub use write::{write_aligned, ALIGN};
 
 /// The element types the runtime computes with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -381,6 +384,12 @@ impl WeightFile {
     /// The shape of an entry, if present.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.entries.get(name).map(|(e, _, _)| e.shape.as_slice())
+    }
+
+    /// Where a tensor's data starts in the file (and in the mapping, which starts on a page):
+    /// modulo 64 it is the tensor's cache-line alignment. `None` for an unknown name.
+    pub fn offset_of(&self, name: &str) -> Option<usize> {
+        self.entries.get(name).map(|(_, range, _)| range.start)
     }
 
     /// True when the file holds an entry of that name.
