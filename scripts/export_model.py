@@ -27,7 +27,6 @@ from safetensors.torch import save_model, load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_byte_lm as T  # noqa: E402
-from safetensors_align import align  # noqa: E402
 
 OUT = "/tmp/export-quick" if os.environ.get("QUICK") == "1" else os.path.join(T.ROOT, "models", "performer-byte")
 HELDOUT_BYTES = 32768
@@ -272,7 +271,6 @@ if __name__ == "__main__":
         p.data = p.data.to(dt)
     path = os.path.join(OUT, "model.safetensors")
     save_model(export, path)
-    align(path)  # tensors on 64-byte boundaries (scripts/safetensors_align.py)
     results["safetensors_bytes"] = os.path.getsize(path)
 
     # reload exactly as saved, compute in f32, confirm the shipped number

@@ -147,8 +147,10 @@ def main():
         json.dump(config, f, indent=2)
         f.write("\n")
     save_model(model, os.path.join(args.out, "model.safetensors"))
-    # Tensors on 64-byte boundaries: f32 rows then never straddle cache lines.
-    align(os.path.join(args.out, "model.safetensors"))
+    if args.dtype == "f32":
+        # f32 tensors on 64-byte boundaries: batched decoding multiplies them where they lie
+        # (half-precision ones are widened into an aligned buffer first).
+        align(os.path.join(args.out, "model.safetensors"))
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {n} parameters, {args.dtype}")
 
