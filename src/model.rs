@@ -1195,12 +1195,13 @@ impl Model {
             return;
         };
         let ring = 2 * c.local_window_size * d;
+        let rot = local::rotation(&inv_freq[..d / 2], pos);
         for (i, hd) in (heads - layer.local_heads..heads).enumerate() {
             let r = hd * d..(hd + 1) * d;
             let slot = (bufs.first_head + i) * ring..(bufs.first_head + i + 1) * ring;
             local::step(
                 c.local_window_size,
-                inv_freq,
+                &rot,
                 pos,
                 local::LocalHeadState {
                     keys: &mut bufs.keys[slot.clone()],

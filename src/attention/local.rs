@@ -11,13 +11,31 @@
 
 /// Rotates `x` by `pos · θ_i` with rotate-half pairing.
 pub fn rotate_half(x: &mut [f32], inv_freq: &[f32], pos: usize) {
+    rotate_half_by(x, &rotation(&inv_freq[..x.len() / 2], pos));
+}
+
+/// `(sin, cos)` of `pos · θ_i` for every frequency, computed in f64 and rounded to f32: the
+/// rotation [`rotate_half`] applies. A layer's local heads rotate every query and key of a
+/// position by the same table, so decoding computes it once per layer and position (the
+/// sines and cosines were 2–6% of a shipped-model step when taken per vector).
+pub fn rotation(inv_freq: &[f32], pos: usize) -> Vec<(f32, f32)> {
+    inv_freq
+        .iter()
+        .map(|&f| {
+            let angle = pos as f64 * f as f64;
+            (angle.sin() as f32, angle.cos() as f32)
+        })
+        .collect()
+}
+
+/// Rotates `x` (rotate-half pairing) by a [`rotation`] table of `x.len() / 2` entries.
+pub fn rotate_half_by(x: &mut [f32], rot: &[(f32, f32)]) {
     let half = x.len() / 2;
-    for i in 0..half {
-        let angle = pos as f64 * inv_freq[i] as f64;
-        let (s, c) = (angle.sin() as f32, angle.cos() as f32);
-        let (a, b) = (x[i], x[half + i]);
-        x[i] = a * c - b * s;
-        x[half + i] = b * c + a * s;
+    let (lo, hi) = x.split_at_mut(half);
+    for ((a, b), &(s, c)) in lo.iter_mut().zip(hi.iter_mut()).zip(rot) {
+        let (x0, x1) = (*a, *b);
+        *a = x0 * c - x1 * s;
+        *b = x1 * c + x0 * s;
     }
 }
 
@@ -37,11 +55,11 @@ pub struct LocalHeadState<'s> {
 }
 
 /// Adds the token at `pos` and writes the head's output for it into `out`. `q` and `k` are
-/// modified (scaled and rotated).
+/// modified (scaled and rotated by `rot`, the [`rotation`] of `pos`).
 #[allow(clippy::too_many_arguments)]
 pub fn step(
     window: usize,
-    inv_freq: &[f32],
+    rot: &[(f32, f32)],
     pos: usize,
     st: LocalHeadState<'_>,
     q: &mut [f32],
@@ -55,8 +73,8 @@ pub fn step(
     for x in q.iter_mut() {
         *x *= scale;
     }
-    rotate_half(q, inv_freq, pos);
-    rotate_half(k, inv_freq, pos);
+    rotate_half_by(q, rot);
+    rotate_half_by(k, rot);
     let slot = pos % ring;
     st.keys[slot * d..(slot + 1) * d].copy_from_slice(k);
     st.values[slot * d..(slot + 1) * d].copy_from_slice(v);
@@ -121,4 +139,48 @@ pub fn reference(
             o.iter().map(|&x| x as f32).collect()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rotation as it was computed per vector before the per-position table: each
+    /// element's angle in f64, its sine and cosine rounded to f32, then the pair rotated.
+    fn rotate_direct(x: &mut [f32], inv_freq: &[f32], pos: usize) {
+        let half = x.len() / 2;
+        for i in 0..half {
+            let angle = pos as f64 * inv_freq[i] as f64;
+            let (s, c) = (angle.sin() as f32, angle.cos() as f32);
+            let (a, b) = (x[i], x[half + i]);
+            x[i] = a * c - b * s;
+            x[half + i] = b * c + a * s;
+        }
+    }
+
+    #[test]
+    fn table_rotation_is_bit_for_bit_the_direct_one() {
+        // Even and odd widths (the odd one's last element is not rotated), positions from 0
+        // to past a million (large angles), zeros, tiny and huge values.
+        for d in [1usize, 2, 7, 64, 65] {
+            let inv_freq: Vec<f32> = (0..d / 2)
+                .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+                .collect();
+            for pos in [0usize, 1, 255, 4097, 1 << 20, 3_000_017] {
+                for scale in [0.0f32, 1e-30, 1.0, 1e30] {
+                    let x: Vec<f32> = (0..d)
+                        .map(|i| scale * ((i as f32 * 0.37).sin() - 0.2))
+                        .collect();
+                    let (mut a, mut b) = (x.clone(), x.clone());
+                    rotate_direct(&mut a, &inv_freq, pos);
+                    rotate_half_by(&mut b, &rotation(&inv_freq, pos));
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a), bits(&b), "d {d} pos {pos} scale {scale}");
+                    let mut c = x.clone();
+                    rotate_half(&mut c, &inv_freq, pos);
+                    assert_eq!(bits(&a), bits(&c), "d {d} pos {pos} scale {scale}");
+                }
+            }
+        }
+    }
 }
