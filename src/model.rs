@@ -141,14 +141,24 @@ pub(crate) fn few_rows_product(weight: &Tensor, out: usize, x: &[f32], rows: usi
                 buf
             ));
         });
-    y.par_chunks_mut(out).enumerate().for_each(|(r, yr)| {
+    let gather = |(r, yr): (usize, &mut [f32])| {
         for (b, buf) in blocks.chunks(rows * block).enumerate() {
             let len = buf.len() / rows;
             yr[b * block..b * block + len].copy_from_slice(&buf[r * len..(r + 1) * len]);
         }
-    });
+    };
+    // In parallel only when the copy outweighs a hand-off to the pool (a few microseconds):
+    // gpt2-small's 16 × 50257 logits, not the shipped model's 16 × 256-wide outputs.
+    if rows * out >= GATHER_PAR_MIN {
+        y.par_chunks_mut(out).enumerate().for_each(gather);
+    } else {
+        y.chunks_mut(out).enumerate().for_each(gather);
+    }
     FEW_ROWS_BLOCKS.set(blocks);
 }
+
+/// Output elements from which [`few_rows_product`] gathers its rows in parallel (256 KiB).
+const GATHER_PAR_MIN: usize = 1 << 16;
 
 std::thread_local! {
     /// [`few_rows_product`]'s block-major buffer, kept between calls on the calling thread.
