@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use crate::attention::favor::{self, HeadState, HeadStateRef};
 use crate::attention::rotary;
 use crate::error::{Error, Result};
-use crate::kernels;
+use crate::kernels::{self, AlignedBuf};
 use crate::model::{few_rows_product, shift_features, LocalBuffers, Model, RowQkv, FEW_ROWS};
 use crate::state::State;
 use crate::with_view;
@@ -287,7 +287,7 @@ impl RowAttention for Batch<'_, '_> {
         // `project` gives: per row and head, m key features then m query features. The
         // rotary positions are applied on the way (a few thousand multiplies: serial).
         let vectors = rows * gh * 2;
-        let mut inputs = vec![0f32; vectors * d];
+        let mut inputs = AlignedBuf::zeroed(vectors * d);
         let rotary = model.positions.rotary();
         for (((x, st), q), k) in inputs
             .chunks_exact_mut((gh * 2 * d).max(1))
@@ -373,14 +373,15 @@ impl Model {
         let c = &self.config;
         let (dim, inner, hidden) = (c.dim, c.inner_dim(), c.ff_hidden());
         let ff_in = hidden * if c.ff_glu { 2 } else { 1 };
-        let mut xn = vec![0f32; rows * dim];
+        // The products' inputs on cache lines, read in place by the batched product.
+        let mut xn = AlignedBuf::zeroed(rows * dim);
         let mut q = vec![0f32; rows * inner];
         let mut k = vec![0f32; rows * inner];
         let mut v = vec![0f32; rows * inner];
-        let mut att = vec![0f32; rows * inner];
+        let mut att = AlignedBuf::zeroed(rows * inner);
         let mut hid = vec![0f32; rows * ff_in];
         let mut tmp = vec![0f32; rows * dim];
-        let mut packed = vec![0f32; rows * hidden];
+        let mut packed = AlignedBuf::zeroed(rows * hidden);
         for (l, layer) in self.layers.iter().enumerate() {
             for (x, o) in h.chunks(dim).zip(xn.chunks_mut(dim)) {
                 layer.attn_norm.apply(x, o);
@@ -452,7 +453,7 @@ impl Model {
     /// Final norm and logits of the rows of `h` into `logits` (`rows × vocab`).
     fn logits_rows(&self, h: &[f32], rows: usize, logits: &mut [f32]) {
         let dim = self.config.dim;
-        let mut xn = vec![0f32; rows * dim];
+        let mut xn = AlignedBuf::zeroed(rows * dim);
         for (x, o) in h.chunks(dim).zip(xn.chunks_mut(dim)) {
             self.norm.forward(x, o);
         }

@@ -282,6 +282,25 @@ fn matvec_batch_equals_single_rows_and_scalar_at(k: Kernels) {
             check_matvec_batch(k, &w, &x, inputs);
         }
     }
+    // Input rows read in place (on cache lines, width a multiple of 16) and copied to aligned
+    // rows first (one element off a line, or a width that is not a multiple of 16): both
+    // paths, bit for bit the single-row kernel.
+    for &(inputs, out, cols) in &[
+        (16usize, 7usize, 768usize),
+        (9, 5, 3136),
+        (8, 3, 64),
+        (8, 4, 100),
+    ] {
+        let w = rng.vec(out * cols, 1.0);
+        let x = rng.vec(inputs * cols, 1.0);
+        let mut aligned = performer::kernels::AlignedBuf::zeroed(inputs * cols);
+        aligned.copy_from_slice(&x);
+        assert_eq!(aligned.as_ptr().align_offset(64), 0);
+        check_matvec_batch(k, &w, &aligned, inputs);
+        let mut off = performer::kernels::AlignedBuf::zeroed(inputs * cols + 1);
+        off[1..].copy_from_slice(&x);
+        check_matvec_batch(k, &w, &off[1..], inputs);
+    }
     // Non-finite values stay where they are: a NaN or infinity in one input row poisons only
     // that row's outputs, in the same way as the single-row kernel.
     let (inputs, out, cols) = (4, 5, 70);

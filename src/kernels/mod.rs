@@ -415,8 +415,42 @@ fn aligned_part(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buf.len() < len + LANES {
         buf.resize(len + LANES, 0.0);
     }
-    let off = buf.as_ptr().align_offset(LINE);
+    let off = buf.as_ptr().align_offset(LINE).min(LANES - 1);
     &mut buf[off..off + len]
+}
+
+/// A zeroed f32 buffer whose first element sits on a 64-byte boundary: rows of a width that
+/// is a multiple of 16 then each start on a cache line, and [`Kernels::matvec_batch`] reads
+/// them where they are instead of copying them to aligned rows. Derefs to the `len`
+/// elements.
+pub struct AlignedBuf {
+    buf: Vec<f32>,
+    off: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// `len` zeros.
+    pub fn zeroed(len: usize) -> Self {
+        let buf = vec![0f32; len + LANES - 1];
+        // At most 15 elements on: 64 bytes are 16 f32 (`min` only guards `align_offset`'s
+        // documented right to give up, which would leave the buffer merely unaligned).
+        let off = buf.as_ptr().align_offset(LINE).min(LANES - 1);
+        AlignedBuf { buf, off, len }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
 }
 
 /// `y = X Wᵀ` ([`Kernels::matvec_batch`]) for `inputs` input rows of `cols` columns.
@@ -469,11 +503,19 @@ fn matvec_batch_k<S: Lanes, T: Elem>(
     let per = (BATCH_PACK_BYTES / 4 / cols.max(1)).max(tile.rows) / tile.rows * tile.rows;
     let mut buf = BATCH_PACK.take();
     let mut xbuf = BATCH_INPUTS.take();
+    // Rows already on cache lines (the model's activation buffers, `AlignedBuf`) are read in
+    // place; others are copied to aligned rows first.
+    let in_place = cols.is_multiple_of(LANES) && x.as_ptr().align_offset(LINE) == 0;
     let xstride = cols.next_multiple_of(LANES);
-    let xs = aligned_part(&mut xbuf, inputs * xstride);
-    for (dst, src) in xs.chunks_exact_mut(xstride).zip(x.chunks_exact(cols)) {
-        dst[..cols].copy_from_slice(src);
-    }
+    let xs: &[f32] = if in_place {
+        x
+    } else {
+        let xs = aligned_part(&mut xbuf, inputs * xstride);
+        for (dst, src) in xs.chunks_exact_mut(xstride).zip(x.chunks_exact(cols)) {
+            dst[..cols].copy_from_slice(src);
+        }
+        xs
+    };
     let pack = aligned_part(&mut buf, per * cols);
     let mut p0 = 0;
     while p0 < out {
