@@ -557,6 +557,54 @@ impl Model {
         self.prefill_row_block(DEFAULT_CHUNK)
     }
 
+    /// Where the next slice of a prompt ends when a server ingests `len` prompt tokens piece by
+    /// piece, `done` of them already in (0, or an end this function returned), each piece
+    /// about `max` tokens: prefilling `prompt[done..end]` after each other leaves bit for bit
+    /// the state and logits of one [`Model::prefill`] of the whole prompt.
+    ///
+    /// One prefill works in row blocks of [`Model::prefill_block_tokens`] tokens from its
+    /// start, and in attention chunks of [`DEFAULT_CHUNK`] inside them; a row block of up to
+    /// 64 rows takes the few-rows product instead of the general matrix product (whose
+    /// per-row results do not depend on the row count: its inner blocking follows the
+    /// inner dimension only). So the pieces are whole chunks, at most `max` rounded down to
+    /// chunks (at least one), never crossing a row block's end; and a short remainder of up
+    /// to 64 tokens in the same row block joins the piece before it, so that no piece takes
+    /// the few-rows product where the whole prompt took the general one (a last row block
+    /// that is itself that short is one piece either way). The piece is then at most
+    /// `max + 64` tokens.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("performer-doc-slice-{}", std::process::id()));
+    /// # let shape = performer::synthetic::SyntheticShape::named("tiny").unwrap();
+    /// # performer::synthetic::write(&dir, &shape, performer::synthetic::WeightDtype::F32, 1)?;
+    /// # let model = performer::Model::load(&dir)?;
+    /// let prompt: Vec<u32> = (0..1100).map(|i| i % 200).collect();
+    /// let (mut sliced, mut whole) = (performer::State::new(&model), performer::State::new(&model));
+    /// let mut done = 0;
+    /// while done < prompt.len() {
+    ///     let end = model.prefill_slice_end(done, prompt.len(), 256);
+    ///     model.prefill(&mut sliced, &prompt[done..end])?;
+    ///     done = end;
+    /// }
+    /// model.prefill(&mut whole, &prompt)?;
+    /// assert_eq!(sliced.logits(), whole.logits());
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), performer::Error>(())
+    /// ```
+    pub fn prefill_slice_end(&self, done: usize, len: usize, max: usize) -> usize {
+        if done >= len {
+            return len;
+        }
+        let block = self.prefill_block_tokens();
+        let chunks = (max / DEFAULT_CHUNK).clamp(1, (block / DEFAULT_CHUNK).max(1));
+        let block_end = (done / block + 1) * block;
+        let mut end = (done + chunks * DEFAULT_CHUNK).min(block_end).min(len);
+        if end < len && len <= block_end && len - end <= FEW_ROWS {
+            end = len;
+        }
+        end
+    }
+
     /// Rows of a prefill's row block for attention chunks of `chunk`: whole chunks, about
     /// [`PROJECTION_ROWS`], within [`ROW_BLOCK_BYTES`] of activations.
     fn prefill_row_block(&self, chunk: usize) -> usize {

@@ -178,3 +178,79 @@ fn batch_and_chunk_arguments_are_checked() {
     assert!(model.prefill_chunked(&mut a, &[], 4).is_err());
     model.step_batch(&mut [], &[]).unwrap();
 }
+
+/// A server ingests long prompts in pieces between decode ticks
+/// ([`Model::prefill_slice_end`]); the pieces must leave bit for bit what one prefill of the
+/// whole prompt leaves, at every length around the row blocks' ends (1024 tokens here) and
+/// the few-rows threshold (64), for any piece size, f32 and quantized weights: same logits,
+/// same continuation.
+#[test]
+fn prefill_in_server_slices_is_bit_for_bit_one_prefill() {
+    let dir = std::env::temp_dir().join(format!("performer-slices-q8-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    performer::quant::quantize_dir(
+        &fixture("default_a"),
+        &dir,
+        performer::quant::QuantFormat::Q8_0,
+        |_, _| {},
+    )
+    .unwrap();
+    let mut models: Vec<(String, Model)> = ["default_a", "opt_local", "opt_rezero_shift"]
+        .iter()
+        .map(|n| (n.to_string(), Model::load(fixture(n)).unwrap()))
+        .collect();
+    models.push(("default_a q8_0".into(), Model::load(&dir).unwrap()));
+    let mut rng = TestRng(77);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (name, model) in &models {
+        assert_eq!(
+            model.prefill_block_tokens(),
+            1024,
+            "{name}: the lengths below assume it"
+        );
+        for len in [
+            1usize, 64, 65, 100, 256, 300, 321, 1024, 1025, 1088, 1089, 1100, 1300, 2113,
+        ] {
+            let prompt = rng.tokens(len, 256);
+            let after = rng.tokens(3, 256);
+            let mut whole = State::new(model);
+            model.prefill(&mut whole, &prompt).unwrap();
+            let want: Vec<Vec<f32>> = std::iter::once(whole.logits().unwrap().to_vec())
+                .chain(
+                    after
+                        .iter()
+                        .map(|&t| model.step(&mut whole, t).unwrap().to_vec()),
+                )
+                .collect();
+            for max in [1usize, 256, 300, 1024, 5000] {
+                let mut st = State::new(model);
+                let (mut done, mut pieces) = (0, 0);
+                while done < len {
+                    let end = model.prefill_slice_end(done, len, max);
+                    assert!(
+                        end > done && end - done <= max.max(256) + 64,
+                        "{name} {len} {max}"
+                    );
+                    model.prefill(&mut st, &prompt[done..end]).unwrap();
+                    (done, pieces) = (end, pieces + 1);
+                }
+                assert_eq!(model.prefill_slice_end(len, len, max), len);
+                let got: Vec<Vec<f32>> = std::iter::once(st.logits().unwrap().to_vec())
+                    .chain(
+                        after
+                            .iter()
+                            .map(|&t| model.step(&mut st, t).unwrap().to_vec()),
+                    )
+                    .collect();
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        bits(g),
+                        bits(w),
+                        "{name} len {len} max {max} ({pieces} pieces): logits {i} differ"
+                    );
+                }
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -28,6 +28,12 @@ pub struct ServeArgs {
     /// Longest prompt, in tokens.
     #[arg(long, default_value_t = 1 << 20)]
     max_prompt_tokens: usize,
+    /// Prompt tokens ingested between two decode ticks (whole attention chunks of 256, at
+    /// least one): the longest every other stream waits for a new prompt. Larger pieces
+    /// prefill faster (gpt2-small: 579 t/s in pieces of 256, 742 in pieces of 1024) and stall
+    /// the other streams longer (0.44 s against 1.38 s).
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
     /// Largest max_tokens a request may ask for.
     #[arg(long, default_value_t = 1 << 16)]
     max_tokens: usize,
@@ -86,6 +92,7 @@ pub fn run(a: ServeArgs, threads: Option<usize>, model_dir: PathBuf) -> Result<(
         max_batch: a.max_batch,
         max_queue: a.max_queue,
         max_prompt_tokens: a.max_prompt_tokens,
+        prefill_chunk: a.prefill_chunk,
         max_tokens: a.max_tokens,
         max_session_memory: a.max_session_memory,
         session_ttl: a.session_ttl.map(Duration::from_secs),

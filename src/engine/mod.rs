@@ -53,7 +53,9 @@ pub struct EngineConfig {
     pub max_tokens: usize,
     /// Most choices per request.
     pub max_n: usize,
-    /// Prompt tokens ingested per tick (rounded up to [`Model::prefill_block_tokens`]).
+    /// Prompt tokens ingested per tick: whole attention chunks, about this many
+    /// ([`Model::prefill_slice_end`]; at least one chunk). Every other stream waits for them,
+    /// so this bounds the stall a long prompt causes.
     pub prefill_chunk: usize,
     /// Threads of the decode pool.
     pub threads: usize,
@@ -72,7 +74,7 @@ impl Default for EngineConfig {
             max_prompt_tokens: 1 << 20,
             max_tokens: 1 << 16,
             max_n: 16,
-            prefill_chunk: 1024,
+            prefill_chunk: 256,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_session_memory: 1 << 30,
             session_ttl: None,

@@ -155,10 +155,8 @@ impl Scheduler {
         rx: Receiver<Cmd>,
         committer: Option<Sender<Commit>>,
     ) -> Self {
-        let block = shared.model.prefill_block_tokens();
-        let want = shared.config.prefill_chunk.max(1);
-        // A multiple of the model's prefill block, so that slicing changes no result.
-        let prefill_slice = want.div_ceil(block) * block;
+        // Pieces end where `Model::prefill_slice_end` puts them, so slicing changes no result.
+        let prefill_slice = shared.config.prefill_chunk.max(1);
         Scheduler {
             shared,
             committer,
@@ -303,8 +301,9 @@ impl Scheduler {
         }
     }
 
-    /// Ingests prompt slices: each job's prompt in slices of `prefill_slice` tokens, jobs in
-    /// arrival order, until this tick's budget (one slice) is spent.
+    /// Ingests prompt slices: each job's prompt in slices of about `prefill_slice` tokens
+    /// ([`Model::prefill_slice_end`]), jobs in arrival order, until this tick's budget (one
+    /// slice) is spent.
     fn prefill(&mut self) {
         let mut budget = self.prefill_slice;
         let mut i = 0;
@@ -319,8 +318,8 @@ impl Scheduler {
             };
             let prompt = &job.req.prompt;
             if *done < prompt.len() {
-                let end = (*done + self.prefill_slice).min(prompt.len());
                 let model = &self.shared.model;
+                let end = model.prefill_slice_end(*done, prompt.len(), self.prefill_slice);
                 let slice = &prompt[*done..end];
                 let r = self
                     .pool
