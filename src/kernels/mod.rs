@@ -409,13 +409,19 @@ std::thread_local! {
     static BATCH_INPUTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `len` elements of `buf` starting on a 64-byte boundary (a cache line, and a 512-bit
-/// vector), `buf` grown as needed.
+/// Elements from the start of `buf` to its first 64-byte boundary (a cache line, and a
+/// 512-bit vector): at most 15 (`min` only guards `align_offset`'s documented right to give
+/// up, which would leave the part merely unaligned).
+fn line_offset(buf: &[f32]) -> usize {
+    buf.as_ptr().align_offset(LINE).min(LANES - 1)
+}
+
+/// `len` elements of `buf` starting on a 64-byte boundary, `buf` grown as needed.
 fn aligned_part(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buf.len() < len + LANES {
         buf.resize(len + LANES, 0.0);
     }
-    let off = buf.as_ptr().align_offset(LINE).min(LANES - 1);
+    let off = line_offset(buf);
     &mut buf[off..off + len]
 }
 
@@ -433,9 +439,7 @@ impl AlignedBuf {
     /// `len` zeros.
     pub fn zeroed(len: usize) -> Self {
         let buf = vec![0f32; len + LANES - 1];
-        // At most 15 elements on: 64 bytes are 16 f32 (`min` only guards `align_offset`'s
-        // documented right to give up, which would leave the buffer merely unaligned).
-        let off = buf.as_ptr().align_offset(LINE).min(LANES - 1);
+        let off = line_offset(&buf);
         AlignedBuf { buf, off, len }
     }
 }
@@ -599,70 +603,47 @@ fn batch_tiles<S: Lanes, const R: usize, const C: usize, const J: usize>(
     let share = b.next.len().div_ceil(LINE).div_ceil(tiles.max(1)) * LINE;
     let mut pf = 0;
     if chunks == 1 {
-        // Whole rows: the tiles' sums start and end in registers.
+        // Whole rows: the tiles' sums start and end in registers. (One loop over both cases,
+        // like the chunked one below, measured 5–12% slower on 768-column rows.)
         let span = Span { k: 0..blocks };
+        macro_rules! whole {
+            ($r:expr, $c:expr, $o:expr, $i:expr) => {{
+                batch_tile::<S, $r, $c, J, true, true>(
+                    s,
+                    b,
+                    $o,
+                    x,
+                    $i,
+                    y,
+                    pf..pf + share,
+                    &span,
+                    &mut [],
+                );
+                pf += share;
+            }};
+        }
         let mut o = 0;
         while o + R <= b.rows {
             let mut i = 0;
             while i + C <= inputs {
-                batch_tile::<S, R, C, J, true, true>(
-                    s,
-                    b,
-                    o,
-                    x,
-                    i,
-                    y,
-                    pf..pf + share,
-                    &span,
-                    &mut [],
-                );
-                (i, pf) = (i + C, pf + share);
+                whole!(R, C, o, i);
+                i += C;
             }
             while i < inputs {
-                batch_tile::<S, R, 1, J, true, true>(
-                    s,
-                    b,
-                    o,
-                    x,
-                    i,
-                    y,
-                    pf..pf + share,
-                    &span,
-                    &mut [],
-                );
-                (i, pf) = (i + 1, pf + share);
+                whole!(R, 1, o, i);
+                i += 1;
             }
             o += R;
         }
         while o < b.rows {
             let mut i = 0;
             while i + C <= inputs {
-                batch_tile::<S, 1, C, J, true, true>(
-                    s,
-                    b,
-                    o,
-                    x,
-                    i,
-                    y,
-                    pf..pf + share,
-                    &span,
-                    &mut [],
-                );
-                (i, pf) = (i + C, pf + share);
+                whole!(1, C, o, i);
+                i += C;
             }
             while i < inputs {
-                batch_tile::<S, 1, 1, J, true, true>(
-                    s,
-                    b,
-                    o,
-                    x,
-                    i,
-                    y,
-                    pf..pf + share,
-                    &span,
-                    &mut [],
-                );
-                (i, pf) = (i + 1, pf + share);
+                whole!(1, 1, o, i);
+                i += 1;
             }
             o += 1;
         }
