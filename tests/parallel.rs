@@ -202,6 +202,12 @@ fn prefill_in_server_slices_is_bit_for_bit_one_prefill() {
     models.push(("default_a q8_0".into(), Model::load(&dir).unwrap()));
     let mut rng = TestRng(77);
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // The logits a prefilled state holds, then those of stepping `after` from it.
+    let logits_and_continuation = |model: &Model, st: &mut State, after: &[u32]| {
+        std::iter::once(st.logits().unwrap().to_vec())
+            .chain(after.iter().map(|&t| model.step(st, t).unwrap().to_vec()))
+            .collect::<Vec<Vec<f32>>>()
+    };
     for (name, model) in &models {
         assert_eq!(
             model.prefill_block_tokens(),
@@ -215,13 +221,7 @@ fn prefill_in_server_slices_is_bit_for_bit_one_prefill() {
             let after = rng.tokens(3, 256);
             let mut whole = State::new(model);
             model.prefill(&mut whole, &prompt).unwrap();
-            let want: Vec<Vec<f32>> = std::iter::once(whole.logits().unwrap().to_vec())
-                .chain(
-                    after
-                        .iter()
-                        .map(|&t| model.step(&mut whole, t).unwrap().to_vec()),
-                )
-                .collect();
+            let want = logits_and_continuation(model, &mut whole, &after);
             for max in [1usize, 256, 300, 1024, 5000] {
                 let mut st = State::new(model);
                 let (mut done, mut pieces) = (0, 0);
@@ -235,13 +235,7 @@ fn prefill_in_server_slices_is_bit_for_bit_one_prefill() {
                     (done, pieces) = (end, pieces + 1);
                 }
                 assert_eq!(model.prefill_slice_end(len, len, max), len);
-                let got: Vec<Vec<f32>> = std::iter::once(st.logits().unwrap().to_vec())
-                    .chain(
-                        after
-                            .iter()
-                            .map(|&t| model.step(&mut st, t).unwrap().to_vec()),
-                    )
-                    .collect();
+                let got = logits_and_continuation(model, &mut st, &after);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(
                         bits(g),
