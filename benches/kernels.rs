@@ -134,7 +134,7 @@ fn elementwise(c: &mut Criterion) {
     // and readout, in elements of the state.
     let (m, d) = (256, 64);
     let (a, w, v) = (randn(m, 12), randn(m, 13), randn(d, 14));
-    let (mut s, mut comp, mut out) = (randn(m * d, 15), vec![0f32; m * d], vec![0f32; d]);
+    let (mut s, mut comp, mut out) = (randn(m * d, 15), vec![bf16::ZERO; m * d], vec![0f32; d]);
     g.throughput(Throughput::Elements((m * d) as u64));
     g.bench_function("kahan_update_readout_256x64", |bch| {
         bch.iter(|| {
@@ -185,8 +185,11 @@ fn favor_head(c: &mut Criterion) {
         };
         let (q, k, v) = (randn(d, 9), randn(d, 10), randn(d, 11));
         let (mut a_mat, mut a_vec, mut v_sum) = (vec![0f32; m * d], vec![0f32; m], vec![0f32; d]);
-        let (mut a_mat_c, mut a_vec_c, mut v_sum_c) =
-            (vec![0f32; m * d], vec![0f32; m], vec![0f32; d]);
+        let (mut a_mat_c, mut a_vec_c, mut v_sum_c) = (
+            vec![bf16::ZERO; m * d],
+            vec![bf16::ZERO; m],
+            vec![bf16::ZERO; d],
+        );
         let mut max = f32::NEG_INFINITY;
         let (mut key_feat, mut query_feat, mut out) = (vec![0f32; m], vec![0f32; m], vec![0f32; d]);
         let mut n = 0usize;

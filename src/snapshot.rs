@@ -1,12 +1,12 @@
 //! State snapshots: a sequence's whole context in a few megabytes, saved and restored
 //! bit-exactly.
 //!
-//! Format, version 1, all little-endian:
+//! Format, version 2, all little-endian:
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `PFSTATE\0` |
-//! | 8 | 4 | format version (`u32`, 1) |
+//! | 8 | 4 | format version (`u32`, 2) |
 //! | 12 | 4 | flags (`u32`; bit 0: logits present) |
 //! | 16 | 8 | model fingerprint (`u64`: hash of the architecture config and of the weights file) |
 //! | 24 | 8 | position: tokens consumed (`u64`) |
@@ -14,11 +14,14 @@
 //! | 36 | 4 | `denominator_eps` (`f32`) |
 //! | 40 | 4 | feature map (`u32`: 0 softmax, 1 ReLU, 2 GELU, 3 no projection) |
 //! | 44 | 4 | number of buffers (`u32`, 11) |
-//! | 48 | … | per buffer: element count (`u64`), then the `f32` elements: `A`, `a`, `s`, `M`, the Kahan compensations of `A`, `a`, `s`, local keys, local values, token-shift features, logits |
+//! | 48 | … | per buffer: element count (`u64`), then the elements: `f32` `A`, `a`, `s`, `M`, the Kahan compensations of `A`, `a`, `s` in `bf16`, then `f32` local keys, local values, token-shift features, logits |
 //! | end − 8 | 8 | checksum (`u64`: [`hash64`] of every byte before it) |
 //!
 //! Restoring checks magic, version, checksum, length, fingerprint, kernel settings and every
 //! buffer's size; any mismatch is a typed error and leaves nothing half-restored.
+//!
+//! Version 1 (before the compensations became bf16) is the same with every buffer in `f32`;
+//! it is still read, its compensations rounded to bf16 (what the state would have kept).
 
 use std::io::Read;
 use std::path::Path;
@@ -27,12 +30,15 @@ use crate::attention::FeatureKind;
 use crate::config::KernelFn;
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::state::State;
+use crate::state::{Buffer, BufferMut, State};
+use half::bf16;
 
 /// The snapshot magic.
 pub const MAGIC: &[u8; 8] = b"PFSTATE\0";
 /// The current format version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The oldest version still read: all buffers in `f32`.
+const VERSION_F32: u32 = 1;
 const HEADER: usize = 48;
 const BUFFERS: u32 = crate::state::MEMORY_BUFFERS as u32;
 
@@ -72,6 +78,27 @@ fn feature_code(kind: FeatureKind) -> u32 {
     }
 }
 
+/// Bytes per element of a buffer in a snapshot of `version`.
+fn element_bytes(version: u32, buf: &BufferMut<'_>) -> usize {
+    match buf {
+        BufferMut::Bf16(_) if version != VERSION_F32 => 2,
+        _ => 4,
+    }
+}
+
+/// The size of a snapshot of `version` of a state of `model`.
+fn snapshot_len_of(model: &Model, version: u32) -> usize {
+    let data: usize = State::new(model)
+        .memory()
+        .iter()
+        .map(|b| match b {
+            Buffer::Bf16(b) if version != VERSION_F32 => 2 * b.len(),
+            b => 4 * b.len(),
+        })
+        .sum();
+    HEADER + 8 * BUFFERS as usize + data + 8
+}
+
 fn bad(msg: impl Into<String>) -> Error {
     Error::InvalidSnapshot(msg.into())
 }
@@ -92,8 +119,7 @@ impl State {
             ));
         }
         let c = model.config();
-        let floats: usize = self.memory().iter().map(|b| b.len()).sum();
-        let mut out = Vec::with_capacity(HEADER + 8 * BUFFERS as usize + 4 * floats + 8);
+        let mut out = Vec::with_capacity(State::snapshot_len(model));
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&(self.has_logits as u32).to_le_bytes());
@@ -105,8 +131,9 @@ impl State {
         out.extend_from_slice(&BUFFERS.to_le_bytes());
         for b in self.memory() {
             out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-            for v in b.iter() {
-                out.extend_from_slice(&v.to_le_bytes());
+            match b {
+                Buffer::F32(b) => b.iter().for_each(|v| out.extend(v.to_le_bytes())),
+                Buffer::Bf16(b) => b.iter().for_each(|v| out.extend(v.to_le_bytes())),
             }
         }
         let sum = hash64(&out);
@@ -129,9 +156,9 @@ impl State {
         let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
         let f32_at = |o: usize| f32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
         let version = u32_at(8);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_F32 {
             return Err(bad(format!(
-                "format version {version} is not supported (this build reads version {VERSION})"
+                "format version {version} is not supported (this build reads versions {VERSION_F32} and {VERSION})"
             )));
         }
         let (body, tail) = bytes.split_at(bytes.len() - 8);
@@ -169,20 +196,39 @@ impl State {
                 .get(off..off + 8)
                 .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
                 .ok_or_else(|| bad("truncated buffer table"))?;
-            if n != buf.len() as u64 {
+            let len = match &buf {
+                BufferMut::F32(b) => b.len(),
+                BufferMut::Bf16(b) => b.len(),
+            };
+            if n != len as u64 {
                 return Err(Error::StateMismatch(format!(
-                    "buffer {i} holds {n} values, this model's state has {}",
-                    buf.len()
+                    "buffer {i} holds {n} values, this model's state has {len}"
                 )));
             }
             off += 8;
+            let width = element_bytes(version, &buf);
             let data = body
-                .get(off..off + 4 * buf.len())
+                .get(off..off + width * len)
                 .ok_or_else(|| bad("truncated buffer data"))?;
-            for (v, b) in buf.iter_mut().zip(data.chunks_exact(4)) {
-                *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            let f32_of = |b: &[u8]| f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            match buf {
+                BufferMut::F32(buf) => {
+                    for (v, b) in buf.iter_mut().zip(data.chunks_exact(4)) {
+                        *v = f32_of(b);
+                    }
+                }
+                BufferMut::Bf16(buf) if width == 4 => {
+                    for (v, b) in buf.iter_mut().zip(data.chunks_exact(4)) {
+                        *v = bf16::from_f32(f32_of(b));
+                    }
+                }
+                BufferMut::Bf16(buf) => {
+                    for (v, b) in buf.iter_mut().zip(data.chunks_exact(2)) {
+                        *v = bf16::from_le_bytes(b.try_into().expect("2 bytes"));
+                    }
+                }
             }
-            off += 4 * buf.len();
+            off += data.len();
         }
         if off != body.len() {
             return Err(bad("trailing bytes after the last buffer"));
@@ -194,8 +240,7 @@ impl State {
 
     /// The exact size in bytes of a snapshot of a state of `model` ([`State::to_bytes`]).
     pub fn snapshot_len(model: &Model) -> usize {
-        let floats: usize = State::new(model).memory().iter().map(|b| b.len()).sum();
-        HEADER + 8 * BUFFERS as usize + 4 * floats + 8
+        snapshot_len_of(model, VERSION)
     }
 
     /// Writes [`State::to_bytes`] to a file, atomically ([`crate::fsutil::write_atomic`]): on
@@ -225,23 +270,27 @@ impl State {
         })
     }
 
-    /// Reads a snapshot from `reader`, never more than [`State::snapshot_len`] + 1 bytes:
-    /// the header is read and checked first (magic, version, model fingerprint), then the
-    /// rest up to the size this model's snapshots have. A source with more bytes (a longer
-    /// file, `/dev/zero`) is an [`Error::InvalidSnapshot`], not an unbounded read.
+    /// Reads a snapshot from `reader`, never more than [`State::snapshot_len`] + 1 bytes
+    /// (or a version 1 snapshot's size + 1): the header is read and checked first (magic,
+    /// version, model fingerprint), then the rest up to the size this model's snapshots of
+    /// that version have. A source with more bytes (a longer file, `/dev/zero`) is an
+    /// [`Error::InvalidSnapshot`], not an unbounded read.
     pub fn read_from(model: &Model, mut reader: impl Read) -> Result<State> {
         let io = |e| Error::io("<snapshot>", e);
-        let expected = State::snapshot_len(model);
-        let mut bytes = Vec::with_capacity(expected);
+        let mut bytes = Vec::with_capacity(State::snapshot_len(model));
         (&mut reader)
             .take(HEADER as u64)
             .read_to_end(&mut bytes)
             .map_err(io)?;
-        if bytes.len() == HEADER
+        let known_version = bytes.len() == HEADER
             && &bytes[..8] == MAGIC
-            && bytes[8..12] == VERSION.to_le_bytes()
-            && bytes[16..24] != model.fingerprint().to_le_bytes()
-        {
+            && (bytes[8..12] == VERSION.to_le_bytes() || bytes[8..12] == VERSION_F32.to_le_bytes());
+        let expected = if known_version && bytes[8..12] == VERSION_F32.to_le_bytes() {
+            snapshot_len_of(model, VERSION_F32)
+        } else {
+            State::snapshot_len(model)
+        };
+        if known_version && bytes[16..24] != model.fingerprint().to_le_bytes() {
             return Err(Error::StateMismatch(
                 "the snapshot was made with another model (config or weights differ)".into(),
             ));

@@ -6,6 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::Model;
+use half::bf16;
 
 /// Dimensions a state was created for; a state only runs with a model of the same shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +64,37 @@ pub(crate) struct Acc64 {
 /// Number of buffers in [`State::memory`].
 pub(crate) const MEMORY_BUFFERS: usize = 11;
 
+/// One buffer of a state's memory, in its element type (the Kahan compensations are bf16).
+#[derive(Clone, Copy)]
+pub(crate) enum Buffer<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl Buffer<'_> {
+    /// Number of elements.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Buffer::F32(b) => b.len(),
+            Buffer::Bf16(b) => b.len(),
+        }
+    }
+
+    /// Bytes of the elements.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Buffer::F32(b) => 4 * b.len(),
+            Buffer::Bf16(b) => 2 * b.len(),
+        }
+    }
+}
+
+/// [`Buffer`], mutably.
+pub(crate) enum BufferMut<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [bf16]),
+}
+
 fn prefix_sums(v: &[usize]) -> Vec<usize> {
     let mut out = vec![0];
     for &x in v {
@@ -101,10 +133,13 @@ pub struct State {
     pub(crate) v_sum: Vec<f32>,
     pub(crate) max: Vec<f32>,
     /// Kahan compensations of `a_mat`, `a_vec`, `v_sum`: without them f32 rounding of a
-    /// million additions drifts the logits by ~2e-3 (measured on the shipped model).
-    pub(crate) a_mat_c: Vec<f32>,
-    pub(crate) a_vec_c: Vec<f32>,
-    pub(crate) v_sum_c: Vec<f32>,
+    /// million additions drifts the logits by ~2e-3 (measured on the shipped model). In bf16:
+    /// a compensation is under half an ulp of its sum, so 8 bits of it still carry the sum to
+    /// ~2⁻³³ per addition, and batched decode, bound by the states' memory traffic, moves a
+    /// quarter fewer bytes (docs/numerical-stability.md).
+    pub(crate) a_mat_c: Vec<bf16>,
+    pub(crate) a_vec_c: Vec<bf16>,
+    pub(crate) v_sum_c: Vec<bf16>,
     pub(crate) local_keys: Vec<f32>,
     pub(crate) local_values: Vec<f32>,
     /// Per layer, attention then feed-forward: the previous position's block input.
@@ -132,22 +167,17 @@ impl State {
     pub fn with_precision(model: &Model, precision: Precision) -> Self {
         let mut st = State::new(model);
         if precision == Precision::F64 {
-            let widen = |v: &Vec<f32>| v.iter().map(|&x| x as f64).collect();
+            let widen = |v: &[f32]| v.iter().map(|&x| x as f64).collect();
             st.acc64 = Some(Box::new(Acc64 {
                 a_mat: widen(&st.a_mat),
                 a_vec: widen(&st.a_vec),
                 v_sum: widen(&st.v_sum),
                 max: widen(&st.max),
             }));
-            for b in [
-                &mut st.a_mat,
-                &mut st.a_vec,
-                &mut st.v_sum,
-                &mut st.max,
-                &mut st.a_mat_c,
-                &mut st.a_vec_c,
-                &mut st.v_sum_c,
-            ] {
+            for b in [&mut st.a_mat, &mut st.a_vec, &mut st.v_sum, &mut st.max] {
+                *b = Vec::new();
+            }
+            for b in [&mut st.a_mat_c, &mut st.a_vec_c, &mut st.v_sum_c] {
                 *b = Vec::new();
             }
         }
@@ -184,9 +214,9 @@ impl State {
             a_vec: vec![0.0; global * s.m],
             v_sum: vec![0.0; global * s.d],
             max: vec![f32::NEG_INFINITY; global],
-            a_mat_c: vec![0.0; global * s.m * s.d],
-            a_vec_c: vec![0.0; global * s.m],
-            v_sum_c: vec![0.0; global * s.d],
+            a_mat_c: vec![bf16::ZERO; global * s.m * s.d],
+            a_vec_c: vec![bf16::ZERO; global * s.m],
+            v_sum_c: vec![bf16::ZERO; global * s.d],
             local_keys: vec![0.0; local * ring],
             local_values: vec![0.0; local * ring],
             shift_prev: if s.shift {
@@ -215,7 +245,10 @@ impl State {
     pub fn reset(&mut self) {
         self.pos = 0;
         for buf in self.memory_mut() {
-            buf.fill(0.0);
+            match buf {
+                BufferMut::F32(b) => b.fill(0.0),
+                BufferMut::Bf16(b) => b.fill(bf16::ZERO),
+            }
         }
         self.max.fill(f32::NEG_INFINITY);
         if let Some(acc) = &mut self.acc64 {
@@ -251,8 +284,10 @@ impl State {
             &self.query_feat,
             &self.scores,
         ];
-        let floats: usize = self.memory().iter().chain(&scratch).map(|v| v.len()).sum();
-        floats * std::mem::size_of::<f32>()
+        let scratch_bytes: usize = scratch.iter().map(|v| v.len()).sum::<usize>() * 4;
+        let memory_bytes: usize = self.memory().iter().map(Buffer::bytes).sum();
+        memory_bytes
+            + scratch_bytes
             + self.acc64_bytes()
             + std::mem::size_of::<Self>()
             + (self.favor_start.len() + self.local_start.len()) * 8
@@ -264,9 +299,8 @@ impl State {
         // Every memory buffer but the last, the logits.
         self.memory()[..MEMORY_BUFFERS - 1]
             .iter()
-            .map(|b| b.len())
+            .map(Buffer::bytes)
             .sum::<usize>()
-            * std::mem::size_of::<f32>()
             + self.acc64_bytes()
     }
 
@@ -280,36 +314,38 @@ impl State {
 
     /// The buffers that make up the sequence's memory (everything a snapshot saves besides
     /// the position), in snapshot order; the last is the logits.
-    pub(crate) fn memory(&self) -> [&Vec<f32>; MEMORY_BUFFERS] {
+    pub(crate) fn memory(&self) -> [Buffer<'_>; MEMORY_BUFFERS] {
+        use Buffer::{Bf16, F32};
         [
-            &self.a_mat,
-            &self.a_vec,
-            &self.v_sum,
-            &self.max,
-            &self.a_mat_c,
-            &self.a_vec_c,
-            &self.v_sum_c,
-            &self.local_keys,
-            &self.local_values,
-            &self.shift_prev,
-            &self.logits,
+            F32(&self.a_mat),
+            F32(&self.a_vec),
+            F32(&self.v_sum),
+            F32(&self.max),
+            Bf16(&self.a_mat_c),
+            Bf16(&self.a_vec_c),
+            Bf16(&self.v_sum_c),
+            F32(&self.local_keys),
+            F32(&self.local_values),
+            F32(&self.shift_prev),
+            F32(&self.logits),
         ]
     }
 
     /// [`State::memory`], mutably.
-    pub(crate) fn memory_mut(&mut self) -> [&mut Vec<f32>; MEMORY_BUFFERS] {
+    pub(crate) fn memory_mut(&mut self) -> [BufferMut<'_>; MEMORY_BUFFERS] {
+        use BufferMut::{Bf16, F32};
         [
-            &mut self.a_mat,
-            &mut self.a_vec,
-            &mut self.v_sum,
-            &mut self.max,
-            &mut self.a_mat_c,
-            &mut self.a_vec_c,
-            &mut self.v_sum_c,
-            &mut self.local_keys,
-            &mut self.local_values,
-            &mut self.shift_prev,
-            &mut self.logits,
+            F32(&mut self.a_mat),
+            F32(&mut self.a_vec),
+            F32(&mut self.v_sum),
+            F32(&mut self.max),
+            Bf16(&mut self.a_mat_c),
+            Bf16(&mut self.a_vec_c),
+            Bf16(&mut self.v_sum_c),
+            F32(&mut self.local_keys),
+            F32(&mut self.local_values),
+            F32(&mut self.shift_prev),
+            F32(&mut self.logits),
         ]
     }
 

@@ -102,11 +102,11 @@ fn state_size_is_constant_over_ten_thousand_tokens() {
     assert_eq!(after_10, at_start);
     assert_eq!(state.size_bytes(), after_10);
     assert!(state.logits().unwrap().iter().all(|v| v.is_finite()));
-    // A, a, s (each with its Kahan compensation) and M per layer and head:
-    // depth 2 × heads 2 × (2 · (110·32 + 110 + 32) + 1) floats.
+    // A, a, s and M in f32, the Kahan compensations of A, a, s in bf16, per layer and head:
+    // depth 2 × heads 2 × ((110·32 + 110 + 32 + 1) · 4 + (110·32 + 110 + 32) · 2) bytes.
     assert_eq!(
         state.attention_bytes(),
-        2 * 2 * (2 * (110 * 32 + 110 + 32) + 1) * 4
+        2 * 2 * ((110 * 32 + 110 + 32 + 1) * 4 + (110 * 32 + 110 + 32) * 2)
     );
 }
 

@@ -56,6 +56,59 @@ fn reseal(mut bytes: Vec<u8>) -> Vec<u8> {
     bytes
 }
 
+/// The version 1 form of a version 2 snapshot: the same buffers with the Kahan compensations
+/// (buffers 4, 5 and 6) widened from bf16 to f32, as builds before version 2 wrote them.
+fn as_version_1(v2: &[u8]) -> Vec<u8> {
+    let mut out = v2[..48].to_vec();
+    out[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let mut off = 48;
+    for buffer in 0..11 {
+        let n = u64::from_le_bytes(v2[off..off + 8].try_into().unwrap()) as usize;
+        out.extend_from_slice(&v2[off..off + 8]);
+        off += 8;
+        if (4..=6).contains(&buffer) {
+            for h in v2[off..off + 2 * n].chunks_exact(2) {
+                let bits = (u16::from_le_bytes([h[0], h[1]]) as u32) << 16;
+                out.extend_from_slice(&bits.to_le_bytes());
+            }
+            off += 2 * n;
+        } else {
+            out.extend_from_slice(&v2[off..off + 4 * n]);
+            off += 4 * n;
+        }
+    }
+    assert_eq!(off, v2.len() - 8);
+    out.extend_from_slice(&[0; 8]);
+    reseal(out)
+}
+
+#[test]
+fn version_1_snapshots_still_restore() {
+    // opt_local and opt_rezero_shift: every kind of buffer holds data.
+    for name in ["default_a", "opt_local", "opt_rezero_shift"] {
+        let model = Model::load(fixture(name)).unwrap();
+        let mut state = State::new(&model);
+        model
+            .prefill(&mut state, &TestRng(5).tokens(40, 256))
+            .unwrap();
+        let v2 = state.to_bytes(&model).unwrap();
+        let v1 = as_version_1(&v2);
+        assert!(v1.len() > v2.len());
+        // bf16 → f32 → bf16 is exact: the same state, by either entry point.
+        let restored = State::from_bytes(&model, &v1).unwrap();
+        assert_eq!(restored.to_bytes(&model).unwrap(), v2, "{name}");
+        let read = State::read_from(&model, &v1[..]).unwrap();
+        assert_eq!(read.to_bytes(&model).unwrap(), v2, "{name}");
+        // Bounded by the version 1 size: one byte more is refused.
+        let mut longer = v1.clone();
+        longer.push(0);
+        assert!(matches!(
+            State::read_from(&model, &longer[..]),
+            Err(Error::InvalidSnapshot(m)) if m.contains("longer than")
+        ));
+    }
+}
+
 #[test]
 fn bad_snapshots_are_typed_errors() {
     let model = Model::load(fixture("default_a")).unwrap();
@@ -75,9 +128,9 @@ fn bad_snapshots_are_typed_errors() {
     assert!(invalid(&magic));
     assert_eq!(&good[..8], MAGIC);
     let mut version = good.clone();
-    version[8..12].copy_from_slice(&2u32.to_le_bytes());
+    version[8..12].copy_from_slice(&3u32.to_le_bytes());
     let e = State::from_bytes(&model, &reseal(version)).unwrap_err();
-    assert!(e.to_string().contains("version 2"), "{e}");
+    assert!(e.to_string().contains("version 3"), "{e}");
     let mut longer = good[..good.len() - 8].to_vec();
     longer.extend_from_slice(&[0; 4]);
     longer.extend_from_slice(&[0; 8]);

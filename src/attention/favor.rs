@@ -7,15 +7,17 @@
 
 use super::features::{kernel_fn_f64, project_f64, FeatureKind, FeatureMap};
 use crate::kernels;
+use half::bf16;
 
-/// The Kahan compensations of one head's `A`, `a`, `s` (see [`kernels::kahan_scale_axpy`]).
+/// The Kahan compensations of one head's `A`, `a`, `s`, in bf16 (see
+/// [`kernels::kahan_scale_axpy`]).
 pub struct Compensation<'s> {
     /// Of `A`, m×d.
-    pub a_mat: &'s mut [f32],
+    pub a_mat: &'s mut [bf16],
     /// Of `a`, m.
-    pub a_vec: &'s mut [f32],
+    pub a_vec: &'s mut [bf16],
     /// Of `s`, d.
-    pub v_sum: &'s mut [f32],
+    pub v_sum: &'s mut [bf16],
 }
 
 /// Mutable views of one head's state and scratch.

@@ -15,6 +15,7 @@ pub mod quant;
 pub mod scalar;
 pub mod simd;
 
+use half::bf16;
 use rayon::prelude::*;
 
 pub use isa::{Isa, Kernels};
@@ -165,6 +166,8 @@ at_active_level! {
     pub fn add_bias<T: Elem>(b: &[T], y: &mut [f32]);
     /// Widens weights to f32 ([`Kernels::widen`]).
     pub fn widen<T: Elem>(src: &[T], dst: &mut [f32]);
+    /// Narrows to bf16, rounding to nearest even ([`Kernels::narrow_bf16`]).
+    pub fn narrow_bf16(src: &[f32], dst: &mut [bf16]);
     /// The FAVOR+ decode step's fused state update and readout ([`Kernels::kahan_update_readout`]).
     pub fn kahan_update_readout(
         b: f32,
@@ -172,7 +175,7 @@ at_active_level! {
         x: &[f32],
         w: &[f32],
         s: &mut [f32],
-        c: &mut [f32],
+        c: &mut [bf16],
         out: &mut [f32],
     );
     /// `out = pᵀ W` ([`Kernels::vecmat`]).
@@ -180,7 +183,7 @@ at_active_level! {
     /// `out += Σ_j p_j · W_j`, row after row as repeated [`axpy`] ([`Kernels::axpy_rows`]).
     pub fn axpy_rows(p: &[f32], w: &[f32], out: &mut [f32]);
     /// Compensated `s = b · s + a · x` ([`Kernels::kahan_scale_axpy`]).
-    pub fn kahan_scale_axpy(b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [f32]);
+    pub fn kahan_scale_axpy(b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [bf16]);
 }
 
 kernels! {
@@ -232,6 +235,11 @@ kernels! {
     /// `dst[i] = src[i]` widened to f32 (exact), over the shorter of the two.
     pub fn widen<T: Elem>(src: &[T], dst: &mut [f32]) => widen_k;
 
+    /// `dst[i] = src[i]` narrowed to bf16, rounded to nearest even exactly as
+    /// `half::bf16::from_f32` (NaN stays NaN), over the shorter of the two: the store of the
+    /// state's Kahan compensations, as a kernel of its own so its every level is tested.
+    pub fn narrow_bf16(src: &[f32], dst: &mut [bf16]) => narrow_bf16_k;
+
     /// A FAVOR+ decode step's one pass over a head's `m × d` state (`d = x.len()`,
     /// `m = a.len()`): row `f` of `s` becomes `b · s_f + a_f · x` exactly as
     /// [`Kernels::kahan_scale_axpy`] computes it (compensation in `c`), and then
@@ -244,7 +252,7 @@ kernels! {
         x: &[f32],
         w: &[f32],
         s: &mut [f32],
-        c: &mut [f32],
+        c: &mut [bf16],
         out: &mut [f32],
     ) => kahan_update_readout_k;
 
@@ -267,7 +275,11 @@ kernels! {
     /// Compensated (Kahan) `s = b · s + a · x`, keeping in `c` the low-order bits each
     /// addition lost, so that rounding does not accumulate over millions of additions (the
     /// true sum is `s − c`). `b` rescales sum and compensation alike.
-    pub fn kahan_scale_axpy(b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [f32])
+    ///
+    /// The compensation is kept in bf16, rounded to nearest: it is at most half an ulp of
+    /// `s`, so its 8 bits carry the sum to ~2⁻³³ relative per addition instead of f32's 2⁻²⁴,
+    /// and the state's memory traffic (the bound of batched decode) is 3/4 of an f32 pair's.
+    pub fn kahan_scale_axpy(b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [bf16])
         => kahan_scale_axpy_k;
 }
 
@@ -1133,6 +1145,18 @@ fn widen_k<S: Lanes, T: Elem>(s: S, src: &[T], dst: &mut [f32]) {
     }
 }
 
+fn narrow_bf16_k<S: Lanes>(s: S, src: &[f32], dst: &mut [bf16]) {
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + LANES <= n {
+        s.store_bf16(&mut dst[i..], s.load(&src[i..]));
+        i += LANES;
+    }
+    for k in i..n {
+        dst[k] = bf16::from_f32(src[k]);
+    }
+}
+
 /// `kernel::<V>(args)` for a row width of `V` registers, `V` in 1..=8 (the widths the
 /// register-blocked kernels below hold in registers; callers check the range).
 macro_rules! by_vectors {
@@ -1159,7 +1183,7 @@ fn kahan_update_readout_k<S: Lanes>(
     x: &[f32],
     w: &[f32],
     s: &mut [f32],
-    c: &mut [f32],
+    c: &mut [bf16],
     out: &mut [f32],
 ) {
     const MAX_VECS: usize = 8;
@@ -1188,7 +1212,7 @@ fn update_readout_regs<S: Lanes, const V: usize>(
     x: &[f32],
     w: &[f32],
     s: &mut [f32],
-    c: &mut [f32],
+    c: &mut [bf16],
     out: &mut [f32],
 ) {
     let d = V * LANES;
@@ -1200,14 +1224,14 @@ fn update_readout_regs<S: Lanes, const V: usize>(
         let (row_s, row_c) = (&mut s[f * d..(f + 1) * d], &mut c[f * d..(f + 1) * d]);
         for j in 0..V {
             let o = j * LANES;
-            let (mut sv, mut cv) = (l.load(&row_s[o..]), l.load(&row_c[o..]));
+            let (mut sv, mut cv) = (l.load(&row_s[o..]), l.load_bf16(&row_c[o..]));
             if b != 1.0 {
                 sv = l.mul(sv, bv);
                 cv = l.mul(cv, bv);
             }
             let y = l.mul_sub(xs[j], av, cv);
             let t = l.add(sv, y);
-            l.store(&mut row_c[o..], l.sub(l.sub(t, sv), y));
+            l.store_bf16(&mut row_c[o..], l.sub(l.sub(t, sv), y));
             l.store(&mut row_s[o..], t);
             acc[j] = l.mul_add(t, wv, acc[j]);
         }
@@ -1292,31 +1316,31 @@ fn axpy_rows_regs<S: Lanes, const V: usize>(s: S, p: &[f32], w: &[f32], out: &mu
 }
 
 #[inline(always)]
-fn kahan_scale_axpy_k<S: Lanes>(l: S, b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [f32]) {
+fn kahan_scale_axpy_k<S: Lanes>(l: S, b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [bf16]) {
     let n = x.len().min(s.len()).min(c.len());
     let (av, bv) = (l.splat(a), l.splat(b));
     let mut i = 0;
     while i + LANES <= n {
-        let (mut sv, mut cv) = (l.load(&s[i..]), l.load(&c[i..]));
+        let (mut sv, mut cv) = (l.load(&s[i..]), l.load_bf16(&c[i..]));
         if b != 1.0 {
             sv = l.mul(sv, bv);
             cv = l.mul(cv, bv);
         }
         let y = l.mul_sub(l.load(&x[i..]), av, cv);
         let t = l.add(sv, y);
-        l.store(&mut c[i..], l.sub(l.sub(t, sv), y));
+        l.store_bf16(&mut c[i..], l.sub(l.sub(t, sv), y));
         l.store(&mut s[i..], t);
         i += LANES;
     }
     for k in i..n {
-        let (mut sk, mut ck) = (s[k], c[k]);
+        let (mut sk, mut ck) = (s[k], c[k].to_f32());
         if b != 1.0 {
             sk *= b;
             ck *= b;
         }
         let y = a * x[k] - ck;
         let t = sk + y;
-        c[k] = (t - sk) - y;
+        c[k] = bf16::from_f32((t - sk) - y);
         s[k] = t;
     }
 }

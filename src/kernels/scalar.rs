@@ -2,6 +2,7 @@
 //! in f64 where it makes them a sharper reference.
 
 use super::Elem;
+use half::bf16;
 
 /// Dot product, accumulated in f64.
 pub fn dot<T: Elem>(w: &[T], x: &[f32]) -> f32 {
@@ -122,12 +123,19 @@ pub fn linear<T: Elem>(x: &[f32], rows: usize, w: &[T], out: usize, y: &mut [f32
     }
 }
 
+/// `dst[i] = bf16(src[i])` by `half`'s conversion (round to nearest even).
+pub fn narrow_bf16(src: &[f32], dst: &mut [bf16]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = bf16::from_f32(x);
+    }
+}
+
 /// `s = b · s + a · x` in f64 (the compensated sum's reference; `c` is left at zero).
-pub fn kahan_scale_axpy(b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [f32]) {
+pub fn kahan_scale_axpy(b: f32, a: f32, x: &[f32], s: &mut [f32], c: &mut [bf16]) {
     for ((sk, ck), &xk) in s.iter_mut().zip(c.iter_mut()).zip(x) {
-        let exact = b as f64 * (*sk as f64 - *ck as f64) + a as f64 * xk as f64;
+        let exact = b as f64 * (*sk as f64 - ck.to_f64()) + a as f64 * xk as f64;
         *sk = exact as f32;
-        *ck = 0.0;
+        *ck = bf16::ZERO;
     }
 }
 
@@ -139,7 +147,7 @@ pub fn kahan_update_readout(
     x: &[f32],
     w: &[f32],
     s: &mut [f32],
-    c: &mut [f32],
+    c: &mut [bf16],
     out: &mut [f32],
 ) {
     let d = x.len();

@@ -100,6 +100,10 @@ pub trait Lanes: Copy + Send + Sync + 'static + sealed::Sealed {
     fn load_bf16(self, s: &[bf16]) -> Self::V;
     /// Widens `s[..16]` f16 to f32 (exact).
     fn load_f16(self, s: &[f16]) -> Self::V;
+    /// Narrows `v` to bf16 into `out[..16]` (panics when `out` is shorter), rounding to
+    /// nearest with ties to even, exactly as `half::bf16::from_f32` does at every level
+    /// (NaN stays NaN, quieted; overflow gives ±inf).
+    fn store_bf16(self, out: &mut [bf16], v: Self::V);
     /// `a + b`.
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     /// `a − b`.
@@ -251,6 +255,12 @@ impl Lanes for Portable {
     fn load_f16(self, s: &[f16]) -> Self::V {
         let s = &s[..16];
         lanes(|i| s[i].to_f32())
+    }
+    #[inline(always)]
+    fn store_bf16(self, out: &mut [bf16], v: Self::V) {
+        for (o, x) in out[..16].iter_mut().zip(v) {
+            *o = bf16::from_f32(x);
+        }
     }
     #[inline(always)]
     fn add(self, a: Self::V, b: Self::V) -> Self::V {
@@ -526,6 +536,30 @@ mod x86 {
             [half(0), half(1)]
         }
         #[inline(always)]
+        fn store_bf16(self, out: &mut [bf16], v: Self::V) {
+            let out = &mut out[..LANES];
+            let (avx, avx2) = (self.avx, self.avx2);
+            let narrow = |x: __m256| {
+                let bits = avx._mm256_castps_si256(x);
+                let high = avx2._mm256_srli_epi32::<16>(bits);
+                // Round to nearest even: add 0x7FFF plus the bit that survives as the last.
+                let lsb = avx2._mm256_and_si256(high, avx._mm256_set1_epi32(1));
+                let bias = avx2._mm256_add_epi32(lsb, avx._mm256_set1_epi32(0x7FFF));
+                let rounded = avx2._mm256_srli_epi32::<16>(avx2._mm256_add_epi32(bits, bias));
+                // NaN: the high half with the quiet bit set, as `half` does.
+                let quiet = avx2._mm256_or_si256(high, avx._mm256_set1_epi32(0x40));
+                let nan = avx._mm256_castps_si256(avx._mm256_cmp_ps::<CMP_UNORD_Q>(x, x));
+                avx2._mm256_blendv_epi8(rounded, quiet, nan)
+            };
+            // Every lane is in 0..=0xFFFF, so the saturating pack is exact; it interleaves the
+            // 128-bit halves ([lo 0-3, hi 0-3, lo 4-7, hi 4-7]), which the permute undoes.
+            let packed = avx2._mm256_packus_epi32(narrow(v[0]), narrow(v[1]));
+            let packed = avx2._mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
+            // SAFETY: 16 bf16 (32 bytes) inside `out` (checked above), unaligned store; the
+            // token proves AVX.
+            unsafe { avx._mm256_storeu_si256(out.as_mut_ptr().cast::<__m256i>(), packed) }
+        }
+        #[inline(always)]
         fn add(self, a: Self::V, b: Self::V) -> Self::V {
             both(a, b, |x, y| self.avx._mm256_add_ps(x, y))
         }
@@ -692,6 +726,28 @@ mod x86 {
             // proves AVX.
             let h = unsafe { self.avx._mm256_loadu_si256(s.as_ptr().cast::<__m256i>()) };
             self.avx512f._mm512_cvtph_ps(h)
+        }
+        #[inline(always)]
+        fn store_bf16(self, out: &mut [bf16], v: Self::V) {
+            let out = &mut out[..LANES];
+            let f = self.avx512f;
+            let bits = f._mm512_castps_si512(v);
+            let high = f._mm512_srli_epi32::<16>(bits);
+            // Round to nearest even: add 0x7FFF plus the bit that survives as the last.
+            let lsb = f._mm512_and_si512(high, f._mm512_set1_epi32(1));
+            let bias = f._mm512_add_epi32(lsb, f._mm512_set1_epi32(0x7FFF));
+            let rounded = f._mm512_srli_epi32::<16>(f._mm512_add_epi32(bits, bias));
+            // NaN: the high half with the quiet bit set, as `half` does.
+            let quiet = f._mm512_or_si512(high, f._mm512_set1_epi32(0x40));
+            let nan = f._mm512_cmp_ps_mask::<CMP_UNORD_Q>(v, v);
+            // Every lane is in 0..=0xFFFF: the truncating narrow is exact.
+            let h = f._mm512_cvtepi32_epi16(f._mm512_mask_blend_epi32(nan, rounded, quiet));
+            // SAFETY: 16 bf16 (32 bytes) inside `out` (checked above), unaligned store; the
+            // token proves AVX.
+            unsafe {
+                self.avx
+                    ._mm256_storeu_si256(out.as_mut_ptr().cast::<__m256i>(), h)
+            }
         }
         #[inline(always)]
         fn add(self, a: Self::V, b: Self::V) -> Self::V {
