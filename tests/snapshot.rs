@@ -99,6 +99,24 @@ fn version_1_snapshots_still_restore() {
         assert_eq!(restored.to_bytes(&model).unwrap(), v2, "{name}");
         let read = State::read_from(&model, &v1[..]).unwrap();
         assert_eq!(read.to_bytes(&model).unwrap(), v2, "{name}");
+        // Each body under the other's version number (checksum valid): typed errors, by
+        // either entry point; a buffer table read at the wrong width shows as a wrong
+        // buffer size (`StateMismatch`) or a wrong length (`InvalidSnapshot`).
+        let mut relabeled = [v1.clone(), v2.clone()];
+        relabeled[0][8..12].copy_from_slice(&2u32.to_le_bytes());
+        relabeled[1][8..12].copy_from_slice(&1u32.to_le_bytes());
+        for bytes in relabeled.map(reseal) {
+            for r in [
+                State::from_bytes(&model, &bytes),
+                State::read_from(&model, &bytes[..]),
+            ] {
+                assert!(
+                    matches!(r, Err(Error::InvalidSnapshot(_) | Error::StateMismatch(_))),
+                    "{name}: {:?}",
+                    r.map(|_| ())
+                );
+            }
+        }
         // Bounded by the version 1 size: one byte more is refused.
         let mut longer = v1.clone();
         longer.push(0);
