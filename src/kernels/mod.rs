@@ -237,7 +237,7 @@ kernels! {
 
     /// `dst[i] = src[i]` narrowed to bf16, rounded to nearest even exactly as
     /// `half::bf16::from_f32` (NaN stays NaN), over the shorter of the two: the store of the
-    /// state's Kahan compensations, as a kernel of its own so its every level is tested.
+    /// state's Kahan compensations, exposed as a kernel so that every level of it is tested.
     pub fn narrow_bf16(src: &[f32], dst: &mut [bf16]) => narrow_bf16_k;
 
     /// A FAVOR+ decode step's one pass over a head's `m × d` state (`d = x.len()`,
