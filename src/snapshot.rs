@@ -78,23 +78,21 @@ fn feature_code(kind: FeatureKind) -> u32 {
     }
 }
 
-/// Bytes per element of a buffer in a snapshot of `version`.
-fn element_bytes(version: u32, buf: &BufferMut<'_>) -> usize {
-    match buf {
-        BufferMut::Bf16(_) if version != VERSION_F32 => 2,
-        _ => 4,
+/// Bytes per element in a snapshot of `version` of a buffer held in bf16 (`bf16`) or f32:
+/// version 1 wrote every buffer in f32.
+fn element_bytes(version: u32, bf16: bool) -> usize {
+    if bf16 && version != VERSION_F32 {
+        2
+    } else {
+        4
     }
 }
 
-/// The size of a snapshot of `version` of a state of `model`.
-fn snapshot_len_of(model: &Model, version: u32) -> usize {
-    let data: usize = State::new(model)
-        .memory()
+/// The size of a snapshot of `version` of a state whose memory is `memory`.
+fn snapshot_len_of(memory: &[Buffer<'_>], version: u32) -> usize {
+    let data: usize = memory
         .iter()
-        .map(|b| match b {
-            Buffer::Bf16(b) if version != VERSION_F32 => 2 * b.len(),
-            b => 4 * b.len(),
-        })
+        .map(|b| element_bytes(version, b.is_bf16()) * b.len())
         .sum();
     HEADER + 8 * BUFFERS as usize + data + 8
 }
@@ -119,7 +117,7 @@ impl State {
             ));
         }
         let c = model.config();
-        let mut out = Vec::with_capacity(State::snapshot_len(model));
+        let mut out = Vec::with_capacity(snapshot_len_of(&self.memory(), VERSION));
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&(self.has_logits as u32).to_le_bytes());
@@ -196,17 +194,14 @@ impl State {
                 .get(off..off + 8)
                 .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
                 .ok_or_else(|| bad("truncated buffer table"))?;
-            let len = match &buf {
-                BufferMut::F32(b) => b.len(),
-                BufferMut::Bf16(b) => b.len(),
-            };
+            let len = buf.len();
             if n != len as u64 {
                 return Err(Error::StateMismatch(format!(
                     "buffer {i} holds {n} values, this model's state has {len}"
                 )));
             }
             off += 8;
-            let width = element_bytes(version, &buf);
+            let width = element_bytes(version, buf.is_bf16());
             let data = body
                 .get(off..off + width * len)
                 .ok_or_else(|| bad("truncated buffer data"))?;
@@ -240,7 +235,7 @@ impl State {
 
     /// The exact size in bytes of a snapshot of a state of `model` ([`State::to_bytes`]).
     pub fn snapshot_len(model: &Model) -> usize {
-        snapshot_len_of(model, VERSION)
+        snapshot_len_of(&State::new(model).memory(), VERSION)
     }
 
     /// Writes [`State::to_bytes`] to a file, atomically ([`crate::fsutil::write_atomic`]): on
@@ -277,7 +272,7 @@ impl State {
     /// [`Error::InvalidSnapshot`], not an unbounded read.
     pub fn read_from(model: &Model, mut reader: impl Read) -> Result<State> {
         let io = |e| Error::io("<snapshot>", e);
-        let mut bytes = Vec::with_capacity(State::snapshot_len(model));
+        let mut bytes = Vec::with_capacity(HEADER);
         (&mut reader)
             .take(HEADER as u64)
             .read_to_end(&mut bytes)
@@ -285,11 +280,13 @@ impl State {
         let known_version = bytes.len() == HEADER
             && &bytes[..8] == MAGIC
             && (bytes[8..12] == VERSION.to_le_bytes() || bytes[8..12] == VERSION_F32.to_le_bytes());
-        let expected = if known_version && bytes[8..12] == VERSION_F32.to_le_bytes() {
-            snapshot_len_of(model, VERSION_F32)
+        let version = if known_version && bytes[8..12] == VERSION_F32.to_le_bytes() {
+            VERSION_F32
         } else {
-            State::snapshot_len(model)
+            VERSION
         };
+        let expected = snapshot_len_of(&State::new(model).memory(), version);
+        bytes.reserve(expected - bytes.len());
         if known_version && bytes[16..24] != model.fingerprint().to_le_bytes() {
             return Err(Error::StateMismatch(
                 "the snapshot was made with another model (config or weights differ)".into(),

@@ -80,12 +80,14 @@ impl Buffer<'_> {
         }
     }
 
+    /// Whether the elements are bf16.
+    pub(crate) fn is_bf16(&self) -> bool {
+        matches!(self, Buffer::Bf16(_))
+    }
+
     /// Bytes of the elements.
     pub(crate) fn bytes(&self) -> usize {
-        match self {
-            Buffer::F32(b) => 4 * b.len(),
-            Buffer::Bf16(b) => 2 * b.len(),
-        }
+        self.len() * if self.is_bf16() { 2 } else { 4 }
     }
 }
 
@@ -93,6 +95,21 @@ impl Buffer<'_> {
 pub(crate) enum BufferMut<'a> {
     F32(&'a mut [f32]),
     Bf16(&'a mut [bf16]),
+}
+
+impl BufferMut<'_> {
+    /// Number of elements.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            BufferMut::F32(b) => b.len(),
+            BufferMut::Bf16(b) => b.len(),
+        }
+    }
+
+    /// Whether the elements are bf16.
+    pub(crate) fn is_bf16(&self) -> bool {
+        matches!(self, BufferMut::Bf16(_))
+    }
 }
 
 fn prefix_sums(v: &[usize]) -> Vec<usize> {
