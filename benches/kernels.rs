@@ -53,33 +53,22 @@ fn matvec(c: &mut Criterion) {
 }
 
 /// Quantized matrix-vector products, every method this CPU runs side by side on the same
-/// matrices (gpt2-small's shapes, as `matvec` above), throughput in stored bytes (codes and
-/// scales): `cargo bench --bench kernels -- quant_matvec`.
+/// matrices (gpt2-small's shapes, as `matvec` above), throughput in stored bytes (codes,
+/// scales and minimums): `cargo bench --bench kernels -- quant_matvec`.
 fn quant_matvec(c: &mut Criterion) {
     use performer::kernels::quant::{self as qk, Method};
-    use performer::quant::{quantize_row, QMatrix, QuantFormat, BLOCK};
-    for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+    use performer::quant::{OwnedQMatrix, QuantFormat};
+    for format in QuantFormat::ALL {
         for (rows, cols) in [(768usize, 768usize), (3072, 768), (50257, 768)] {
             let w = randn(rows * cols, 1);
-            let rb = format.row_bytes(cols);
-            let mut codes = vec![0u8; rows * rb];
-            let mut scales = vec![f16::ZERO; rows * cols / BLOCK];
-            for r in 0..rows {
-                quantize_row(
-                    format,
-                    "w",
-                    &w[r * cols..(r + 1) * cols],
-                    &mut codes[r * rb..(r + 1) * rb],
-                    &mut scales[r * cols / BLOCK..(r + 1) * cols / BLOCK],
-                )
+            let q = OwnedQMatrix::quantize(format, "w", &w, rows, cols)
                 .expect("finite weights of unit scale quantize");
-            }
-            let m = QMatrix::new(format, &codes, &scales, rows, cols).expect("consistent sizes");
+            let m = q.matrix();
             let x = randn(cols, 2);
             let mut y = vec![0f32; rows];
             let mut g = c.benchmark_group(format!("quant_matvec_{format}_{rows}x{cols}"));
             quick(&mut g);
-            g.throughput(Throughput::Bytes((codes.len() + 2 * scales.len()) as u64));
+            g.throughput(Throughput::Bytes(q.bytes() as u64));
             for method in [Method::Portable, Method::Dequant, Method::Int8] {
                 if !qk::supported(method) {
                     continue;

@@ -3,16 +3,16 @@
 //!
 //! ```text
 //! cargo build --release --example quant_matvec
-//! for i in 1 2 3; do for f in q8_0 q4_0; do for m in dequant int8; do
+//! for i in 1 2 3; do for f in q8_0 q4_0 q4_1; do for m in dequant int8; do
 //!   target/release/examples/quant_matvec $f $m 300; done; done; done
 //! ```
 
 use performer::kernels::quant::{matvec_serial_with, supported, Method};
-use performer::quant::{quantize_row, QMatrix, QuantFormat, BLOCK};
+use performer::quant::{OwnedQMatrix, QuantFormat};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: quant_matvec q8_0|q4_0 portable|dequant|int8 ITERATIONS";
+    let usage = "usage: quant_matvec q8_0|q4_0|q4_1 portable|dequant|int8 ITERATIONS";
     let [_, format, method, iters] = &args[..] else {
         return Err(usage.into());
     };
@@ -30,19 +30,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (rows, cols) = (3072usize, 768usize);
     let mut rng = performer::synthetic::Rng::new(1);
     let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
-    let rb = format.row_bytes(cols);
-    let mut codes = vec![0u8; rows * rb];
-    let mut scales = vec![half::f16::ZERO; rows * cols / BLOCK];
-    for r in 0..rows {
-        quantize_row(
-            format,
-            "w",
-            &w[r * cols..(r + 1) * cols],
-            &mut codes[r * rb..(r + 1) * rb],
-            &mut scales[r * cols / BLOCK..(r + 1) * cols / BLOCK],
-        )?;
-    }
-    let m = QMatrix::new(format, &codes, &scales, rows, cols).ok_or("inconsistent sizes")?;
+    let q = OwnedQMatrix::quantize(format, "w", &w, rows, cols)?;
+    let m = q.matrix();
     let x: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
     let mut y = vec![0f32; rows];
     let start = std::time::Instant::now();

@@ -585,7 +585,7 @@ impl Config {
             }
             Some(v) => {
                 return Err(Error::Config(format!(
-                    "`{}` must be a string (\"q8_0\" or \"q4_0\"), found {v}",
+                    "`{}` must be a string (\"q8_0\", \"q4_0\" or \"q4_1\"), found {v}",
                     crate::quant::CONFIG_KEY
                 )))
             }

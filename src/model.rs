@@ -80,11 +80,18 @@ impl Weight {
             name: name.to_string(),
         })?;
         let raw = file.raw(&resolved)?;
-        let Some(found) = QuantFormat::from_data_dtype(raw.dtype()) else {
+        if !QuantFormat::is_code_dtype(raw.dtype()) {
             return Ok(Weight::Float(load_tensor(file, name, &[out, inp])?));
-        };
+        }
+        // The formats whose codes have this dtype, for the messages.
+        let found = QuantFormat::ALL
+            .iter()
+            .filter(|f| f.data_dtype_name() == raw.dtype())
+            .map(|f| f.name())
+            .collect::<Vec<_>>()
+            .join(" or ");
         match format {
-            Some(f) if f == found => Ok(Weight::Quant(QuantTensor::load(
+            Some(f) if f.data_dtype_name() == raw.dtype() => Ok(Weight::Quant(QuantTensor::load(
                 file, &resolved, out, inp, f,
             )?)),
             Some(f) => Err(Error::InvalidQuantized {

@@ -1,23 +1,31 @@
-//! Block-quantized weights: the `q8_0` and `q4_0` formats, their validation at load, and the
-//! conversion of a model directory ([`quantize_dir`]).
+//! Block-quantized weights: the `q8_0`, `q4_0` and `q4_1` formats, their validation at load,
+//! and the conversion of a model directory ([`quantize_dir`]).
 //!
-//! Both formats cut a weight row (a torch `Linear` weight `[out, in]` is row-major, so a row
+//! Every format cuts a weight row (a torch `Linear` weight `[out, in]` is row-major, so a row
 //! runs along the input dimension) into blocks of [`BLOCK`] = 32 consecutive weights with one
-//! f16 scale `d` per block:
+//! f16 scale `d` per block (and, for `q4_1`, one f16 minimum `m`):
 //!
 //! - `q8_0`: `w = q · d` with `q` an int8 in `[-127, 127]`, `d = max|w| / 127`.
 //! - `q4_0`: `w = (n − 8) · d` with `n` a 4-bit code in `[0, 15]`, `d = −m / 8` where `m` is
 //!   the block's weight of largest magnitude (so `m` itself is exact, code 0).
+//! - `q4_1`: `w = n · d + m` with `n` a 4-bit code in `[0, 15]`: sixteen levels placed on
+//!   the block's own range instead of a range symmetric about zero, for two more bytes per
+//!   block. `d` and `m` are chosen by a small least-squares search (`m` the block's minimum and
+//!   `d = (max − min) / 15` is the first candidate; see `q4_1_block_params`). `n · d` is exact
+//!   in f32 (4 × 11 significant bits), so `w` is one rounding of the exact `n · d + m`,
+//!   whether computed with a fused multiply-add or not.
 //!
 //! In `model.safetensors` a quantized weight keeps its checkpoint name, with integer data, and
-//! gains an F16 companion `<name>.scales` of shape `[out, in / 32]`:
+//! gains an F16 companion `<name>.scales` of shape `[out, in / 32]` (and `q4_1` a second one,
+//! `<name>.mins`, of the same shape):
 //!
-//! | format | `<name>` | `<name>.scales` |
-//! |---|---|---|
-//! | `q8_0` | I8 `[out, in]`, the codes `q` | F16 `[out, in/32]` |
-//! | `q4_0` | U8 `[out, in/2]`: byte `j` of a block's 16 holds weight `j` in its low nibble and weight `j + 16` in its high nibble | F16 `[out, in/32]` |
+//! | format | `<name>` | `<name>.scales` | `<name>.mins` |
+//! |---|---|---|---|
+//! | `q8_0` | I8 `[out, in]`, the codes `q` | F16 `[out, in/32]` | – |
+//! | `q4_0` | U8 `[out, in/2]`: byte `j` of a block's 16 holds weight `j` in its low nibble and weight `j + 16` in its high nibble | F16 `[out, in/32]` | – |
+//! | `q4_1` | U8 `[out, in/2]`, packed as `q4_0` | F16 `[out, in/32]` | F16 `[out, in/32]` |
 //!
-//! `config.json` records the format as `"weight_format": "q8_0"` (or `"q4_0"`). Quantized are
+//! `config.json` records the format as `"weight_format": "q8_0"` (or `"q4_0"`, `"q4_1"`). Quantized are
 //! the matrices decoding streams: the attention's q, k, v and output projections, the
 //! feed-forward's `w1` and `w2` and the untied output layer `to_out`, when their input width is
 //! a multiple of 32. Everything else stays in its float dtype: the token embedding (one row is
@@ -47,6 +55,9 @@ pub const CONFIG_KEY: &str = "weight_format";
 /// Suffix of the scale tensor that accompanies a quantized weight.
 pub const SCALES_SUFFIX: &str = ".scales";
 
+/// Suffix of the minimum tensor that accompanies a `q4_1` weight.
+pub const MINS_SUFFIX: &str = ".mins";
+
 /// A block-quantized weight format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QuantFormat {
@@ -54,6 +65,8 @@ pub enum QuantFormat {
     Q8_0,
     /// 4-bit codes (offset 8), one f16 scale per block of 32.
     Q4_0,
+    /// 4-bit codes, one f16 scale and one f16 minimum per block of 32.
+    Q4_1,
 }
 
 impl QuantFormat {
@@ -62,14 +75,31 @@ impl QuantFormat {
         match self {
             QuantFormat::Q8_0 => "q8_0",
             QuantFormat::Q4_0 => "q4_0",
+            QuantFormat::Q4_1 => "q4_1",
         }
+    }
+
+    /// Every format, in the order of their names' documentation.
+    pub const ALL: [QuantFormat; 3] = [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1];
+
+    /// True when blocks carry a minimum besides their scale (`q4_1`).
+    pub fn has_mins(self) -> bool {
+        self == QuantFormat::Q4_1
     }
 
     /// The safetensors dtype of the codes.
     pub fn data_dtype(self) -> safetensors::Dtype {
         match self {
             QuantFormat::Q8_0 => safetensors::Dtype::I8,
-            QuantFormat::Q4_0 => safetensors::Dtype::U8,
+            QuantFormat::Q4_0 | QuantFormat::Q4_1 => safetensors::Dtype::U8,
+        }
+    }
+
+    /// The safetensors dtype name of the codes, as a file's header spells it ("I8", "U8").
+    pub fn data_dtype_name(self) -> &'static str {
+        match self {
+            QuantFormat::Q8_0 => "I8",
+            QuantFormat::Q4_0 | QuantFormat::Q4_1 => "U8",
         }
     }
 
@@ -77,7 +107,7 @@ impl QuantFormat {
     pub fn block_bytes(self) -> usize {
         match self {
             QuantFormat::Q8_0 => BLOCK,
-            QuantFormat::Q4_0 => BLOCK / 2,
+            QuantFormat::Q4_0 | QuantFormat::Q4_1 => BLOCK / 2,
         }
     }
 
@@ -86,18 +116,24 @@ impl QuantFormat {
         cols / BLOCK * self.block_bytes()
     }
 
-    /// Bytes stored per weight, codes and scales together (34/32 and 18/32).
-    pub fn bytes_per_weight(self) -> f64 {
-        (self.block_bytes() + 2) as f64 / BLOCK as f64
+    /// Bytes of f16 metadata per block: the scale, and the minimum if the format has one.
+    pub fn block_meta_bytes(self) -> usize {
+        if self.has_mins() {
+            4
+        } else {
+            2
+        }
     }
 
-    /// The format whose codes have this safetensors dtype.
-    pub fn from_data_dtype(dtype: &str) -> Option<Self> {
-        match dtype {
-            "I8" => Some(QuantFormat::Q8_0),
-            "U8" => Some(QuantFormat::Q4_0),
-            _ => None,
-        }
+    /// Bytes stored per weight, codes, scales and minimums together (34/32, 18/32 and 20/32).
+    pub fn bytes_per_weight(self) -> f64 {
+        (self.block_bytes() + self.block_meta_bytes()) as f64 / BLOCK as f64
+    }
+
+    /// True when `dtype` (a safetensors dtype name) is the codes' dtype of some format: I8
+    /// (`q8_0`) or U8 (`q4_0`, `q4_1`).
+    pub fn is_code_dtype(dtype: &str) -> bool {
+        Self::ALL.iter().any(|f| f.data_dtype_name() == dtype)
     }
 }
 
@@ -113,8 +149,9 @@ impl FromStr for QuantFormat {
         match s.to_ascii_lowercase().as_str() {
             "q8_0" => Ok(QuantFormat::Q8_0),
             "q4_0" => Ok(QuantFormat::Q4_0),
+            "q4_1" => Ok(QuantFormat::Q4_1),
             other => Err(format!(
-                "unknown weight format `{other}` (supported: q8_0, q4_0)"
+                "unknown weight format `{other}` (supported: q8_0, q4_0, q4_1)"
             )),
         }
     }
@@ -128,16 +165,18 @@ fn invalid(name: &str, message: impl Into<String>) -> Error {
 }
 
 /// Quantizes one row (`src.len()` a multiple of [`BLOCK`]) into `codes`
-/// ([`QuantFormat::row_bytes`] bytes) and `scales` (`src.len() / 32`). `name` only labels the
-/// error: a non-finite weight, or a block whose scale exceeds f16's range (|w| above about
-/// 8.3e6 for q8_0, 5.2e5 for q4_0). Blocks so small that their scale rounds to zero in f16
-/// become all-zero blocks.
+/// ([`QuantFormat::row_bytes`] bytes), `scales` (`src.len() / 32`) and, for `q4_1`, `mins`
+/// (`src.len() / 32`; empty for the other formats). `name` only labels the error: a
+/// non-finite weight, or a block whose scale or minimum exceeds f16's range (|w| above about
+/// 8.3e6 for q8_0, 5.2e5 for q4_0, 6.5e4 for q4_1). Blocks so small that their scale rounds to
+/// zero in f16 become all-zero blocks (for q4_1: every weight its minimum).
 pub fn quantize_row(
     format: QuantFormat,
     name: &str,
     src: &[f32],
     codes: &mut [u8],
     scales: &mut [f16],
+    mins: &mut [f16],
 ) -> Result<()> {
     assert!(
         src.len().is_multiple_of(BLOCK),
@@ -149,6 +188,8 @@ pub fn quantize_row(
         "quantize_row: codes"
     );
     assert_eq!(scales.len(), src.len() / BLOCK, "quantize_row: scales");
+    let mins_len = if format.has_mins() { scales.len() } else { 0 };
+    assert_eq!(mins.len(), mins_len, "quantize_row: mins");
     let bb = format.block_bytes();
     for (b, block) in src.chunks_exact(BLOCK).enumerate() {
         if let Some(i) = block.iter().position(|v| !v.is_finite()) {
@@ -157,33 +198,47 @@ pub fn quantize_row(
                 format!("element {} is not finite", b * BLOCK + i),
             ));
         }
+        let out = &mut codes[b * bb..(b + 1) * bb];
+        let range_error = |what: &str, v: f32| {
+            invalid(
+                name,
+                format!("block {b}: {what} {v:e} exceeds the f16 range of the {format} format"),
+            )
+        };
+        if format == QuantFormat::Q4_1 {
+            let (d16, m16) = q4_1_block_params(block).map_err(|(what, v)| range_error(what, v))?;
+            scales[b] = d16;
+            mins[b] = m16;
+            let (d, m) = (d16.to_f32(), m16.to_f32());
+            let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = q4_1_code(block[j], m, inv) | (q4_1_code(block[j + BLOCK / 2], m, inv) << 4);
+            }
+            continue;
+        }
         // The element of largest magnitude, with its sign (the first one on ties).
         let m = block
             .iter()
             .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
         let d = match format {
             QuantFormat::Q8_0 => m.abs() / 127.0,
-            QuantFormat::Q4_0 => m / -8.0,
+            _ => m / -8.0,
         };
         let d16 = f16::from_f32(d);
         if !d16.is_finite() {
-            return Err(invalid(
-                name,
-                format!("block {b}: scale {d:e} exceeds the f16 range of the {format} format"),
-            ));
+            return Err(range_error("scale", d));
         }
         scales[b] = d16;
         // Codes from the stored (rounded) scale, so that q · d is as close to w as it can be.
         let d = d16.to_f32();
         let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
-        let out = &mut codes[b * bb..(b + 1) * bb];
         match format {
             QuantFormat::Q8_0 => {
                 for (o, &v) in out.iter_mut().zip(block) {
                     *o = ((v * inv).round().clamp(-127.0, 127.0) as i8) as u8;
                 }
             }
-            QuantFormat::Q4_0 => {
+            _ => {
                 let code = |v: f32| ((v * inv).round() + 8.0).clamp(0.0, 15.0) as u8;
                 for (j, o) in out.iter_mut().enumerate() {
                     *o = code(block[j]) | (code(block[j + BLOCK / 2]) << 4);
@@ -194,11 +249,100 @@ pub fn quantize_row(
     Ok(())
 }
 
-/// The weights of one quantized row, widened exactly (`q · d` has at most 19 significant bits).
-pub fn dequantize_row(format: QuantFormat, codes: &[u8], scales: &[f16], out: &mut [f32]) {
+/// A q4_1 code: `round((v − m) / d)` clamped to `[0, 15]` (`inv = 1/d`, 0 for `d = 0`).
+/// Clamped first, so the rounding is of a value in `[0, 15]`: `+ 0.5` then truncation (a
+/// plain add; `f32::round` is a libm call on baseline x86-64, and the search below calls this
+/// 21 times per weight).
+#[inline]
+fn q4_1_code(v: f32, m: f32, inv: f32) -> u8 {
+    (((v - m) * inv).clamp(0.0, 15.0) + 0.5) as u8
+}
+
+/// Scale and minimum (f16) of one q4_1 block: the pair with the smallest squared error over
+/// the block among the plain `(range/15, min)` and, for 20 trial scales around it, the
+/// least-squares fit of `n·d + m` to the block given the codes `n` that scale assigns (the
+/// search llama.cpp's k-quants use, unweighted). Every candidate is rounded to f16 before its
+/// error is measured, so the error is that of the stored block. Errors name the value out of
+/// f16's range: ("minimum", min) or ("scale", range / 15).
+fn q4_1_block_params(block: &[f32]) -> std::result::Result<(f16, f16), (&'static str, f32)> {
+    let lo = block.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+    let hi = block.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let m16 = f16::from_f32(lo);
+    if !m16.is_finite() {
+        return Err(("minimum", lo));
+    }
+    // The range from the stored minimum (which may have rounded up past `lo`).
+    let d = (hi - m16.to_f32()).max(0.0) / 15.0;
+    let d16 = f16::from_f32(d);
+    if !d16.is_finite() {
+        return Err(("scale", d));
+    }
+    let error = |d16: f16, m16: f16| -> f64 {
+        let (d, m) = (d16.to_f32(), m16.to_f32());
+        let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+        block
+            .iter()
+            .map(|&v| {
+                let e = (q4_1_code(v, m, inv) as f32 * d + m - v) as f64;
+                e * e
+            })
+            .sum()
+    };
+    let mut best = (error(d16, m16), d16, m16);
+    if hi <= lo {
+        return Ok((best.1, best.2));
+    }
+    let n = block.len() as f64;
+    for step in -10..=10 {
+        if step == 0 {
+            continue;
+        }
+        // Codes from a trial scale spanning the range in 15 + step/10 steps.
+        let inv = (15.0 + step as f32 / 10.0) / (hi - lo);
+        let (mut sn, mut sw, mut snn, mut snw) = (0f64, 0f64, 0f64, 0f64);
+        for &v in block {
+            let c = q4_1_code(v, lo, inv) as f64;
+            let v = v as f64;
+            sn += c;
+            sw += v;
+            snn += c * c;
+            snw += c * v;
+        }
+        let det = n * snn - sn * sn;
+        if det <= 0.0 {
+            continue;
+        }
+        let d = (n * snw - sn * sw) / det;
+        let m = (sw - d * sn) / n;
+        let (d16, m16) = (f16::from_f64(d), f16::from_f64(m));
+        if d <= 0.0 || !d16.is_finite() || !m16.is_finite() {
+            continue;
+        }
+        let e = error(d16, m16);
+        if e < best.0 {
+            best = (e, d16, m16);
+        }
+    }
+    Ok((best.1, best.2))
+}
+
+/// The weights of one quantized row, widened exactly for `q8_0` and `q4_0` (`q · d` has at
+/// most 19 significant bits) and with one rounding for `q4_1` (`n · d + m`, the product
+/// exact). `mins` is empty except for `q4_1`.
+pub fn dequantize_row(
+    format: QuantFormat,
+    codes: &[u8],
+    scales: &[f16],
+    mins: &[f16],
+    out: &mut [f32],
+) {
     let bb = format.block_bytes();
     assert_eq!(out.len(), scales.len() * BLOCK, "dequantize_row: length");
     assert!(codes.len() >= scales.len() * bb, "dequantize_row: codes");
+    assert!(
+        !format.has_mins() || mins.len() >= scales.len(),
+        "dequantize_row: mins"
+    );
     for (b, (o, &s)) in out.chunks_exact_mut(BLOCK).zip(scales).enumerate() {
         let d = s.to_f32();
         let c = &codes[b * bb..(b + 1) * bb];
@@ -214,11 +358,19 @@ pub fn dequantize_row(format: QuantFormat, codes: &[u8], scales: &[f16], out: &m
                     o[j + BLOCK / 2] = ((byte >> 4) as f32 - 8.0) * d;
                 }
             }
+            QuantFormat::Q4_1 => {
+                let m = mins[b].to_f32();
+                for (j, &byte) in c.iter().enumerate() {
+                    o[j] = (byte & 0xF) as f32 * d + m;
+                    o[j + BLOCK / 2] = (byte >> 4) as f32 * d + m;
+                }
+            }
         }
     }
 }
 
-/// A borrowed quantized matrix: `rows × cols` weights as codes and per-block scales.
+/// A borrowed quantized matrix: `rows × cols` weights as codes, per-block scales and, for
+/// `q4_1`, per-block minimums.
 #[derive(Debug, Clone, Copy)]
 pub struct QMatrix<'a> {
     /// The format.
@@ -227,29 +379,61 @@ pub struct QMatrix<'a> {
     pub codes: &'a [u8],
     /// Scales, row-major, `cols / 32` per row.
     pub scales: &'a [f16],
+    /// Minimums, laid out as `scales` (`q4_1`); empty for the other formats.
+    pub mins: &'a [f16],
     /// Rows.
     pub rows: usize,
     /// Columns (a multiple of [`BLOCK`]).
     pub cols: usize,
 }
 
+/// One row of a [`QMatrix`]: its codes, scales and (`q4_1`) minimums.
+#[derive(Debug, Clone, Copy)]
+pub struct QRow<'a> {
+    /// [`QuantFormat::row_bytes`] bytes of codes.
+    pub codes: &'a [u8],
+    /// One scale per block.
+    pub scales: &'a [f16],
+    /// One minimum per block (`q4_1`), else empty.
+    pub mins: &'a [f16],
+}
+
 impl<'a> QMatrix<'a> {
-    /// A matrix over `codes` and `scales`; `None` when their lengths do not fit `rows × cols`
+    /// A matrix over `codes`, `scales` and `mins` (empty unless the format
+    /// [has them](QuantFormat::has_mins)); `None` when their lengths do not fit `rows × cols`
     /// or `cols` is not a multiple of 32.
+    ///
+    /// ```
+    /// use half::f16;
+    /// use performer::quant::{quantize_row, QMatrix, QuantFormat};
+    ///
+    /// let row: Vec<f32> = (0..64).map(|i| i as f32 / 8.0).collect();
+    /// let (mut codes, mut scales, mut mins) = (vec![0u8; 32], vec![f16::ZERO; 2], vec![f16::ZERO; 2]);
+    /// quantize_row(QuantFormat::Q4_1, "w", &row, &mut codes, &mut scales, &mut mins)?;
+    /// let m = QMatrix::new(QuantFormat::Q4_1, &codes, &scales, &mins, 1, 64).unwrap();
+    /// let mut y = [0f32];
+    /// performer::kernels::quant::matvec(m, &[1.0; 64], &mut y);
+    /// assert!((y[0] - row.iter().sum::<f32>()).abs() < 1.0);
+    /// # Ok::<(), performer::Error>(())
+    /// ```
     pub fn new(
         format: QuantFormat,
         codes: &'a [u8],
         scales: &'a [f16],
+        mins: &'a [f16],
         rows: usize,
         cols: usize,
     ) -> Option<Self> {
+        let blocks = rows.checked_mul(cols / BLOCK)?;
         (cols.is_multiple_of(BLOCK)
             && codes.len() == rows.checked_mul(format.row_bytes(cols))?
-            && scales.len() == rows.checked_mul(cols / BLOCK)?)
+            && scales.len() == blocks
+            && mins.len() == if format.has_mins() { blocks } else { 0 })
         .then_some(QMatrix {
             format,
             codes,
             scales,
+            mins,
             rows,
             cols,
         })
@@ -258,29 +442,163 @@ impl<'a> QMatrix<'a> {
     /// Rows `range` as a matrix of their own.
     pub fn row_range(&self, range: std::ops::Range<usize>) -> QMatrix<'a> {
         let (rb, sb) = (self.format.row_bytes(self.cols), self.cols / BLOCK);
+        let mins = if self.format.has_mins() {
+            &self.mins[range.start * sb..range.end * sb]
+        } else {
+            self.mins
+        };
         QMatrix {
             codes: &self.codes[range.start * rb..range.end * rb],
             scales: &self.scales[range.start * sb..range.end * sb],
+            mins,
             rows: range.len(),
             ..*self
         }
     }
 
-    /// Row `r`'s codes and scales.
-    pub fn row(&self, r: usize) -> (&'a [u8], &'a [f16]) {
+    /// Row `r`'s codes, scales and minimums.
+    pub fn row(&self, r: usize) -> QRow<'a> {
         let (rb, sb) = (self.format.row_bytes(self.cols), self.cols / BLOCK);
-        (
-            &self.codes[r * rb..(r + 1) * rb],
-            &self.scales[r * sb..(r + 1) * sb],
-        )
+        QRow {
+            codes: &self.codes[r * rb..(r + 1) * rb],
+            scales: &self.scales[r * sb..(r + 1) * sb],
+            mins: if self.format.has_mins() {
+                &self.mins[r * sb..(r + 1) * sb]
+            } else {
+                self.mins
+            },
+        }
     }
 
     /// Widens rows `range` into `out` (`range.len() × cols`).
     pub fn dequantize_rows(&self, range: std::ops::Range<usize>, out: &mut [f32]) {
         for (r, o) in range.zip(out.chunks_exact_mut(self.cols)) {
-            let (c, s) = self.row(r);
-            dequantize_row(self.format, c, s, o);
+            let row = self.row(r);
+            dequantize_row(self.format, row.codes, row.scales, row.mins, o);
         }
+    }
+}
+
+/// An owned quantized matrix: what quantizing a float matrix row by row produces, in the
+/// layout [`QMatrix`] borrows.
+///
+/// ```
+/// use performer::quant::{OwnedQMatrix, QuantFormat};
+///
+/// let w: Vec<f32> = (0..2 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+/// let q = OwnedQMatrix::quantize(QuantFormat::Q8_0, "w", &w, 2, 64)?;
+/// let mut y = [0f32; 2];
+/// performer::kernels::quant::matvec(q.matrix(), &[1.0; 64], &mut y);
+/// let exact: f32 = w[..64].iter().sum();
+/// assert!((y[0] - exact).abs() < 0.05);
+/// # Ok::<(), performer::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct OwnedQMatrix {
+    /// The format.
+    pub format: QuantFormat,
+    /// Rows.
+    pub rows: usize,
+    /// Columns (a multiple of [`BLOCK`]).
+    pub cols: usize,
+    /// Codes, [`QuantFormat::row_bytes`] per row.
+    pub codes: Vec<u8>,
+    /// Scales, `cols / 32` per row.
+    pub scales: Vec<f16>,
+    /// Minimums as `scales` for `q4_1`, else empty.
+    pub mins: Vec<f16>,
+}
+
+impl OwnedQMatrix {
+    /// Quantizes the row-major `rows × cols` matrix `w`. `name` labels errors: a width that
+    /// is not a multiple of 32, a length that is not `rows × cols`, and what
+    /// [`quantize_row`] refuses.
+    pub fn quantize(
+        format: QuantFormat,
+        name: &str,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
+        if rows.checked_mul(cols) != Some(w.len()) {
+            return Err(invalid(
+                name,
+                format!("{} weights are not {rows} × {cols}", w.len()),
+            ));
+        }
+        Self::quantize_with(
+            format,
+            name,
+            rows,
+            cols,
+            |r, row| row.copy_from_slice(&w[r * cols..(r + 1) * cols]),
+            |_| {},
+        )
+    }
+
+    /// Quantizes a `rows × cols` matrix whose row `r` `row(r, out)` writes into `out` (`cols`
+    /// values); `progress(r)` is called after every 256th row with the rows done.
+    pub fn quantize_with(
+        format: QuantFormat,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        mut row: impl FnMut(usize, &mut [f32]),
+        mut progress: impl FnMut(usize),
+    ) -> Result<Self> {
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(invalid(
+                name,
+                format!("input width {cols} is not a multiple of the block size {BLOCK}"),
+            ));
+        }
+        let (rb, sb) = (format.row_bytes(cols), cols / BLOCK);
+        let mut q = OwnedQMatrix {
+            format,
+            rows,
+            cols,
+            codes: vec![0u8; rows * rb],
+            scales: vec![f16::ZERO; rows * sb],
+            mins: vec![f16::ZERO; if format.has_mins() { rows * sb } else { 0 }],
+        };
+        let mut values = vec![0f32; cols];
+        for r in 0..rows {
+            row(r, &mut values);
+            let mins = if format.has_mins() {
+                &mut q.mins[r * sb..(r + 1) * sb]
+            } else {
+                &mut []
+            };
+            quantize_row(
+                format,
+                name,
+                &values,
+                &mut q.codes[r * rb..(r + 1) * rb],
+                &mut q.scales[r * sb..(r + 1) * sb],
+                mins,
+            )?;
+            if r % 256 == 255 {
+                progress(r + 1);
+            }
+        }
+        Ok(q)
+    }
+
+    /// The borrowed view the kernels take.
+    pub fn matrix(&self) -> QMatrix<'_> {
+        QMatrix {
+            format: self.format,
+            codes: &self.codes,
+            scales: &self.scales,
+            mins: &self.mins,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
+    /// Bytes stored: codes, scales and minimums.
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + 2 * (self.scales.len() + self.mins.len())
     }
 }
 
@@ -292,12 +610,15 @@ pub struct QuantTensor {
     cols: usize,
     codes: RawTensor,
     scales: Tensor,
+    /// `q4_1` only.
+    mins: Option<Tensor>,
 }
 
 impl QuantTensor {
     /// Loads the quantized weight `name` (already resolved to an entry of `file`) of logical
-    /// shape `[rows, cols]` in `format`, checking the codes' dtype and shape, the scale
-    /// tensor's presence, dtype and shape, and that every scale is finite.
+    /// shape `[rows, cols]` in `format`, checking the codes' dtype and shape, the presence,
+    /// dtype and shape of the scale tensor (and for `q4_1` the minimum tensor), and that every
+    /// scale and minimum is finite.
     pub fn load(
         file: &WeightFile,
         name: &str,
@@ -306,7 +627,7 @@ impl QuantTensor {
         format: QuantFormat,
     ) -> Result<Self> {
         let codes = file.raw(name)?;
-        if codes.dtype() != format!("{:?}", format.data_dtype()) {
+        if codes.dtype() != format.data_dtype_name() {
             return Err(invalid(
                 name,
                 format!(
@@ -330,30 +651,49 @@ impl QuantTensor {
                 found: codes.shape().to_vec(),
             });
         }
-        let scale_name = format!("{name}{SCALES_SUFFIX}");
-        let scales = file.tensor(&scale_name).map_err(|e| match e {
-            Error::MissingTensor { .. } => invalid(
-                name,
-                format!("quantized weight without its scale tensor `{scale_name}`"),
-            ),
-            other => other,
-        })?;
-        if scales.dtype() != Dtype::F16 {
+        let companion = |suffix: &str, what: &str| -> Result<Tensor> {
+            let companion_name = format!("{name}{suffix}");
+            let t = file.tensor(&companion_name).map_err(|e| match e {
+                Error::MissingTensor { .. } => invalid(
+                    name,
+                    format!("quantized weight without its {what} tensor `{companion_name}`"),
+                ),
+                other => other,
+            })?;
+            if t.dtype() != Dtype::F16 {
+                return Err(invalid(
+                    &companion_name,
+                    format!("{what}s must be F16, found {}", t.dtype()),
+                ));
+            }
+            t.expect_shape(&[rows, cols / BLOCK])?;
+            if let Some(index) = t.view().first_non_finite() {
+                return Err(invalid(
+                    &companion_name,
+                    format!("{what} {index} is not finite"),
+                ));
+            }
+            Ok(t)
+        };
+        let scales = companion(SCALES_SUFFIX, "scale")?;
+        let mins = if format.has_mins() {
+            Some(companion(MINS_SUFFIX, "minimum")?)
+        } else if file.contains(&format!("{name}{MINS_SUFFIX}")) {
+            // A q4_1 file labelled q4_0 would load and decode wrongly without its minimums.
             return Err(invalid(
-                &scale_name,
-                format!("scales must be F16, found {}", scales.dtype()),
+                name,
+                format!("has a minimum tensor `{name}{MINS_SUFFIX}`, which the {format} format does not use (is the model q4_1?)"),
             ));
-        }
-        scales.expect_shape(&[rows, cols / BLOCK])?;
-        if let Some(index) = scales.view().first_non_finite() {
-            return Err(invalid(&scale_name, format!("scale {index} is not finite")));
-        }
+        } else {
+            None
+        };
         Ok(QuantTensor {
             format,
             rows,
             cols,
             codes,
             scales,
+            mins,
         })
     }
 
@@ -377,25 +717,31 @@ impl QuantTensor {
         self.rows * self.cols
     }
 
-    /// Bytes stored: codes and scales.
+    /// Bytes stored: codes, scales and minimums.
     pub fn bytes(&self) -> usize {
-        self.codes.bytes().len() + 2 * self.scales.numel()
+        self.codes.bytes().len()
+            + 2 * self.scales.numel()
+            + self.mins.as_ref().map_or(0, |m| 2 * m.numel())
     }
 
-    /// True when codes and scales are borrowed from the file mapping.
+    /// True when codes, scales and minimums are borrowed from the file mapping.
     pub fn is_mapped(&self) -> bool {
-        self.scales.is_mapped()
+        self.scales.is_mapped() && self.mins.as_ref().is_none_or(Tensor::is_mapped)
     }
 
     /// The matrix view the kernels take.
     pub fn matrix(&self) -> QMatrix<'_> {
-        let crate::weights::View::F16(scales) = self.scales.view() else {
-            unreachable!("checked F16 at load")
-        };
+        fn f16_view(t: &Tensor) -> &[f16] {
+            match t.view() {
+                crate::weights::View::F16(v) => v,
+                _ => unreachable!("checked F16 at load"),
+            }
+        }
         QMatrix {
             format: self.format,
             codes: self.codes.bytes(),
-            scales,
+            scales: f16_view(&self.scales),
+            mins: self.mins.as_ref().map_or(&[][..], f16_view),
             rows: self.rows,
             cols: self.cols,
         }
@@ -460,10 +806,11 @@ pub fn quantize_file(
     format: QuantFormat,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<(String, OwnedTensor)>> {
-    if let Some((name, _)) = file
-        .entries()
-        .find(|(n, e)| n.ends_with(SCALES_SUFFIX) || e.dtype == "I8" || e.dtype == "U8")
-    {
+    if let Some((name, _)) = file.entries().find(|(n, e)| {
+        n.ends_with(SCALES_SUFFIX)
+            || n.ends_with(MINS_SUFFIX)
+            || QuantFormat::is_code_dtype(&e.dtype)
+    }) {
         return Err(Error::Unsupported {
             option: "quantize".into(),
             reason: format!(
@@ -485,22 +832,29 @@ pub fn quantize_file(
         if is_quantized_name(&name, &shape) && file.tensor(&name).is_ok() {
             let t = file.tensor(&name)?;
             let (rows, cols) = (shape[0], shape[1]);
-            let mut codes = vec![0u8; rows * format.row_bytes(cols)];
-            let mut scales = vec![f16::ZERO; rows * cols / BLOCK];
-            let mut row = vec![0f32; cols];
-            for r in 0..rows {
-                t.row(r).to_f32_into(&mut row);
-                let rb = format.row_bytes(cols);
-                quantize_row(
-                    format,
-                    &name,
-                    &row,
-                    &mut codes[r * rb..(r + 1) * rb],
-                    &mut scales[r * cols / BLOCK..(r + 1) * cols / BLOCK],
-                )?;
-                if r % 256 == 255 {
-                    progress(done + (r + 1) * cols, total);
-                }
+            let q = OwnedQMatrix::quantize_with(
+                format,
+                &name,
+                rows,
+                cols,
+                |r, row| t.row(r).to_f32_into(row),
+                |r| progress(done + r * cols, total),
+            )?;
+            let OwnedQMatrix {
+                codes,
+                scales,
+                mins,
+                ..
+            } = q;
+            if format.has_mins() {
+                out.push((
+                    format!("{name}{MINS_SUFFIX}"),
+                    OwnedTensor {
+                        dtype: safetensors::Dtype::F16,
+                        shape: vec![rows, cols / BLOCK],
+                        data: bytemuck::cast_slice(&mins).to_vec(),
+                    },
+                ));
             }
             out.push((
                 format!("{name}{SCALES_SUFFIX}"),

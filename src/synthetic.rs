@@ -233,6 +233,9 @@ pub enum WeightDtype {
     /// The linear weights quantized to q4_0 from f32, the rest f32.
     #[serde(rename = "q4_0")]
     Q4_0,
+    /// The linear weights quantized to q4_1 from f32, the rest f32.
+    #[serde(rename = "q4_1")]
+    Q4_1,
 }
 
 impl WeightDtype {
@@ -240,23 +243,26 @@ impl WeightDtype {
     /// are made from).
     pub fn size(self) -> usize {
         match self {
-            WeightDtype::F32 | WeightDtype::Q8_0 | WeightDtype::Q4_0 => 4,
+            WeightDtype::F32 | WeightDtype::Q8_0 | WeightDtype::Q4_0 | WeightDtype::Q4_1 => 4,
             WeightDtype::F16 | WeightDtype::Bf16 => 2,
         }
     }
 
-    /// The block-quantized format, for `q8_0` and `q4_0`.
+    /// The block-quantized format, for `q8_0`, `q4_0` and `q4_1`.
     pub fn quant_format(self) -> Option<crate::quant::QuantFormat> {
         match self {
             WeightDtype::Q8_0 => Some(crate::quant::QuantFormat::Q8_0),
             WeightDtype::Q4_0 => Some(crate::quant::QuantFormat::Q4_0),
+            WeightDtype::Q4_1 => Some(crate::quant::QuantFormat::Q4_1),
             _ => None,
         }
     }
 
     fn safetensors(self) -> safetensors::Dtype {
         match self {
-            WeightDtype::F32 | WeightDtype::Q8_0 | WeightDtype::Q4_0 => safetensors::Dtype::F32,
+            WeightDtype::F32 | WeightDtype::Q8_0 | WeightDtype::Q4_0 | WeightDtype::Q4_1 => {
+                safetensors::Dtype::F32
+            }
             WeightDtype::F16 => safetensors::Dtype::F16,
             WeightDtype::Bf16 => safetensors::Dtype::BF16,
         }
@@ -264,7 +270,7 @@ impl WeightDtype {
 
     fn put(self, x: f32, out: &mut [u8]) {
         match self {
-            WeightDtype::F32 | WeightDtype::Q8_0 | WeightDtype::Q4_0 => {
+            WeightDtype::F32 | WeightDtype::Q8_0 | WeightDtype::Q4_0 | WeightDtype::Q4_1 => {
                 out.copy_from_slice(&x.to_le_bytes())
             }
             WeightDtype::F16 => out.copy_from_slice(&half::f16::from_f32(x).to_le_bytes()),
@@ -281,6 +287,7 @@ impl fmt::Display for WeightDtype {
             WeightDtype::Bf16 => "bf16",
             WeightDtype::Q8_0 => "q8_0",
             WeightDtype::Q4_0 => "q4_0",
+            WeightDtype::Q4_1 => "q4_1",
         })
     }
 }
@@ -294,8 +301,9 @@ impl FromStr for WeightDtype {
             "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
             "q8_0" => Ok(WeightDtype::Q8_0),
             "q4_0" => Ok(WeightDtype::Q4_0),
+            "q4_1" => Ok(WeightDtype::Q4_1),
             other => Err(format!(
-                "unknown dtype `{other}` (expected f32, f16, bf16, q8_0 or q4_0)"
+                "unknown dtype `{other}` (expected f32, f16, bf16, q8_0, q4_0 or q4_1)"
             )),
         }
     }

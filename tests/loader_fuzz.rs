@@ -1,8 +1,8 @@
 //! A bounded, deterministic property test of the loader on stable Rust (the long-running
 //! counterpart is the cargo-fuzz target in `fuzz/`).
 //!
-//! Real checkpoints (the tiny model of `tests/harness`, several golden fixtures and q8_0 / q4_0
-//! copies of one) and their
+//! Real checkpoints (the tiny model of `tests/harness`, several golden fixtures and q8_0 / q4_0 /
+//! q4_1 copies of one) and their
 //! `config.json` are mutated — bit flips, byte overwrites, truncation, extension, edits of the
 //! header length, structure-aware edits of the header JSON (dtypes, shapes, offsets, names,
 //! metadata), non-finite values written over the data, and edits of the config text — and each
@@ -42,11 +42,13 @@ fn seeds() -> Vec<Seed> {
             weights: std::fs::read(dir.join("model.safetensors")).unwrap(),
         });
     }
-    // Quantized copies of a fixture: I8 / U8 codes and F16 scale tensors under hostile edits.
+    // Quantized copies of a fixture: I8 / U8 codes and F16 scale (and minimum) tensors under
+    // hostile edits.
     let tmp = tempfile::tempdir().unwrap();
     for (name, format) in [
         ("default_a_q8_0", performer::quant::QuantFormat::Q8_0),
         ("default_a_q4_0", performer::quant::QuantFormat::Q4_0),
+        ("default_a_q4_1", performer::quant::QuantFormat::Q4_1),
     ] {
         let dir = tmp.path().join(name);
         performer::quant::quantize_dir(&common::fixture("default_a"), &dir, format, |_, _| {})

@@ -100,9 +100,13 @@ fn scales_of(name: &str) -> String {
     format!("{name}{}", quant::SCALES_SUFFIX)
 }
 
+fn mins_of(name: &str) -> String {
+    format!("{name}{}", quant::MINS_SUFFIX)
+}
+
 #[test]
 fn unedited_files_load() {
-    for f in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+    for f in QuantFormat::ALL {
         let model = load_edited(f, |_, _| {}).unwrap();
         assert_eq!(model.config().weight_format, Some(f));
     }
@@ -116,6 +120,67 @@ fn codes_of_the_other_format_are_refused() {
     .unwrap_err();
     assert!(
         matches!(&e, Error::InvalidQuantized { message, .. } if message.contains("q8_0")),
+        "{e}"
+    );
+}
+
+#[test]
+fn q4_0_and_q4_1_files_are_told_apart() {
+    // Same U8 codes: q4_0 codes labelled q4_1 lack the minimums, q4_1 codes labelled q4_0
+    // carry minimums q4_0 would ignore. Both are refused, naming the tensor.
+    let e = load_edited(QuantFormat::Q4_0, |c, _| {
+        *c = c.replace("\"q4_0\"", "\"q4_1\"");
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidQuantized { message, .. } if message.contains("minimum tensor")),
+        "{e}"
+    );
+    let e = load_edited(QuantFormat::Q4_1, |c, _| {
+        *c = c.replace("\"q4_1\"", "\"q4_0\"");
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidQuantized { message, .. } if message.contains("q4_1")),
+        "{e}"
+    );
+}
+
+#[test]
+fn minimums_are_checked_like_scales() {
+    let e = load_edited(QuantFormat::Q4_1, |_, t| {
+        t.retain(|e| e.name != mins_of(TO_V))
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidQuantized { name, message } if name == TO_V && message.contains("minimum tensor")),
+        "{e}"
+    );
+    let e = load_edited(QuantFormat::Q4_1, |_, t| {
+        find(t, &mins_of(TO_V)).dtype = Dtype::BF16
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidQuantized { name, .. } if *name == mins_of(TO_V)),
+        "{e}"
+    );
+    let e = load_edited(QuantFormat::Q4_1, |_, t| {
+        let m = find(t, &mins_of(TO_V));
+        let (rows, blocks) = (m.shape[0], m.shape[1]);
+        m.shape = vec![rows, blocks - 1];
+        m.data.truncate(rows * (blocks - 1) * 2);
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::ShapeMismatch { name, expected, .. } if *name == mins_of(TO_V) && expected == &vec![256, 8]),
+        "{e}"
+    );
+    let e = load_edited(QuantFormat::Q4_1, |_, t| {
+        find(t, &mins_of(TO_V)).data[6..8].copy_from_slice(&0x7E00u16.to_le_bytes());
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidQuantized { name, message } if *name == mins_of(TO_V) && message.contains("minimum 3")),
         "{e}"
     );
 }
@@ -151,7 +216,7 @@ fn unknown_or_mistyped_formats_are_config_errors() {
 
 #[test]
 fn a_missing_scale_tensor_is_named() {
-    for f in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+    for f in QuantFormat::ALL {
         let e = load_edited(f, |_, t| t.retain(|e| e.name != scales_of(TO_V))).unwrap_err();
         assert!(
             matches!(&e, Error::InvalidQuantized { name, message } if name == TO_V && message.contains("scale tensor")),
@@ -185,7 +250,7 @@ fn scales_must_be_f16() {
 
 #[test]
 fn a_wrong_block_count_is_a_shape_error() {
-    for f in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+    for f in QuantFormat::ALL {
         // One block too few per row (the bytes follow the shape, so the container is valid).
         let e = load_edited(f, |_, t| {
             let s = find(t, &scales_of(TO_V));
@@ -203,13 +268,13 @@ fn a_wrong_block_count_is_a_shape_error() {
 
 #[test]
 fn codes_of_the_wrong_shape_are_named() {
-    for f in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+    for f in QuantFormat::ALL {
         let e = load_edited(f, |_, t| {
             let c = find(t, TO_V);
             // Stored as if unpacked (q4_0) or packed (q8_0): the other format's width.
             let cols = match f {
                 QuantFormat::Q8_0 => 128,
-                QuantFormat::Q4_0 => 256,
+                QuantFormat::Q4_0 | QuantFormat::Q4_1 => 256,
             };
             c.data = vec![0; 256 * cols];
             c.shape = vec![256, cols];

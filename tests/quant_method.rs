@@ -4,30 +4,18 @@
 mod common;
 
 use common::{max_diff, TestRng};
-use half::f16;
 use performer::kernels::quant::{self as qk, Method};
-use performer::quant::{self, QMatrix, QuantFormat, BLOCK};
+use performer::quant::{OwnedQMatrix, QuantFormat};
 
 #[test]
 fn the_process_wide_method_choice_is_honoured_and_restored() {
     let mut rng = TestRng(21);
     let (rows, cols) = (40, 256);
-    let default = [QuantFormat::Q8_0, QuantFormat::Q4_0].map(qk::default_method);
-    for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+    let default = QuantFormat::ALL.map(qk::default_method);
+    for format in QuantFormat::ALL {
         let w = rng.vec(rows * cols, 1.0);
-        let rb = format.row_bytes(cols);
-        let (mut codes, mut scales) = (vec![0u8; rows * rb], vec![f16::ZERO; rows * cols / BLOCK]);
-        for r in 0..rows {
-            quant::quantize_row(
-                format,
-                "w",
-                &w[r * cols..(r + 1) * cols],
-                &mut codes[r * rb..(r + 1) * rb],
-                &mut scales[r * cols / BLOCK..(r + 1) * cols / BLOCK],
-            )
-            .unwrap();
-        }
-        let m = QMatrix::new(format, &codes, &scales, rows, cols).unwrap();
+        let q = OwnedQMatrix::quantize(format, "w", &w, rows, cols).unwrap();
+        let m = q.matrix();
         let x = rng.vec(cols, 1.0);
         for method in [Method::Portable, Method::Dequant, Method::Int8] {
             if !qk::supported(method) {
@@ -77,8 +65,5 @@ fn the_process_wide_method_choice_is_honoured_and_restored() {
         }
         assert!(qk::set_method(format, None));
     }
-    assert_eq!(
-        default,
-        [QuantFormat::Q8_0, QuantFormat::Q4_0].map(qk::default_method)
-    );
+    assert_eq!(default, QuantFormat::ALL.map(qk::default_method));
 }

@@ -27,11 +27,11 @@ pub struct BenchArgs {
     /// directory, or to --synthetic-dir).
     #[arg(long)]
     shape: Option<String>,
-    /// Stored dtype of the synthetic model: f32, f16, bf16, or q8_0 / q4_0 (linear weights
-    /// quantized from f32, the rest f32).
+    /// Stored dtype of the synthetic model: f32, f16, bf16, or q8_0 / q4_0 / q4_1 (linear
+    /// weights quantized from f32, the rest f32).
     #[arg(long, default_value = "f32", requires = "shape")]
     dtype: WeightDtype,
-    /// The quantized matrix-vector method for q8_0/q4_0 weights: dequant (the default: codes
+    /// The quantized matrix-vector method for q8_0/q4_0/q4_1 weights: dequant (the default: codes
     /// widened to f32 in registers, exact activations) or int8 (activation rounded to int8 per
     /// block of 32, AVX-512 VNNI dot products; faster, not bit-comparable with prefill).
     #[arg(long, value_parser = ["dequant", "int8", "portable"])]
@@ -149,10 +149,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             "portable" => Method::Portable,
             _ => Method::Dequant,
         };
-        for f in [
-            performer::quant::QuantFormat::Q8_0,
-            performer::quant::QuantFormat::Q4_0,
-        ] {
+        for f in performer::quant::QuantFormat::ALL {
             if !set_method(f, Some(method)) {
                 return Err(format!("--quant-kernel {k} is not supported on this CPU").into());
             }

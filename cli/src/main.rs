@@ -52,7 +52,7 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// Load-test a running server with concurrent streaming requests.
     Loadtest(loadtest_cmd::LoadtestArgs),
-    /// Write a copy of a model with block-quantized linear weights (q8_0 or q4_0).
+    /// Write a copy of a model with block-quantized linear weights (q8_0, q4_0 or q4_1).
     Quantize(QuantizeArgs),
 }
 
@@ -61,7 +61,8 @@ struct QuantizeArgs {
     /// The float model directory; default: the model in models/.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// The format: q8_0 (int8, f16 scale per 32) or q4_0 (4-bit, f16 scale per 32).
+    /// The format: q8_0 (int8, f16 scale per 32), q4_0 (4-bit, f16 scale per 32) or q4_1
+    /// (4-bit, f16 scale and minimum per 32).
     #[arg(long)]
     to: performer::quant::QuantFormat,
     /// The directory to write (must not exist; written atomically).
@@ -411,8 +412,13 @@ fn info(a: InfoArgs) -> CliResult {
             .collect();
         let _ = writeln!(
             o,
-            "quantized ({f}, {:.3} bytes per weight with scales): {} in {} tensors; embeddings, norms, biases and projection matrices in the dtypes above",
+            "quantized ({f}, {:.3} bytes per weight with {}): {} in {} tensors; embeddings, norms, biases and projection matrices in the dtypes above",
             f.bytes_per_weight(),
+            if f.has_mins() {
+                "scales and minimums"
+            } else {
+                "scales"
+            },
             q.join(", "),
             model.quantized().count()
         );

@@ -24,7 +24,7 @@ fn quantize_then_info_and_generate() {
     )
     .unwrap();
     let f = float.to_str().unwrap();
-    for format in ["q8_0", "q4_0"] {
+    for format in ["q8_0", "q4_0", "q4_1"] {
         let out = tmp.path().join(format);
         let o = out.to_str().unwrap();
         let r = performer(&["quantize", "--model", f, "--to", format, "--out", o]);

@@ -1,20 +1,23 @@
 //! Matrix-vector products over block-quantized weights ([`crate::quant`]), with their own
 //! run-time instruction-set detection and a portable fallback.
 //!
-//! Two ways to compute `y = W x` when `W` is q8_0 or q4_0:
+//! Two ways to compute `y = W x` when `W` is q8_0, q4_0 or q4_1:
 //!
 //! - [`Method::Dequant`]: widen each block's codes to f32 in registers (q8_0: sign-extend and
 //!   convert; q4_0: zero-extend the bytes and look each nibble up in a 16-entry table of
 //!   `n − 8` with one permute), multiply-add with `x`, and scale the block's partial sum by its
 //!   f16 scale. The products are exact, so the result matches "dequantize to f32, then
-//!   multiply" up to the order of the f32 sum.
+//!   multiply" up to the order of the f32 sum. q4_1 forms each weight `n · d + m` with one
+//!   fused multiply-add (the same f32 value as the dequantized weight: `n · d` is exact) and
+//!   multiply-adds it with `x`.
 //! - [`Method::Int8`]: quantize `x` per block of 32 to int8 once per product (scale `max|x|/127`,
 //!   ties rounded to even; decoding's stacked q/k/v products share one), then take integer dot
 //!   products with AVX-512 VNNI `vpdpbusd` (unsigned × signed bytes, four
 //!   products summed per 32-bit lane): q8_0 codes are made unsigned by adding 128 (an `xor`),
 //!   q4_0 nibbles are unsigned already, and the offset (`128 · Σx` or `8 · Σx` per lane) is
-//!   precomputed from the quantized activation. Fewer instructions per weight, but the
-//!   activation's rounding (relative 1/254 per block) enters the result.
+//!   precomputed from the quantized activation; q4_1 adds `m · Σx` per block, with `Σx` of each
+//!   block precomputed too. Fewer instructions per weight, but the activation's rounding
+//!   (relative 1/254 per block) enters the result.
 //!
 //! [`Method::Portable`] is the scalar code, for CPUs without AVX-512. Every method has a
 //! scalar twin: [`scalar_matvec`] (dequantized weights, f64 sums) and [`scalar_matvec_int8`]
@@ -24,7 +27,6 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-use half::f16;
 use rayon::prelude::*;
 
 use crate::quant::{QMatrix, QuantFormat, BLOCK};
@@ -94,12 +96,13 @@ pub fn default_method(format: QuantFormat) -> Method {
 }
 
 /// The process-wide choice per format (0: none), see [`set_method`].
-static CHOSEN: [AtomicU8; 2] = [AtomicU8::new(0), AtomicU8::new(0)];
+static CHOSEN: [AtomicU8; 3] = [AtomicU8::new(0), AtomicU8::new(0), AtomicU8::new(0)];
 
 fn format_index(format: QuantFormat) -> usize {
     match format {
         QuantFormat::Q8_0 => 0,
         QuantFormat::Q4_0 => 1,
+        QuantFormat::Q4_1 => 2,
     }
 }
 
@@ -143,6 +146,9 @@ pub struct Activation {
     pub offset_q8: Vec<i32>,
     /// `−8 · sums4_q4`: the q4_0 kernel's accumulator start.
     pub offset_q4: Vec<i32>,
+    /// Per block, `d · Σ codes` in f32: the block's `Σx` as the int8 kernels see it, which
+    /// q4_1's minimums multiply.
+    pub block_sums: Vec<f32>,
 }
 
 impl Activation {
@@ -236,6 +242,15 @@ impl Activation {
         };
         scaled(&self.sums4, -128, &mut self.offset_q8);
         scaled(&self.sums4_q4, -8, &mut self.offset_q4);
+        self.block_sums.resize(blocks, 0.0);
+        for ((o, sums), &d) in self
+            .block_sums
+            .iter_mut()
+            .zip(self.sums4.chunks_exact(BLOCK / 4))
+            .zip(&self.scales)
+        {
+            *o = sums.iter().sum::<i32>() as f32 * d;
+        }
     }
 }
 
@@ -264,7 +279,8 @@ pub fn scalar_matvec_int8(m: QMatrix<'_>, x: &[f32], y: &mut [f32]) {
     act.quantize(x);
     let bb = m.format.block_bytes();
     for (r, out) in y.iter_mut().enumerate() {
-        let (codes, scales) = m.row(r);
+        let row = m.row(r);
+        let (codes, scales) = (row.codes, row.scales);
         let mut sum = 0f64;
         for (b, s) in scales.iter().enumerate() {
             let c = &codes[b * bb..(b + 1) * bb];
@@ -275,17 +291,22 @@ pub fn scalar_matvec_int8(m: QMatrix<'_>, x: &[f32], y: &mut [f32]) {
                     .zip(xq)
                     .map(|(&w, &v)| (w as i8) as i64 * v as i64)
                     .sum(),
-                QuantFormat::Q4_0 => c
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &byte)| {
-                        ((byte & 0xF) as i64 - 8) * xq[j] as i64
-                            + ((byte >> 4) as i64 - 8) * xq[j + BLOCK / 2] as i64
-                    })
-                    .sum(),
+                QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
+                    let offset = if m.format == QuantFormat::Q4_0 { 8 } else { 0 };
+                    c.iter()
+                        .enumerate()
+                        .map(|(j, &byte)| {
+                            ((byte & 0xF) as i64 - offset) * xq[j] as i64
+                                + ((byte >> 4) as i64 - offset) * xq[j + BLOCK / 2] as i64
+                        })
+                        .sum()
+                }
             };
             // The kernel multiplies the two scales in f32 first; so does the twin.
             sum += dot as f64 * (s.to_f32() * act.scales[b]) as f64;
+            if m.format.has_mins() {
+                sum += row.mins[b].to_f32() as f64 * act.block_sums[b] as f64;
+            }
         }
         *out = sum as f32;
     }
@@ -346,21 +367,24 @@ fn usable(method: Method) -> Method {
 /// [`Method::Portable`] or [`Method::Dequant`] rows (`method` supported).
 fn float_rows(method: Method, m: QMatrix<'_>, x: &[f32], y: &mut [f32]) {
     for (r, out) in y.iter_mut().enumerate() {
-        let (codes, scales) = m.row(r);
+        let row = m.row(r);
+        let (codes, scales) = (row.codes, row.scales);
         *out = match method {
             #[cfg(target_arch = "x86_64")]
             Method::Dequant => {
                 // SAFETY: `supported(Dequant)` checked avx512f/bw/vl at run time; `codes` holds
-                // `scales.len()` blocks of the format and `x` `32·scales.len()` values (the
-                // callers' asserts and QMatrix's invariant).
+                // `scales.len()` blocks of the format, `x` `32·scales.len()` values and, for
+                // q4_1, `mins` as many minimums as `scales` (the callers' asserts and
+                // QMatrix's invariant).
                 unsafe {
                     match m.format {
                         QuantFormat::Q8_0 => avx512::q8_dequant_row(codes, scales, x),
                         QuantFormat::Q4_0 => avx512::q4_dequant_row(codes, scales, x),
+                        QuantFormat::Q4_1 => avx512::q4_1_dequant_row(codes, scales, row.mins, x),
                     }
                 }
             }
-            _ => portable_row(m.format, codes, scales, x),
+            _ => portable_row(m.format, row, x),
         };
     }
 }
@@ -374,23 +398,26 @@ fn int8_rows(m: QMatrix<'_>, act: &Activation, y: &mut [f32]) {
         "quantized matvec: activation length"
     );
     for (r, out) in y.iter_mut().enumerate() {
-        let (codes, scales) = m.row(r);
+        let row = m.row(r);
         #[cfg(target_arch = "x86_64")]
         {
+            let (codes, scales) = (row.codes, row.scales);
             // SAFETY: `supported(Int8)` checked avx512f/bw/vl/vnni at run time (callers pass
             // Int8 only then); `act` was quantized from an `x` of `32·blocks` values (asserted
-            // above: codes, scales and offsets in both layouts), `codes` holds `blocks` blocks
-            // and `scales` `blocks` scales (QMatrix's invariant).
+            // above: codes, scales, block sums and offsets in both layouts), `codes` holds
+            // `blocks` blocks, `scales` `blocks` scales and, for q4_1, `mins` `blocks`
+            // minimums (QMatrix's invariant).
             *out = unsafe {
                 match m.format {
                     QuantFormat::Q8_0 => avx512::q8_int8_row(codes, scales, act),
-                    QuantFormat::Q4_0 => avx512::q4_int8_row(codes, scales, act),
+                    QuantFormat::Q4_0 => avx512::q4_int8_row::<false>(codes, scales, &[], act),
+                    QuantFormat::Q4_1 => avx512::q4_int8_row::<true>(codes, scales, row.mins, act),
                 }
             };
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (codes, scales, act, out);
+            let _ = (row, act, out);
             unreachable!("Method::Int8 is never supported off x86-64");
         }
     }
@@ -431,8 +458,10 @@ pub fn matvec(m: QMatrix<'_>, x: &[f32], y: &mut [f32]) {
     matvec_with(default_method(m.format), m, x, y)
 }
 
-/// One row by the portable method: each block's exact products summed in f32, times the scale.
-fn portable_row(format: QuantFormat, codes: &[u8], scales: &[f16], x: &[f32]) -> f32 {
+/// One row by the portable method: each block's exact products summed in f32, times the scale
+/// (q4_1: each dequantized weight times `x`, summed in f32).
+fn portable_row(format: QuantFormat, row: crate::quant::QRow<'_>, x: &[f32]) -> f32 {
+    let (codes, scales) = (row.codes, row.scales);
     let bb = format.block_bytes();
     let mut sum = 0f32;
     for (b, d) in scales.iter().enumerate() {
@@ -451,6 +480,15 @@ fn portable_row(format: QuantFormat, codes: &[u8], scales: &[f16], x: &[f32]) ->
                     part += ((byte & 0xF) as f32 - 8.0) * xb[j];
                     part += ((byte >> 4) as f32 - 8.0) * xb[j + BLOCK / 2];
                 }
+            }
+            QuantFormat::Q4_1 => {
+                let m = row.mins[b].to_f32();
+                for (j, &byte) in c.iter().enumerate() {
+                    part += ((byte & 0xF) as f32 * d + m) * xb[j];
+                    part += ((byte >> 4) as f32 * d + m) * xb[j + BLOCK / 2];
+                }
+                sum += part;
+                continue;
             }
         }
         sum += part * d;
@@ -567,6 +605,48 @@ mod avx512 {
         _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
     }
 
+    /// One q4_1 row: each weight formed as `n · d + m` with one FMA (the dequantized f32
+    /// weight exactly, `n · d` being exact), then multiply-added with `x`.
+    ///
+    /// # Safety
+    /// avx512f/bw/vl are available; `codes.len() ≥ 16·n`, `mins.len() ≥ n`, `x.len() ≥ 32·n`
+    /// for `n = scales.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn q4_1_dequant_row(
+        codes: &[u8],
+        scales: &[f16],
+        mins: &[f16],
+        x: &[f32],
+    ) -> f32 {
+        let n = scales.len();
+        debug_assert!(codes.len() >= n * BLOCK / 2 && x.len() >= n * BLOCK && mins.len() >= n);
+        let (c, xp) = (codes.as_ptr(), x.as_ptr());
+        let table = _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        );
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let (mut sc, mut mn) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for b in 0..n {
+            if b % 16 == 0 {
+                sc = widen16(scales, b);
+                // `mins` has as many entries as `scales` (the caller's contract), so the
+                // masked load reads inside it.
+                mn = widen16(&mins[..n], b);
+            }
+            let (d, m) = (lane(sc, b % 16), lane(mn, b % 16));
+            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.add(b * BLOCK / 2).cast()));
+            let w0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, table), d, m);
+            let w1 = _mm512_fmadd_ps(
+                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), table),
+                d,
+                m,
+            );
+            acc[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(b * BLOCK)), acc[0]);
+            acc[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(b * BLOCK + 16)), acc[1]);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+    }
+
     /// One q8_0 row by VNNI: `Σ_b s_b · Σ (q + 128)·x − 128·Σx` per block, 256 bits a block,
     /// `s_b` the weight scale `scales[b]` times the activation's (in f32, as the twin does).
     ///
@@ -604,19 +684,27 @@ mod avx512 {
         _mm_cvtss_f32(s)
     }
 
-    /// One q4_0 row by VNNI, two blocks per 512-bit register: nibbles unpacked to
-    /// `[b₀ lo, b₁ lo, b₀ hi, b₁ hi]`, against the activation in that layout, offset −8·Σx
-    /// preloaded in the accumulator; each block's weight scale `scales[b]` times the
-    /// activation's (in f32, as the twin does).
+    /// One q4_0 row (`MINS` false) or q4_1 row (`MINS` true) by VNNI, two blocks per 512-bit
+    /// register: nibbles unpacked to `[b₀ lo, b₁ lo, b₀ hi, b₁ hi]`, against the activation in
+    /// that layout; each block's weight scale `scales[b]` times the activation's (in f32, as
+    /// the twin does). q4_0 preloads the offset −8·Σx in the accumulator; q4_1 starts from 0
+    /// and adds `Σ_b mins[b] · block_sums[b]`, 16 blocks at a time.
     ///
     /// # Safety
-    /// avx512f/bw/vl/vnni are available; `codes.len() ≥ 16·n` for `n = scales.len()`, and
-    /// `act` quantized from an `x` of `32·n` values.
+    /// avx512f/bw/vl/vnni are available; `codes.len() ≥ 16·n` and, with `MINS`,
+    /// `mins.len() ≥ n` for `n = scales.len()`, and `act` quantized from an `x` of `32·n`
+    /// values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q4_int8_row(codes: &[u8], scales: &[f16], act: &Activation) -> f32 {
+    pub(super) unsafe fn q4_int8_row<const MINS: bool>(
+        codes: &[u8],
+        scales: &[f16],
+        mins: &[f16],
+        act: &Activation,
+    ) -> f32 {
         let n = scales.len();
         debug_assert!(codes.len() >= n * BLOCK / 2 && act.codes_q4.len() >= n * BLOCK);
-        debug_assert!(act.offset_q4.len() >= n * 8);
+        debug_assert!(act.offset_q4.len() >= n * 8 && act.block_sums.len() >= n);
+        debug_assert!(!MINS || mins.len() >= n);
         let (c, xq, off) = (
             codes.as_ptr(),
             act.codes_q4.as_ptr(),
@@ -640,7 +728,11 @@ mod avx512 {
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
             let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
             let x = _mm512_loadu_si512(xq.add(b * BLOCK).cast());
-            let init = _mm512_loadu_si512(off.add(b * 8).cast());
+            let init = if MINS {
+                _mm512_setzero_si512()
+            } else {
+                _mm512_loadu_si512(off.add(b * 8).cast())
+            };
             let dot = _mm512_dpbusd_epi32(init, w, x);
             // The pair's two combined scales, lanes b % 16 and the next, spread as `pick` says
             // (`idx` = `pick` + b % 16, stepped by 2 in a register).
@@ -657,12 +749,25 @@ mod avx512 {
             let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), _mm256_castsi256_si128(low));
             let w = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi);
             let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
-            let init = _mm256_loadu_si256(off.add(b * 8).cast());
+            let init = if MINS {
+                _mm256_setzero_si256()
+            } else {
+                _mm256_loadu_si256(off.add(b * 8).cast())
+            };
             let dot = _mm256_dpbusd_epi32(init, w, x);
             let mut lanes = [0i32; 8];
             _mm256_storeu_si256(lanes.as_mut_ptr().cast(), dot);
             let scale = scales[b].to_f32() * *act.scales.get_unchecked(b);
             total += lanes.iter().sum::<i32>() as f32 * scale;
+        }
+        if MINS {
+            let mins = &mins[..n];
+            let mut acc = _mm512_setzero_ps();
+            for b0 in (0..n).step_by(16) {
+                let sums = _mm512_maskz_loadu_ps(lanes16(n - b0), act.block_sums.as_ptr().add(b0));
+                acc = _mm512_fmadd_ps(widen16(mins, b0), sums, acc);
+            }
+            total += _mm512_reduce_add_ps(acc);
         }
         total
     }
