@@ -47,8 +47,29 @@ pub struct BatchOptions {
     pub seed: u64,
 }
 
+impl BatchOptions {
+    /// Checks the options before anything is measured: at least one batch size, none of them
+    /// 0, and at least one timed step and repetition.
+    pub fn validate(&self) -> Result<()> {
+        if self.batches.is_empty() || self.batches.contains(&0) {
+            return Err(performer::Error::invalid(
+                "batch",
+                "batch sizes must be at least 1",
+            ));
+        }
+        if self.tg == 0 || self.repetitions == 0 {
+            return Err(performer::Error::invalid(
+                "tg/repetitions",
+                "a batched run needs at least one step and one repetition",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Measures every (depth, B) point.
 pub fn run(model: &Model, opts: &BatchOptions) -> Result<Vec<BatchRow>> {
+    opts.validate()?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
         .build()

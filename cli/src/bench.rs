@@ -567,7 +567,22 @@ pub struct Skipped {
     pub budget_bytes: u64,
 }
 
+impl BenchOptions {
+    /// Checks the options before anything is measured (or a synthetic model written): at
+    /// least one attention kind and thread count, no zero thread count or repetitions, and
+    /// something to measure (a non-zero `pp` or `tg`).
+    pub fn validate(&self) -> Result<()> {
+        validate(self)
+    }
+}
+
 fn validate(opts: &BenchOptions) -> Result<()> {
+    if !opts.pp.iter().chain(&opts.tg).any(|&n| n > 0) {
+        return Err(Error::invalid(
+            "pp/tg",
+            "nothing to measure: every --pp and --tg size is 0",
+        ));
+    }
     if opts.attentions.is_empty() {
         return Err(Error::invalid("attention", "give at least one"));
     }

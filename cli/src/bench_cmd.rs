@@ -130,6 +130,42 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(p) = &a.plot {
         performer::fsutil::check_writable_dir(p)?;
     }
+    // The options first: a run with nothing to measure is refused before a synthetic model is
+    // written or a model loaded.
+    let threads = a
+        .threads
+        .first()
+        .copied()
+        .unwrap_or_else(bench::default_threads);
+    let batch_options = (!a.batch.is_empty()).then(|| performer_cli::batch_bench::BatchOptions {
+        batches: a.batch.clone(),
+        depths: a.depths.clone(),
+        tg: a.tg.first().copied().unwrap_or(32),
+        repetitions: a.repetitions as usize,
+        threads,
+        seed: a.seed,
+    });
+    let options = BenchOptions {
+        attentions: a.attention.clone(),
+        pp: a.pp.clone(),
+        tg: a.tg.clone(),
+        depths: a.depths.clone(),
+        threads: if a.threads.is_empty() {
+            vec![bench::default_threads()]
+        } else {
+            a.threads.clone()
+        },
+        repetitions: a.repetitions as usize,
+        seed: a.seed,
+        bandwidth_bytes: a.bandwidth_mib << 20,
+        bandwidth_passes: 5,
+        progress: !a.no_progress && std::io::stderr().is_terminal(),
+        memory_budget: None,
+    };
+    match &batch_options {
+        Some(b) => b.validate()?,
+        None => options.validate()?,
+    }
     let mut tmp = None;
     let (dir, name) = match (&a.model, &a.shape) {
         (Some(m), _) => {
@@ -163,44 +199,14 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         },
     )
     .map_err(|e| crate::name_config(e, &dir))?;
-    if !a.batch.is_empty() {
-        let threads = a
-            .threads
-            .first()
-            .copied()
-            .unwrap_or_else(bench::default_threads);
-        let opts = performer_cli::batch_bench::BatchOptions {
-            batches: a.batch.clone(),
-            depths: a.depths.clone(),
-            tg: a.tg.first().copied().unwrap_or(32).max(1),
-            repetitions: a.repetitions.max(1) as usize,
-            threads,
-            seed: a.seed,
-        };
-        let rows = performer_cli::batch_bench::run(&model, &opts)?;
+    if let Some(opts) = &batch_options {
+        let rows = performer_cli::batch_bench::run(&model, opts)?;
         print!(
             "{}",
             performer_cli::batch_bench::markdown(&name, threads, &rows)
         );
         return Ok(());
     }
-    let options = BenchOptions {
-        attentions: a.attention.clone(),
-        pp: a.pp.clone(),
-        tg: a.tg.clone(),
-        depths: a.depths.clone(),
-        threads: if a.threads.is_empty() {
-            vec![bench::default_threads()]
-        } else {
-            a.threads.clone()
-        },
-        repetitions: a.repetitions as usize,
-        seed: a.seed,
-        bandwidth_bytes: a.bandwidth_mib << 20,
-        bandwidth_passes: 5,
-        progress: !a.no_progress && std::io::stderr().is_terminal(),
-        memory_budget: None,
-    };
     let report = bench::run(&model, &name, &options)?;
     let text = if a.json {
         format!("{}\n", bench::json(&report))

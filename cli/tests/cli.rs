@@ -701,6 +701,77 @@ fn bench_prints_json_and_runs_both_attentions() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+#[test]
+fn bench_batch_prints_one_row_per_depth_and_batch_size() {
+    let out = performer(&[
+        "bench",
+        "--shape",
+        "tiny",
+        "--batch",
+        "1,3",
+        "--depths",
+        "0,16",
+        "--tg",
+        "2",
+        "-r",
+        "1",
+        "--bandwidth-mib",
+        "0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .filter(|l| l.starts_with("| synthetic tiny"))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    // Columns: model, threads, depth, B, aggregate, per sequence, step ms, × B=1, states.
+    let points: Vec<(&str, &str)> = rows.iter().map(|r| (r[3], r[4])).collect();
+    assert_eq!(
+        points,
+        [("0", "1"), ("0", "3"), ("16", "1"), ("16", "3")],
+        "{table}"
+    );
+    for r in &rows {
+        let aggregate: f64 = r[5].split(' ').next().unwrap().parse().unwrap();
+        assert!(aggregate.is_finite() && aggregate > 0.0, "{table}");
+    }
+    // B = 1 is its own reference; the states' memory comes with its unit.
+    assert_eq!(rows[0][8], "1.00", "{table}");
+    assert!(
+        rows[1][9].ends_with("MiB") || rows[1][9].ends_with("KiB"),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_bench_with_nothing_to_measure_is_refused_before_any_model_is_written() {
+    // A zero batch size, and every pp/tg size 0: one-line errors (exit code 1) naming the
+    // option, with no table printed and no synthetic model written to --synthetic-dir.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("synthetic");
+    let d = dir.to_str().unwrap();
+    for (args, option) in [
+        (&["--batch", "0,4"][..], "batch"),
+        (&["--batch", "2", "--tg", "0"][..], "at least one step"),
+        (&["--pp", "0", "--tg", "0"][..], "nothing to measure"),
+    ] {
+        let mut all = vec!["bench", "--shape", "tiny", "--synthetic-dir", d];
+        all.extend_from_slice(args);
+        let out = performer(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(option), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert!(!dir.join("model.safetensors").exists(), "{args:?}");
+    }
+}
+
 /// Runs `performer` and fails (killing it) if it has not ended within `secs`: a regression
 /// to an unbounded read must fail the test, not hang it.
 fn performer_within(args: &[&str], secs: u64) -> std::process::Output {
