@@ -93,7 +93,9 @@ impl CompletionBody {
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(1.0),
             top_k: self.top_k.filter(|&k| k > 0).map(|k| k as usize),
-            top_p: self.top_p.filter(|&p| p < 1.0),
+            // 1 keeps every token (no nucleus cut); anything else outside (0, 1] is refused
+            // by the sampler's validation with a 400 naming top_p.
+            top_p: self.top_p.filter(|&p| p != 1.0),
             repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
             seed,
             ..SamplingParams::default()

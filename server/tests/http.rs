@@ -248,6 +248,23 @@ async fn completions_health_models_metrics_and_errors() {
         "invalid_parameter",
     )
     .await;
+    // top_p outside (0, 1] on either side (1 itself means no nucleus cut, and is served).
+    for top_p in [0.0, 1.5] {
+        assert_error(
+            s.post("/v1/completions", json!({"prompt": "x", "top_p": top_p}))
+                .await,
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+        )
+        .await;
+    }
+    let ok = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "x", "top_p": 1.0, "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(ok.status(), StatusCode::OK);
     assert_error(
         s.post("/v1/completions", json!({"prompt": ""})).await,
         StatusCode::BAD_REQUEST,
