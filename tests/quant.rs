@@ -612,3 +612,23 @@ fn q4_1_search_lowers_the_squared_error_of_gaussian_blocks() {
     assert!(q41 < 0.9 * plain, "q4_1 {q41} vs plain {plain}");
     assert!(q41 < q40, "q4_1 {q41} vs q4_0 {q40}");
 }
+
+#[test]
+fn rows_of_no_weights_sum_to_zero_by_every_method() {
+    // A 3 × 0 matrix (no blocks) is valid: every method writes 0 to every output, whatever
+    // `y` held before.
+    for format in FORMATS {
+        let m = QMatrix::new(format, &[], &[], &[], 3, 0).unwrap();
+        for method in methods() {
+            for parallel in [false, true] {
+                let mut y = vec![f32::NAN; 3];
+                if parallel {
+                    qk::matvec_with(method, m, &[], &mut y);
+                } else {
+                    qk::matvec_serial_with(method, m, &[], &mut y);
+                }
+                assert_eq!(y, [0.0; 3], "{format} {method:?} parallel={parallel}");
+            }
+        }
+    }
+}

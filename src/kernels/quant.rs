@@ -29,7 +29,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::quant::{QMatrix, QuantFormat, BLOCK};
+use crate::quant::{QMatrix, QRow, QuantFormat, BLOCK};
 
 /// How a quantized matrix-vector product is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -364,28 +364,51 @@ fn usable(method: Method) -> Method {
     }
 }
 
+/// Sets `y[r] = f(row r of m)` for every row (`y.len() == m.rows`), slicing the rows by
+/// their strides as it goes: [`QMatrix::row`]'s per-row offsets and bounds checks, and a match
+/// on the format per row, cost 3–9% of a 3072 × 768 int8 product (one 24-block row takes
+/// ~20 ns there).
+#[inline(always)]
+fn for_each_row(m: QMatrix<'_>, y: &mut [f32], mut f: impl FnMut(QRow<'_>) -> f32) {
+    debug_assert_eq!(y.len(), m.rows);
+    if m.cols == 0 {
+        // Rows of no weights: empty sums (and no zero-sized chunks below).
+        y.fill(0.0);
+        return;
+    }
+    let (rb, sb) = (m.format.row_bytes(m.cols), m.cols / BLOCK);
+    // Formats without minimums give every row an empty slice.
+    let mins = m.mins.chunks_exact(sb).chain(std::iter::repeat(&[][..]));
+    let rows = m.codes.chunks_exact(rb).zip(m.scales.chunks_exact(sb));
+    for ((out, (codes, scales)), mins) in y.iter_mut().zip(rows).zip(mins) {
+        *out = f(QRow {
+            codes,
+            scales,
+            mins,
+        });
+    }
+}
+
 /// [`Method::Portable`] or [`Method::Dequant`] rows (`method` supported).
 fn float_rows(method: Method, m: QMatrix<'_>, x: &[f32], y: &mut [f32]) {
-    for (r, out) in y.iter_mut().enumerate() {
-        let row = m.row(r);
-        let (codes, scales) = (row.codes, row.scales);
-        *out = match method {
-            #[cfg(target_arch = "x86_64")]
-            Method::Dequant => {
-                // SAFETY: `supported(Dequant)` checked avx512f/bw/vl at run time; `codes` holds
-                // `scales.len()` blocks of the format, `x` `32·scales.len()` values and, for
-                // q4_1, `mins` as many minimums as `scales` (the callers' asserts and
-                // QMatrix's invariant).
-                unsafe {
-                    match m.format {
-                        QuantFormat::Q8_0 => avx512::q8_dequant_row(codes, scales, x),
-                        QuantFormat::Q4_0 => avx512::q4_dequant_row(codes, scales, x),
-                        QuantFormat::Q4_1 => avx512::q4_1_dequant_row(codes, scales, row.mins, x),
-                    }
-                }
-            }
-            _ => portable_row(m.format, row, x),
-        };
+    match method {
+        // SAFETY (each call below): `supported(Dequant)` checked avx512f/bw/vl at run time;
+        // `codes` holds `scales.len()` blocks of the format, `x` `32·scales.len()` values
+        // and, for q4_1, `mins` as many minimums as `scales` (the callers' asserts and
+        // QMatrix's invariant, which `for_each_row` slices by).
+        #[cfg(target_arch = "x86_64")]
+        Method::Dequant => match m.format {
+            QuantFormat::Q8_0 => for_each_row(m, y, |row| unsafe {
+                avx512::q8_dequant_row(row.codes, row.scales, x)
+            }),
+            QuantFormat::Q4_0 => for_each_row(m, y, |row| unsafe {
+                avx512::q4_dequant_row(row.codes, row.scales, x)
+            }),
+            QuantFormat::Q4_1 => for_each_row(m, y, |row| unsafe {
+                avx512::q4_1_dequant_row(row.codes, row.scales, row.mins, x)
+            }),
+        },
+        _ => for_each_row(m, y, |row| portable_row(m.format, row, x)),
     }
 }
 
@@ -397,29 +420,27 @@ fn int8_rows(m: QMatrix<'_>, act: &Activation, y: &mut [f32]) {
         m.cols / BLOCK,
         "quantized matvec: activation length"
     );
-    for (r, out) in y.iter_mut().enumerate() {
-        let row = m.row(r);
-        #[cfg(target_arch = "x86_64")]
-        {
-            let (codes, scales) = (row.codes, row.scales);
-            // SAFETY: `supported(Int8)` checked avx512f/bw/vl/vnni at run time (callers pass
-            // Int8 only then); `act` was quantized from an `x` of `32·blocks` values (asserted
-            // above: codes, scales, block sums and offsets in both layouts), `codes` holds
-            // `blocks` blocks, `scales` `blocks` scales and, for q4_1, `mins` `blocks`
-            // minimums (QMatrix's invariant).
-            *out = unsafe {
-                match m.format {
-                    QuantFormat::Q8_0 => avx512::q8_int8_row(codes, scales, act),
-                    QuantFormat::Q4_0 => avx512::q4_int8_row::<false>(codes, scales, &[], act),
-                    QuantFormat::Q4_1 => avx512::q4_int8_row::<true>(codes, scales, row.mins, act),
-                }
-            };
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (row, act, out);
-            unreachable!("Method::Int8 is never supported off x86-64");
-        }
+    // SAFETY (each call below): `supported(Int8)` checked avx512f/bw/vl/vnni at run time
+    // (callers pass Int8 only then); `act` was quantized from an `x` of `32·blocks` values
+    // (asserted above: codes, scales, block sums and offsets in both layouts), `codes` holds
+    // `blocks` blocks, `scales` `blocks` scales and, for q4_1, `mins` `blocks` minimums
+    // (QMatrix's invariant, which `for_each_row` slices by).
+    #[cfg(target_arch = "x86_64")]
+    match m.format {
+        QuantFormat::Q8_0 => for_each_row(m, y, |row| unsafe {
+            avx512::q8_int8_row(row.codes, row.scales, act)
+        }),
+        QuantFormat::Q4_0 => for_each_row(m, y, |row| unsafe {
+            avx512::q4_int8_row::<false>(row.codes, row.scales, &[], act)
+        }),
+        QuantFormat::Q4_1 => for_each_row(m, y, |row| unsafe {
+            avx512::q4_int8_row::<true>(row.codes, row.scales, row.mins, act)
+        }),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (act, y);
+        unreachable!("Method::Int8 is never supported off x86-64");
     }
 }
 
@@ -460,7 +481,7 @@ pub fn matvec(m: QMatrix<'_>, x: &[f32], y: &mut [f32]) {
 
 /// One row by the portable method: each block's exact products summed in f32, times the scale
 /// (q4_1: each dequantized weight times `x`, summed in f32).
-fn portable_row(format: QuantFormat, row: crate::quant::QRow<'_>, x: &[f32]) -> f32 {
+fn portable_row(format: QuantFormat, row: QRow<'_>, x: &[f32]) -> f32 {
     let (codes, scales) = (row.codes, row.scales);
     let bb = format.block_bytes();
     let mut sum = 0f32;
