@@ -632,3 +632,22 @@ fn rows_of_no_weights_sum_to_zero_by_every_method() {
         }
     }
 }
+
+#[test]
+#[should_panic(expected = "needs 64 code bytes")]
+fn a_matrix_built_field_by_field_too_short_is_refused_not_read_past() {
+    // QMatrix's fields are public: a matrix whose codes cannot fill its rows panics with the
+    // sizes, before any kernel reads a row (never a read past the slice, never a skipped row).
+    let scales = vec![f16::ONE; 2];
+    let codes = vec![0u8; 32];
+    let m = QMatrix {
+        format: QuantFormat::Q8_0,
+        codes: &codes,
+        scales: &scales,
+        mins: &[],
+        rows: 2,
+        cols: 32,
+    };
+    let mut y = [0f32; 2];
+    qk::matvec_serial(m, &[1.0; 32], &mut y);
+}

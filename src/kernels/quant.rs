@@ -377,6 +377,22 @@ fn for_each_row(m: QMatrix<'_>, y: &mut [f32], mut f: impl FnMut(QRow<'_>) -> f3
         return;
     }
     let (rb, sb) = (m.format.row_bytes(m.cols), m.cols / BLOCK);
+    // `QMatrix::new` guarantees these; a matrix built field by field is held to them here,
+    // once per product, so that no row is skipped (the kernels take each row's slices as
+    // their bounds).
+    let mins_needed = if m.format.has_mins() { m.rows * sb } else { 0 };
+    assert!(
+        m.codes.len() >= m.rows * rb
+            && m.scales.len() >= m.rows * sb
+            && m.mins.len() >= mins_needed,
+        "quantized matvec: a {}x{} {} matrix needs {} code bytes, {} scales and {} minimums",
+        m.rows,
+        m.cols,
+        m.format,
+        m.rows * rb,
+        m.rows * sb,
+        mins_needed
+    );
     // Formats without minimums give every row an empty slice.
     let mins = m.mins.chunks_exact(sb).chain(std::iter::repeat(&[][..]));
     let rows = m.codes.chunks_exact(rb).zip(m.scales.chunks_exact(sb));
