@@ -585,6 +585,37 @@ mod avx512 {
         _mm512_mul_ps(widen16(scales, b0), a)
     }
 
+    /// The block loop of the q8_0/q4_0 dequantizing kernels: `Σ_b d_b · partial!(b)` with
+    /// blocks alternating between two accumulators (even blocks in the first). Two blocks per
+    /// iteration, so the accumulators are registers: indexed by `b & 1` in a one-block loop
+    /// they lived on the stack, a store and a reload in every block's dependency chain. The
+    /// same sums in the same order as that loop, so bit for bit its results.
+    macro_rules! dequant_blocks {
+        ($n:expr, $scales:expr, $partial:ident) => {{
+            let (n, scales) = ($n, $scales);
+            let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut sc = _mm512_setzero_ps();
+            let mut b = 0;
+            while b + 2 <= n {
+                // `b` is even, so a pair never straddles two groups of 16 scales.
+                if b % 16 == 0 {
+                    sc = widen16(scales, b);
+                }
+                let (t0, t1) = ($partial!(b), $partial!(b + 1));
+                acc0 = _mm512_fmadd_ps(t0, lane(sc, b % 16), acc0);
+                acc1 = _mm512_fmadd_ps(t1, lane(sc, (b + 1) % 16), acc1);
+                b += 2;
+            }
+            if b < n {
+                if b % 16 == 0 {
+                    sc = widen16(scales, b);
+                }
+                acc0 = _mm512_fmadd_ps($partial!(b), lane(sc, b % 16), acc0);
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+        }};
+    }
+
     /// One q8_0 row, codes widened to f32.
     ///
     /// # Safety
@@ -594,23 +625,21 @@ mod avx512 {
         let n = scales.len();
         debug_assert!(codes.len() >= n * BLOCK && x.len() >= n * BLOCK);
         let (c, xp) = (codes.as_ptr(), x.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 2];
-        let mut sc = _mm512_setzero_ps();
-        for b in 0..n {
-            let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                c.add(b * BLOCK).cast(),
-            )));
-            let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                c.add(b * BLOCK + 16).cast(),
-            )));
-            let t = _mm512_mul_ps(w0, _mm512_loadu_ps(xp.add(b * BLOCK)));
-            let t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(b * BLOCK + 16)), t);
-            if b % 16 == 0 {
-                sc = widen16(scales, b);
-            }
-            acc[b & 1] = _mm512_fmadd_ps(t, lane(sc, b % 16), acc[b & 1]);
+        // Block b's exact products with x, summed over its 32 weights.
+        macro_rules! partial {
+            ($b:expr) => {{
+                let b = $b;
+                let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    c.add(b * BLOCK).cast(),
+                )));
+                let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    c.add(b * BLOCK + 16).cast(),
+                )));
+                let t = _mm512_mul_ps(w0, _mm512_loadu_ps(xp.add(b * BLOCK)));
+                _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(b * BLOCK + 16)), t)
+            }};
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+        dequant_blocks!(n, scales, partial)
     }
 
     /// One q4_0 row, nibbles looked up as `n − 8` in f32.
@@ -625,21 +654,19 @@ mod avx512 {
         let table = _mm512_setr_ps(
             -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
         );
-        let mut acc = [_mm512_setzero_ps(); 2];
-        let mut sc = _mm512_setzero_ps();
-        for b in 0..n {
-            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.add(b * BLOCK / 2).cast()));
-            // vpermps reads the low 4 bits of each index: the low nibble directly.
-            let w0 = _mm512_permutexvar_ps(v, table);
-            let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), table);
-            let t = _mm512_mul_ps(w0, _mm512_loadu_ps(xp.add(b * BLOCK)));
-            let t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(b * BLOCK + 16)), t);
-            if b % 16 == 0 {
-                sc = widen16(scales, b);
-            }
-            acc[b & 1] = _mm512_fmadd_ps(t, lane(sc, b % 16), acc[b & 1]);
+        // Block b's exact products with x, summed over its 32 weights.
+        macro_rules! partial {
+            ($b:expr) => {{
+                let b = $b;
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.add(b * BLOCK / 2).cast()));
+                // vpermps reads the low 4 bits of each index: the low nibble directly.
+                let w0 = _mm512_permutexvar_ps(v, table);
+                let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), table);
+                let t = _mm512_mul_ps(w0, _mm512_loadu_ps(xp.add(b * BLOCK)));
+                _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(b * BLOCK + 16)), t)
+            }};
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+        dequant_blocks!(n, scales, partial)
     }
 
     /// One q4_1 row: each weight formed as `n · d + m` with one FMA (the dequantized f32
