@@ -724,24 +724,37 @@ mod avx512 {
         debug_assert!(act.offset_q8.len() >= n * 8);
         let (c, xq, off) = (codes.as_ptr(), act.codes.as_ptr(), act.offset_q8.as_ptr());
         let flip = _mm256_set1_epi8(-128);
-        let mut acc = [_mm256_setzero_ps(); 2];
+        // Block b's integer dot product, converted: −128 · Σx per lane, then + Σ (q + 128) · x.
+        macro_rules! dot {
+            ($b:expr) => {{
+                let b = $b;
+                let w = _mm256_xor_si256(_mm256_loadu_si256(c.add(b * BLOCK).cast()), flip);
+                let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
+                let init = _mm256_loadu_si256(off.add(b * 8).cast());
+                _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(init, w, x))
+            }};
+        }
+        // Even blocks into `acc0`, odd ones into `acc1`, two per iteration so that both stay
+        // in registers (as `dequant_blocks!` does).
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut sc = _mm512_setzero_ps();
-        for b in 0..n {
+        let mut b = 0;
+        while b + 2 <= n {
             if b % 16 == 0 {
                 sc = widen16_times(scales, &act.scales, b);
             }
-            let w = _mm256_xor_si256(_mm256_loadu_si256(c.add(b * BLOCK).cast()), flip);
-            let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
-            // −128 · Σx per lane, then + Σ (q + 128) · x.
-            let init = _mm256_loadu_si256(off.add(b * 8).cast());
-            let dot = _mm256_dpbusd_epi32(init, w, x);
-            acc[b & 1] = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(dot),
-                _mm512_castps512_ps256(lane(sc, b % 16)),
-                acc[b & 1],
-            );
+            let (d0, d1) = (dot!(b), dot!(b + 1));
+            acc0 = _mm256_fmadd_ps(d0, _mm512_castps512_ps256(lane(sc, b % 16)), acc0);
+            acc1 = _mm256_fmadd_ps(d1, _mm512_castps512_ps256(lane(sc, (b + 1) % 16)), acc1);
+            b += 2;
         }
-        let s = _mm256_add_ps(acc[0], acc[1]);
+        if b < n {
+            if b % 16 == 0 {
+                sc = widen16_times(scales, &act.scales, b);
+            }
+            acc0 = _mm256_fmadd_ps(dot!(b), _mm512_castps512_ps256(lane(sc, b % 16)), acc0);
+        }
+        let s = _mm256_add_ps(acc0, acc1);
         let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
