@@ -7,9 +7,9 @@
 //!   convert; q4_0: zero-extend the bytes and look each nibble up in a 16-entry table of
 //!   `n − 8` with one permute), multiply-add with `x`, and scale the block's partial sum by its
 //!   f16 scale. The products are exact, so the result matches "dequantize to f32, then
-//!   multiply" up to the order of the f32 sum. q4_1 forms each weight `n · d + m` with one
-//!   fused multiply-add (the same f32 value as the dequantized weight: `n · d` is exact) and
-//!   multiply-adds it with `x`.
+//!   multiply" up to the order of the f32 sum. q4_1 multiplies its codes `0 … 15` the same
+//!   way and adds `m · Σx` per block, with `Σx` of each block taken once per product: the
+//!   dequantized product up to f32 rounding (each weight is `n · d + m` with `n · d` exact).
 //! - [`Method::Int8`]: quantize `x` per block of 32 to int8 once per product (scale `max|x|/127`,
 //!   ties rounded to even; decoding's stacked q/k/v products share one), then take integer dot
 //!   products with AVX-512 VNNI `vpdpbusd` (unsigned × signed bytes, four
@@ -405,13 +405,20 @@ fn for_each_row(m: QMatrix<'_>, y: &mut [f32], mut f: impl FnMut(QRow<'_>) -> f3
     }
 }
 
+/// The sums of `x` per block of 32 (in order, f32): what q4_1's minimums multiply.
+fn block_sums(x: &[f32]) -> Vec<f32> {
+    x.chunks_exact(BLOCK)
+        .map(|b| b.iter().fold(0f32, |s, &v| s + v))
+        .collect()
+}
+
 /// [`Method::Portable`] or [`Method::Dequant`] rows (`method` supported).
 fn float_rows(method: Method, m: QMatrix<'_>, x: &[f32], y: &mut [f32]) {
     match method {
         // SAFETY (each call below): `supported(Dequant)` checked avx512f/bw/vl at run time;
         // `codes` holds `scales.len()` blocks of the format, `x` `32·scales.len()` values
-        // and, for q4_1, `mins` as many minimums as `scales` (the callers' asserts and
-        // QMatrix's invariant, which `for_each_row` slices by).
+        // and, for q4_1, `mins` and `xsum` as many entries as `scales` (the callers' asserts,
+        // `block_sums` of that `x`, and QMatrix's invariant, which `for_each_row` slices by).
         #[cfg(target_arch = "x86_64")]
         Method::Dequant => match m.format {
             QuantFormat::Q8_0 => for_each_row(m, y, |row| unsafe {
@@ -420,9 +427,12 @@ fn float_rows(method: Method, m: QMatrix<'_>, x: &[f32], y: &mut [f32]) {
             QuantFormat::Q4_0 => for_each_row(m, y, |row| unsafe {
                 avx512::q4_dequant_row(row.codes, row.scales, x)
             }),
-            QuantFormat::Q4_1 => for_each_row(m, y, |row| unsafe {
-                avx512::q4_1_dequant_row(row.codes, row.scales, row.mins, x)
-            }),
+            QuantFormat::Q4_1 => {
+                let xsum = block_sums(x);
+                for_each_row(m, y, |row| unsafe {
+                    avx512::q4_1_dequant_row(row.codes, row.scales, row.mins, &xsum, x)
+                })
+            }
         },
         _ => for_each_row(m, y, |row| portable_row(m.format, row, x)),
     }
@@ -669,46 +679,47 @@ mod avx512 {
         dequant_blocks!(n, scales, partial)
     }
 
-    /// One q4_1 row: each weight formed as `n · d + m` with one FMA (the dequantized f32
-    /// weight exactly, `n · d` being exact), then multiply-added with `x`.
+    /// One q4_1 row as `Σ_b d_b · Σ n·x + Σ_b m_b · xsum_b`: the codes `0 … 15` multiplied
+    /// as q4_0's are (three f32 operations per block instead of the four that forming each
+    /// weight `n·d + m` takes), and the minimums against the blocks' sums of `x`, taken once
+    /// per product by the caller, 16 blocks at a time.
     ///
     /// # Safety
-    /// avx512f/bw/vl are available; `codes.len() ≥ 16·n`, `mins.len() ≥ n`, `x.len() ≥ 32·n`
-    /// for `n = scales.len()`.
+    /// avx512f/bw/vl are available; `codes.len() ≥ 16·n`, `mins.len() ≥ n`, `xsum.len() ≥ n`,
+    /// `x.len() ≥ 32·n` for `n = scales.len()`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) unsafe fn q4_1_dequant_row(
         codes: &[u8],
         scales: &[f16],
         mins: &[f16],
+        xsum: &[f32],
         x: &[f32],
     ) -> f32 {
         let n = scales.len();
-        debug_assert!(codes.len() >= n * BLOCK / 2 && x.len() >= n * BLOCK && mins.len() >= n);
+        debug_assert!(codes.len() >= n * BLOCK / 2 && x.len() >= n * BLOCK);
+        let (mins, xsum) = (&mins[..n], &xsum[..n]);
         let (c, xp) = (codes.as_ptr(), x.as_ptr());
         let table = _mm512_setr_ps(
             0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
         );
-        let mut acc = [_mm512_setzero_ps(); 2];
-        let (mut sc, mut mn) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        for b in 0..n {
-            if b % 16 == 0 {
-                sc = widen16(scales, b);
-                // `mins` has as many entries as `scales` (the caller's contract), so the
-                // masked load reads inside it.
-                mn = widen16(&mins[..n], b);
-            }
-            let (d, m) = (lane(sc, b % 16), lane(mn, b % 16));
-            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.add(b * BLOCK / 2).cast()));
-            let w0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, table), d, m);
-            let w1 = _mm512_fmadd_ps(
-                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), table),
-                d,
-                m,
-            );
-            acc[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(b * BLOCK)), acc[0]);
-            acc[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(b * BLOCK + 16)), acc[1]);
+        // Block b's exact products of its codes with x, summed over its 32 weights.
+        macro_rules! partial {
+            ($b:expr) => {{
+                let b = $b;
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.add(b * BLOCK / 2).cast()));
+                let w0 = _mm512_permutexvar_ps(v, table);
+                let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), table);
+                let t = _mm512_mul_ps(w0, _mm512_loadu_ps(xp.add(b * BLOCK)));
+                _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(b * BLOCK + 16)), t)
+            }};
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+        let scaled = dequant_blocks!(n, scales, partial);
+        let mut acc = _mm512_setzero_ps();
+        for b0 in (0..n).step_by(16) {
+            let sums = _mm512_maskz_loadu_ps(lanes16(n - b0), xsum.as_ptr().add(b0));
+            acc = _mm512_fmadd_ps(widen16(mins, b0), sums, acc);
+        }
+        scaled + _mm512_reduce_add_ps(acc)
     }
 
     /// One q8_0 row by VNNI: `Σ_b s_b · Σ (q + 128)·x − 128·Σx` per block, 256 bits a block,
