@@ -658,25 +658,10 @@ mod avx512 {
     /// avx512f/bw/vl are available; `codes.len() ≥ 16·n`, `x.len() ≥ 32·n` for `n = scales.len()`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) unsafe fn q4_dequant_row(codes: &[u8], scales: &[f16], x: &[f32]) -> f32 {
-        let n = scales.len();
-        debug_assert!(codes.len() >= n * BLOCK / 2 && x.len() >= n * BLOCK);
-        let (c, xp) = (codes.as_ptr(), x.as_ptr());
         let table = _mm512_setr_ps(
             -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
         );
-        // Block b's exact products with x, summed over its 32 weights.
-        macro_rules! partial {
-            ($b:expr) => {{
-                let b = $b;
-                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.add(b * BLOCK / 2).cast()));
-                // vpermps reads the low 4 bits of each index: the low nibble directly.
-                let w0 = _mm512_permutexvar_ps(v, table);
-                let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), table);
-                let t = _mm512_mul_ps(w0, _mm512_loadu_ps(xp.add(b * BLOCK)));
-                _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(b * BLOCK + 16)), t)
-            }};
-        }
-        dequant_blocks!(n, scales, partial)
+        nibble_row(codes, scales, x, table)
     }
 
     /// One q4_1 row as `Σ_b d_b · Σ n·x + Σ_b m_b · xsum_b`: the codes `0 … 15` multiplied
@@ -695,14 +680,26 @@ mod avx512 {
         xsum: &[f32],
         x: &[f32],
     ) -> f32 {
-        let n = scales.len();
-        debug_assert!(codes.len() >= n * BLOCK / 2 && x.len() >= n * BLOCK);
-        let (mins, xsum) = (&mins[..n], &xsum[..n]);
-        let (c, xp) = (codes.as_ptr(), x.as_ptr());
         let table = _mm512_setr_ps(
             0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
         );
-        // Block b's exact products of its codes with x, summed over its 32 weights.
+        nibble_row(codes, scales, x, table) + mins_dot(&mins[..scales.len()], xsum)
+    }
+
+    /// `Σ_b d_b · Σ_j table[n_j]·x_j` over a row of 4-bit codes: each nibble looked up in
+    /// `table` (its 16 code values in f32) with one `vpermps`, which reads only the low 4 bits
+    /// of each index, multiplied with `x` exactly, the block's sum scaled once. The q4_0
+    /// (`n − 8`) and q4_1 (`n`) rows differ only in the table.
+    ///
+    /// # Safety
+    /// avx512f/bw/vl are available; `codes.len() ≥ 16·n`, `x.len() ≥ 32·n` for `n = scales.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn nibble_row(codes: &[u8], scales: &[f16], x: &[f32], table: __m512) -> f32 {
+        let n = scales.len();
+        debug_assert!(codes.len() >= n * BLOCK / 2 && x.len() >= n * BLOCK);
+        let (c, xp) = (codes.as_ptr(), x.as_ptr());
+        // Block b's exact products with x, summed over its 32 weights.
         macro_rules! partial {
             ($b:expr) => {{
                 let b = $b;
@@ -713,13 +710,26 @@ mod avx512 {
                 _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(b * BLOCK + 16)), t)
             }};
         }
-        let scaled = dequant_blocks!(n, scales, partial);
+        dequant_blocks!(n, scales, partial)
+    }
+
+    /// `Σ_b mins[b] · sums[b]` over the `n = mins.len()` blocks, 16 at a time: q4_1's
+    /// minimums against the blocks' sums of x (exact, for `Dequant`; of the quantized
+    /// activation, for `Int8`).
+    ///
+    /// # Safety
+    /// avx512f/bw/vl are available; `sums.len() ≥ mins.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn mins_dot(mins: &[f16], sums: &[f32]) -> f32 {
+        let n = mins.len();
+        let sums = &sums[..n];
         let mut acc = _mm512_setzero_ps();
         for b0 in (0..n).step_by(16) {
-            let sums = _mm512_maskz_loadu_ps(lanes16(n - b0), xsum.as_ptr().add(b0));
-            acc = _mm512_fmadd_ps(widen16(mins, b0), sums, acc);
+            let s = _mm512_maskz_loadu_ps(lanes16(n - b0), sums.as_ptr().add(b0));
+            acc = _mm512_fmadd_ps(widen16(mins, b0), s, acc);
         }
-        scaled + _mm512_reduce_add_ps(acc)
+        _mm512_reduce_add_ps(acc)
     }
 
     /// One q8_0 row by VNNI: `Σ_b s_b · Σ (q + 128)·x − 128·Σx` per block, 256 bits a block,
@@ -849,13 +859,7 @@ mod avx512 {
             total += lanes.iter().sum::<i32>() as f32 * scale;
         }
         if MINS {
-            let mins = &mins[..n];
-            let mut acc = _mm512_setzero_ps();
-            for b0 in (0..n).step_by(16) {
-                let sums = _mm512_maskz_loadu_ps(lanes16(n - b0), act.block_sums.as_ptr().add(b0));
-                acc = _mm512_fmadd_ps(widen16(mins, b0), sums, acc);
-            }
-            total += _mm512_reduce_add_ps(acc);
+            total += mins_dot(&mins[..n], &act.block_sums);
         }
         total
     }
