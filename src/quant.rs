@@ -211,9 +211,7 @@ pub fn quantize_row(
             mins[b] = m16;
             let (d, m) = (d16.to_f32(), m16.to_f32());
             let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = q4_1_code(block[j], m, inv) | (q4_1_code(block[j + BLOCK / 2], m, inv) << 4);
-            }
+            pack_nibbles(block, out, |v| q4_1_code(v, m, inv));
             continue;
         }
         // The element of largest magnitude, with its sign (the first one on ties).
@@ -239,14 +237,21 @@ pub fn quantize_row(
                 }
             }
             _ => {
-                let code = |v: f32| ((v * inv).round() + 8.0).clamp(0.0, 15.0) as u8;
-                for (j, o) in out.iter_mut().enumerate() {
-                    *o = code(block[j]) | (code(block[j + BLOCK / 2]) << 4);
-                }
+                pack_nibbles(block, out, |v| {
+                    ((v * inv).round() + 8.0).clamp(0.0, 15.0) as u8
+                });
             }
         }
     }
     Ok(())
+}
+
+/// The 4-bit layout of q4_0 and q4_1: byte `j` of a block's 16 holds the code of weight `j`
+/// in its low nibble and that of weight `j + 16` in its high nibble (`code` gives 0..=15).
+fn pack_nibbles(block: &[f32], out: &mut [u8], code: impl Fn(f32) -> u8) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = code(block[j]) | (code(block[j + BLOCK / 2]) << 4);
+    }
 }
 
 /// A q4_1 code: `round((v − m) / d)` clamped to `[0, 15]` (`inv = 1/d`, 0 for `d = 0`).
@@ -846,24 +851,16 @@ pub fn quantize_file(
                 mins,
                 ..
             } = q;
+            // The F16 companions, `[rows, blocks]` each.
+            let companion = |values: &[f16]| OwnedTensor {
+                dtype: safetensors::Dtype::F16,
+                shape: vec![rows, cols / BLOCK],
+                data: bytemuck::cast_slice(values).to_vec(),
+            };
             if format.has_mins() {
-                out.push((
-                    format!("{name}{MINS_SUFFIX}"),
-                    OwnedTensor {
-                        dtype: safetensors::Dtype::F16,
-                        shape: vec![rows, cols / BLOCK],
-                        data: bytemuck::cast_slice(&mins).to_vec(),
-                    },
-                ));
+                out.push((format!("{name}{MINS_SUFFIX}"), companion(&mins)));
             }
-            out.push((
-                format!("{name}{SCALES_SUFFIX}"),
-                OwnedTensor {
-                    dtype: safetensors::Dtype::F16,
-                    shape: vec![rows, cols / BLOCK],
-                    data: bytemuck::cast_slice(&scales).to_vec(),
-                },
-            ));
+            out.push((format!("{name}{SCALES_SUFFIX}"), companion(&scales)));
             out.push((
                 name,
                 OwnedTensor {

@@ -572,30 +572,26 @@ impl BenchOptions {
     /// least one attention kind and thread count, no zero thread count or repetitions, and
     /// something to measure (a non-zero `pp` or `tg`).
     pub fn validate(&self) -> Result<()> {
-        validate(self)
+        if !self.pp.iter().chain(&self.tg).any(|&n| n > 0) {
+            return Err(Error::invalid(
+                "pp/tg",
+                "nothing to measure: every --pp and --tg size is 0",
+            ));
+        }
+        if self.attentions.is_empty() {
+            return Err(Error::invalid("attention", "give at least one"));
+        }
+        if self.threads.is_empty() || self.threads.contains(&0) {
+            return Err(Error::invalid(
+                "threads",
+                "thread counts must be at least 1",
+            ));
+        }
+        if self.repetitions == 0 {
+            return Err(Error::invalid("repetitions", "must be at least 1"));
+        }
+        Ok(())
     }
-}
-
-fn validate(opts: &BenchOptions) -> Result<()> {
-    if !opts.pp.iter().chain(&opts.tg).any(|&n| n > 0) {
-        return Err(Error::invalid(
-            "pp/tg",
-            "nothing to measure: every --pp and --tg size is 0",
-        ));
-    }
-    if opts.attentions.is_empty() {
-        return Err(Error::invalid("attention", "give at least one"));
-    }
-    if opts.threads.is_empty() || opts.threads.contains(&0) {
-        return Err(Error::invalid(
-            "threads",
-            "thread counts must be at least 1",
-        ));
-    }
-    if opts.repetitions == 0 {
-        return Err(Error::invalid("repetitions", "must be at least 1"));
-    }
-    Ok(())
 }
 
 struct Progress {
@@ -631,7 +627,7 @@ fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
 
 /// Runs every test of `opts` on `model` (named `name` in the report).
 pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
-    validate(opts)?;
+    opts.validate()?;
     // Fail before any measurement if an attention kind is not available.
     for &a in &opts.attentions {
         new_session(model, a)?;
