@@ -63,7 +63,9 @@ pub fn matvec_block_rows(rows: usize, cols: usize, threads: usize) -> Option<usi
 /// Generates, from one list of kernel signatures: for each x86 level a module of
 /// `#[target_feature]` entry points that run the generic body with that level's token (the
 /// body and the intrinsics it calls are all `#[inline(always)]`, so they compile inside the
-/// entry point with its instructions); the [`Kernels`] method that picks the entry point of its
+/// entry point with its instructions; a closure or a library helper such as
+/// `std::array::from_fn` around an intrinsic is compiled without the level's features and
+/// calls it out of line, which `scripts/check_inline_intrinsics.sh` catches in CI); the [`Kernels`] method that picks the entry point of its
 /// level; and, for public kernels, the free function at the process's level.
 macro_rules! kernels {
     ($(
@@ -765,9 +767,14 @@ fn batch_tile<
         }
     }
     for p in 0..4 / J {
-        let mut acc: [[[S::V; J]; C]; R] = std::array::from_fn(|r| {
-            std::array::from_fn(|c| std::array::from_fn(|jj| sums[r][c][p * J + jj]))
-        });
+        let mut acc = [[[s.zero(); J]; C]; R];
+        for r in 0..R {
+            for c in 0..C {
+                for jj in 0..J {
+                    acc[r][c][jj] = sums[r][c][p * J + jj];
+                }
+            }
+        }
         for k in 0..blocks {
             if p == 0 {
                 for _ in 0..per_step {
@@ -779,7 +786,10 @@ fn batch_tile<
             }
             for (jj, _) in [(); J].iter().enumerate() {
                 let o = (p * J + jj) * LANES;
-                let xv: [S::V; C] = std::array::from_fn(|c| s.load(&x64[c][k][o..o + LANES]));
+                let mut xv = [s.zero(); C];
+                for c in 0..C {
+                    xv[c] = s.load(&x64[c][k][o..o + LANES]);
+                }
                 for r in 0..R {
                     let wv = s.load(&w64[r][k][o..o + LANES]);
                     for c in 0..C {
@@ -792,7 +802,10 @@ fn batch_tile<
         if p == 0 && LAST {
             // dot_k's 16-column remainder blocks, into accumulator 0 (pass 0's first).
             while i + LANES <= n {
-                let xv: [S::V; C] = std::array::from_fn(|c| s.load(&xr[c][i..]));
+                let mut xv = [s.zero(); C];
+                for c in 0..C {
+                    xv[c] = s.load(&xr[c][i..]);
+                }
                 for r in 0..R {
                     let wv = s.load(&wr[r][i..]);
                     for c in 0..C {
@@ -841,6 +854,111 @@ fn batch_tile<
 /// zero-extending shuffles, two shifts and two FMAs. Products are exact either way; only the
 /// order of the sum changes.
 #[cfg(target_arch = "x86_64")]
+/// bf16 rows at the AVX2 level, the same technique as [`bf16_pairs`] with 256-bit registers:
+/// one load of 16 bf16 gives the 8 even weights (`<< 16`) and the 8 odd ones (`& 0xFFFF0000`)
+/// as f32, multiplied with `x` deinterleaved once per product (8 even then 8 odd elements per
+/// 16-column block). Three instructions widen 16 weights instead of six (two zero-extending
+/// loads and two shifts), and each weight byte is loaded once.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod bf16_pairs_avx2 {
+    use super::simd::Avx2;
+    use half::bf16;
+    use std::arch::x86_64::__m256;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// `x` deinterleaved per 16-column block: 8 even then 8 odd elements.
+        static SPLIT_X: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    #[inline(always)]
+    pub(crate) fn matvec_rows(t: Avx2, w: &[bf16], cols: usize, x: &[f32], y: &mut [f32]) {
+        assert!(w.len() >= y.len() * cols && x.len() >= cols);
+        let blocks = cols / 16;
+        // Taken out of the thread-local and put back, not borrowed in a closure: the row loop
+        // must stay in this function, which is inlined into the target-feature entry point.
+        let mut split = SPLIT_X.take();
+        split.clear();
+        for b in 0..blocks {
+            let xb = &x[16 * b..16 * b + 16];
+            split.extend(xb.iter().step_by(2));
+            split.extend(xb.iter().skip(1).step_by(2));
+        }
+        for (r, out) in y.iter_mut().enumerate() {
+            *out = dot_row(t, &w[r * cols..(r + 1) * cols], &split, x);
+        }
+        SPLIT_X.set(split);
+    }
+
+    /// One 16-weight block `b` into the (even, odd) accumulator pair `acc`.
+    ///
+    /// # Safety
+    /// Weights `16b..16b + 16` must lie behind `w` and floats `16b..16b + 16` behind `xs`.
+    #[inline(always)]
+    unsafe fn block(t: Avx2, w: *const bf16, xs: *const f32, b: usize, acc: &mut [__m256; 2]) {
+        let (avx, avx2, fma) = (t.avx, t.avx2, t.fma);
+        // SAFETY: the caller guarantees that weights 16b..16b+16 (32 bytes) lie behind `w` and
+        // floats 16b..16b+16 behind `xs` (this function's contract); unaligned loads, the
+        // token proves AVX.
+        let (v, xe, xo) = unsafe {
+            (
+                avx._mm256_loadu_si256(w.add(16 * b).cast()),
+                avx._mm256_loadu_ps(xs.add(16 * b)),
+                avx._mm256_loadu_ps(xs.add(16 * b + 8)),
+            )
+        };
+        let even = avx._mm256_castsi256_ps(avx2._mm256_slli_epi32::<16>(v));
+        let high = avx._mm256_set1_epi32(0xFFFF_0000_u32 as i32);
+        let odd = avx._mm256_castsi256_ps(avx2._mm256_and_si256(v, high));
+        acc[0] = fma._mm256_fmadd_ps(even, xe, acc[0]);
+        acc[1] = fma._mm256_fmadd_ps(odd, xo, acc[1]);
+    }
+
+    /// Dot product of one row (`cols = w.len()`) with `x`, `split` the deinterleaved `x` of
+    /// `cols / 16` blocks.
+    #[inline(always)]
+    fn dot_row(t: Avx2, w: &[bf16], split: &[f32], x: &[f32]) -> f32 {
+        let (avx, sse) = (t.avx, t.sse);
+        let cols = w.len();
+        let blocks = cols / 16;
+        assert!(split.len() >= blocks * 16 && x.len() >= cols);
+        let (base, xs) = (w.as_ptr(), split.as_ptr());
+        // Four blocks per iteration into eight accumulators: FMA latency times the two FMA
+        // ports is about ten in flight, and no FMA waits on the previous one's result.
+        let zero = avx._mm256_setzero_ps();
+        let mut acc = [[zero; 2]; 4];
+        let mut b = 0;
+        // SAFETY (each `block` call): b + j < blocks, so weights 16(b+j).. lie in `w` and
+        // floats 16(b+j).. in `split` (asserted above).
+        while b + 4 <= blocks {
+            for (j, pair) in acc.iter_mut().enumerate() {
+                unsafe { block(t, base, xs, b + j, pair) };
+            }
+            b += 4;
+        }
+        while b < blocks {
+            unsafe { block(t, base, xs, b, &mut acc[0]) };
+            b += 1;
+        }
+        let p0 = avx._mm256_add_ps(acc[0][0], acc[0][1]);
+        let p1 = avx._mm256_add_ps(acc[1][0], acc[1][1]);
+        let p2 = avx._mm256_add_ps(acc[2][0], acc[2][1]);
+        let p3 = avx._mm256_add_ps(acc[3][0], acc[3][1]);
+        let sum = avx._mm256_add_ps(avx._mm256_add_ps(p0, p1), avx._mm256_add_ps(p2, p3));
+        let h = sse._mm_add_ps(
+            avx._mm256_castps256_ps128(sum),
+            avx._mm256_extractf128_ps::<1>(sum),
+        );
+        let h = sse._mm_add_ps(h, sse._mm_movehl_ps(h, h));
+        let h = sse._mm_add_ss(h, sse._mm_shuffle_ps::<1>(h, h));
+        let mut s = sse._mm_cvtss_f32(h);
+        for k in blocks * 16..cols {
+            s += w[k].to_f32() * x[k];
+        }
+        s
+    }
+}
+
 pub(crate) mod bf16_pairs {
     use super::simd::Avx512;
     use half::bf16;
@@ -871,6 +989,30 @@ pub(crate) mod bf16_pairs {
         SPLIT_X.set(split);
     }
 
+    /// Block `b` (32 weights) into the (even, odd) accumulator pair `pair`.
+    ///
+    /// # Safety
+    /// Weights `32b..32b + 32` must lie behind `w` and floats `32b..32b + 32` behind `xs`.
+    #[inline(always)]
+    unsafe fn block(t: Avx512, w: *const bf16, xs: *const f32, b: usize, pair: &mut [__m512]) {
+        let f = t.avx512f;
+        let high = f._mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+        // SAFETY: the caller guarantees that weights 32b..32b+32 (64 bytes) lie behind `w` and
+        // floats 32b..32b+32 behind `xs` (this function's contract); unaligned loads, the
+        // token proves AVX-512F.
+        let (v, xe, xo) = unsafe {
+            (
+                f._mm512_loadu_si512(w.add(32 * b).cast()),
+                f._mm512_loadu_ps(xs.add(32 * b)),
+                f._mm512_loadu_ps(xs.add(32 * b + 16)),
+            )
+        };
+        let even = f._mm512_castsi512_ps(f._mm512_slli_epi32::<16>(v));
+        let odd = f._mm512_castsi512_ps(f._mm512_and_si512(v, high));
+        pair[0] = f._mm512_fmadd_ps(even, xe, pair[0]);
+        pair[1] = f._mm512_fmadd_ps(odd, xo, pair[1]);
+    }
+
     /// Dot product of one row (`cols = w.len()`) with `x`, `split` the deinterleaved `x` of
     /// `cols / 32` blocks.
     #[inline(always)]
@@ -879,36 +1021,22 @@ pub(crate) mod bf16_pairs {
         let cols = w.len();
         let blocks = cols / 32;
         assert!(split.len() >= blocks * 32 && x.len() >= cols);
-        let high = f._mm512_set1_epi32(0xFFFF_0000_u32 as i32);
         let (base, xs) = (w.as_ptr(), split.as_ptr());
-        // Block `b` (32 weights) into an (even, odd) accumulator pair.
-        let block = |b: usize, pair: &mut [__m512]| {
-            // SAFETY: b < blocks, so weights 32b..32b+32 lie in `w` (64 bytes) and floats
-            // 32b..32b+32 in `split` (asserted above); unaligned loads, the token proves
-            // AVX-512F.
-            let (v, xe, xo) = unsafe {
-                (
-                    f._mm512_loadu_si512(base.add(32 * b).cast()),
-                    f._mm512_loadu_ps(xs.add(32 * b)),
-                    f._mm512_loadu_ps(xs.add(32 * b + 16)),
-                )
-            };
-            let even = f._mm512_castsi512_ps(f._mm512_slli_epi32::<16>(v));
-            let odd = f._mm512_castsi512_ps(f._mm512_and_si512(v, high));
-            pair[0] = f._mm512_fmadd_ps(even, xe, pair[0]);
-            pair[1] = f._mm512_fmadd_ps(odd, xo, pair[1]);
-        };
         // Two blocks per iteration into four accumulators: no FMA waits on the previous one.
         let mut acc: [__m512; 4] = [f._mm512_setzero_ps(); 4];
         let mut b = 0;
+        // SAFETY (each `block` call): b < blocks, so weights 32b..32b+32 lie in `w` and
+        // floats 32b..32b+32 in `split` (asserted above).
         while b + 2 <= blocks {
             let (first, second) = acc.split_at_mut(2);
-            block(b, first);
-            block(b + 1, second);
+            unsafe {
+                block(t, base, xs, b, first);
+                block(t, base, xs, b + 1, second);
+            }
             b += 2;
         }
         if b < blocks {
-            block(b, &mut acc[..2]);
+            unsafe { block(t, base, xs, b, &mut acc[..2]) };
         }
         let sum = f._mm512_add_ps(
             f._mm512_add_ps(acc[0], acc[1]),
@@ -1145,6 +1273,7 @@ fn widen_k<S: Lanes, T: Elem>(s: S, src: &[T], dst: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn narrow_bf16_k<S: Lanes>(s: S, src: &[f32], dst: &mut [bf16]) {
     let n = src.len().min(dst.len());
     let mut i = 0;
@@ -1217,8 +1346,11 @@ fn update_readout_regs<S: Lanes, const V: usize>(
 ) {
     let d = V * LANES;
     let bv = l.splat(b);
-    let xs: [S::V; V] = std::array::from_fn(|j| l.load(&x[j * LANES..]));
-    let mut acc: [S::V; V] = std::array::from_fn(|j| l.load(&out[j * LANES..]));
+    let (mut xs, mut acc) = ([l.zero(); V], [l.zero(); V]);
+    for j in 0..V {
+        xs[j] = l.load(&x[j * LANES..]);
+        acc[j] = l.load(&out[j * LANES..]);
+    }
     for (f, (&af, &wf)) in a.iter().zip(w).enumerate() {
         let (av, wv) = (l.splat(af), l.splat(wf));
         let (row_s, row_c) = (&mut s[f * d..(f + 1) * d], &mut c[f * d..(f + 1) * d]);
@@ -1302,7 +1434,10 @@ fn axpy_rows_k<S: Lanes>(s: S, p: &[f32], w: &[f32], out: &mut [f32]) {
 #[inline(always)]
 fn axpy_rows_regs<S: Lanes, const V: usize>(s: S, p: &[f32], w: &[f32], out: &mut [f32]) {
     let d = V * LANES;
-    let mut acc: [S::V; V] = std::array::from_fn(|v| s.load(&out[v * LANES..]));
+    let mut acc = [s.zero(); V];
+    for (v, acc) in acc.iter_mut().enumerate() {
+        *acc = s.load(&out[v * LANES..]);
+    }
     for (j, &pj) in p.iter().enumerate() {
         let a = s.splat(pj);
         for (v, acc) in acc.iter_mut().enumerate() {

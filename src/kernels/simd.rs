@@ -443,6 +443,51 @@ mod x86 {
         }
     }
 
+    impl Avx2 {
+        /// Widens 8 bf16 (`s[..8]`) to f32, exact.
+        #[inline(always)]
+        fn load_bf16_8(self, s: &[bf16]) -> __m256 {
+            let s = &s[..8];
+            // SAFETY: 8 bf16 (16 bytes) inside `s` (checked above); unaligned load, the token
+            // proves SSE2.
+            let h = unsafe { self.sse2._mm_loadu_si128(s.as_ptr().cast()) };
+            // bf16 is the high half of an f32: zero-extend and shift left by 16, exact.
+            let w = self.avx2._mm256_cvtepu16_epi32(h);
+            self.avx
+                ._mm256_castsi256_ps(self.avx2._mm256_slli_epi32::<16>(w))
+        }
+
+        /// Widens 8 f16 (`s[..8]`) to f32, exact.
+        #[inline(always)]
+        fn load_f16_8(self, s: &[f16]) -> __m256 {
+            let s = &s[..8];
+            // SAFETY: 8 f16 (16 bytes) inside `s` (checked above), unaligned; `vcvtph2ps`
+            // needs F16C, which this token proves (pulp wraps no F16C intrinsics, so this calls
+            // `std::arch` directly).
+            unsafe {
+                let h = self.sse2._mm_loadu_si128(s.as_ptr().cast::<__m128i>());
+                std::arch::x86_64::_mm256_cvtph_ps(h)
+            }
+        }
+
+        /// The bf16 bits of 8 f32 lanes in the low half of each 32-bit lane, rounded to
+        /// nearest even as `half::bf16::from_f32` (NaN quieted).
+        #[inline(always)]
+        fn narrow_bf16_8(self, x: __m256) -> __m256i {
+            let (avx, avx2) = (self.avx, self.avx2);
+            let bits = avx._mm256_castps_si256(x);
+            let high = avx2._mm256_srli_epi32::<16>(bits);
+            // Round to nearest even: add 0x7FFF plus the bit that survives as the last.
+            let lsb = avx2._mm256_and_si256(high, avx._mm256_set1_epi32(1));
+            let bias = avx2._mm256_add_epi32(lsb, avx._mm256_set1_epi32(0x7FFF));
+            let rounded = avx2._mm256_srli_epi32::<16>(avx2._mm256_add_epi32(bits, bias));
+            // NaN: the high half with the quiet bit set, as `half` does.
+            let quiet = avx2._mm256_or_si256(high, avx._mm256_set1_epi32(0x40));
+            let nan = avx._mm256_castps_si256(avx._mm256_cmp_ps::<CMP_UNORD_Q>(x, x));
+            avx2._mm256_blendv_epi8(rounded, quiet, nan)
+        }
+    }
+
     /// `f` on both halves.
     #[inline(always)]
     fn both(a: [__m256; 2], b: [__m256; 2], f: impl Fn(__m256, __m256) -> __m256) -> [__m256; 2] {
@@ -472,6 +517,12 @@ mod x86 {
             inputs: 2,
             split: 1,
         };
+        const BF16_MATVEC: bool = true;
+        #[inline(always)]
+        fn bf16_matvec_rows(self, w: &[bf16], cols: usize, x: &[f32], y: &mut [f32]) -> bool {
+            crate::kernels::bf16_pairs_avx2::matvec_rows(self, w, cols, x, y);
+            true
+        }
         #[inline(always)]
         fn prefetch(self, bytes: &[u8], at: usize) {
             prefetch_l2(bytes, at);
@@ -508,52 +559,21 @@ mod x86 {
         #[inline(always)]
         fn load_bf16(self, s: &[bf16]) -> Self::V {
             let s = &s[..LANES];
-            let half = |i: usize| {
-                // SAFETY: 8 bf16 (16 bytes) at `s[8i..8i+8]`, inside `s` (checked above);
-                // unaligned load, the token proves SSE2.
-                let h = unsafe { self.sse2._mm_loadu_si128(s.as_ptr().add(8 * i).cast()) };
-                // bf16 is the high half of an f32: zero-extend and shift left by 16, exact.
-                let w = self.avx2._mm256_cvtepu16_epi32(h);
-                self.avx
-                    ._mm256_castsi256_ps(self.avx2._mm256_slli_epi32::<16>(w))
-            };
-            [half(0), half(1)]
+            [self.load_bf16_8(&s[..8]), self.load_bf16_8(&s[8..])]
         }
         #[inline(always)]
         fn load_f16(self, s: &[f16]) -> Self::V {
             let s = &s[..LANES];
-            let half = |i: usize| {
-                // SAFETY: 8 f16 (16 bytes) at `s[8i..8i+8]`, inside `s` (checked above),
-                // unaligned; `vcvtph2ps` needs F16C, which this token proves (pulp wraps no
-                // F16C intrinsics, so this calls `std::arch` directly).
-                unsafe {
-                    let h = self
-                        .sse2
-                        ._mm_loadu_si128(s.as_ptr().add(8 * i).cast::<__m128i>());
-                    std::arch::x86_64::_mm256_cvtph_ps(h)
-                }
-            };
-            [half(0), half(1)]
+            [self.load_f16_8(&s[..8]), self.load_f16_8(&s[8..])]
         }
         #[inline(always)]
         fn store_bf16(self, out: &mut [bf16], v: Self::V) {
             let out = &mut out[..LANES];
             let (avx, avx2) = (self.avx, self.avx2);
-            let narrow = |x: __m256| {
-                let bits = avx._mm256_castps_si256(x);
-                let high = avx2._mm256_srli_epi32::<16>(bits);
-                // Round to nearest even: add 0x7FFF plus the bit that survives as the last.
-                let lsb = avx2._mm256_and_si256(high, avx._mm256_set1_epi32(1));
-                let bias = avx2._mm256_add_epi32(lsb, avx._mm256_set1_epi32(0x7FFF));
-                let rounded = avx2._mm256_srli_epi32::<16>(avx2._mm256_add_epi32(bits, bias));
-                // NaN: the high half with the quiet bit set, as `half` does.
-                let quiet = avx2._mm256_or_si256(high, avx._mm256_set1_epi32(0x40));
-                let nan = avx._mm256_castps_si256(avx._mm256_cmp_ps::<CMP_UNORD_Q>(x, x));
-                avx2._mm256_blendv_epi8(rounded, quiet, nan)
-            };
             // Every lane is in 0..=0xFFFF, so the saturating pack is exact; it interleaves the
             // 128-bit halves ([lo 0-3, hi 0-3, lo 4-7, hi 4-7]), which the permute undoes.
-            let packed = avx2._mm256_packus_epi32(narrow(v[0]), narrow(v[1]));
+            let packed =
+                avx2._mm256_packus_epi32(self.narrow_bf16_8(v[0]), self.narrow_bf16_8(v[1]));
             let packed = avx2._mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
             // SAFETY: 16 bf16 (32 bytes) inside `out` (checked above), unaligned store; the
             // token proves AVX.
@@ -561,19 +581,39 @@ mod x86 {
         }
         #[inline(always)]
         fn add(self, a: Self::V, b: Self::V) -> Self::V {
-            both(a, b, |x, y| self.avx._mm256_add_ps(x, y))
+            both(
+                a,
+                b,
+                #[inline(always)]
+                |x, y| self.avx._mm256_add_ps(x, y),
+            )
         }
         #[inline(always)]
         fn sub(self, a: Self::V, b: Self::V) -> Self::V {
-            both(a, b, |x, y| self.avx._mm256_sub_ps(x, y))
+            both(
+                a,
+                b,
+                #[inline(always)]
+                |x, y| self.avx._mm256_sub_ps(x, y),
+            )
         }
         #[inline(always)]
         fn mul(self, a: Self::V, b: Self::V) -> Self::V {
-            both(a, b, |x, y| self.avx._mm256_mul_ps(x, y))
+            both(
+                a,
+                b,
+                #[inline(always)]
+                |x, y| self.avx._mm256_mul_ps(x, y),
+            )
         }
         #[inline(always)]
         fn div(self, a: Self::V, b: Self::V) -> Self::V {
-            both(a, b, |x, y| self.avx._mm256_div_ps(x, y))
+            both(
+                a,
+                b,
+                #[inline(always)]
+                |x, y| self.avx._mm256_div_ps(x, y),
+            )
         }
         #[inline(always)]
         fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V {
@@ -601,23 +641,41 @@ mod x86 {
         }
         #[inline(always)]
         fn max(self, a: Self::V, b: Self::V) -> Self::V {
-            both(a, b, |x, y| self.avx._mm256_max_ps(x, y))
+            both(
+                a,
+                b,
+                #[inline(always)]
+                |x, y| self.avx._mm256_max_ps(x, y),
+            )
         }
         #[inline(always)]
         fn min(self, a: Self::V, b: Self::V) -> Self::V {
-            both(a, b, |x, y| self.avx._mm256_min_ps(x, y))
+            both(
+                a,
+                b,
+                #[inline(always)]
+                |x, y| self.avx._mm256_min_ps(x, y),
+            )
         }
         #[inline(always)]
         fn abs(self, a: Self::V) -> Self::V {
             let sign = self.splat(-0.0);
-            both(sign, a, |s, x| self.avx._mm256_andnot_ps(s, x))
+            both(
+                sign,
+                a,
+                #[inline(always)]
+                |s, x| self.avx._mm256_andnot_ps(s, x),
+            )
         }
         #[inline(always)]
         fn flip_sign(self, y: Self::V, x: Self::V) -> Self::V {
             let sign = self.avx._mm256_set1_ps(-0.0);
-            both(y, x, |y, x| {
-                self.avx._mm256_xor_ps(y, self.avx._mm256_and_ps(x, sign))
-            })
+            both(
+                y,
+                x,
+                #[inline(always)]
+                |y, x| self.avx._mm256_xor_ps(y, self.avx._mm256_and_ps(x, sign)),
+            )
         }
         #[inline(always)]
         fn round(self, a: Self::V) -> Self::V {
@@ -650,15 +708,30 @@ mod x86 {
         }
         #[inline(always)]
         fn lt(self, a: Self::V, b: Self::V) -> Self::M {
-            both(a, b, |x, y| self.avx._mm256_cmp_ps::<CMP_LT_OQ>(x, y))
+            both(
+                a,
+                b,
+                #[inline(always)]
+                |x, y| self.avx._mm256_cmp_ps::<CMP_LT_OQ>(x, y),
+            )
         }
         #[inline(always)]
         fn gt(self, a: Self::V, b: Self::V) -> Self::M {
-            both(a, b, |x, y| self.avx._mm256_cmp_ps::<CMP_GT_OQ>(x, y))
+            both(
+                a,
+                b,
+                #[inline(always)]
+                |x, y| self.avx._mm256_cmp_ps::<CMP_GT_OQ>(x, y),
+            )
         }
         #[inline(always)]
         fn is_nan(self, a: Self::V) -> Self::M {
-            both(a, a, |x, y| self.avx._mm256_cmp_ps::<CMP_UNORD_Q>(x, y))
+            both(
+                a,
+                a,
+                #[inline(always)]
+                |x, y| self.avx._mm256_cmp_ps::<CMP_UNORD_Q>(x, y),
+            )
         }
         #[inline(always)]
         fn select(self, m: Self::M, a: Self::V, b: Self::V) -> Self::V {
