@@ -157,7 +157,7 @@ pub struct Config {
     pub tokenizer: TokenizerKind,
     /// The block-quantized format of the linear weights (runtime key `weight_format`,
     /// written by `performer quantize`; `None`: every weight is a float tensor).
-    pub weight_format: Option<crate::quant::QuantFormat>,
+    pub weight_format: Option<crate::quant::format::QuantFormat>,
     /// Where each key's value came from, for `performer info`.
     pub origins: BTreeMap<&'static str, Origin>,
 }
@@ -573,25 +573,24 @@ impl Config {
             },
         );
 
-        let weight_format = match map.get(crate::quant::CONFIG_KEY) {
+        let weight_format = match map.get(crate::quant::format::CONFIG_KEY) {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) => {
-                Some(s.parse::<crate::quant::QuantFormat>().map_err(|reason| {
-                    Error::Unsupported {
-                        option: crate::quant::CONFIG_KEY.into(),
+            Some(Value::String(s)) => Some(
+                s.parse::<crate::quant::format::QuantFormat>()
+                    .map_err(|reason| Error::Unsupported {
+                        option: crate::quant::format::CONFIG_KEY.into(),
                         reason,
-                    }
-                })?)
-            }
+                    })?,
+            ),
             Some(v) => {
                 return Err(Error::Config(format!(
                     "`{}` must be a string (\"q8_0\", \"q4_0\" or \"q4_1\"), found {v}",
-                    crate::quant::CONFIG_KEY
+                    crate::quant::format::CONFIG_KEY
                 )))
             }
         };
         r.origins.insert(
-            crate::quant::CONFIG_KEY,
+            crate::quant::format::CONFIG_KEY,
             if weight_format.is_some() {
                 Origin::Config
             } else {

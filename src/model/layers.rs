@@ -9,7 +9,7 @@ use crate::attention::rotary::Sinusoid;
 use crate::config::{Config, PositionKind};
 use crate::error::{Error, Result};
 use crate::kernels::{self, scalar};
-use crate::quant::{QuantFormat, QuantTensor};
+use crate::quant::format::{QuantFormat, QuantTensor};
 use crate::weights::names::{self, BlockNames};
 use crate::weights::{Tensor, WeightFile};
 use crate::with_view;

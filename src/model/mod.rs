@@ -17,7 +17,7 @@ use std::path::Path;
 use crate::attention::{FeatureKind, FeatureMap};
 use crate::config::{Config, PositionKind};
 use crate::error::{Error, Result};
-use crate::quant::{QuantFormat, QuantTensor};
+use crate::quant::format::{QuantFormat, QuantTensor};
 use crate::state::{Precision, State, StateShape};
 use crate::weights::names;
 use crate::weights::{Dtype, Tensor, WeightFile};

@@ -15,6 +15,33 @@ use safetensors::View;
 
 use crate::error::{Error, Result};
 
+/// One tensor of a file being written (by [`write_aligned`]): dtype, shape and little-endian
+/// bytes. The quantizer and the synthetic models build their files from these.
+#[derive(Debug, Clone)]
+pub struct OwnedTensor {
+    /// The safetensors dtype.
+    pub dtype: safetensors::Dtype,
+    /// The shape.
+    pub shape: Vec<usize>,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+impl safetensors::View for &OwnedTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
 /// The boundary the data of [`write_aligned`]'s files starts on: a cache line, and a 512-bit
 /// vector.
 pub const ALIGN: usize = 64;
