@@ -448,8 +448,8 @@ pub fn write(dir: &Path, shape: &SyntheticShape, dtype: WeightDtype, seed: u64) 
     } else {
         // Half-precision weights reach the batched product widened into an aligned buffer,
         // so their alignment in the file buys it nothing; and single-stream bf16 decoding
-        // measured 10-20% slower from a 64-byte-aligned file than from this writer's (2-vCPU
-        // Zen 4, docs/performance.md). They keep the safetensors crate's layout.
+        // measured slower from a 64-byte-aligned file than from this writer's
+        // (docs/performance.md). They keep the safetensors crate's layout.
         let metadata: std::collections::HashMap<String, String> = metadata.into_iter().collect();
         safetensors::serialize_to_file(
             tensors.iter().map(|(n, t)| (n.as_str(), t)),

@@ -39,10 +39,9 @@
 //! `--shape` writes a random model ([`performer::synthetic`]) to a temporary directory (or to
 //! `--synthetic-dir`, reused on later runs with the same shape, dtype and seed).
 //!
-//! Depth fills cost one prefill token per token of depth. Measured on the project's shared
-//! 2-core machine with chunked prefill: `tiny` fills at about 3.5k tokens/s (1M tokens in about
-//! 5 minutes), `gpt2-small` at about 170–180 tokens/s (4k in about 23 s). The softmax
-//! baseline's fill is quadratic in the depth (`tiny` to 16k: about 8 minutes) and its cache is
+//! Depth fills cost one prefill token per token of depth (fill rates: docs/performance.md;
+//! on two cores a 1M-token fill of `tiny` takes minutes). The softmax
+//! baseline's fill is quadratic in the depth (`tiny` to 16k takes minutes) and its cache is
 //! `2 · depth · layers · heads · dim_head · 4` bytes (`tiny` at 1M: 8 GiB), so keep its depths
 //! to tens of thousands. It cannot fork, so its `tg` repetitions run back to back (see
 //! [`Session::fork`]).
@@ -647,7 +646,7 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
     let probe_threads = default_threads();
     // The probe runs before and after the tests (half the passes each) and the median of all
     // passes counts: on a shared machine the bandwidth drifts too, and a single probe at the
-    // start can land on an unusually quiet or busy moment (25–45 GB/s seen here).
+    // start can land on an unusually quiet or busy moment.
     let probe = |passes: usize| {
         if opts.bandwidth_bytes > 0 {
             read_bandwidth_passes(opts.bandwidth_bytes, passes, probe_threads)
@@ -925,9 +924,9 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
 }
 
 /// The order in which repetition `rep` visits `n` interleaved depths: ascending on even
-/// repetitions, descending on odd ones. Measured here, the state stepped second in a pair ran
-/// ~5% faster than the first when both were the same state and ~6% slower when it was a
-/// different one (the other's data had just passed through the caches): a fixed order would
+/// repetitions, descending on odd ones. The state stepped second in a pair runs at a
+/// different speed than the first (faster when both are the same state, slower when it is a
+/// different one whose data the other's has just pushed out of the caches): a fixed order would
 /// charge that to the deeper states. Alternating balances it, as an A/B alternates its runs.
 pub fn depth_visit_order(rep: usize, n: usize) -> impl Iterator<Item = usize> {
     let descending = rep % 2 == 1;

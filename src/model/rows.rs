@@ -17,8 +17,9 @@ use crate::with_view;
 pub use super::attend::DEFAULT_CHUNK;
 
 /// Rows the projections and feed-forward of a prefill run on at once (several attention
-/// chunks): gemm reaches ~1.3–2× the FLOP rate at 1024 rows than at 256 for gpt2-small's
-/// 3072→768 and 768→768 products (measured here), while attention still goes chunk by chunk.
+/// chunks): a general matrix product packs its operands once per call, so more rows per call
+/// spread that cost and reach a higher FLOP rate (docs/performance.md), while attention still
+/// goes chunk by chunk.
 pub const PROJECTION_ROWS: usize = 1024;
 
 /// Scratch the row block of a prefill may take (its activations), bounding the row count for
@@ -566,8 +567,8 @@ impl Model {
         let mut h = self.embed_rows(tokens, &attn);
         self.forward_rows(&mut h, rows, &mut attn);
         // The logits buffer is this thread's, reused (every element is written), and the rows
-        // go to their states in parallel: at B=16 on a 50k vocabulary a serial zeroing and
-        // copy of 3 MiB each kept the other core idle for ~3% of a tick.
+        // go to their states in parallel: `rows × vocab` floats (megabytes on a 50k
+        // vocabulary) zeroed and copied serially would leave the other cores idle meanwhile.
         let mut logits = STEP_LOGITS.take();
         logits.resize(rows * vocab, 0.0);
         self.logits_rows(&h, rows, &mut logits);

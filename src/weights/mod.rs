@@ -274,7 +274,7 @@ impl WeightFile {
         // readahead bring the file in as 2 MiB folios, which the kernel then maps with 2 MiB
         // pages. Decoding streams every weight once per token, and with 4 KiB pages a TLB
         // miss every 4 KiB costs a memory-bound model a measurable share of its bandwidth
-        // (README "Performance"). Pages already cached in small folios stay small; see
+        // (docs/performance.md). Pages already cached in small folios stay small; see
         // [`WeightFile::page_report`] to tell which case a process is in.
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage);
