@@ -8,9 +8,10 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::kernels::matmul::{gemm_f32, MatRef};
-use crate::model::{split_qkv, Model};
-use crate::parallel::{GlobalAttention, DEFAULT_CHUNK};
-use crate::state::State;
+use crate::model::attend::{GlobalAttention, Qkv, DEFAULT_CHUNK};
+use crate::model::layers::split_qkv;
+use crate::model::Model;
+use crate::state::{Memory, Scratch, State};
 
 /// One sequence decoded with exact softmax attention over a growing key/value cache.
 pub struct SoftmaxSession<'m> {
@@ -133,36 +134,13 @@ impl<'m> SoftmaxSession<'m> {
         let model = self.model;
         model.check_tokens(self.state.pos, &[token])?;
         self.reserve(1)?;
-        let c = model.config();
-        let (d, heads) = (c.dim_head, c.heads);
-        let (keys, values, scores) = (&mut self.keys, &mut self.values, &mut self.scores);
-        model.forward_token_with(&mut self.state, token, true, |model, st, l| {
-            let gh = heads - model.layers[l].local_heads;
-            let (q, k, v) = split_qkv(&mut st.qkv);
-            append_rows(&mut keys[l], &mut values[l], k, v, gh, d);
-            let n = st.pos + 1;
-            for s in scores.iter_mut() {
-                s.resize(n, 0.0);
-            }
-            let (kc, vc) = (&keys[l], &values[l]);
-            let q = &*q;
-            let run = |(hd, (out, sc)): (usize, (&mut [f32], &mut Vec<f32>))| {
-                attend_head(&q[hd * d..(hd + 1) * d], &kc[hd], &vc[hd], d, 0, sc, out)
-            };
-            let att = &mut st.att[..gh * d];
-            if n * gh * d >= kernels::PAR_MIN_ELEMS / 4 {
-                att.par_chunks_mut(d)
-                    .zip(scores.par_iter_mut())
-                    .enumerate()
-                    .for_each(run);
-            } else {
-                att.chunks_mut(d)
-                    .zip(scores.iter_mut())
-                    .enumerate()
-                    .for_each(run);
-            }
-        })?;
-        Ok(&self.state.logits)
+        let mut caches = Caches {
+            keys: &mut self.keys,
+            values: &mut self.values,
+            scores: &mut self.scores,
+        };
+        model.forward_token(&mut self.state, token, true, &mut caches)?;
+        Ok(&self.state.mem.logits)
     }
 
     /// Consumes a prompt in chunks, as [`Model::prefill`] does: matrix products for the
@@ -181,6 +159,7 @@ impl<'m> SoftmaxSession<'m> {
         let mut caches = Caches {
             keys: &mut self.keys,
             values: &mut self.values,
+            scores: &mut self.scores,
         };
         self.model.run_chunks(
             &mut self.state,
@@ -190,7 +169,7 @@ impl<'m> SoftmaxSession<'m> {
             &mut caches,
             &mut |_| {},
         )?;
-        Ok(&self.state.logits)
+        Ok(&self.state.mem.logits)
     }
 }
 
@@ -216,22 +195,51 @@ fn append_rows(
 /// Score elements per row block of a chunk (16 MiB): bounds the prefill's scratch at any depth.
 const SCORE_BUDGET: usize = 1 << 22;
 
-/// The key/value caches as the global attention of a prefill chunk.
+/// The key/value caches as the global attention of a step or a prefill chunk.
 struct Caches<'a> {
     keys: &'a mut [Vec<Vec<f32>>],
     values: &'a mut [Vec<Vec<f32>>],
+    /// Per global head, the scores of a step's query (scratch).
+    scores: &'a mut [Vec<f32>],
 }
 
 impl GlobalAttention for Caches<'_> {
-    fn attend(
+    fn token(&mut self, model: &Model, l: usize, pos: usize, _: &mut Memory, s: &mut Scratch) {
+        let c = model.config();
+        let (d, heads) = (c.dim_head, c.heads);
+        let gh = heads - model.layers[l].local_heads;
+        let (q, k, v) = split_qkv(&mut s.qkv);
+        append_rows(&mut self.keys[l], &mut self.values[l], k, v, gh, d);
+        let n = pos + 1;
+        for s in self.scores.iter_mut() {
+            s.resize(n, 0.0);
+        }
+        let (kc, vc) = (&self.keys[l], &self.values[l]);
+        let q = &*q;
+        let run = |(hd, (out, sc)): (usize, (&mut [f32], &mut Vec<f32>))| {
+            attend_head(&q[hd * d..(hd + 1) * d], &kc[hd], &vc[hd], d, 0, sc, out)
+        };
+        let att = &mut s.att[..gh * d];
+        if n * gh * d >= kernels::PAR_MIN_ELEMS / 4 {
+            att.par_chunks_mut(d)
+                .zip(self.scores.par_iter_mut())
+                .enumerate()
+                .for_each(run);
+        } else {
+            att.chunks_mut(d)
+                .zip(self.scores.iter_mut())
+                .enumerate()
+                .for_each(run);
+        }
+    }
+
+    fn rows(
         &mut self,
         model: &Model,
         l: usize,
-        _state: &mut State,
+        _: &mut Memory,
         p0: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        Qkv { q, k, v }: Qkv<'_>,
         att: &mut [f32],
     ) {
         let c = model.config();

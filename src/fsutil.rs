@@ -133,17 +133,17 @@ pub fn write_atomic(
     })();
     io.map_err(|e| Error::io(path, e))?;
     guard.armed = false;
-    sync_dir(parent_dir(path)).map_err(|e| Error::io(parent_dir(path), e))
+    sync_dir(parent_dir(path))
 }
 
-/// Syncs a directory so that a rename in it is durable. File systems that cannot sync a
-/// directory (`EINVAL`) are taken at their word.
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+/// Syncs a directory so that a rename in it (or a file created in it) is durable; the error
+/// names `dir`. File systems that cannot sync a directory (`EINVAL`) are taken at their word.
+pub fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         match File::open(dir).and_then(|d| d.sync_all()) {
             Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
-            r => r,
+            r => r.map_err(|e| Error::io(dir, e)),
         }
     }
     #[cfg(not(unix))]
@@ -151,6 +151,32 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
         let _ = dir;
         Ok(())
     }
+}
+
+/// Opens `path` for reading and checks that it is a regular file: a directory, device, FIFO
+/// or socket is an error naming `path` and saying what was `expected` ("a file", "a
+/// safetensors file"). Returns the file and its length.
+pub fn open_regular_file(path: &Path, expected: &str) -> Result<(File, u64)> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                format!("is a directory, expected {expected}"),
+            ),
+        ));
+    }
+    if !meta.is_file() {
+        return Err(Error::io(
+            path,
+            std::io::Error::other(format!(
+                "not a regular file (a device, FIFO or socket), expected {expected}"
+            )),
+        ));
+    }
+    Ok((file, meta.len()))
 }
 
 /// Checks, cheaply and before any long work, that a file can be written at `path` by
@@ -193,25 +219,15 @@ pub fn read_capped(reader: impl Read, limit: u64) -> std::io::Result<Option<Vec<
 /// over the limit (checked against its size first, and again while reading, in case it grows).
 pub fn read_regular_file(path: impl AsRef<Path>, limit: u64) -> Result<Vec<u8>> {
     let path = path.as_ref();
-    let other = |msg: String| Error::io(path, std::io::Error::other(msg));
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-    if meta.is_dir() {
-        return Err(Error::io(
+    // Not a device or FIFO: their size is unknown or unbounded.
+    let (file, len) = open_regular_file(path, "a file")?;
+    let too_big = || {
+        Error::io(
             path,
-            std::io::Error::new(
-                std::io::ErrorKind::IsADirectory,
-                "is a directory, expected a file",
-            ),
-        ));
-    }
-    if !meta.is_file() {
-        return Err(other(
-            "not a regular file (a device, FIFO or socket has no size to bound the read)".into(),
-        ));
-    }
-    let too_big = || other(format!("larger than the limit of {limit} bytes"));
-    if meta.len() > limit {
+            std::io::Error::other(format!("larger than the limit of {limit} bytes")),
+        )
+    };
+    if len > limit {
         return Err(too_big());
     }
     read_capped(file, limit)

@@ -25,9 +25,9 @@ pub mod engine;
 pub mod error;
 pub mod fsutil;
 pub mod generate;
+pub mod hash;
 pub mod kernels;
 pub mod model;
-pub mod parallel;
 pub mod perplexity;
 pub mod quant;
 pub mod sampling;
@@ -42,4 +42,7 @@ pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation};
 pub use model::{LoadOptions, Model};
 pub use sampling::{Sampler, SamplingParams};
-pub use state::{Precision, State};
+pub use state::{Precision, State, StateShape};
+
+/// The row path's chunk sizes, under their former path ([`model::rows`]).
+pub use model::rows as parallel;

@@ -257,7 +257,7 @@ pub fn evaluate(
                 by_position.add(context, x, token_bytes(tokens + start));
             }
             let logits =
-                model.prefill_all_logits(&mut state, piece, crate::parallel::DEFAULT_CHUNK)?;
+                model.prefill_all_logits(&mut state, piece, crate::model::rows::DEFAULT_CHUNK)?;
             for (t, &next) in piece.iter().enumerate().skip(1) {
                 let x = nll(&logits[(t - 1) * vocab..t * vocab], next);
                 total += x;

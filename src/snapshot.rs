@@ -29,6 +29,8 @@ use std::path::Path;
 use crate::attention::FeatureKind;
 use crate::config::KernelFn;
 use crate::error::{Error, Result};
+/// The checksum of snapshots (and the model fingerprint), re-exported from [`crate::hash`].
+pub use crate::hash::hash64;
 use crate::model::Model;
 use crate::state::{Buffer, BufferMut, State};
 use half::bf16;
@@ -41,33 +43,6 @@ pub const VERSION: u32 = 2;
 const VERSION_F32: u32 = 1;
 const HEADER: usize = 48;
 const BUFFERS: u32 = crate::state::MEMORY_BUFFERS as u32;
-
-/// A fast 64-bit hash (four multiply-rotate lanes over 8-byte words, then a final mix); used
-/// for model fingerprints and snapshot checksums. Not cryptographic.
-pub fn hash64(bytes: &[u8]) -> u64 {
-    const P1: u64 = 0x9E37_79B1_85EB_CA87;
-    const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
-    let mut lanes = [P1, P2, !P1, !P2];
-    let mut chunks = bytes.chunks_exact(32);
-    for c in chunks.by_ref() {
-        for (i, lane) in lanes.iter_mut().enumerate() {
-            let w = u64::from_le_bytes(c[8 * i..8 * i + 8].try_into().expect("8 bytes"));
-            *lane = (*lane ^ w.wrapping_mul(P2))
-                .rotate_left(31)
-                .wrapping_mul(P1);
-        }
-    }
-    let mut h = lanes.iter().fold(bytes.len() as u64, |h, &l| {
-        (h ^ l).wrapping_mul(P1).rotate_left(27)
-    });
-    for &b in chunks.remainder() {
-        h = (h ^ b as u64).wrapping_mul(P1).rotate_left(11);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(P2);
-    h ^= h >> 29;
-    h
-}
 
 fn feature_code(kind: FeatureKind) -> u32 {
     match kind {
@@ -109,15 +84,15 @@ impl State {
 
     /// Serializes the state (see the module docs for the format).
     pub fn to_bytes(&self, model: &Model) -> Result<Vec<u8>> {
-        self.check_fits(model)?;
-        if self.acc64.is_some() {
+        self.check_fits(model.state_shape())?;
+        if self.is_f64() {
             return Err(Error::invalid(
                 "precision",
                 "snapshots hold f32 states; f64 states are a measurement tool",
             ));
         }
         let c = model.config();
-        let mut out = Vec::with_capacity(snapshot_len_of(&self.memory(), VERSION));
+        let mut out = Vec::with_capacity(snapshot_len_of(&self.mem.buffers(), VERSION));
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&(self.has_logits as u32).to_le_bytes());
@@ -127,7 +102,7 @@ impl State {
         out.extend_from_slice(&c.denominator_eps.to_le_bytes());
         out.extend_from_slice(&feature_code(model.feature_map(0).kind).to_le_bytes());
         out.extend_from_slice(&BUFFERS.to_le_bytes());
-        for b in self.memory() {
+        for b in self.mem.buffers() {
             out.extend_from_slice(&(b.len() as u64).to_le_bytes());
             match b {
                 Buffer::F32(b) => b.iter().for_each(|v| out.extend(v.to_le_bytes())),
@@ -189,7 +164,7 @@ impl State {
         let position = usize::try_from(u64_at(24)).map_err(|_| bad("position overflows"))?;
         let mut state = State::new(model);
         let mut off = HEADER;
-        for (i, buf) in state.memory_mut().into_iter().enumerate() {
+        for (i, buf) in state.mem.buffers_mut().into_iter().enumerate() {
             let n = body
                 .get(off..off + 8)
                 .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
@@ -235,7 +210,7 @@ impl State {
 
     /// The exact size in bytes of a snapshot of a state of `model` ([`State::to_bytes`]).
     pub fn snapshot_len(model: &Model) -> usize {
-        snapshot_len_of(&State::new(model).memory(), VERSION)
+        snapshot_len_of(&State::new(model).mem.buffers(), VERSION)
     }
 
     /// Writes [`State::to_bytes`] to a file, atomically ([`crate::fsutil::write_atomic`]): on
@@ -285,7 +260,7 @@ impl State {
         } else {
             VERSION
         };
-        let expected = snapshot_len_of(&State::new(model).memory(), version);
+        let expected = snapshot_len_of(&State::new(model).mem.buffers(), version);
         bytes.reserve(expected - bytes.len());
         if known_version && bytes[16..24] != model.fingerprint().to_le_bytes() {
             return Err(Error::StateMismatch(

@@ -30,8 +30,8 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
+use crate::weights::OwnedTensor;
 use rayon::prelude::*;
-use safetensors::tensor::View;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -366,28 +366,6 @@ impl Rng {
     }
 }
 
-/// One tensor's bytes, ready for [`crate::weights::write_aligned`].
-struct Owned {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl View for &Owned {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
 /// Elements generated per parallel chunk; each chunk has its own seed, so the output does not
 /// depend on the thread count.
 const CHUNK: usize = 1 << 16;
@@ -446,12 +424,12 @@ pub fn write(dir: &Path, shape: &SyntheticShape, dtype: WeightDtype, seed: u64) 
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let specs = shape.tensors();
-    let tensors: Vec<(String, Owned)> = specs
+    let tensors: Vec<(String, OwnedTensor)> = specs
         .into_iter()
         .enumerate()
         .map(|(i, (name, dims, init))| {
             let data = generate(&dims, init, dtype, splitmix(seed ^ splitmix(i as u64 + 1)));
-            let owned = Owned {
+            let owned = OwnedTensor {
                 dtype: dtype.safetensors(),
                 shape: dims,
                 data,
@@ -470,8 +448,8 @@ pub fn write(dir: &Path, shape: &SyntheticShape, dtype: WeightDtype, seed: u64) 
     } else {
         // Half-precision weights reach the batched product widened into an aligned buffer,
         // so their alignment in the file buys it nothing; and single-stream bf16 decoding
-        // measured 10-20% slower from a 64-byte-aligned file than from this writer's (2-vCPU
-        // Zen 4, docs/performance.md). They keep the safetensors crate's layout.
+        // measured slower from a 64-byte-aligned file than from this writer's
+        // (docs/performance.md). They keep the safetensors crate's layout.
         let metadata: std::collections::HashMap<String, String> = metadata.into_iter().collect();
         safetensors::serialize_to_file(
             tensors.iter().map(|(n, t)| (n.as_str(), t)),

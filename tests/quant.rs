@@ -541,7 +541,7 @@ fn synthetic_quantized_models_load_with_the_predicted_size() {
 fn the_shipped_model_keeps_its_bits_per_byte_when_quantized() {
     // Issue 13's bounds on the shipped model's held-out text with 512-token windows: q8_0
     // within 0.5% of the float model's bits per byte, q4_0 and q4_1 within 3%. The first 8 KiB (16
-    // windows) keep the test quick; README "Quantized weights" has the whole file.
+    // windows) keep the test quick; docs/quantized-weights.md has the whole file.
     let shipped = common::workspace_root().join("models/performer-byte");
     let text = std::fs::read(shipped.join("heldout.txt")).unwrap();
     let text = &text[..text.len().min(8192)];

@@ -1,5 +1,5 @@
 //! Long-run stability: the f64-accumulator state as a reference for the f32 one, and (behind
-//! `--ignored`) the million-token soak whose drift curve the README reports.
+//! `--ignored`) the million-token soak whose drift curve docs/numerical-stability.md reports.
 
 mod common;
 

@@ -2,8 +2,9 @@
 //! names the flag, for every flag.
 
 /// The most threads `--threads` and `--decode-threads` accept: 4 × the available cores, and
-/// never more than 1024. More threads than cores only add contention (1000 threads ran a
-/// two-core machine at 1.2 tokens/s), and tens of thousands exhaust the process.
+/// never more than 1024. More threads than cores only add contention (a thousand on a
+/// two-core machine brought decoding nearly to a halt), and tens of thousands exhaust the
+/// process.
 pub fn max_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (4 * cores).min(1024)

@@ -9,7 +9,7 @@ use performer::error::{Error, Result};
 /// That matters for benchmarks: pages left cached by the writes stay in the small folios the
 /// writes made, while a mapped read from disk (the loader advises `MADV_HUGEPAGE`) comes in as
 /// 2 MiB folios mapped with 2 MiB pages, and a memory-bound decode runs measurably faster on
-/// those (README "Performance"). Dropping is only advice: where it is not available it does
+/// those (docs/performance.md). Dropping is only advice: where it is not available it does
 /// nothing.
 pub fn drop_from_page_cache(path: &Path) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;

@@ -225,6 +225,28 @@ pub struct HeadStateRef<'s> {
     pub max: &'s mut f32,
 }
 
+impl<'s> HeadStateRef<'s> {
+    /// The head's state with `m`-wide scratch for the key and query features, for [`step`].
+    pub fn with_scratch(self, key_feat: &'s mut [f32], query_feat: &'s mut [f32]) -> HeadState<'s> {
+        let HeadStateRef {
+            a_mat,
+            a_vec,
+            v_sum,
+            comp,
+            max,
+        } = self;
+        HeadState {
+            a_mat,
+            a_vec,
+            v_sum,
+            comp,
+            max,
+            key_feat,
+            query_feat,
+        }
+    }
+}
+
 /// `T` consecutive tokens' queries, keys and values for one head, `T × d` row-major each.
 #[derive(Debug, Clone, Copy)]
 pub struct Rows<'a> {

@@ -16,8 +16,8 @@ pub fn rotate_half(x: &mut [f32], inv_freq: &[f32], pos: usize) {
 
 /// `(sin, cos)` of `pos · θ_i` for every frequency, computed in f64 and rounded to f32: the
 /// rotation [`rotate_half`] applies. A layer's local heads rotate every query and key of a
-/// position by the same table, so decoding computes it once per layer and position (the
-/// sines and cosines were 2–6% of a shipped-model step when taken per vector).
+/// position by the same table, so decoding computes it once per layer and position instead
+/// of once per vector (the sines and cosines are the costly part).
 pub fn rotation(inv_freq: &[f32], pos: usize) -> Vec<(f32, f32)> {
     inv_freq
         .iter()

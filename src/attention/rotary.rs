@@ -56,8 +56,9 @@ impl Sinusoid {
         // Every decode step past the table needs a row (dim/2 angles for the rotary q/k and
         // for the input embedding), so four angles go through one f64x4 sin/cos: as accurate
         // as libm's (both are ~1 ulp in f64, far below the f32 rounding of the result) and
-        // about a tenth of its time (the scalar row was ~1.5% of a tiny-model decode step at
-        // depth 1M, a cost depth 0 does not have).
+        // a fraction of its time: past the table every step pays for the row, a cost depth 0
+        // does not have, so it is on the path that decoding at depth 1M measures
+        // (docs/performance.md).
         let half = inv_freq.len();
         let (sin_out, cos_out) = out[..2 * half].split_at_mut(half);
         let p = pos as f64;

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 pub mod names;
 mod write;
 
-pub use write::{write_aligned, ALIGN};
+pub use write::{write_aligned, OwnedTensor, ALIGN};
 
 /// The element types the runtime computes with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -252,24 +252,7 @@ fn malformed(path: &Path, message: impl Into<String>) -> Error {
 
 /// Opens a weights file and its length, an empty file being malformed.
 fn open_nonempty(path: &Path) -> Result<(File, u64)> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-    if meta.is_dir() {
-        return Err(Error::io(
-            path,
-            std::io::Error::new(
-                std::io::ErrorKind::IsADirectory,
-                "is a directory, expected a safetensors file",
-            ),
-        ));
-    }
-    if !meta.is_file() {
-        return Err(Error::io(
-            path,
-            std::io::Error::other("not a regular file, expected a safetensors file"),
-        ));
-    }
-    let len = meta.len();
+    let (file, len) = crate::fsutil::open_regular_file(path, "a safetensors file")?;
     if len == 0 {
         return Err(malformed(path, "the file is empty"));
     }
@@ -291,7 +274,7 @@ impl WeightFile {
         // readahead bring the file in as 2 MiB folios, which the kernel then maps with 2 MiB
         // pages. Decoding streams every weight once per token, and with 4 KiB pages a TLB
         // miss every 4 KiB costs a memory-bound model a measurable share of its bandwidth
-        // (README "Performance"). Pages already cached in small folios stay small; see
+        // (docs/performance.md). Pages already cached in small folios stay small; see
         // [`WeightFile::page_report`] to tell which case a process is in.
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage);

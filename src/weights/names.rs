@@ -64,7 +64,7 @@ pub fn infer(file: &WeightFile) -> Inferred {
         resolve(file, n).and_then(|n| {
             let mut s = file.shape(&n)?.to_vec();
             let packed = file.raw(&n).is_ok_and(|r| r.dtype() == "U8")
-                && file.contains(&format!("{n}{}", crate::quant::SCALES_SUFFIX));
+                && file.contains(&format!("{n}{}", crate::quant::format::SCALES_SUFFIX));
             if let (true, Some(last)) = (packed, s.last_mut()) {
                 *last = last.saturating_mul(2);
             }

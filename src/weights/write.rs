@@ -4,7 +4,7 @@
 //! to back; the mapping of the file starts on a page, so a tensor's address is its file offset
 //! modulo 64. The `safetensors` crate pads the header to 8 bytes only, which leaves f32 rows
 //! straddling cache lines: every 512-bit load of the batched product then touches two lines,
-//! measured at 12–20% of its throughput on Zen 4 (docs/performance.md). [`write_aligned`]
+//! which costs it a measurable share of its throughput (docs/performance.md). [`write_aligned`]
 //! pads the header with spaces (the format allows it) so that the data starts on a 64-byte
 //! boundary and stores first the tensors whose sizes are multiples of 64 bytes, so every one
 //! of those starts on a boundary too. The file is an ordinary safetensors file for any reader.
@@ -14,6 +14,33 @@ use std::path::Path;
 use safetensors::View;
 
 use crate::error::{Error, Result};
+
+/// One tensor of a file being written (by [`write_aligned`]): dtype, shape and little-endian
+/// bytes. The quantizer and the synthetic models build their files from these.
+#[derive(Debug, Clone)]
+pub struct OwnedTensor {
+    /// The safetensors dtype.
+    pub dtype: safetensors::Dtype,
+    /// The shape.
+    pub shape: Vec<usize>,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+impl safetensors::View for &OwnedTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
 
 /// The boundary the data of [`write_aligned`]'s files starts on: a cache line, and a 512-bit
 /// vector.

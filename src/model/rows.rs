@@ -4,22 +4,22 @@
 
 use rayon::prelude::*;
 
-use crate::attention::favor::{self, HeadState, HeadStateRef};
+use super::attend::{Favor, GlobalAttention, Qkv, RowQkv};
+use super::layers::{few_rows_product, shift_features, FEW_ROWS};
+use super::Model;
+use crate::attention::favor;
 use crate::attention::rotary;
 use crate::error::{Error, Result};
 use crate::kernels::{self, AlignedBuf};
-use crate::model::{few_rows_product, shift_features, LocalBuffers, Model, RowQkv, FEW_ROWS};
 use crate::state::State;
 use crate::with_view;
 
-/// Prompt tokens per FAVOR+ chunk of [`Model::prefill`]: large enough for the chunk's matrix
-/// products to reach good FLOP rates, small enough that its T×T intra-chunk matrix stays in
-/// cache.
-pub const DEFAULT_CHUNK: usize = 256;
+pub use super::attend::DEFAULT_CHUNK;
 
 /// Rows the projections and feed-forward of a prefill run on at once (several attention
-/// chunks): gemm reaches ~1.3–2× the FLOP rate at 1024 rows than at 256 for gpt2-small's
-/// 3072→768 and 768→768 products (measured here), while attention still goes chunk by chunk.
+/// chunks): a general matrix product packs its operands once per call, so more rows per call
+/// spread that cost and reach a higher FLOP rate (docs/performance.md), while attention still
+/// goes chunk by chunk.
 pub const PROJECTION_ROWS: usize = 1024;
 
 /// Scratch the row block of a prefill may take (its activations), bounding the row count for
@@ -44,138 +44,6 @@ trait RowAttention {
     );
 }
 
-/// How the global (non-local) heads of a chunk's rows attend: FAVOR+ from the carried state
-/// ([`FavorGlobal`]), or exact softmax over a key/value cache (the benchmark baseline).
-pub(crate) trait GlobalAttention {
-    /// Attention of the global heads of rows at positions `p0..p0 + rows`, from their rotated
-    /// `q`, `k` and `v` (`rows × inner`), into the same columns of `att`.
-    #[allow(clippy::too_many_arguments)]
-    fn attend(
-        &mut self,
-        model: &Model,
-        layer: usize,
-        state: &mut State,
-        p0: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        att: &mut [f32],
-    );
-}
-
-/// The chunkwise FAVOR+ form over the state's running sums, `chunk` rows at a time.
-pub(crate) struct FavorGlobal {
-    pub(crate) chunk: usize,
-}
-
-impl GlobalAttention for FavorGlobal {
-    fn attend(
-        &mut self,
-        model: &Model,
-        l: usize,
-        st: &mut State,
-        p0: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        att: &mut [f32],
-    ) {
-        let inner = model.config.inner_dim();
-        let rows = q.len() / inner;
-        let mut r0 = 0;
-        while r0 < rows {
-            let r1 = (r0 + self.chunk).min(rows);
-            let span = r0 * inner..r1 * inner;
-            favor_chunk(
-                model,
-                l,
-                st,
-                p0 + r0,
-                (&q[span.clone()], &k[span.clone()], &v[span.clone()]),
-                &mut att[span],
-            );
-            r0 = r1;
-        }
-    }
-}
-
-/// One FAVOR+ chunk of rows at positions `p0..` for the global heads of layer `l`.
-fn favor_chunk(
-    model: &Model,
-    l: usize,
-    st: &mut State,
-    p0: usize,
-    (q, k, v): (&[f32], &[f32], &[f32]),
-    att: &mut [f32],
-) {
-    let c = &model.config;
-    let (heads, d, m) = (c.heads, c.dim_head, c.feature_count());
-    let inner = heads * d;
-    let rows = q.len() / inner;
-    let map = model.feature_map(l);
-    let (h0, h1) = (st.favor_start[l], st.favor_start[l + 1]);
-    let gather = |x: &[f32], hd: usize| -> Vec<f32> {
-        (0..rows)
-            .flat_map(|r| {
-                x[r * inner + hd * d..r * inner + (hd + 1) * d]
-                    .iter()
-                    .copied()
-            })
-            .collect()
-    };
-    let (md, hm, hdr) = (h0 * m * d..h1 * m * d, h0 * m..h1 * m, h0 * d..h1 * d);
-    let outs: Vec<Vec<f32>> = st.a_mat[md.clone()]
-        .par_chunks_mut(m * d)
-        .zip(st.a_mat_c[md].par_chunks_mut(m * d))
-        .zip(
-            st.a_vec[hm.clone()]
-                .par_chunks_mut(m)
-                .zip(st.a_vec_c[hm].par_chunks_mut(m)),
-        )
-        .zip(
-            st.v_sum[hdr.clone()]
-                .par_chunks_mut(d)
-                .zip(st.v_sum_c[hdr].par_chunks_mut(d)),
-        )
-        .zip(st.max[h0..h1].par_iter_mut())
-        .enumerate()
-        .map(
-            |(hd, ((((a_mat, a_mat_c), (a_vec, a_vec_c)), (v_sum, v_sum_c)), max))| {
-                let mut out = vec![0f32; rows * d];
-                favor::chunk(
-                    &map,
-                    c.denominator_eps,
-                    HeadStateRef {
-                        a_mat,
-                        a_vec,
-                        v_sum,
-                        comp: favor::Compensation {
-                            a_mat: a_mat_c,
-                            a_vec: a_vec_c,
-                            v_sum: v_sum_c,
-                        },
-                        max,
-                    },
-                    favor::Rows {
-                        q: &gather(q, hd),
-                        k: &gather(k, hd),
-                        v: &gather(v, hd),
-                        n0: p0,
-                    },
-                    &mut out,
-                );
-                out
-            },
-        )
-        .collect();
-    for (hd, out) in outs.iter().enumerate() {
-        for r in 0..rows {
-            att[r * inner + hd * d..r * inner + (hd + 1) * d]
-                .copy_from_slice(&out[r * d..(r + 1) * d]);
-        }
-    }
-}
-
 /// Rows are consecutive positions of one sequence.
 struct Chunk<'s, G> {
     state: &'s mut State,
@@ -191,7 +59,7 @@ impl<G: GlobalAttention> RowAttention for Chunk<'_, G> {
     fn shift(&mut self, offset: usize, xn: &mut [f32], dim: usize) {
         // Each row takes its predecessor's features; the carried slot ends with the last row's.
         for row in xn.chunks_mut(dim) {
-            shift_features(row, &mut self.state.shift_prev, offset);
+            shift_features(row, &mut self.state.mem.shift_prev, offset);
         }
     }
 
@@ -221,11 +89,11 @@ impl<G: GlobalAttention> RowAttention for Chunk<'_, G> {
                 }
             }
         }
-        if gh > 0 {
-            self.global
-                .attend(model, l, self.state, self.p0, q, k, v, att);
-        }
         let st = &mut *self.state;
+        if gh > 0 {
+            let qkv = Qkv { q, k, v };
+            self.global.rows(model, l, &mut st.mem, self.p0, qkv, att);
+        }
         if layer.local_heads > 0 {
             let rows_iter = q
                 .chunks_mut(inner)
@@ -233,13 +101,8 @@ impl<G: GlobalAttention> RowAttention for Chunk<'_, G> {
                 .zip(v.chunks(inner))
                 .zip(att.chunks_mut(inner));
             for (r, (((q, k), v), att)) in rows_iter.enumerate() {
-                let bufs = LocalBuffers {
-                    keys: &mut st.local_keys,
-                    values: &mut st.local_values,
-                    scores: &mut st.scores,
-                    first_head: st.local_start[l],
-                };
-                model.local_heads_row(l, self.p0 + r, bufs, RowQkv { q, k, v, att });
+                let row = RowQkv { q, k, v, att };
+                model.attend_local(l, self.p0 + r, &mut st.mem, &mut st.scratch.scores, row);
             }
         }
     }
@@ -262,7 +125,7 @@ impl RowAttention for Batch<'_, '_> {
 
     fn shift(&mut self, offset: usize, xn: &mut [f32], dim: usize) {
         for (row, st) in xn.chunks_mut(dim).zip(self.states.iter_mut()) {
-            shift_features(row, &mut st.shift_prev, offset);
+            shift_features(row, &mut st.mem.shift_prev, offset);
         }
     }
 
@@ -295,14 +158,15 @@ impl RowAttention for Batch<'_, '_> {
             .zip(q.chunks_mut(inner))
             .zip(k.chunks_mut(inner))
         {
-            if let Some(rot) = rotary {
-                rot.row(st.pos, &mut st.rot);
+            let rot = &mut st.scratch.rot;
+            if let Some(r) = rotary {
+                r.row(st.pos, rot);
             }
             for hd in 0..gh {
                 let (q, k) = (&mut q[hd * d..(hd + 1) * d], &mut k[hd * d..(hd + 1) * d]);
                 if rotary.is_some() {
-                    rotary::rotate(q, &st.rot);
-                    rotary::rotate(k, &st.rot);
+                    rotary::rotate(q, rot);
+                    rotary::rotate(k, rot);
                 }
                 x[2 * hd * d..(2 * hd + 1) * d].copy_from_slice(k);
                 x[(2 * hd + 1) * d..(2 * hd + 2) * d].copy_from_slice(q);
@@ -323,29 +187,15 @@ impl RowAttention for Batch<'_, '_> {
             .zip(feats.par_chunks_mut((gh * 2 * m).max(1)))
             .for_each(|(((((st, q), k), v), att), feats)| {
                 let pos = st.pos;
-                let (h0, h1) = (st.favor_start[l], st.favor_start[l + 1]);
                 let st = &mut **st;
-                for ((i, hd), feats) in (0..gh).enumerate().zip(feats.chunks_exact_mut(2 * m)) {
-                    let g = h0 + i;
-                    debug_assert!(g < h1);
+                let heads = st.mem.favor_heads(l).heads();
+                for ((hd, head), feats) in heads.enumerate().zip(feats.chunks_exact_mut(2 * m)) {
                     let r = hd * d..(hd + 1) * d;
                     let (key_feat, query_feat) = feats.split_at_mut(m);
                     favor::step_projected(
                         &map,
                         c.denominator_eps,
-                        HeadState {
-                            a_mat: &mut st.a_mat[g * m * d..(g + 1) * m * d],
-                            a_vec: &mut st.a_vec[g * m..(g + 1) * m],
-                            v_sum: &mut st.v_sum[g * d..(g + 1) * d],
-                            comp: favor::Compensation {
-                                a_mat: &mut st.a_mat_c[g * m * d..(g + 1) * m * d],
-                                a_vec: &mut st.a_vec_c[g * m..(g + 1) * m],
-                                v_sum: &mut st.v_sum_c[g * d..(g + 1) * d],
-                            },
-                            max: &mut st.max[g],
-                            key_feat,
-                            query_feat,
-                        },
+                        head.with_scratch(key_feat, query_feat),
                         favor::Token {
                             q: &q[r.clone()],
                             k: &k[r.clone()],
@@ -355,13 +205,8 @@ impl RowAttention for Batch<'_, '_> {
                         &mut att[r],
                     );
                 }
-                let bufs = LocalBuffers {
-                    keys: &mut st.local_keys,
-                    values: &mut st.local_values,
-                    scores: &mut st.scores,
-                    first_head: st.local_start[l],
-                };
-                model.local_heads_row(l, pos, bufs, RowQkv { q, k, v, att });
+                let row = RowQkv { q, k, v, att };
+                model.attend_local(l, pos, &mut st.mem, &mut st.scratch.scores, row);
             });
     }
 }
@@ -473,6 +318,26 @@ impl Model {
         }
     }
 
+    /// Consumes a prompt and returns the logits after its last token, in chunks of
+    /// [`DEFAULT_CHUNK`] tokens (see [`Model::prefill_chunked`]). All ids (and, for absolute
+    /// positions, the length) are checked before the state changes.
+    pub fn prefill<'s>(&self, state: &'s mut State, tokens: &[u32]) -> Result<&'s [f32]> {
+        if state.is_f64() {
+            // f64 accumulators have no chunked path: step, checking everything first.
+            state.check_fits(&self.state_shape)?;
+            let Some((&last, body)) = tokens.split_last() else {
+                return Err(Error::EmptyInput("prefill needs at least one token"));
+            };
+            self.check_tokens(state.pos, tokens)?;
+            for &t in body {
+                self.forward_token(state, t, false, &mut Favor::default())?;
+            }
+            self.forward_token(state, last, true, &mut Favor::default())?;
+            return Ok(&state.mem.logits);
+        }
+        self.prefill_chunked(state, tokens, DEFAULT_CHUNK)
+    }
+
     /// Ingests a prompt in chunks of `chunk` tokens with the chunkwise FAVOR+ form and matrix
     /// products, leaving the state that stepping token by token leaves (up to float rounding).
     /// Returns the logits after the last token.
@@ -487,10 +352,10 @@ impl Model {
             tokens,
             chunk,
             None,
-            &mut FavorGlobal { chunk },
+            &mut Favor { chunk },
             &mut |_| {},
         )?;
-        Ok(&state.logits)
+        Ok(&state.mem.logits)
     }
 
     /// [`Model::prefill`] calling `progress(tokens ingested so far)` as it goes (after every
@@ -502,30 +367,23 @@ impl Model {
         tokens: &[u32],
         progress: &mut dyn FnMut(usize),
     ) -> Result<&'s [f32]> {
-        if state.acc64.is_some() {
+        if state.is_f64() {
             let Some((&last, body)) = tokens.split_last() else {
                 return Err(Error::EmptyInput("prefill needs at least one token"));
             };
-            state.check_fits(self)?;
+            state.check_fits(&self.state_shape)?;
             self.check_tokens(state.pos, tokens)?;
             for (i, &t) in body.iter().enumerate() {
-                self.forward_token(state, t, false)?;
+                self.forward_token(state, t, false, &mut Favor::default())?;
                 progress(i + 1);
             }
             let out = self.prefill(state, &[last])?;
             progress(tokens.len());
             return Ok(out);
         }
-        let chunk = crate::parallel::DEFAULT_CHUNK;
-        self.run_chunks(
-            state,
-            tokens,
-            chunk,
-            None,
-            &mut FavorGlobal { chunk },
-            progress,
-        )?;
-        Ok(&state.logits)
+        let chunk = DEFAULT_CHUNK;
+        self.run_chunks(state, tokens, chunk, None, &mut Favor { chunk }, progress)?;
+        Ok(&state.mem.logits)
     }
 
     /// Like [`Model::prefill_chunked`], but returns the logits after every token
@@ -543,7 +401,7 @@ impl Model {
             tokens,
             chunk,
             Some(&mut all),
-            &mut FavorGlobal { chunk },
+            &mut Favor { chunk },
             &mut |_| {},
         )?;
         Ok(all)
@@ -628,8 +486,8 @@ impl Model {
         global: &mut impl GlobalAttention,
         progress: &mut dyn FnMut(usize),
     ) -> Result<()> {
-        state.check_fits(self)?;
-        if state.acc64.is_some() {
+        state.check_fits(&self.state_shape)?;
+        if state.is_f64() {
             return Err(Error::invalid(
                 "precision",
                 "the chunked path needs an f32 state (use prefill for f64 states)",
@@ -669,9 +527,9 @@ impl Model {
             last_h = h[(piece.len() - 1) * dim..].to_vec();
             progress((i * block + piece.len()).min(tokens.len()));
         }
-        self.logits_rows(&last_h, 1, &mut state.logits);
+        self.logits_rows(&last_h, 1, &mut state.mem.logits);
         state.has_logits = false;
-        if state.logits.iter().any(|x| !x.is_finite()) {
+        if state.mem.logits.iter().any(|x| !x.is_finite()) {
             return Err(Error::NonFiniteLogits {
                 position: state.pos - 1,
             });
@@ -694,8 +552,8 @@ impl Model {
             return Ok(());
         }
         for (st, &t) in states.iter().zip(tokens) {
-            st.check_fits(self)?;
-            if st.acc64.is_some() {
+            st.check_fits(&self.state_shape)?;
+            if st.is_f64() {
                 return Err(Error::invalid(
                     "precision",
                     "batched decode needs f32 states",
@@ -709,8 +567,8 @@ impl Model {
         let mut h = self.embed_rows(tokens, &attn);
         self.forward_rows(&mut h, rows, &mut attn);
         // The logits buffer is this thread's, reused (every element is written), and the rows
-        // go to their states in parallel: at B=16 on a 50k vocabulary a serial zeroing and
-        // copy of 3 MiB each kept the other core idle for ~3% of a tick.
+        // go to their states in parallel: `rows × vocab` floats (megabytes on a 50k
+        // vocabulary) zeroed and copied serially would leave the other cores idle meanwhile.
         let mut logits = STEP_LOGITS.take();
         logits.resize(rows * vocab, 0.0);
         self.logits_rows(&h, rows, &mut logits);
@@ -719,7 +577,7 @@ impl Model {
             .par_iter_mut()
             .zip(logits.par_chunks(vocab.max(1)))
             .map(|(st, row)| {
-                st.logits.copy_from_slice(row);
+                st.mem.logits.copy_from_slice(row);
                 st.has_logits = row.iter().all(|x| x.is_finite());
                 st.has_logits
             })

@@ -137,7 +137,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         .first()
         .copied()
         .unwrap_or_else(bench::default_threads);
-    let batch_options = (!a.batch.is_empty()).then(|| performer_cli::batch_bench::BatchOptions {
+    let batch_options = (!a.batch.is_empty()).then(|| performer_cli::bench::batch::BatchOptions {
         batches: a.batch.clone(),
         depths: a.depths.clone(),
         tg: a.tg.first().copied().unwrap_or(32),
@@ -198,12 +198,12 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             ..Default::default()
         },
     )
-    .map_err(|e| crate::name_config(e, &dir))?;
+    .map_err(|e| super::shared::name_config(e, &dir))?;
     if let Some(opts) = &batch_options {
-        let rows = performer_cli::batch_bench::run(&model, opts)?;
+        let rows = performer_cli::bench::batch::run(&model, opts)?;
         print!(
             "{}",
-            performer_cli::batch_bench::markdown(&name, threads, &rows)
+            performer_cli::bench::batch::markdown(&name, threads, &rows)
         );
         return Ok(());
     }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use performer::synthetic::Rng;
 use performer::{Model, Result, State};
 
-use crate::bench::{median, Stats};
+use super::{format_bytes, format_count, median, Stats};
 
 /// One measured (depth, B) point.
 #[derive(Debug, Clone)]
@@ -128,13 +128,13 @@ pub fn markdown(model_name: &str, threads: usize, rows: &[BatchRow]) -> String {
         });
         out += &format!(
             "| {model_name} | {threads} | {} | {} | {:.1} ± {:.1} | {:.1} | {:.3} | {ratio} | {} |\n",
-            crate::bench::format_count(r.depth),
+            format_count(r.depth),
             r.batch,
             r.median_tokens_per_s,
             r.tokens_per_s.sd,
             r.median_tokens_per_s / r.batch as f64,
             r.step_ms,
-            crate::bench::format_bytes(r.state_bytes as u64),
+            format_bytes(r.state_bytes as u64),
         );
     }
     out

@@ -30,8 +30,8 @@ pub struct ServeArgs {
     max_prompt_tokens: usize,
     /// Prompt tokens ingested between two decode ticks (whole attention chunks of 256, at
     /// least one): the longest every other stream waits for a new prompt. Larger pieces
-    /// prefill faster (gpt2-small: 579 t/s in pieces of 256, 742 in pieces of 1024) and stall
-    /// the other streams longer (0.44 s against 1.38 s).
+    /// prefill faster (longer matrix products) and stall the other streams longer
+    /// (docs/serving.md).
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
     /// Largest max_tokens a request may ask for.
