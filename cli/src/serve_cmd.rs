@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use performer::engine::EngineConfig;
+use performer_engine::EngineConfig;
 use performer_server::{load_api_keys, ServeConfig, ServerOptions};
 
 /// Arguments of `performer serve`.

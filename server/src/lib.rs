@@ -1,4 +1,4 @@
-//! `performer serve`: an HTTP layer (axum, tokio) over [`performer::engine::Engine`].
+//! `performer serve`: an HTTP layer (axum, tokio) over [`performer_engine::Engine`].
 //!
 //! Routes: `GET /health`, `GET /` (playground), `GET /metrics`, and behind Bearer auth
 //! `GET /v1/models`, `POST /v1/completions` (OpenAI Completions, with server-sent events) and
@@ -25,8 +25,8 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use performer::engine::{DiskStore, Engine, EngineConfig, SessionStore};
 use performer::Model;
+use performer_engine::{DiskStore, Engine, EngineConfig, SessionStore};
 
 pub use error::ApiError;
 pub use metrics::Metrics;

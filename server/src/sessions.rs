@@ -8,8 +8,8 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use performer::engine::{CompletionRequest, Event, SessionInfo, Target};
 use performer::SamplingParams;
+use performer_engine::{CompletionRequest, Event, SessionInfo, Target};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -44,7 +44,7 @@ fn full(info: &SessionInfo) -> Json<serde_json::Value> {
 
 /// Runs a blocking engine call (session table, store) off the async workers.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> performer::Result<T> + Send + 'static,
+    f: impl FnOnce() -> performer_engine::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
@@ -88,7 +88,7 @@ pub(crate) async fn create(
             _ => {}
         }
     }
-    Err(performer::Error::ShuttingDown.into())
+    Err(performer_engine::Error::ShuttingDown.into())
 }
 
 /// `POST /v1/sessions/{id}/completions`.

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use performer::engine::{DiskStore, Engine, EngineConfig, SessionStore};
 use performer::generate::{GenerateOptions, Generation};
 use performer::{Model, SamplingParams, State};
+use performer_engine::{DiskStore, Engine, EngineConfig, SessionStore};
 use performer_server::{Metrics, ServerOptions};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
@@ -794,10 +794,10 @@ async fn shutdown_gives_streams_a_grace_period_then_ends_them() {
     assert_eq!(engine.stats().inflight, 0);
     assert!(matches!(
         engine.submit(
-            performer::engine::CompletionRequest::new(vec![1], 1, SamplingParams::greedy()),
+            performer_engine::CompletionRequest::new(vec![1], 1, SamplingParams::greedy()),
             Box::new(|_| true)
         ),
-        Err(performer::Error::ShuttingDown)
+        Err(performer_engine::Error::ShuttingDown)
     ));
 }
 

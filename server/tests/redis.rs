@@ -15,12 +15,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use performer::engine::{
+use performer::generate::{GenerateOptions, Generation};
+use performer::{Model, SamplingParams, State};
+use performer_engine::Error;
+use performer_engine::{
     CompletionRequest, Engine, EngineConfig, SessionKey, SessionMeta, SessionStore, StoredSession,
     Target,
 };
-use performer::generate::{GenerateOptions, Generation};
-use performer::{Error, Model, SamplingParams, State};
 use performer_server::{Metrics, RedisStore, ServerOptions};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -397,8 +398,8 @@ fn two_engines_race_on_one_session_and_the_loser_gets_a_conflict() {
     let lost = rx
         .iter()
         .find_map(|e| match e {
-            performer::engine::Event::Failed(e) => Some(Err(e)),
-            performer::engine::Event::Done { .. } => Some(Ok(())),
+            performer_engine::Event::Failed(e) => Some(Err(e)),
+            performer_engine::Event::Done { .. } => Some(Ok(())),
             _ => None,
         })
         .unwrap();

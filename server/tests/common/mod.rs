@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use performer::engine::Engine;
+use performer_engine::Engine;
 use performer_server::{App, Metrics, ServerOptions};
 use reqwest::Client;
 use serde_json::Value;

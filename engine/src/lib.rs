@@ -6,16 +6,17 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use performer::engine::{CompletionRequest, Engine, EngineConfig};
+//! use performer_engine::{CompletionRequest, Engine, EngineConfig};
 //! use performer::{Model, SamplingParams};
 //! let model = Arc::new(Model::load("models/performer-byte")?);
 //! let engine = Engine::start(model, EngineConfig::default(), None)?;
 //! let prompt = "The sea".bytes().map(u32::from).collect();
 //! let done = engine.complete(CompletionRequest::new(prompt, 32, SamplingParams::greedy()))?;
 //! println!("{}", done.choices[0].text);
-//! # Ok::<(), performer::Error>(())
+//! # Ok::<(), performer_engine::Error>(())
 //! ```
 
+pub mod error;
 mod request;
 mod scheduler;
 mod sessions;
@@ -34,9 +35,8 @@ pub use request::{
 pub use sessions::SessionStats;
 pub use store::{DiskStore, SessionKey, SessionMeta, SessionStore, StoredSession};
 
-use crate::error::{Error, Result};
-use crate::model::Model;
-use crate::state::State;
+pub use error::{Error, Result};
+use performer::{Model, State};
 use scheduler::{Cmd, Job, Scheduler};
 use sessions::Sessions;
 
@@ -300,10 +300,10 @@ impl Engine {
         req.sampling.validate()?;
         let vocab = self.shared.model.vocab_size();
         if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::TokenOutOfRange { token: t, vocab });
+            return Err(performer::Error::TokenOutOfRange { token: t, vocab }.into());
         }
         if req.target == Target::Stateless && req.prompt.is_empty() {
-            return Err(Error::EmptyInput("the prompt is empty"));
+            return Err(performer::Error::EmptyInput("the prompt is empty").into());
         }
         Ok(())
     }
@@ -326,14 +326,15 @@ impl Engine {
         let config = self.shared.model.config();
         if let Some(limit) = config.max_positions() {
             if start + req.prompt.len() > limit {
-                return Err(Error::PositionOutOfRange {
+                return Err(performer::Error::PositionOutOfRange {
                     position: start + req.prompt.len(),
                     max_seq_len: limit,
                     kind: match config.position_kind() {
-                        crate::config::PositionKind::Axial => "axial",
+                        performer::config::PositionKind::Axial => "axial",
                         _ => "absolute",
                     },
-                });
+                }
+                .into());
             }
         }
         let c = &self.shared.config;
@@ -400,7 +401,7 @@ impl Engine {
 
     /// Creates a session for `tenant` from `prompt` (ingested by the scheduler; may be empty).
     pub fn create_session(&self, tenant: &str, prompt: Vec<u32>) -> Result<SessionInfo> {
-        let mut req = CompletionRequest::new(prompt, 0, crate::SamplingParams::greedy());
+        let mut req = CompletionRequest::new(prompt, 0, performer::SamplingParams::greedy());
         req.tenant = tenant.to_string();
         req.target = Target::NewSession;
         self.complete(req)?
@@ -421,7 +422,7 @@ impl Engine {
     /// A session's state as snapshot bytes ([`State::to_bytes`]).
     pub fn session_snapshot(&self, tenant: &str, id: &str) -> Result<Vec<u8>> {
         let state = self.sessions().copy_state(tenant, id)?;
-        state.to_bytes(&self.shared.model)
+        Ok(state.to_bytes(&self.shared.model)?)
     }
 
     /// Creates or replaces session `id` from snapshot bytes. A snapshot of another model, a

@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use performer::engine::{
+use performer::generate::{GenerateOptions, Generation};
+use performer::{Error as RtError, Model, SamplingParams, State};
+use performer_engine::Error;
+use performer_engine::{
     CompletionRequest, DiskStore, Engine, EngineConfig, Event, FinishReason, Observer, Target,
 };
-use performer::generate::{GenerateOptions, Generation};
-use performer::{Error, Model, SamplingParams, State};
 
 fn shipped() -> Arc<Model> {
     Arc::new(Model::load(common::workspace_root().join("models/performer-byte")).unwrap())
@@ -326,10 +327,10 @@ fn logprobs_cover_every_returned_token() {
     req.logprobs = Some(6);
     assert!(matches!(
         engine.complete(req),
-        Err(Error::InvalidParameter {
+        Err(Error::Runtime(RtError::InvalidParameter {
             name: "logprobs",
             ..
-        })
+        }))
     ));
 }
 
@@ -346,40 +347,43 @@ fn limits_are_enforced_before_queueing() {
     let err = |r: CompletionRequest| engine.complete(r).unwrap_err();
     assert!(matches!(
         err(CompletionRequest::new(toks("123456789"), 1, g.clone())),
-        Error::InvalidParameter { name: "prompt", .. }
+        Error::Runtime(RtError::InvalidParameter { name: "prompt", .. })
     ));
     assert!(matches!(
         err(CompletionRequest::new(toks("1"), 11, g.clone())),
-        Error::InvalidParameter {
+        Error::Runtime(RtError::InvalidParameter {
             name: "max_tokens",
             ..
-        }
+        })
     ));
     let mut r = CompletionRequest::new(toks("1"), 1, g.clone());
     r.n = 3;
-    assert!(matches!(err(r), Error::InvalidParameter { name: "n", .. }));
+    assert!(matches!(
+        err(r),
+        Error::Runtime(RtError::InvalidParameter { name: "n", .. })
+    ));
     let mut r = CompletionRequest::new(toks("1"), 1, g.clone());
     r.stop = vec![String::new()];
     assert!(matches!(
         err(r),
-        Error::InvalidParameter { name: "stop", .. }
+        Error::Runtime(RtError::InvalidParameter { name: "stop", .. })
     ));
     assert!(matches!(
         err(CompletionRequest::new(vec![300], 1, g.clone())),
-        Error::TokenOutOfRange { .. }
+        Error::Runtime(RtError::TokenOutOfRange { .. })
     ));
     assert!(matches!(
         err(CompletionRequest::new(Vec::new(), 1, g.clone())),
-        Error::EmptyInput(_)
+        Error::Runtime(RtError::EmptyInput(_))
     ));
     let mut bad = g.clone();
     bad.temperature = -1.0;
     assert!(matches!(
         err(CompletionRequest::new(toks("1"), 1, bad)),
-        Error::InvalidParameter {
+        Error::Runtime(RtError::InvalidParameter {
             name: "temperature",
             ..
-        }
+        })
     ));
     // Past an absolute-position model's 64 positions: rejected up front.
     let absolute = Arc::new(Model::load(common::fixture("opt_scalenorm_tie")).unwrap());
@@ -387,7 +391,7 @@ fn limits_are_enforced_before_queueing() {
     let engine = Engine::start(absolute, config(), None).unwrap();
     assert!(matches!(
         engine.complete(CompletionRequest::new(vec![65; 70], 1, g.clone())),
-        Err(Error::PositionOutOfRange { .. })
+        Err(Error::Runtime(RtError::PositionOutOfRange { .. }))
     ));
     // A generation reaching the end of the positions ends by length.
     let out = engine
@@ -401,7 +405,7 @@ fn limits_are_enforced_before_queueing() {
 fn long_request(
     engine: &Engine,
     max_tokens: usize,
-) -> (performer::engine::CancelHandle, mpsc::Receiver<Event>) {
+) -> (performer_engine::CancelHandle, mpsc::Receiver<Event>) {
     let (tx, rx) = mpsc::channel();
     let h = engine
         .submit(
@@ -538,23 +542,23 @@ fn sessions_are_per_tenant_busy_forkable_and_snapshotted() {
     let mut corrupt = snap.clone();
     corrupt[100] ^= 1;
     assert!(
-        matches!(engine.put_session_snapshot("bob", "x", &corrupt), Err(Error::InvalidSnapshot(m)) if m.contains("checksum"))
+        matches!(engine.put_session_snapshot("bob", "x", &corrupt), Err(Error::Runtime(RtError::InvalidSnapshot(m))) if m.contains("checksum"))
     );
     let mut version = snap.clone();
     version[8] = 9;
     assert!(
-        matches!(engine.put_session_snapshot("bob", "x", &version), Err(Error::InvalidSnapshot(m)) if m.contains("version"))
+        matches!(engine.put_session_snapshot("bob", "x", &version), Err(Error::Runtime(RtError::InvalidSnapshot(m))) if m.contains("version"))
     );
     let other = Model::load(common::fixture("default_a")).unwrap();
     let mut st = State::new(&other);
     other.prefill(&mut st, &[1, 2]).unwrap();
     let foreign = st.to_bytes(&other).unwrap();
     assert!(
-        matches!(engine.put_session_snapshot("bob", "x", &foreign), Err(Error::StateMismatch(m)) if m.contains("another model"))
+        matches!(engine.put_session_snapshot("bob", "x", &foreign), Err(Error::Runtime(RtError::StateMismatch(m))) if m.contains("another model"))
     );
     assert!(matches!(
         engine.put_session_snapshot("bob", "../x", &snap),
-        Err(Error::InvalidParameter { .. })
+        Err(Error::Runtime(RtError::InvalidParameter { .. }))
     ));
 
     engine.delete_session("alice", &a.id).unwrap();
@@ -566,7 +570,10 @@ fn sessions_are_per_tenant_busy_forkable_and_snapshotted() {
     let mut r = CompletionRequest::new(Vec::new(), 4, SamplingParams::greedy());
     r.tenant = "alice".into();
     r.target = Target::Session(empty.id);
-    assert!(matches!(engine.complete(r), Err(Error::EmptyInput(_))));
+    assert!(matches!(
+        engine.complete(r),
+        Err(Error::Runtime(RtError::EmptyInput(_)))
+    ));
 }
 
 #[test]

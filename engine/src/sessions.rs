@@ -8,9 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::request::SessionInfo;
 use super::store::{valid_id, SessionKey, SessionMeta, SessionStore, StoredSession};
 use crate::error::{Error, Result};
-use crate::model::Model;
-use crate::sampling::splitmix64;
-use crate::state::State;
+use performer::sampling::splitmix64;
+use performer::{Model, State};
 
 /// Seconds since the Unix epoch.
 pub(crate) fn now_unix() -> u64 {
@@ -288,7 +287,7 @@ impl Sessions {
             }),
             Err(err) => {
                 self.forget(&k);
-                Err(err)
+                Err(err.into())
             }
         }
     }
@@ -551,16 +550,19 @@ impl Sessions {
             meta.last_used = now_unix();
             if self.shared {
                 let expected = e.meta.version;
-                let written = st.to_bytes(&self.model).and_then(|snapshot| {
-                    let store = self.store.as_ref().expect("a shared table has a store");
-                    store.put(
-                        &StoredSession {
-                            meta: meta.clone(),
-                            snapshot,
-                        },
-                        Some(expected),
-                    )
-                });
+                let written = st
+                    .to_bytes(&self.model)
+                    .map_err(Error::from)
+                    .and_then(|snapshot| {
+                        let store = self.store.as_ref().expect("a shared table has a store");
+                        store.put(
+                            &StoredSession {
+                                meta: meta.clone(),
+                                snapshot,
+                            },
+                            Some(expected),
+                        )
+                    });
                 if let Err(err) = written {
                     self.forget(&k);
                     return Err(err);

@@ -14,9 +14,9 @@ use super::sessions::PendingWrite;
 use super::store::SessionStore;
 use super::Shared;
 use crate::error::{Error, Result};
-use crate::generate::{Checkpoint, StopAction, StopMatcher};
-use crate::sampling::Sampler;
-use crate::state::State;
+use performer::generate::{Checkpoint, StopAction, StopMatcher};
+use performer::sampling::Sampler;
+use performer::State;
 
 /// A message to the scheduler.
 pub(crate) enum Cmd {
@@ -328,7 +328,7 @@ impl Scheduler {
                 *done = end;
                 if let Err(e) = r {
                     let job = self.active.remove(i);
-                    self.fail(job, e);
+                    self.fail(job, e.into());
                     continue;
                 }
                 if let Some(o) = &self.shared.observer {
@@ -360,7 +360,10 @@ impl Scheduler {
         if state.logits().is_none() {
             self.fail(
                 job,
-                Error::EmptyInput("the prompt is empty and the session holds no context yet"),
+                performer::Error::EmptyInput(
+                    "the prompt is empty and the session holds no context yet",
+                )
+                .into(),
             );
             return None;
         }
@@ -380,7 +383,7 @@ impl Scheduler {
             let sampler = match Sampler::new(params) {
                 Ok(s) => s,
                 Err(e) => {
-                    self.fail(job, e);
+                    self.fail(job, e.into());
                     return None;
                 }
             };
@@ -400,7 +403,7 @@ impl Scheduler {
                 ) {
                     Ok(m) => m,
                     Err(e) => {
-                        self.fail(job, e);
+                        self.fail(job, e.into());
                         return None;
                     }
                 },
@@ -551,26 +554,27 @@ impl Scheduler {
 }
 
 /// The same error for every request of a failed batch (`Error` is not `Clone`).
-fn clone_err(e: &Error) -> Error {
-    match e {
-        Error::NonFiniteLogits { position } => Error::NonFiniteLogits {
+fn clone_err(e: &performer::Error) -> Error {
+    use performer::Error as E;
+    Error::Runtime(match e {
+        E::NonFiniteLogits { position } => E::NonFiniteLogits {
             position: *position,
         },
-        Error::PositionOutOfRange {
+        E::PositionOutOfRange {
             position,
             max_seq_len,
             kind,
-        } => Error::PositionOutOfRange {
+        } => E::PositionOutOfRange {
             position: *position,
             max_seq_len: *max_seq_len,
             kind,
         },
-        Error::TokenOutOfRange { token, vocab } => Error::TokenOutOfRange {
+        E::TokenOutOfRange { token, vocab } => E::TokenOutOfRange {
             token: *token,
             vocab: *vocab,
         },
-        other => Error::StateMismatch(format!("batched decode failed: {other}")),
-    }
+        other => E::StateMismatch(format!("batched decode failed: {other}")),
+    })
 }
 
 /// Samples one token for every unfinished row of a decoding job and sends the text it
@@ -584,7 +588,7 @@ fn sample_job(job: &mut Job, shared: &Shared) -> Result<()> {
     let mut events = Vec::new();
     let mut first = false;
     for r in rows.iter_mut().filter(|r| r.finished.is_none()) {
-        let logits = r.state.logits().ok_or(Error::EmptyInput(
+        let logits = r.state.logits().ok_or(performer::Error::EmptyInput(
             "the state holds no logits to sample from",
         ))?;
         let token = r.sampler.sample(logits, &r.history)?;

@@ -2,7 +2,7 @@
 //! implementation, [`DiskStore`].
 //!
 //! A stored session is its metadata plus the library's state snapshot
-//! ([`crate::snapshot`]). File format of [`DiskStore`]: magic `PFSESS1\0`, the metadata's
+//! ([`performer::snapshot`]). File format of [`DiskStore`]: magic `PFSESS1\0`, the metadata's
 //! JSON length (`u32`, little-endian), the JSON, then the snapshot bytes.
 
 use std::fs::File;
@@ -33,7 +33,7 @@ pub struct SessionMeta {
     pub state_bytes: usize,
     /// Incremented on every write of the session.
     pub version: u64,
-    /// [`crate::Model::fingerprint`] of the model the state belongs to.
+    /// [`performer::Model::fingerprint`] of the model the state belongs to.
     pub fingerprint: u64,
 }
 
@@ -42,7 +42,7 @@ pub struct SessionMeta {
 pub struct StoredSession {
     /// Metadata.
     pub meta: SessionMeta,
-    /// [`crate::State::to_bytes`] output.
+    /// [`performer::State::to_bytes`] output.
     pub snapshot: Vec<u8>,
 }
 
@@ -54,7 +54,7 @@ pub type Listing = (Vec<SessionMeta>, Vec<(String, Error)>);
 /// sessions of different models or tenants apart (a shared store puts all three in its keys).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SessionKey {
-    /// [`crate::Model::fingerprint`] of the model.
+    /// [`performer::Model::fingerprint`] of the model.
     pub fingerprint: u64,
     /// The tenant that owns the session (`""` without authentication).
     pub tenant: String,
@@ -242,7 +242,7 @@ impl SessionStore for DiskStore {
         bytes.extend_from_slice(&session.snapshot);
         // Temporary file in the same directory, fsync, rename: a crash leaves the old
         // session or the new one, never a torn file.
-        crate::fsutil::write_atomic(&path, |w| w.write_all(&bytes))
+        performer::fsutil::write_atomic(&path, |w| w.write_all(&bytes)).map_err(Error::from)
     }
 
     fn delete(&self, key: &SessionKey) -> Result<()> {
