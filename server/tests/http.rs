@@ -3,9 +3,9 @@
 //! restart that serves the sessions again.
 
 mod common;
-use common::Server;
+use common::{assert_error, generate_text, root, shipped, sse_data, tiny, Server};
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,24 +15,6 @@ use performer_engine::{DiskStore, Engine, EngineConfig, SessionStore};
 use performer_server::{Metrics, ServerOptions};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn shipped() -> Arc<Model> {
-    Arc::new(Model::load(root().join("models/performer-byte")).unwrap())
-}
-
-/// A synthetic tiny model (rotary positions: no length limit) for long generations.
-fn endless() -> (tempfile::TempDir, Arc<Model>) {
-    use performer::synthetic::{self, SyntheticShape, WeightDtype};
-    let dir = tempfile::tempdir().unwrap();
-    let shape = SyntheticShape::named("tiny").unwrap();
-    synthetic::write(dir.path(), &shape, WeightDtype::F32, 1).unwrap();
-    let model = Arc::new(Model::load(dir.path()).unwrap());
-    (dir, model)
-}
 
 impl Server {
     async fn start(
@@ -63,39 +45,6 @@ fn config() -> EngineConfig {
         max_tokens: 1 << 20,
         ..EngineConfig::default()
     }
-}
-
-fn generate_text(model: &Model, prompt: &str, max_tokens: usize) -> String {
-    let mut state = State::new(model);
-    let options = GenerateOptions {
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        ..GenerateOptions::default()
-    };
-    let tokens: Vec<u32> = prompt.bytes().map(u32::from).collect();
-    Generation::new(model, &mut state, &tokens, options)
-        .unwrap()
-        .collect::<performer::Result<String>>()
-        .unwrap()
-}
-
-/// The `data:` payloads of an SSE body.
-fn sse_data(body: &str) -> Vec<String> {
-    body.split("\n\n")
-        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data:")))
-        .map(|d| d.trim().to_string())
-        .collect()
-}
-
-async fn assert_error(resp: reqwest::Response, status: StatusCode, code: &str) -> Value {
-    assert_eq!(resp.status(), status);
-    let v: Value = resp.json().await.unwrap();
-    assert_eq!(v["error"]["code"], code, "{v}");
-    assert!(v["error"]["message"]
-        .as_str()
-        .is_some_and(|m| !m.is_empty()));
-    assert!(v["error"]["type"].is_string());
-    v
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -622,7 +571,7 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_queue_full_and_cancel_on_disconnect() {
-    let (_dir, model) = endless();
+    let (_dir, model) = tiny();
     let cfg = EngineConfig {
         max_batch: 1,
         max_queue: 1,
@@ -754,7 +703,7 @@ async fn restart_serves_the_sessions_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_gives_streams_a_grace_period_then_ends_them() {
-    let (_dir, model) = endless();
+    let (_dir, model) = tiny();
     let s = Server::start(model, config(), None, None).await;
     let mut r = s
         .post(
