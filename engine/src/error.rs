@@ -43,6 +43,24 @@ pub enum Error {
         found: u64,
     },
 
+    /// The session memory or the session store has no room for this session (the budget is
+    /// spent and nothing can be spilled, or the store's disk is full or failing). Nothing of
+    /// the request was kept. The message names no other session and no server path.
+    #[error("insufficient session storage: {0}")]
+    InsufficientStorage(String),
+
+    /// A per-tenant limit is reached: the tenant has too many prompt tokens waiting to be
+    /// ingested; retry later.
+    #[error("too many prompt tokens queued for this tenant: {queued} waiting, {asked} more asked for (limit {limit})")]
+    TenantQueueFull {
+        /// Prompt tokens of the tenant's requests not yet ingested.
+        queued: usize,
+        /// The new request's prompt tokens.
+        asked: usize,
+        /// The most a tenant may have waiting.
+        limit: usize,
+    },
+
     /// The engine is shutting down and takes no more requests.
     #[error("the engine is shutting down")]
     ShuttingDown,
@@ -65,6 +83,20 @@ impl Error {
     /// A parameter outside its domain ([`performer::Error::InvalidParameter`]).
     pub fn invalid(name: &'static str, message: impl Into<String>) -> Self {
         performer::Error::invalid(name, message).into()
+    }
+
+    /// A store error as a client may see it: an I/O error (a full or failing disk) becomes
+    /// [`Error::InsufficientStorage`] with the OS's reason only, never the file's path (which
+    /// names the session and the server's directory); the full error goes to stderr for the
+    /// operator. Other errors pass unchanged.
+    pub fn from_store(self) -> Self {
+        match self {
+            Error::Runtime(performer::Error::Io { path, source }) => {
+                eprintln!("performer: session store: {}: {source}", path.display());
+                Error::InsufficientStorage(format!("the session store cannot be written: {source}"))
+            }
+            other => other,
+        }
     }
 
     /// The runtime's error inside, if this is one.

@@ -451,8 +451,29 @@ impl Engine {
 
     /// Stops taking requests, lets running ones finish for up to `grace` (then cancels them
     /// with [`Error::ShuttingDown`]), stops the scheduler and writes every session in memory
-    /// to the store. Returns how many sessions were written. Later calls do nothing.
+    /// to the store. Returns how many sessions were written; if some could not be (a full or
+    /// failing disk), every other one is still written and the error lists those that were
+    /// not ([`Engine::shutdown_report`] has the details). Later calls do nothing.
     pub fn shutdown(&self, grace: Duration) -> Result<usize> {
+        let report = self.shutdown_report(grace);
+        if report.failed.is_empty() {
+            return Ok(report.written);
+        }
+        let list: Vec<String> = report
+            .failed
+            .iter()
+            .map(|(id, why)| format!("{id} ({why})"))
+            .collect();
+        Err(Error::SessionStorage(format!(
+            "wrote {} sessions; could not write {}: {}",
+            report.written,
+            report.failed.len(),
+            list.join(", ")
+        )))
+    }
+
+    /// [`Engine::shutdown`], reporting each session it could not write.
+    pub fn shutdown_report(&self, grace: Duration) -> ShutdownReport {
         self.shared.accepting.store(false, Ordering::Release);
         if let Some(tx) = self.tx.lock().expect("poisoned").take() {
             let _ = tx.send(Cmd::Shutdown(Instant::now() + grace));
@@ -466,11 +487,22 @@ impl Engine {
                 if let Some(c) = self.committer.lock().expect("poisoned").take() {
                     let _ = c.join();
                 }
-                self.sessions().write_all()
+                let (written, failed) = self.sessions().write_all();
+                ShutdownReport { written, failed }
             }
-            None => Ok(0),
+            None => ShutdownReport::default(),
         }
     }
+}
+
+/// What [`Engine::shutdown_report`] wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Sessions written to the store.
+    pub written: usize,
+    /// Sessions that could not be written: id and reason. Their older stored version, if
+    /// any, was deleted (a restart does not serve a session older than acknowledged).
+    pub failed: Vec<(String, String)>,
 }
 
 impl Drop for Engine {

@@ -68,6 +68,8 @@ impl From<Error> for ApiError {
             Error::ShuttingDown => (503, "server_error", "shutting_down"),
             Error::StoreUnavailable(_) => (503, "server_error", "store_unavailable"),
             Error::SessionStorage(_) => (507, "server_error", "session_storage"),
+            Error::InsufficientStorage(_) => (507, "server_error", "insufficient_storage"),
+            Error::TenantQueueFull { .. } => (429, "rate_limit_error", "tenant_queue_full"),
             _ => (500, "server_error", "internal_error"),
         };
         ApiError {

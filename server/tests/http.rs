@@ -864,3 +864,56 @@ async fn a_tokenizer_json_model_is_served_with_its_tokenizer() {
     );
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_session_memory_gives_507_and_keeps_no_trace() {
+    let model = shipped();
+    let one = State::new(&model).size_bytes();
+    let cfg = EngineConfig {
+        max_session_memory: one * 3 / 2,
+        ..config()
+    };
+    let s = Server::start(model, cfg, None, None).await;
+    let r = s.post("/v1/sessions", json!({"prompt": "kept"})).await;
+    assert_eq!(r.status(), 201);
+    let kept = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for _ in 0..3 {
+        let r = s.post("/v1/sessions", json!({"prompt": "refused"})).await;
+        let v = assert_error(r, StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage").await;
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(!msg.contains(&kept), "{msg}");
+    }
+    let r = s
+        .http
+        .post(s.url(&format!("/v1/sessions/{kept}/fork")))
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage").await;
+    let list: Value = s
+        .http
+        .get(s.url("/v1/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
+    // What was kept still downloads.
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sessions/{kept}/state")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(s
+        .metrics()
+        .await
+        .contains("reason=\"insufficient_storage\""));
+    s.shutdown().await;
+}
