@@ -63,6 +63,16 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may run after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 10)]
     grace: u64,
+    /// Seconds a client may take to send a request's header; then its connection is closed.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout: u64,
+    /// Seconds a client may take to send a request's body after its header; then the request
+    /// fails and the connection is closed.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    body_timeout: u64,
+    /// Most connections open at once; past it new connections get 503 and are closed.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
 }
 
 /// `1048576`, `512KiB`, `256MiB`, `1GiB`.
@@ -110,6 +120,9 @@ pub fn run(a: ServeArgs, threads: Option<usize>, model_dir: PathBuf) -> Result<(
             api_keys,
             max_body_bytes: a.max_body,
             grace: Duration::from_secs(a.grace),
+            header_timeout: Duration::from_secs(a.header_timeout),
+            body_timeout: Duration::from_secs(a.body_timeout),
+            max_connections: a.max_connections as usize,
             ..ServerOptions::default()
         },
     })

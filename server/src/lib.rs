@@ -45,6 +45,13 @@ pub struct ServerOptions {
     pub max_upload_bytes: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub grace: Duration,
+    /// Longest wait for a request's complete header; then the connection is closed.
+    pub header_timeout: Duration,
+    /// Longest time from a request's header to the end of its body; then the request fails
+    /// and the connection is closed.
+    pub body_timeout: Duration,
+    /// Most connections open at once; past it new ones get 503 and are closed.
+    pub max_connections: usize,
 }
 
 impl Default for ServerOptions {
@@ -55,6 +62,9 @@ impl Default for ServerOptions {
             max_body_bytes: 1 << 20,
             max_upload_bytes: 256 << 20,
             grace: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            max_connections: 1024,
         }
     }
 }
@@ -237,40 +247,38 @@ pub fn router(app: Arc<App>) -> Router {
 
 /// Serves `app` on `listener` until `shutdown` resolves; then closes the port, lets
 /// requests run for the grace period (new ones on open connections get 503), stops the engine,
-/// writes its sessions out and closes the connections. Returns how many sessions were written.
+/// writes its sessions out and closes the connections: those still open a second after that
+/// (a client that never finishes sending its request) are closed regardless. Returns how many
+/// sessions were written, or an error naming the sessions that could not be.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Arc<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<usize, String> {
-    let (close_tx, close_rx) = tokio::sync::watch::channel(false);
-    let listener = listener::Closable::new(listener, close_rx).map_err(|e| e.to_string())?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let engine = app.engine.clone();
     let grace = app.options.grace;
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
+    let limits = listener::Limits {
+        header_timeout: app.options.header_timeout,
+        body_timeout: app.options.body_timeout,
+        max_connections: app.options.max_connections.clamp(1, u32::MAX as usize),
+        drain: Duration::from_secs(1),
+    };
+    let stopping = tokio::spawn(async move {
         shutdown.await;
-        let _ = close_tx.send(true);
+        let _ = stop_tx.send(true);
         let written = tokio::task::spawn_blocking(move || engine.shutdown(grace))
             .await
             .map_err(|e| format!("shutdown task: {e}"))
             .and_then(|r| r.map_err(|e| format!("writing sessions: {e}")));
-        let _ = done_tx.send(written);
+        let _ = drain_tx.send(true);
+        written
     });
-    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
-    let stopped = async move {
-        let written = done_rx
-            .await
-            .unwrap_or_else(|_| Err("the shutdown task ended early".into()));
-        let _ = written_tx.send(written);
-    };
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(stopped)
+    listener::serve(listener, router(app), limits, stop_rx, drain_rx).await;
+    stopping
         .await
-        .map_err(|e| format!("server: {e}"))?;
-    written_rx
-        .await
-        .unwrap_or_else(|_| Err("the server stopped without a shutdown".into()))
+        .unwrap_or_else(|e| Err(format!("shutdown task: {e}")))
 }
 
 /// Everything `performer serve` needs.

@@ -917,3 +917,150 @@ async fn a_full_session_memory_gives_507_and_keeps_no_trace() {
         .contains("reason=\"insufficient_storage\""));
     s.shutdown().await;
 }
+
+/// A server of the shipped model with these HTTP settings.
+async fn start_with(options: ServerOptions) -> Server {
+    let metrics = Arc::new(Metrics::new());
+    let engine = Arc::new(
+        Engine::start_with_observer(shipped(), config(), None, Some(metrics.clone())).unwrap(),
+    );
+    Server::serve(engine, metrics, options).await
+}
+
+/// Sends `bytes` on a new raw connection to `s`.
+async fn raw(s: &Server, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = s.base.trim_start_matches("http://");
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(bytes).await.unwrap();
+    c
+}
+
+/// What the server sends until it closes the connection; `None` if it is still open after
+/// `limit`.
+async fn until_closed(c: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok()
+        .map(|_| String::from_utf8_lossy(&got).into_owned())
+}
+
+const PARTIAL_HEADER: &[u8] = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-ty";
+const PARTIAL_BODY: &[u8] = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n\
+content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"prompt\": \"a";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_are_closed_by_the_header_and_body_timeouts() {
+    let s = start_with(ServerOptions {
+        header_timeout: Duration::from_millis(300),
+        body_timeout: Duration::from_millis(300),
+        ..ServerOptions::default()
+    })
+    .await;
+    // Far above the 0.3 s timeouts: only a connection that is never closed fails this.
+    let limit = Duration::from_secs(20);
+    let mut head = raw(&s, PARTIAL_HEADER).await;
+    let mut body = raw(&s, PARTIAL_BODY).await;
+    until_closed(&mut head, limit)
+        .await
+        .expect("a partial header is closed");
+    let answer = until_closed(&mut body, limit)
+        .await
+        .expect("a partial body is closed");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("invalid_body"), "{answer}");
+    // Complete requests are served as before.
+    let r = s.http.get(s.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = s
+        .post("/v1/completions", json!({"prompt": "a", "max_tokens": 2}))
+        .await;
+    assert_eq!(r.status(), 200);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections_get_503() {
+    let s = start_with(ServerOptions {
+        max_connections: 2,
+        ..ServerOptions::default()
+    })
+    .await;
+    // Two idle connections hold both slots (accepted in order, before the third).
+    let a = raw(&s, b"").await;
+    let _b = raw(&s, b"").await;
+    let mut third = raw(&s, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let answer = until_closed(&mut third, Duration::from_secs(20))
+        .await
+        .expect("the third connection is closed");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    // A slot frees when a connection closes.
+    drop(a);
+    let mut served = false;
+    for _ in 0..200 {
+        let r = Client::new().get(s.url("/health")).send().await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "a freed slot serves again");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_completes_while_clients_hold_half_sent_requests() {
+    let (dir, model) = tiny();
+    let store = DiskStore::open(dir.path().join("sessions")).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let engine = Arc::new(
+        Engine::start_with_observer(
+            model,
+            config(),
+            Some(Box::new(store)),
+            Some(metrics.clone()),
+        )
+        .unwrap(),
+    );
+    let s = Server::serve(
+        engine,
+        metrics,
+        ServerOptions {
+            grace: Duration::from_millis(500),
+            // Far longer than the test: only the shutdown may close these connections.
+            header_timeout: Duration::from_secs(600),
+            body_timeout: Duration::from_secs(600),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    // Sessions present: they are written at shutdown.
+    for _ in 0..3 {
+        let r = s.post("/v1/sessions", json!({"prompt": "kept"})).await;
+        assert_eq!(r.status(), 201);
+    }
+    let mut head = raw(&s, PARTIAL_HEADER).await;
+    let mut body = raw(&s, PARTIAL_BODY).await;
+    let written = tokio::time::timeout(Duration::from_secs(30), s.shutdown())
+        .await
+        .expect("shutdown does not wait for half-sent requests");
+    assert_eq!(written, 3);
+    assert!(until_closed(&mut head, Duration::from_secs(5))
+        .await
+        .is_some());
+    assert!(until_closed(&mut body, Duration::from_secs(5))
+        .await
+        .is_some());
+}
