@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// the other streams longer (0.44 s against 1.38 s).
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
+    /// Most prompt tokens one tenant (API key) may have waiting to be ingested; beyond, 429.
+    /// Prompts are ingested in turns, so one tenant's long prompts cannot hold up another's.
+    #[arg(long, default_value_t = 1 << 21)]
+    max_tenant_prompt_tokens: usize,
     /// Largest max_tokens a request may ask for.
     #[arg(long, default_value_t = 1 << 16)]
     max_tokens: usize,
@@ -105,6 +109,7 @@ pub fn run(a: ServeArgs, threads: Option<usize>, model_dir: PathBuf) -> Result<(
         prefill_chunk: a.prefill_chunk,
         max_tokens: a.max_tokens,
         max_session_memory: a.max_session_memory,
+        max_tenant_prompt_tokens: a.max_tenant_prompt_tokens,
         session_ttl: a.session_ttl.map(Duration::from_secs),
         threads: threads.unwrap_or(EngineConfig::default().threads),
         ..EngineConfig::default()

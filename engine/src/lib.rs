@@ -22,6 +22,7 @@ mod scheduler;
 mod sessions;
 pub mod store;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
@@ -64,6 +65,10 @@ pub struct EngineConfig {
     pub max_session_memory: usize,
     /// Sessions unused for this long are dropped.
     pub session_ttl: Option<Duration>,
+    /// Most prompt tokens one tenant may have waiting to be ingested (queued or being
+    /// prefilled); beyond, [`Error::TenantQueueFull`]. Prompts are ingested in turns between
+    /// jobs, so this bounds how much of the prefill time one tenant can claim.
+    pub max_tenant_prompt_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -78,6 +83,7 @@ impl Default for EngineConfig {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_session_memory: 1 << 30,
             session_ttl: None,
+            max_tenant_prompt_tokens: 1 << 21,
         }
     }
 }
@@ -109,7 +115,44 @@ pub(crate) struct Shared {
     pub(crate) running: AtomicUsize,
     /// Requests waiting (published by the scheduler every tick).
     pub(crate) queued: AtomicUsize,
+    /// Per tenant: prompt tokens of its jobs not yet ingested.
+    pending_prompt: Mutex<HashMap<String, usize>>,
     accepting: AtomicBool,
+}
+
+impl Shared {
+    /// Counts `tokens` more prompt tokens waiting for `tenant`, unless that passes the limit.
+    fn count_prompt(&self, tenant: &str, tokens: usize) -> Result<()> {
+        let limit = self.config.max_tenant_prompt_tokens;
+        let mut pending = self.pending_prompt.lock().expect("poisoned");
+        let queued = pending.get(tenant).copied().unwrap_or(0);
+        if queued + tokens > limit {
+            return Err(Error::TenantQueueFull {
+                queued,
+                asked: tokens,
+                limit,
+            });
+        }
+        *pending.entry(tenant.to_string()).or_default() += tokens;
+        Ok(())
+    }
+
+    /// Takes a job's prompt out of its tenant's count (once; later calls do nothing).
+    pub(crate) fn uncount_prompt(&self, job: &Job) {
+        if job.prompt_counted.replace(false) {
+            self.release_prompt(&job.req.tenant, job.req.prompt.len());
+        }
+    }
+
+    fn release_prompt(&self, tenant: &str, tokens: usize) {
+        let mut pending = self.pending_prompt.lock().expect("poisoned");
+        if let Some(n) = pending.get_mut(tenant) {
+            *n = n.saturating_sub(tokens);
+            if *n == 0 {
+                pending.remove(tenant);
+            }
+        }
+    }
 }
 
 /// Live counts of an engine.
@@ -206,6 +249,7 @@ impl Engine {
             inflight: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
+            pending_prompt: Mutex::new(HashMap::new()),
             accepting: AtomicBool::new(true),
         });
         let (tx, rx) = mpsc::channel();
@@ -346,9 +390,15 @@ impl Engine {
                 (cur + n <= limit).then_some(cur + n)
             })
             .map_err(|active| Error::QueueFull { active, limit })?;
+        if let Err(e) = self.shared.count_prompt(&req.tenant, req.prompt.len()) {
+            self.shared.inflight.fetch_sub(n, Ordering::AcqRel);
+            return Err(e);
+        }
+        let (tenant, tokens) = (req.tenant.clone(), req.prompt.len());
         if let Target::Session(id) = &req.target {
             if let Err(e) = self.sessions().reserve(&req.tenant, id) {
                 self.shared.inflight.fetch_sub(n, Ordering::AcqRel);
+                self.shared.release_prompt(&tenant, tokens);
                 return Err(e);
             }
         }
@@ -364,6 +414,7 @@ impl Engine {
             Some(Ok(())) => Ok(cancel),
             _ => {
                 self.shared.inflight.fetch_sub(n, Ordering::AcqRel);
+                self.shared.release_prompt(&tenant, tokens);
                 Err(Error::ShuttingDown)
             }
         }

@@ -37,6 +37,11 @@ pub(crate) struct Job {
     original: Option<State>,
     first_token: bool,
     cancelled: bool,
+    /// Admission order, for the prefill rotation.
+    seq: u64,
+    /// Whether the prompt still counts in its tenant's queued prompt tokens (until it is
+    /// ingested or the job ends).
+    pub(crate) prompt_counted: std::cell::Cell<bool>,
 }
 
 enum Phase {
@@ -82,6 +87,8 @@ impl Job {
             original: None,
             first_token: false,
             cancelled: false,
+            seq: 0,
+            prompt_counted: std::cell::Cell::new(true),
         }
     }
 
@@ -144,6 +151,10 @@ pub(crate) struct Scheduler {
     queue: VecDeque<Job>,
     active: Vec<Job>,
     prefill_slice: usize,
+    /// Admissions so far (the next job's `seq`).
+    admitted: u64,
+    /// `seq` of the job that got the last prefill slice: the next tick starts after it.
+    last_prefilled: u64,
     deadline: Option<Instant>,
     last_expiry: Instant,
 }
@@ -165,6 +176,8 @@ impl Scheduler {
             queue: VecDeque::new(),
             active: Vec::new(),
             prefill_slice,
+            admitted: 0,
+            last_prefilled: 0,
             deadline: None,
             last_expiry: Instant::now(),
         }
@@ -231,6 +244,7 @@ impl Scheduler {
 
     /// Releases a finished, failed or cancelled job's slots.
     fn release(&self, job: &Job) {
+        self.shared.uncount_prompt(job);
         self.shared.inflight.fetch_sub(job.req.n, Ordering::AcqRel);
     }
 
@@ -297,23 +311,37 @@ impl Scheduler {
                 state: Box::new(state),
                 done: 0,
             };
+            self.admitted += 1;
+            job.seq = self.admitted;
             self.active.push(job);
         }
     }
 
     /// Ingests prompt slices: each job's prompt in slices of about `prefill_slice` tokens
-    /// ([`Model::prefill_slice_end`]), jobs in arrival order, until this tick's budget (one
-    /// slice) is spent.
+    /// ([`Model::prefill_slice_end`]), at most one slice per job per tick, until this tick's
+    /// budget (one slice) is spent. The jobs take turns: each tick starts with the job after
+    /// the one served last, so a short prompt waits for one slice of each longer prompt, not
+    /// for the whole of them.
     fn prefill(&mut self) {
         let mut budget = self.prefill_slice;
-        let mut i = 0;
-        while i < self.active.len() {
+        // Active jobs are in admission order: `seq` ascending.
+        let mut order: Vec<u64> = self
+            .active
+            .iter()
+            .filter(|j| matches!(j.phase, Phase::Prefill { .. }))
+            .map(|j| j.seq)
+            .collect();
+        let after = order.partition_point(|&s| s <= self.last_prefilled);
+        order.rotate_left(after);
+        for seq in order {
             if budget == 0 {
                 break;
             }
+            let Some(i) = self.active.iter().position(|j| j.seq == seq) else {
+                continue;
+            };
             let job = &mut self.active[i];
             let Phase::Prefill { state, done } = &mut job.phase else {
-                i += 1;
                 continue;
             };
             let prompt = &job.req.prompt;
@@ -326,6 +354,7 @@ impl Scheduler {
                     .install(|| model.prefill(state, slice).map(|_| ()));
                 budget = budget.saturating_sub(slice.len());
                 *done = end;
+                self.last_prefilled = seq;
                 if let Err(e) = r {
                     let job = self.active.remove(i);
                     self.fail(job, e.into());
@@ -337,13 +366,11 @@ impl Scheduler {
             }
             if *done == prompt.len() {
                 let job = self.active.remove(i);
+                self.shared.uncount_prompt(&job);
                 if let Some(job) = self.start_decode(job) {
                     self.active.insert(i, job);
-                } else {
-                    continue;
                 }
             }
-            i += 1;
         }
     }
 
