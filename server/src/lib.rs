@@ -41,8 +41,12 @@ pub struct ServerOptions {
     pub api_keys: Option<Vec<String>>,
     /// Largest JSON body, in bytes.
     pub max_body_bytes: usize,
-    /// Largest uploaded snapshot, in bytes.
+    /// Largest uploaded snapshot, in bytes; the server also caps it at
+    /// [`UPLOAD_SNAPSHOTS`] times the model's snapshot size, whichever is smaller.
     pub max_upload_bytes: usize,
+    /// Most bytes of snapshots being uploaded at once, over all uploads; past it an upload gets
+    /// 503 `uploads_busy` with Retry-After.
+    pub max_upload_total: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub grace: Duration,
     /// Longest wait for a request's complete header; then the connection is closed.
@@ -61,6 +65,7 @@ impl Default for ServerOptions {
             api_keys: None,
             max_body_bytes: 1 << 20,
             max_upload_bytes: 256 << 20,
+            max_upload_total: 128 << 20,
             grace: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(60),
@@ -79,6 +84,22 @@ pub struct App {
     pub options: ServerOptions,
     /// API key → tenant id.
     tenants: Option<HashMap<String, String>>,
+    /// Largest upload accepted, in bytes.
+    pub(crate) upload_cap: usize,
+    /// Bytes of uploads in progress, as permits of `options.max_upload_total`.
+    pub(crate) uploading: Arc<tokio::sync::Semaphore>,
+}
+
+/// An upload may be this many times the model's snapshot size (a snapshot of a state with
+/// logits, the largest there is).
+pub const UPLOAD_SNAPSHOTS: usize = 2;
+
+/// Bytes of the largest snapshot of `model` (a state holding logits); `None` if the model
+/// cannot step.
+fn snapshot_size(model: &Model) -> Option<usize> {
+    let mut state = performer::State::new(model);
+    model.prefill(&mut state, &[0]).ok()?;
+    state.to_bytes(model).ok().map(|b| b.len())
 }
 
 impl App {
@@ -93,11 +114,22 @@ impl App {
                 })
                 .collect()
         });
+        let upload_cap = snapshot_size(engine.model()).map_or(options.max_upload_bytes, |n| {
+            options
+                .max_upload_bytes
+                .min(n.saturating_mul(UPLOAD_SNAPSHOTS))
+        });
+        let uploading = Arc::new(tokio::sync::Semaphore::new(options.max_upload_total.clamp(
+            1,
+            tokio::sync::Semaphore::MAX_PERMITS.min(u32::MAX as usize),
+        )));
         Arc::new(App {
             engine,
             metrics,
             options,
             tenants,
+            upload_cap,
+            uploading,
         })
     }
 }
@@ -213,7 +245,6 @@ async fn not_found() -> ApiError {
 /// Every route, with auth on `/v1/*` and request counting on all.
 pub fn router(app: Arc<App>) -> Router {
     let body = DefaultBodyLimit::max(app.options.max_body_bytes);
-    let upload = DefaultBodyLimit::max(app.options.max_upload_bytes);
     let v1 = Router::new()
         .route("/models", get(models))
         .route("/completions", post(completions::stateless).layer(body))
@@ -232,7 +263,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/sessions/{id}/fork", post(sessions::fork))
         .route(
             "/sessions/{id}/state",
-            get(sessions::download).put(sessions::upload).layer(upload),
+            get(sessions::download).put(sessions::upload),
         )
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
     Router::new()

@@ -1064,3 +1064,79 @@ async fn shutdown_completes_while_clients_hold_half_sent_requests() {
         .await
         .is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_capped_by_the_snapshot_size_and_by_a_global_budget() {
+    let model = shipped();
+    let mut st = State::new(&model);
+    model
+        .prefill(&mut st, b"Once".map(u32::from).as_slice())
+        .unwrap();
+    let snap = st.to_bytes(&model).unwrap();
+    let s = start_with(ServerOptions {
+        // Room for one upload of a snapshot at a time.
+        max_upload_total: snap.len() * 3 / 2,
+        ..ServerOptions::default()
+    })
+    .await;
+    let put = |id: &str, body: Vec<u8>| {
+        s.http
+            .put(s.url(&format!("/v1/sessions/{id}/state")))
+            .body(body)
+            .send()
+    };
+    assert_eq!(put("fits", snap.clone()).await.unwrap().status(), 201);
+    // Past twice the snapshot size: refused, whether the length is declared or streamed.
+    let huge = vec![0u8; snap.len() * 2 + 1];
+    assert_error(
+        put("huge", huge.clone()).await.unwrap(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+    )
+    .await;
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        huge.chunks(4096).map(|c| Ok(c.to_vec())).collect();
+    let r = s
+        .http
+        .put(s.url("/v1/sessions/streamed/state"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large").await;
+    // An upload in progress (its body half sent) holds the budget: another gets 503.
+    let head = format!(
+        "PUT /v1/sessions/slow/state HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+        snap.len()
+    );
+    let mut partial = head.into_bytes();
+    partial.extend_from_slice(&snap[..snap.len() / 2]);
+    let slow = raw(&s, &partial).await;
+    let mut busy = false;
+    for _ in 0..200 {
+        let r = put("second", snap.clone()).await.unwrap();
+        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+            assert_error(r, StatusCode::SERVICE_UNAVAILABLE, "uploads_busy").await;
+            busy = true;
+            break;
+        }
+        // The slow upload's header may not have been read yet: this one went through.
+        assert_eq!(r.status(), 201);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(busy, "a second upload while the budget is held gets 503");
+    // The budget comes back when the slow client goes away.
+    drop(slow);
+    let mut done = false;
+    for _ in 0..200 {
+        if put("third", snap.clone()).await.unwrap().status() == 201 {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(done);
+    s.shutdown().await;
+}
