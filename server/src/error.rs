@@ -102,6 +102,7 @@ impl ApiError {
             404 => "not_found",
             // session_busy or version_conflict
             409 => self.code,
+            405 => "method_not_allowed",
             413 => "too_large",
             429 => "queue_full",
             503 | 507 => self.code,
@@ -116,9 +117,11 @@ impl IntoResponse for ApiError {
         if let Some(reason) = self.rejection() {
             r.extensions_mut().insert(Rejected(reason));
         }
-        // Worth retrying after a second: a full queue, or a session store that is down (the
-        // next request reconnects).
-        if self.status == StatusCode::TOO_MANY_REQUESTS || self.code == "store_unavailable" {
+        // Worth retrying after a second: a full queue, a session store that is down (the next
+        // request reconnects), the upload budget spent.
+        if self.status == StatusCode::TOO_MANY_REQUESTS
+            || matches!(self.code, "store_unavailable" | "uploads_busy")
+        {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

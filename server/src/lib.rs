@@ -162,8 +162,7 @@ async fn auth(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Resp
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim);
+                .and_then(bearer_token);
             match key.and_then(|k| map.get(k)) {
                 Some(t) => t.clone(),
                 None => {
@@ -180,6 +179,16 @@ async fn auth(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Resp
     };
     req.extensions_mut().insert(Tenant(tenant));
     next.run(req).await
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 9110, 11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
@@ -242,6 +251,15 @@ async fn not_found() -> ApiError {
     }
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        kind: "invalid_request_error",
+        code: "method_not_allowed",
+        message: "this route does not take that method".into(),
+    }
+}
+
 /// Every route, with auth on `/v1/*` and request counting on all.
 pub fn router(app: Arc<App>) -> Router {
     let body = DefaultBodyLimit::max(app.options.max_body_bytes);
@@ -265,11 +283,13 @@ pub fn router(app: Arc<App>) -> Router {
             "/sessions/{id}/state",
             get(sessions::download).put(sessions::upload),
         )
-        .route_layer(middleware::from_fn_with_state(app.clone(), auth));
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth))
+        .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .route("/", get(playground))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .method_not_allowed_fallback(method_not_allowed)
         .nest("/v1", v1)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))

@@ -1140,3 +1140,49 @@ async fn uploads_are_capped_by_the_snapshot_size_and_by_a_global_budget() {
     assert!(done);
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive_and_a_405_has_the_error_shape() {
+    let keys = Some(vec!["key-a".to_string()]);
+    let s = Server::start(shipped(), config(), None, keys).await;
+    for value in [
+        "bearer key-a",
+        "BEARER key-a",
+        "Bearer  key-a ",
+        "bEaReR key-a",
+    ] {
+        let r = s
+            .http
+            .get(s.url("/v1/models"))
+            .header("authorization", value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{value:?}");
+    }
+    for value in ["Basic key-a", "key-a", "Bearer", "Bearerkey-a"] {
+        let r = s
+            .http
+            .get(s.url("/v1/models"))
+            .header("authorization", value)
+            .send()
+            .await
+            .unwrap();
+        assert_error(r, StatusCode::UNAUTHORIZED, "invalid_api_key").await;
+    }
+    for (method, path) in [
+        (reqwest::Method::DELETE, "/health"),
+        (reqwest::Method::GET, "/v1/completions"),
+        (reqwest::Method::PATCH, "/v1/sessions"),
+    ] {
+        let r = s
+            .http
+            .request(method, s.url(path))
+            .bearer_auth("key-a")
+            .send()
+            .await
+            .unwrap();
+        assert_error(r, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    }
+    s.shutdown().await;
+}
