@@ -47,6 +47,15 @@ fn config() -> EngineConfig {
     }
 }
 
+/// The value of the `performer_prompt_tokens_total` counter in a metrics text.
+fn prompt_tokens_total(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("performer_prompt_tokens_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no performer_prompt_tokens_total in {metrics}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_health_models_metrics_and_errors() {
     let model = shipped();
@@ -142,6 +151,7 @@ async fn completions_health_models_metrics_and_errors() {
         .await;
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["choices"][0]["text"], &want[..want.find(&stop).unwrap()]);
+    let prompt_before = prompt_tokens_total(&s.metrics().await);
     let v: Value = s
         .post_json(
             "/v1/completions",
@@ -152,6 +162,12 @@ async fn completions_health_models_metrics_and_errors() {
     assert_eq!(v["choices"].as_array().unwrap().len(), 3);
     assert_eq!(
         v["usage"]["prompt_tokens"], 7,
+        "one prefill for all choices"
+    );
+    // The counter of ingested prompt tokens proves it: 7 more, not 3 × 7.
+    assert_eq!(
+        prompt_tokens_total(&s.metrics().await) - prompt_before,
+        7,
         "one prefill for all choices"
     );
     let lp = &v["choices"][1]["logprobs"];
@@ -806,6 +822,21 @@ async fn a_tokenizer_json_model_is_served_with_its_tokenizer() {
     if tokens.iter().all(|t| !t.starts_with('<')) {
         assert_eq!(tokens.concat(), free);
     }
+    // Always: each token is the tokenizer's spelling of the greedy token alone, `<id>` for a
+    // piece of a character.
+    let mut state = State::new(&model);
+    let mut sampler = performer::Sampler::new(SamplingParams::greedy()).unwrap();
+    let mut logits = model.prefill(&mut state, &ids).unwrap().to_vec();
+    let mut spelled = Vec::new();
+    for _ in 0..24 {
+        let t = sampler.sample(&logits, &[]).unwrap();
+        spelled.push(match model.tokenizer().decode(&[t]) {
+            Ok(s) if !s.is_empty() && !s.contains('\u{FFFD}') => s,
+            _ => format!("<{t}>"),
+        });
+        logits = model.step(&mut state, t).unwrap().to_vec();
+    }
+    assert_eq!(tokens, spelled);
 
     // A stop string from inside that text (its second to fourth characters): the text before
     // it, streamed and not, as the library's `Generation` returns it.
