@@ -246,7 +246,7 @@ fn main() -> ExitCode {
         Command::Logits(a) => logits(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Bench(a) => bench_cmd::run(a),
-        Command::Loadtest(a) => loadtest_cmd::run(a).map_err(Into::into),
+        Command::Loadtest(a) => loadtest_cmd::run(a),
         Command::Serve(a) => {
             serve_cmd::run(a, cli.threads, default_model_dir()).map_err(Into::into)
         }
