@@ -1217,3 +1217,63 @@ async fn the_bearer_scheme_is_case_insensitive_and_a_405_has_the_error_shape() {
     }
     s.shutdown().await;
 }
+
+/// The text `performer generate` makes of `prompt` with these sampling parameters.
+fn generate_with(
+    model: &Model,
+    prompt: &str,
+    max_tokens: usize,
+    sampling: SamplingParams,
+) -> String {
+    use performer::generate::{GenerateOptions, Generation};
+    let mut state = State::new(model);
+    let options = GenerateOptions {
+        max_tokens,
+        sampling,
+        ..GenerateOptions::default()
+    };
+    let tokens: Vec<u32> = prompt.bytes().map(u32::from).collect();
+    Generation::new(model, &mut state, &tokens, options)
+        .unwrap()
+        .collect::<performer::Result<String>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_k_and_repetition_penalty_reach_the_sampler() {
+    let model = shipped();
+    let s = Server::start(model.clone(), config(), None, None).await;
+    let prompt = "the the the the the";
+    let text = |v: Value| v["choices"][0]["text"].as_str().unwrap().to_string();
+    // top_k 1 at temperature 1 is greedy whatever the seed.
+    let greedy = generate_text(&model, prompt, 32);
+    for seed in [1, 2, 3] {
+        let v = s
+            .post_json(
+                "/v1/completions",
+                json!({"prompt": prompt, "max_tokens": 32, "temperature": 1.0, "top_k": 1, "seed": seed}),
+            )
+            .await;
+        assert_eq!(text(v), greedy, "seed {seed}");
+    }
+    // A strong repetition penalty under greedy decoding: what the library makes of it, and
+    // not the unpenalized text.
+    let penalized = generate_with(
+        &model,
+        prompt,
+        32,
+        SamplingParams {
+            repetition_penalty: 5.0,
+            ..SamplingParams::greedy()
+        },
+    );
+    assert_ne!(penalized, greedy, "the penalty changes this text");
+    let v = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 32, "temperature": 0, "repetition_penalty": 5.0}),
+        )
+        .await;
+    assert_eq!(text(v), penalized);
+    s.shutdown().await;
+}
