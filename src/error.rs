@@ -166,47 +166,6 @@ pub enum Error {
         /// The bytes asked for (saturated at `usize::MAX`).
         bytes: usize,
     },
-
-    /// The engine's queue is full: the request was not accepted; retry later.
-    #[error("the server is at capacity: {active} generations running or queued (limit {limit})")]
-    QueueFull {
-        /// Generations running or waiting when the request came.
-        active: usize,
-        /// The most the engine takes at once (batch plus queue).
-        limit: usize,
-    },
-
-    /// A session is in use by another request.
-    #[error("session `{0}` is busy with another request")]
-    SessionBusy(String),
-
-    /// No session of that id exists for this tenant.
-    #[error("no session `{0}`")]
-    SessionNotFound(String),
-
-    /// The session store or the session memory cannot take another session.
-    #[error("session storage: {0}")]
-    SessionStorage(String),
-
-    /// A stored session changed since it was read (its version differs).
-    #[error("session `{id}` is at version {found}, expected {expected}")]
-    VersionConflict {
-        /// The session's id.
-        id: String,
-        /// The version the writer expected.
-        expected: u64,
-        /// The version in the store.
-        found: u64,
-    },
-
-    /// The engine is shutting down and takes no more requests.
-    #[error("the engine is shutting down")]
-    ShuttingDown,
-
-    /// The session store cannot be reached (a shared store down or timing out); the request
-    /// may be retried later, the store is tried again on the next request.
-    #[error("the session store is unavailable: {0}")]
-    StoreUnavailable(String),
 }
 
 /// The library's result type.

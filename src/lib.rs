@@ -21,7 +21,6 @@
 pub mod attention;
 pub mod baseline;
 pub mod config;
-pub mod engine;
 pub mod error;
 pub mod fsutil;
 pub mod generate;

@@ -65,7 +65,7 @@ fn main() -> ExitCode {
         Command::Logits(a) => cmd::logits::run(a),
         Command::Perplexity(a) => cmd::perplexity::run(a),
         Command::Bench(a) => cmd::bench::run(a),
-        Command::Loadtest(a) => cmd::loadtest::run(a).map_err(Into::into),
+        Command::Loadtest(a) => cmd::loadtest::run(a),
         Command::Serve(a) => {
             cmd::serve::run(a, cli.threads, default_model_dir()).map_err(Into::into)
         }

@@ -29,6 +29,15 @@ pub fn stdout_error(e: std::io::Error) -> Box<dyn std::error::Error> {
     }
 }
 
+/// Writes `text` to stdout and flushes it, with [`stdout_error`]'s mapping.
+pub fn print_stdout(text: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(stdout_error)
+}
+
 /// Ignores `SIGXFSZ`, so that a write past the file size limit (`ulimit -f`) fails with
 /// `EFBIG` and the atomic writer removes its temporary file and reports the error, instead
 /// of the signal killing the process with the temporary file left behind.

@@ -13,7 +13,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::stream;
-use performer::engine::{CancelHandle, CompletionRequest, Event, Target, TokenLogprob};
+use performer_engine::{CancelHandle, CompletionRequest, Event, Target, TokenLogprob};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -59,12 +59,12 @@ pub(crate) async fn submit(
     req: CompletionRequest,
 ) -> Result<(UnboundedReceiver<Event>, CancelOnDrop), ApiError> {
     let (tx, rx) = unbounded_channel();
-    let sink: performer::engine::Sink = Box::new(move |e| tx.send(e).is_ok());
+    let sink: performer_engine::Sink = Box::new(move |e| tx.send(e).is_ok());
     let submitted = if matches!(req.target, Target::Session(_)) {
         let engine = app.engine.clone();
         tokio::task::spawn_blocking(move || engine.submit(req, sink))
             .await
-            .unwrap_or(Err(performer::Error::ShuttingDown))
+            .unwrap_or(Err(performer_engine::Error::ShuttingDown))
     } else {
         app.engine.submit(req, sink)
     };
@@ -194,7 +194,7 @@ async fn collect(
             }
         }
     }
-    Err(performer::Error::ShuttingDown.into())
+    Err(performer_engine::Error::ShuttingDown.into())
 }
 
 struct StreamState {

@@ -3,7 +3,8 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use performer::Error;
+use performer::Error as RtError;
+use performer_engine::Error;
 
 /// An HTTP error: status, OpenAI `type` and `code`, and a message.
 #[derive(Debug)]
@@ -42,15 +43,24 @@ impl ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let (status, kind, code) = match &e {
-            Error::InvalidParameter { .. } => (400, "invalid_request_error", "invalid_parameter"),
-            Error::EmptyInput(_) => (400, "invalid_request_error", "empty_input"),
-            Error::Tokenizer(_) => (400, "invalid_request_error", "tokenizer"),
-            Error::TokenOutOfRange { .. } => (400, "invalid_request_error", "token_out_of_range"),
-            Error::PositionOutOfRange { .. } => {
-                (400, "invalid_request_error", "context_length_exceeded")
-            }
-            Error::InvalidSnapshot(_) => (400, "invalid_request_error", "invalid_snapshot"),
-            Error::StateMismatch(_) => (422, "invalid_request_error", "snapshot_model_mismatch"),
+            Error::Runtime(r) => match r {
+                RtError::InvalidParameter { .. } => {
+                    (400, "invalid_request_error", "invalid_parameter")
+                }
+                RtError::EmptyInput(_) => (400, "invalid_request_error", "empty_input"),
+                RtError::Tokenizer(_) => (400, "invalid_request_error", "tokenizer"),
+                RtError::TokenOutOfRange { .. } => {
+                    (400, "invalid_request_error", "token_out_of_range")
+                }
+                RtError::PositionOutOfRange { .. } => {
+                    (400, "invalid_request_error", "context_length_exceeded")
+                }
+                RtError::InvalidSnapshot(_) => (400, "invalid_request_error", "invalid_snapshot"),
+                RtError::StateMismatch(_) => {
+                    (422, "invalid_request_error", "snapshot_model_mismatch")
+                }
+                _ => (500, "server_error", "internal_error"),
+            },
             Error::QueueFull { .. } => (429, "rate_limit_error", "queue_full"),
             Error::SessionBusy(_) => (409, "conflict_error", "session_busy"),
             Error::SessionNotFound(_) => (404, "not_found_error", "session_not_found"),
@@ -58,6 +68,8 @@ impl From<Error> for ApiError {
             Error::ShuttingDown => (503, "server_error", "shutting_down"),
             Error::StoreUnavailable(_) => (503, "server_error", "store_unavailable"),
             Error::SessionStorage(_) => (507, "server_error", "session_storage"),
+            Error::InsufficientStorage(_) => (507, "server_error", "insufficient_storage"),
+            Error::TenantQueueFull { .. } => (429, "rate_limit_error", "tenant_queue_full"),
             _ => (500, "server_error", "internal_error"),
         };
         ApiError {
@@ -66,6 +78,12 @@ impl From<Error> for ApiError {
             code,
             message: e.to_string(),
         }
+    }
+}
+
+impl From<RtError> for ApiError {
+    fn from(e: RtError) -> Self {
+        Error::from(e).into()
     }
 }
 
@@ -84,6 +102,7 @@ impl ApiError {
             404 => "not_found",
             // session_busy or version_conflict
             409 => self.code,
+            405 => "method_not_allowed",
             413 => "too_large",
             429 => "queue_full",
             503 | 507 => self.code,
@@ -98,9 +117,11 @@ impl IntoResponse for ApiError {
         if let Some(reason) = self.rejection() {
             r.extensions_mut().insert(Rejected(reason));
         }
-        // Worth retrying after a second: a full queue, or a session store that is down (the
-        // next request reconnects).
-        if self.status == StatusCode::TOO_MANY_REQUESTS || self.code == "store_unavailable" {
+        // Worth retrying after a second: a full queue, a session store that is down (the next
+        // request reconnects), the upload budget spent.
+        if self.status == StatusCode::TOO_MANY_REQUESTS
+            || matches!(self.code, "store_unavailable" | "uploads_busy")
+        {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

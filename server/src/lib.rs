@@ -1,4 +1,4 @@
-//! `performer serve`: an HTTP layer (axum, tokio) over [`performer::engine::Engine`].
+//! `performer serve`: an HTTP layer (axum, tokio) over [`performer_engine::Engine`].
 //!
 //! Routes: `GET /health`, `GET /` (playground), `GET /metrics`, and behind Bearer auth
 //! `GET /v1/models`, `POST /v1/completions` (OpenAI Completions, with server-sent events) and
@@ -25,8 +25,8 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use performer::engine::{DiskStore, Engine, EngineConfig, SessionStore};
 use performer::Model;
+use performer_engine::{DiskStore, Engine, EngineConfig, SessionStore};
 
 pub use error::ApiError;
 pub use metrics::Metrics;
@@ -41,10 +41,21 @@ pub struct ServerOptions {
     pub api_keys: Option<Vec<String>>,
     /// Largest JSON body, in bytes.
     pub max_body_bytes: usize,
-    /// Largest uploaded snapshot, in bytes.
+    /// Largest uploaded snapshot, in bytes; the server also caps it at
+    /// [`UPLOAD_SNAPSHOTS`] times the model's snapshot size, whichever is smaller.
     pub max_upload_bytes: usize,
+    /// Most bytes of snapshots being uploaded at once, over all uploads; past it an upload gets
+    /// 503 `uploads_busy` with Retry-After.
+    pub max_upload_total: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub grace: Duration,
+    /// Longest wait for a request's complete header; then the connection is closed.
+    pub header_timeout: Duration,
+    /// Longest time from a request's header to the end of its body; then the request fails
+    /// and the connection is closed.
+    pub body_timeout: Duration,
+    /// Most connections open at once; past it new ones get 503 and are closed.
+    pub max_connections: usize,
 }
 
 impl Default for ServerOptions {
@@ -54,7 +65,11 @@ impl Default for ServerOptions {
             api_keys: None,
             max_body_bytes: 1 << 20,
             max_upload_bytes: 256 << 20,
+            max_upload_total: 128 << 20,
             grace: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            max_connections: 1024,
         }
     }
 }
@@ -69,6 +84,22 @@ pub struct App {
     pub options: ServerOptions,
     /// API key → tenant id.
     tenants: Option<HashMap<String, String>>,
+    /// Largest upload accepted, in bytes.
+    pub(crate) upload_cap: usize,
+    /// Bytes of uploads in progress, as permits of `options.max_upload_total`.
+    pub(crate) uploading: Arc<tokio::sync::Semaphore>,
+}
+
+/// An upload may be this many times the model's snapshot size (a snapshot of a state with
+/// logits, the largest there is).
+pub const UPLOAD_SNAPSHOTS: usize = 2;
+
+/// Bytes of the largest snapshot of `model` (a state holding logits); `None` if the model
+/// cannot step.
+fn snapshot_size(model: &Model) -> Option<usize> {
+    let mut state = performer::State::new(model);
+    model.prefill(&mut state, &[0]).ok()?;
+    state.to_bytes(model).ok().map(|b| b.len())
 }
 
 impl App {
@@ -83,11 +114,22 @@ impl App {
                 })
                 .collect()
         });
+        let upload_cap = snapshot_size(engine.model()).map_or(options.max_upload_bytes, |n| {
+            options
+                .max_upload_bytes
+                .min(n.saturating_mul(UPLOAD_SNAPSHOTS))
+        });
+        let uploading = Arc::new(tokio::sync::Semaphore::new(options.max_upload_total.clamp(
+            1,
+            tokio::sync::Semaphore::MAX_PERMITS.min(u32::MAX as usize),
+        )));
         Arc::new(App {
             engine,
             metrics,
             options,
             tenants,
+            upload_cap,
+            uploading,
         })
     }
 }
@@ -120,8 +162,7 @@ async fn auth(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Resp
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim);
+                .and_then(bearer_token);
             match key.and_then(|k| map.get(k)) {
                 Some(t) => t.clone(),
                 None => {
@@ -138,6 +179,16 @@ async fn auth(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Resp
     };
     req.extensions_mut().insert(Tenant(tenant));
     next.run(req).await
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 9110, 11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
@@ -200,10 +251,18 @@ async fn not_found() -> ApiError {
     }
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        kind: "invalid_request_error",
+        code: "method_not_allowed",
+        message: "this route does not take that method".into(),
+    }
+}
+
 /// Every route, with auth on `/v1/*` and request counting on all.
 pub fn router(app: Arc<App>) -> Router {
     let body = DefaultBodyLimit::max(app.options.max_body_bytes);
-    let upload = DefaultBodyLimit::max(app.options.max_upload_bytes);
     let v1 = Router::new()
         .route("/models", get(models))
         .route("/completions", post(completions::stateless).layer(body))
@@ -222,13 +281,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/sessions/{id}/fork", post(sessions::fork))
         .route(
             "/sessions/{id}/state",
-            get(sessions::download).put(sessions::upload).layer(upload),
+            get(sessions::download).put(sessions::upload),
         )
-        .route_layer(middleware::from_fn_with_state(app.clone(), auth));
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth))
+        .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .route("/", get(playground))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .method_not_allowed_fallback(method_not_allowed)
         .nest("/v1", v1)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
@@ -237,40 +298,38 @@ pub fn router(app: Arc<App>) -> Router {
 
 /// Serves `app` on `listener` until `shutdown` resolves; then closes the port, lets
 /// requests run for the grace period (new ones on open connections get 503), stops the engine,
-/// writes its sessions out and closes the connections. Returns how many sessions were written.
+/// writes its sessions out and closes the connections: those still open a second after that
+/// (a client that never finishes sending its request) are closed regardless. Returns how many
+/// sessions were written, or an error naming the sessions that could not be.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Arc<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<usize, String> {
-    let (close_tx, close_rx) = tokio::sync::watch::channel(false);
-    let listener = listener::Closable::new(listener, close_rx).map_err(|e| e.to_string())?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let engine = app.engine.clone();
     let grace = app.options.grace;
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
+    let limits = listener::Limits {
+        header_timeout: app.options.header_timeout,
+        body_timeout: app.options.body_timeout,
+        max_connections: app.options.max_connections.clamp(1, u32::MAX as usize),
+        drain: Duration::from_secs(1),
+    };
+    let stopping = tokio::spawn(async move {
         shutdown.await;
-        let _ = close_tx.send(true);
+        let _ = stop_tx.send(true);
         let written = tokio::task::spawn_blocking(move || engine.shutdown(grace))
             .await
             .map_err(|e| format!("shutdown task: {e}"))
             .and_then(|r| r.map_err(|e| format!("writing sessions: {e}")));
-        let _ = done_tx.send(written);
+        let _ = drain_tx.send(true);
+        written
     });
-    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
-    let stopped = async move {
-        let written = done_rx
-            .await
-            .unwrap_or_else(|_| Err("the shutdown task ended early".into()));
-        let _ = written_tx.send(written);
-    };
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(stopped)
+    listener::serve(listener, router(app), limits, stop_rx, drain_rx).await;
+    stopping
         .await
-        .map_err(|e| format!("server: {e}"))?;
-    written_rx
-        .await
-        .unwrap_or_else(|_| Err("the server stopped without a shutdown".into()))
+        .unwrap_or_else(|e| Err(format!("shutdown task: {e}")))
 }
 
 /// Everything `performer serve` needs.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use performer::engine::{EngineStats, Observer};
+use performer_engine::{EngineStats, Observer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

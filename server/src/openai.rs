@@ -1,8 +1,8 @@
 //! The OpenAI Completions request body and the JSON of responses and stream chunks.
 
-use performer::engine::{CompletionRequest, Target, TokenLogprob, Usage};
 use performer::tokenizer::Tokenizer;
 use performer::SamplingParams;
+use performer_engine::{CompletionRequest, Target, TokenLogprob, Usage};
 use serde::Deserialize;
 use serde_json::{json, Value};
 

@@ -22,9 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use performer::engine::store::{valid_id, Listing};
-use performer::engine::{SessionKey, SessionMeta, SessionStore, StoredSession};
-use performer::{Error, Result};
+use performer_engine::store::{valid_id, Listing};
+use performer_engine::{Error, Result};
+use performer_engine::{SessionKey, SessionMeta, SessionStore, StoredSession};
 use redis::{Connection, RedisError, Script};
 
 /// Compare-and-set of a staged snapshot. KEYS: meta hash, staged snapshot, index set. ARGV:

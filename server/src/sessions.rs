@@ -2,14 +2,15 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use performer::engine::{CompletionRequest, Event, SessionInfo, Target};
+use futures_util::StreamExt;
 use performer::SamplingParams;
+use performer_engine::{CompletionRequest, Event, SessionInfo, Target};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -44,7 +45,7 @@ fn full(info: &SessionInfo) -> Json<serde_json::Value> {
 
 /// Runs a blocking engine call (session table, store) off the async workers.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> performer::Result<T> + Send + 'static,
+    f: impl FnOnce() -> performer_engine::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
@@ -88,7 +89,7 @@ pub(crate) async fn create(
             _ => {}
         }
     }
-    Err(performer::Error::ShuttingDown.into())
+    Err(performer_engine::Error::ShuttingDown.into())
 }
 
 /// `POST /v1/sessions/{id}/completions`.
@@ -158,16 +159,68 @@ pub(crate) async fn download(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
+/// Reads an upload's body as it arrives, refusing it (413) as soon as it passes the cap, and
+/// holding its bytes' worth of the global upload budget (503 `uploads_busy` when spent)
+/// while it is read and decoded.
+async fn read_upload(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Vec<u8>, tokio::sync::OwnedSemaphorePermit), ApiError> {
+    let cap = app.upload_cap;
+    let too_large = || ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        kind: "invalid_request_error",
+        code: "body_too_large",
+        message: format!("a snapshot of this model is at most {cap} bytes"),
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cap as u64) {
+        return Err(too_large());
+    }
+    let total = app.options.max_upload_total;
+    let want = declared
+        .map_or(cap, |n| n as usize)
+        .min(cap)
+        .min(total)
+        .max(1);
+    let permit = app
+        .uploading
+        .clone()
+        .try_acquire_many_owned(u32::try_from(want).unwrap_or(u32::MAX))
+        .map_err(|_| ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            code: "uploads_busy",
+            message: "too many snapshot uploads at once, retry later".into(),
+        })?;
+    let mut bytes = Vec::with_capacity(want.min(cap));
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
+        if bytes.len() + chunk.len() > cap {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok((bytes, permit))
+}
+
 /// `PUT /v1/sessions/{id}/state`: 201 when created, 200 when replaced.
 pub(crate) async fn upload(
     State(app): State<Arc<App>>,
     Extension(tenant): Extension<Tenant>,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let bytes = body_bytes(body)?;
+    let (bytes, permit) = read_upload(&app, &headers, body).await?;
     let engine = app.engine.clone();
     let (existed, info) = blocking(move || {
+        let _permit = permit;
         let existed = engine.session_info(&tenant.0, &id).is_ok();
         engine
             .put_session_snapshot(&tenant.0, &id, &bytes)

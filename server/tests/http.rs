@@ -3,36 +3,18 @@
 //! restart that serves the sessions again.
 
 mod common;
-use common::Server;
+use common::{assert_error, generate_text, root, shipped, sse_data, tiny, Server};
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use performer::engine::{DiskStore, Engine, EngineConfig, SessionStore};
 use performer::generate::{GenerateOptions, Generation};
 use performer::{Model, SamplingParams, State};
+use performer_engine::{DiskStore, Engine, EngineConfig, SessionStore};
 use performer_server::{Metrics, ServerOptions};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn shipped() -> Arc<Model> {
-    Arc::new(Model::load(root().join("models/performer-byte")).unwrap())
-}
-
-/// A synthetic tiny model (rotary positions: no length limit) for long generations.
-fn endless() -> (tempfile::TempDir, Arc<Model>) {
-    use performer::synthetic::{self, SyntheticShape, WeightDtype};
-    let dir = tempfile::tempdir().unwrap();
-    let shape = SyntheticShape::named("tiny").unwrap();
-    synthetic::write(dir.path(), &shape, WeightDtype::F32, 1).unwrap();
-    let model = Arc::new(Model::load(dir.path()).unwrap());
-    (dir, model)
-}
 
 impl Server {
     async fn start(
@@ -65,37 +47,13 @@ fn config() -> EngineConfig {
     }
 }
 
-fn generate_text(model: &Model, prompt: &str, max_tokens: usize) -> String {
-    let mut state = State::new(model);
-    let options = GenerateOptions {
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        ..GenerateOptions::default()
-    };
-    let tokens: Vec<u32> = prompt.bytes().map(u32::from).collect();
-    Generation::new(model, &mut state, &tokens, options)
-        .unwrap()
-        .collect::<performer::Result<String>>()
-        .unwrap()
-}
-
-/// The `data:` payloads of an SSE body.
-fn sse_data(body: &str) -> Vec<String> {
-    body.split("\n\n")
-        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data:")))
-        .map(|d| d.trim().to_string())
-        .collect()
-}
-
-async fn assert_error(resp: reqwest::Response, status: StatusCode, code: &str) -> Value {
-    assert_eq!(resp.status(), status);
-    let v: Value = resp.json().await.unwrap();
-    assert_eq!(v["error"]["code"], code, "{v}");
-    assert!(v["error"]["message"]
-        .as_str()
-        .is_some_and(|m| !m.is_empty()));
-    assert!(v["error"]["type"].is_string());
-    v
+/// The value of the `performer_prompt_tokens_total` counter in a metrics text.
+fn prompt_tokens_total(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("performer_prompt_tokens_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no performer_prompt_tokens_total in {metrics}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,6 +151,7 @@ async fn completions_health_models_metrics_and_errors() {
         .await;
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["choices"][0]["text"], &want[..want.find(&stop).unwrap()]);
+    let prompt_before = prompt_tokens_total(&s.metrics().await);
     let v: Value = s
         .post_json(
             "/v1/completions",
@@ -203,6 +162,12 @@ async fn completions_health_models_metrics_and_errors() {
     assert_eq!(v["choices"].as_array().unwrap().len(), 3);
     assert_eq!(
         v["usage"]["prompt_tokens"], 7,
+        "one prefill for all choices"
+    );
+    // The counter of ingested prompt tokens proves it: 7 more, not 3 × 7.
+    assert_eq!(
+        prompt_tokens_total(&s.metrics().await) - prompt_before,
+        7,
         "one prefill for all choices"
     );
     let lp = &v["choices"][1]["logprobs"];
@@ -622,7 +587,7 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_queue_full_and_cancel_on_disconnect() {
-    let (_dir, model) = endless();
+    let (_dir, model) = tiny();
     let cfg = EngineConfig {
         max_batch: 1,
         max_queue: 1,
@@ -754,7 +719,7 @@ async fn restart_serves_the_sessions_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_gives_streams_a_grace_period_then_ends_them() {
-    let (_dir, model) = endless();
+    let (_dir, model) = tiny();
     let s = Server::start(model, config(), None, None).await;
     let mut r = s
         .post(
@@ -794,10 +759,10 @@ async fn shutdown_gives_streams_a_grace_period_then_ends_them() {
     assert_eq!(engine.stats().inflight, 0);
     assert!(matches!(
         engine.submit(
-            performer::engine::CompletionRequest::new(vec![1], 1, SamplingParams::greedy()),
+            performer_engine::CompletionRequest::new(vec![1], 1, SamplingParams::greedy()),
             Box::new(|_| true)
         ),
-        Err(performer::Error::ShuttingDown)
+        Err(performer_engine::Error::ShuttingDown)
     ));
 }
 
@@ -857,6 +822,21 @@ async fn a_tokenizer_json_model_is_served_with_its_tokenizer() {
     if tokens.iter().all(|t| !t.starts_with('<')) {
         assert_eq!(tokens.concat(), free);
     }
+    // Always: each token is the tokenizer's spelling of the greedy token alone, `<id>` for a
+    // piece of a character.
+    let mut state = State::new(&model);
+    let mut sampler = performer::Sampler::new(SamplingParams::greedy()).unwrap();
+    let mut logits = model.prefill(&mut state, &ids).unwrap().to_vec();
+    let mut spelled = Vec::new();
+    for _ in 0..24 {
+        let t = sampler.sample(&logits, &[]).unwrap();
+        spelled.push(match model.tokenizer().decode(&[t]) {
+            Ok(s) if !s.is_empty() && !s.contains('\u{FFFD}') => s,
+            _ => format!("<{t}>"),
+        });
+        logits = model.step(&mut state, t).unwrap().to_vec();
+    }
+    assert_eq!(tokens, spelled);
 
     // A stop string from inside that text (its second to fourth characters): the text before
     // it, streamed and not, as the library's `Generation` returns it.
@@ -913,5 +893,387 @@ async fn a_tokenizer_json_model_is_served_with_its_tokenizer() {
         metrics.contains("performer_rejected_requests_total{reason=\"not_found\"} 1"),
         "{metrics}"
     );
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_session_memory_gives_507_and_keeps_no_trace() {
+    let model = shipped();
+    let one = State::new(&model).size_bytes();
+    let cfg = EngineConfig {
+        max_session_memory: one * 3 / 2,
+        ..config()
+    };
+    let s = Server::start(model, cfg, None, None).await;
+    let r = s.post("/v1/sessions", json!({"prompt": "kept"})).await;
+    assert_eq!(r.status(), 201);
+    let kept = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for _ in 0..3 {
+        let r = s.post("/v1/sessions", json!({"prompt": "refused"})).await;
+        let v = assert_error(r, StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage").await;
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(!msg.contains(&kept), "{msg}");
+    }
+    let r = s
+        .http
+        .post(s.url(&format!("/v1/sessions/{kept}/fork")))
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage").await;
+    let list: Value = s
+        .http
+        .get(s.url("/v1/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
+    // What was kept still downloads.
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sessions/{kept}/state")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(s
+        .metrics()
+        .await
+        .contains("reason=\"insufficient_storage\""));
+    s.shutdown().await;
+}
+
+/// A server of the shipped model with these HTTP settings.
+async fn start_with(options: ServerOptions) -> Server {
+    let metrics = Arc::new(Metrics::new());
+    let engine = Arc::new(
+        Engine::start_with_observer(shipped(), config(), None, Some(metrics.clone())).unwrap(),
+    );
+    Server::serve(engine, metrics, options).await
+}
+
+/// Sends `bytes` on a new raw connection to `s`.
+async fn raw(s: &Server, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = s.base.trim_start_matches("http://");
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(bytes).await.unwrap();
+    c
+}
+
+/// What the server sends until it closes the connection; `None` if it is still open after
+/// `limit`.
+async fn until_closed(c: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok()
+        .map(|_| String::from_utf8_lossy(&got).into_owned())
+}
+
+const PARTIAL_HEADER: &[u8] = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-ty";
+const PARTIAL_BODY: &[u8] = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n\
+content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"prompt\": \"a";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_are_closed_by_the_header_and_body_timeouts() {
+    let s = start_with(ServerOptions {
+        header_timeout: Duration::from_millis(300),
+        body_timeout: Duration::from_millis(300),
+        ..ServerOptions::default()
+    })
+    .await;
+    // Far above the 0.3 s timeouts: only a connection that is never closed fails this.
+    let limit = Duration::from_secs(20);
+    let mut head = raw(&s, PARTIAL_HEADER).await;
+    let mut body = raw(&s, PARTIAL_BODY).await;
+    until_closed(&mut head, limit)
+        .await
+        .expect("a partial header is closed");
+    let answer = until_closed(&mut body, limit)
+        .await
+        .expect("a partial body is closed");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("invalid_body"), "{answer}");
+    // Complete requests are served as before.
+    let r = s.http.get(s.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = s
+        .post("/v1/completions", json!({"prompt": "a", "max_tokens": 2}))
+        .await;
+    assert_eq!(r.status(), 200);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections_get_503() {
+    let s = start_with(ServerOptions {
+        max_connections: 2,
+        ..ServerOptions::default()
+    })
+    .await;
+    // Two idle connections hold both slots (accepted in order, before the third).
+    let a = raw(&s, b"").await;
+    let _b = raw(&s, b"").await;
+    let mut third = raw(&s, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let answer = until_closed(&mut third, Duration::from_secs(20))
+        .await
+        .expect("the third connection is closed");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    // A slot frees when a connection closes.
+    drop(a);
+    let mut served = false;
+    for _ in 0..200 {
+        let r = Client::new().get(s.url("/health")).send().await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "a freed slot serves again");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_completes_while_clients_hold_half_sent_requests() {
+    let (dir, model) = tiny();
+    let store = DiskStore::open(dir.path().join("sessions")).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let engine = Arc::new(
+        Engine::start_with_observer(
+            model,
+            config(),
+            Some(Box::new(store)),
+            Some(metrics.clone()),
+        )
+        .unwrap(),
+    );
+    let s = Server::serve(
+        engine,
+        metrics,
+        ServerOptions {
+            grace: Duration::from_millis(500),
+            // Far longer than the test: only the shutdown may close these connections.
+            header_timeout: Duration::from_secs(600),
+            body_timeout: Duration::from_secs(600),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    // Sessions present: they are written at shutdown.
+    for _ in 0..3 {
+        let r = s.post("/v1/sessions", json!({"prompt": "kept"})).await;
+        assert_eq!(r.status(), 201);
+    }
+    let mut head = raw(&s, PARTIAL_HEADER).await;
+    let mut body = raw(&s, PARTIAL_BODY).await;
+    let written = tokio::time::timeout(Duration::from_secs(30), s.shutdown())
+        .await
+        .expect("shutdown does not wait for half-sent requests");
+    assert_eq!(written, 3);
+    assert!(until_closed(&mut head, Duration::from_secs(5))
+        .await
+        .is_some());
+    assert!(until_closed(&mut body, Duration::from_secs(5))
+        .await
+        .is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_capped_by_the_snapshot_size_and_by_a_global_budget() {
+    let model = shipped();
+    let mut st = State::new(&model);
+    model
+        .prefill(&mut st, b"Once".map(u32::from).as_slice())
+        .unwrap();
+    let snap = st.to_bytes(&model).unwrap();
+    let s = start_with(ServerOptions {
+        // Room for one upload of a snapshot at a time.
+        max_upload_total: snap.len() * 3 / 2,
+        ..ServerOptions::default()
+    })
+    .await;
+    let put = |id: &str, body: Vec<u8>| {
+        s.http
+            .put(s.url(&format!("/v1/sessions/{id}/state")))
+            .body(body)
+            .send()
+    };
+    assert_eq!(put("fits", snap.clone()).await.unwrap().status(), 201);
+    // Past twice the snapshot size: refused, whether the length is declared or streamed.
+    let huge = vec![0u8; snap.len() * 2 + 1];
+    assert_error(
+        put("huge", huge.clone()).await.unwrap(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+    )
+    .await;
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        huge.chunks(4096).map(|c| Ok(c.to_vec())).collect();
+    let r = s
+        .http
+        .put(s.url("/v1/sessions/streamed/state"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large").await;
+    // An upload in progress (its body half sent) holds the budget: another gets 503.
+    let head = format!(
+        "PUT /v1/sessions/slow/state HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+        snap.len()
+    );
+    let mut partial = head.into_bytes();
+    partial.extend_from_slice(&snap[..snap.len() / 2]);
+    let slow = raw(&s, &partial).await;
+    let mut busy = false;
+    for _ in 0..200 {
+        let r = put("second", snap.clone()).await.unwrap();
+        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+            assert_error(r, StatusCode::SERVICE_UNAVAILABLE, "uploads_busy").await;
+            busy = true;
+            break;
+        }
+        // The slow upload's header may not have been read yet: this one went through.
+        assert_eq!(r.status(), 201);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(busy, "a second upload while the budget is held gets 503");
+    // The budget comes back when the slow client goes away.
+    drop(slow);
+    let mut done = false;
+    for _ in 0..200 {
+        if put("third", snap.clone()).await.unwrap().status() == 201 {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(done);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive_and_a_405_has_the_error_shape() {
+    let keys = Some(vec!["key-a".to_string()]);
+    let s = Server::start(shipped(), config(), None, keys).await;
+    for value in [
+        "bearer key-a",
+        "BEARER key-a",
+        "Bearer  key-a ",
+        "bEaReR key-a",
+    ] {
+        let r = s
+            .http
+            .get(s.url("/v1/models"))
+            .header("authorization", value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{value:?}");
+    }
+    for value in ["Basic key-a", "key-a", "Bearer", "Bearerkey-a"] {
+        let r = s
+            .http
+            .get(s.url("/v1/models"))
+            .header("authorization", value)
+            .send()
+            .await
+            .unwrap();
+        assert_error(r, StatusCode::UNAUTHORIZED, "invalid_api_key").await;
+    }
+    for (method, path) in [
+        (reqwest::Method::DELETE, "/health"),
+        (reqwest::Method::GET, "/v1/completions"),
+        (reqwest::Method::PATCH, "/v1/sessions"),
+    ] {
+        let r = s
+            .http
+            .request(method, s.url(path))
+            .bearer_auth("key-a")
+            .send()
+            .await
+            .unwrap();
+        assert_error(r, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    }
+    s.shutdown().await;
+}
+
+/// The text `performer generate` makes of `prompt` with these sampling parameters.
+fn generate_with(
+    model: &Model,
+    prompt: &str,
+    max_tokens: usize,
+    sampling: SamplingParams,
+) -> String {
+    use performer::generate::{GenerateOptions, Generation};
+    let mut state = State::new(model);
+    let options = GenerateOptions {
+        max_tokens,
+        sampling,
+        ..GenerateOptions::default()
+    };
+    let tokens: Vec<u32> = prompt.bytes().map(u32::from).collect();
+    Generation::new(model, &mut state, &tokens, options)
+        .unwrap()
+        .collect::<performer::Result<String>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_k_and_repetition_penalty_reach_the_sampler() {
+    let model = shipped();
+    let s = Server::start(model.clone(), config(), None, None).await;
+    let prompt = "the the the the the";
+    let text = |v: Value| v["choices"][0]["text"].as_str().unwrap().to_string();
+    // top_k 1 at temperature 1 is greedy whatever the seed.
+    let greedy = generate_text(&model, prompt, 32);
+    for seed in [1, 2, 3] {
+        let v = s
+            .post_json(
+                "/v1/completions",
+                json!({"prompt": prompt, "max_tokens": 32, "temperature": 1.0, "top_k": 1, "seed": seed}),
+            )
+            .await;
+        assert_eq!(text(v), greedy, "seed {seed}");
+    }
+    // A strong repetition penalty under greedy decoding: what the library makes of it, and
+    // not the unpenalized text.
+    let penalized = generate_with(
+        &model,
+        prompt,
+        32,
+        SamplingParams {
+            repetition_penalty: 5.0,
+            ..SamplingParams::greedy()
+        },
+    );
+    assert_ne!(penalized, greedy, "the penalty changes this text");
+    let v = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 32, "temperature": 0, "repetition_penalty": 5.0}),
+        )
+        .await;
+    assert_eq!(text(v), penalized);
     s.shutdown().await;
 }

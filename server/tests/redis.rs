@@ -8,40 +8,22 @@
 //! `PERFORMER_REQUIRE_REDIS=1` (set by `.ci/run`, which installs it), where that fails.
 
 mod common;
-use common::Server;
+use common::{assert_error, generate_text, shipped, tiny, Server};
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use performer::engine::{
+use performer::{Model, SamplingParams};
+use performer_engine::Error;
+use performer_engine::{
     CompletionRequest, Engine, EngineConfig, SessionKey, SessionMeta, SessionStore, StoredSession,
     Target,
 };
-use performer::generate::{GenerateOptions, Generation};
-use performer::{Error, Model, SamplingParams, State};
 use performer_server::{Metrics, RedisStore, ServerOptions};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn shipped() -> Arc<Model> {
-    Arc::new(Model::load(root().join("models/performer-byte")).unwrap())
-}
-
-/// A synthetic tiny model (rotary positions: no length limit, another fingerprint).
-fn tiny() -> (tempfile::TempDir, Arc<Model>) {
-    use performer::synthetic::{self, SyntheticShape, WeightDtype};
-    let dir = tempfile::tempdir().unwrap();
-    let shape = SyntheticShape::named("tiny").unwrap();
-    synthetic::write(dir.path(), &shape, WeightDtype::F32, 1).unwrap();
-    let model = Arc::new(Model::load(dir.path()).unwrap());
-    (dir, model)
-}
 
 /// `redis-server` on the PATH, or `None` after printing why the test is skipped (a failure
 /// where `PERFORMER_REQUIRE_REDIS=1`).
@@ -397,8 +379,8 @@ fn two_engines_race_on_one_session_and_the_loser_gets_a_conflict() {
     let lost = rx
         .iter()
         .find_map(|e| match e {
-            performer::engine::Event::Failed(e) => Some(Err(e)),
-            performer::engine::Event::Done { .. } => Some(Ok(())),
+            performer_engine::Event::Failed(e) => Some(Err(e)),
+            performer_engine::Event::Done { .. } => Some(Ok(())),
             _ => None,
         })
         .unwrap();
@@ -441,20 +423,6 @@ impl Server {
     }
 }
 
-fn generate_text(model: &Model, prompt: &str, max_tokens: usize) -> String {
-    let mut state = State::new(model);
-    let options = GenerateOptions {
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        ..GenerateOptions::default()
-    };
-    let tokens: Vec<u32> = prompt.bytes().map(u32::from).collect();
-    Generation::new(model, &mut state, &tokens, options)
-        .unwrap()
-        .collect::<performer::Result<String>>()
-        .unwrap()
-}
-
 /// The text of a streamed completion, and whether it ended with `[DONE]` after no error.
 fn sse_text(body: &str) -> (String, bool) {
     let mut text = String::new();
@@ -478,13 +446,6 @@ fn sse_text(body: &str) -> (String, bool) {
         }
     }
     (text, clean && done)
-}
-
-async fn assert_error(resp: reqwest::Response, status: StatusCode, code: &str) -> Value {
-    assert_eq!(resp.status(), status);
-    let v: Value = resp.json().await.unwrap();
-    assert_eq!(v["error"]["code"], code, "{v}");
-    v
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

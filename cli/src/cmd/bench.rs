@@ -201,10 +201,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     .map_err(|e| super::shared::name_config(e, &dir))?;
     if let Some(opts) = &batch_options {
         let rows = performer_cli::bench::batch::run(&model, opts)?;
-        print!(
-            "{}",
-            performer_cli::bench::batch::markdown(&name, threads, &rows)
-        );
+        crate::out::print_stdout(&performer_cli::bench::batch::markdown(&name, threads, &rows))?;
         return Ok(());
     }
     let report = bench::run(&model, &name, &options)?;

@@ -37,7 +37,7 @@ pub struct LoadtestArgs {
 }
 
 /// Runs the load test and prints the table.
-pub fn run(a: LoadtestArgs) -> Result<(), String> {
+pub fn run(a: LoadtestArgs) -> Result<(), Box<dyn std::error::Error>> {
     let opts = LoadOptions {
         url: a.url.trim_end_matches('/').to_string(),
         concurrency: a.concurrency,
@@ -54,6 +54,5 @@ pub fn run(a: LoadtestArgs) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     let reports = rt.block_on(loadtest::run(opts))?;
-    print!("{}", loadtest::markdown(&reports));
-    Ok(())
+    crate::out::print_stdout(&loadtest::markdown(&reports))
 }

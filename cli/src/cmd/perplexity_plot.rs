@@ -108,14 +108,19 @@ pub fn json(b: &PositionBuckets) -> serde_json::Value {
 /// Writes the curves to an SVG: bits per byte against position (tokens of context) on a log x
 /// axis. Each bucket is a horizontal bar over the positions it covers, with a marker at its
 /// geometric middle; the markers are joined. Text uses the Hack font embedded in the binary.
+/// The file is written atomically (temporary file, fsync, rename): an existing plot is
+/// replaced whole or left as it was.
 pub fn plot_svg(curves: &[Curve], title: &str, path: &Path) -> Result<(), String> {
-    plot_inner(curves, title, path).map_err(|e| format!("{}: {e}", path.display()))
+    let mut svg = String::new();
+    plot_inner(curves, title, &mut svg).map_err(|e| format!("{}: {e}", path.display()))?;
+    performer::fsutil::write_atomic(path, |w| w.write_all(svg.as_bytes()))
+        .map_err(|e| e.to_string())
 }
 
 fn plot_inner(
     curves: &[Curve],
     title: &str,
-    path: &Path,
+    svg: &mut String,
 ) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
 
@@ -141,7 +146,7 @@ fn plot_inner(
     let x0 = |p: &Point| (p.start.max(1)) as f64;
     let x1 = |p: &Point| (p.end.max(p.start.max(1) + 1)) as f64;
 
-    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    let root = SVGBackend::with_string(svg, (900, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))

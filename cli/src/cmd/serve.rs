@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use performer::engine::EngineConfig;
+use performer_engine::EngineConfig;
 use performer_server::{load_api_keys, ServeConfig, ServerOptions};
 
 /// Arguments of `performer serve`.
@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// (docs/serving.md).
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
+    /// Most prompt tokens one tenant (API key) may have waiting to be ingested; beyond, 429.
+    /// Prompts are ingested in turns, so one tenant's long prompts cannot hold up another's.
+    #[arg(long, default_value_t = 1 << 21)]
+    max_tenant_prompt_tokens: usize,
     /// Largest max_tokens a request may ask for.
     #[arg(long, default_value_t = 1 << 16)]
     max_tokens: usize,
@@ -63,6 +67,16 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may run after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 10)]
     grace: u64,
+    /// Seconds a client may take to send a request's header; then its connection is closed.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout: u64,
+    /// Seconds a client may take to send a request's body after its header; then the request
+    /// fails and the connection is closed.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    body_timeout: u64,
+    /// Most connections open at once; past it new connections get 503 and are closed.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
 }
 
 /// `1048576`, `512KiB`, `256MiB`, `1GiB`.
@@ -95,6 +109,7 @@ pub fn run(a: ServeArgs, threads: Option<usize>, model_dir: PathBuf) -> Result<(
         prefill_chunk: a.prefill_chunk,
         max_tokens: a.max_tokens,
         max_session_memory: a.max_session_memory,
+        max_tenant_prompt_tokens: a.max_tenant_prompt_tokens,
         session_ttl: a.session_ttl.map(Duration::from_secs),
         threads: threads.unwrap_or(EngineConfig::default().threads),
         ..EngineConfig::default()
@@ -110,6 +125,9 @@ pub fn run(a: ServeArgs, threads: Option<usize>, model_dir: PathBuf) -> Result<(
             api_keys,
             max_body_bytes: a.max_body,
             grace: Duration::from_secs(a.grace),
+            header_timeout: Duration::from_secs(a.header_timeout),
+            body_timeout: Duration::from_secs(a.body_timeout),
+            max_connections: a.max_connections as usize,
             ..ServerOptions::default()
         },
     })

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::error::Error;
-use crate::sampling::SamplingParams;
+use performer::sampling::SamplingParams;
 
 /// Most top alternatives a request may ask for per token.
 pub const MAX_LOGPROBS: usize = 5;

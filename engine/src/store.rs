@@ -2,7 +2,7 @@
 //! implementation, [`DiskStore`].
 //!
 //! A stored session is its metadata plus the library's state snapshot
-//! ([`crate::snapshot`]). File format of [`DiskStore`]: magic `PFSESS1\0`, the metadata's
+//! ([`performer::snapshot`]). File format of [`DiskStore`]: magic `PFSESS1\0`, the metadata's
 //! JSON length (`u32`, little-endian), the JSON, then the snapshot bytes.
 
 use std::fs::File;
@@ -33,7 +33,7 @@ pub struct SessionMeta {
     pub state_bytes: usize,
     /// Incremented on every write of the session.
     pub version: u64,
-    /// [`crate::Model::fingerprint`] of the model the state belongs to.
+    /// [`performer::Model::fingerprint`] of the model the state belongs to.
     pub fingerprint: u64,
 }
 
@@ -42,7 +42,7 @@ pub struct SessionMeta {
 pub struct StoredSession {
     /// Metadata.
     pub meta: SessionMeta,
-    /// [`crate::State::to_bytes`] output.
+    /// [`performer::State::to_bytes`] output.
     pub snapshot: Vec<u8>,
 }
 
@@ -54,7 +54,7 @@ pub type Listing = (Vec<SessionMeta>, Vec<(String, Error)>);
 /// sessions of different models or tenants apart (a shared store puts all three in its keys).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SessionKey {
-    /// [`crate::Model::fingerprint`] of the model.
+    /// [`performer::Model::fingerprint`] of the model.
     pub fingerprint: u64,
     /// The tenant that owns the session (`""` without authentication).
     pub tenant: String,
@@ -129,11 +129,43 @@ pub struct DiskStore {
 }
 
 impl DiskStore {
-    /// A store in `dir`, created if missing.
+    /// A store in `dir`, created if missing. Temporaries of session writes that never
+    /// finished (`.<id>.session.tmp-<pid>-…`, left by a process killed mid-write) are removed,
+    /// with one log line on stderr: the store belongs to one engine, so none is in use.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        Ok(DiskStore { dir })
+        let store = DiskStore { dir };
+        let removed = store.remove_stale_temporaries()?;
+        if removed > 0 {
+            eprintln!(
+                "performer: removed {removed} unfinished session write(s) from {}",
+                store.dir.display()
+            );
+        }
+        Ok(store)
+    }
+
+    /// Removes the temporaries of unfinished session writes; returns how many.
+    fn remove_stale_temporaries(&self) -> Result<usize> {
+        let mut removed = 0;
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&self.dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            // `fsutil::write_atomic`'s temporary of `<id>.session`.
+            let stale = name.starts_with('.')
+                && name
+                    .split_once(&format!(".{EXT}.tmp-"))
+                    .is_some_and(|(id, _)| valid_id(&id[1..]));
+            if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// The directory.
@@ -150,7 +182,11 @@ impl DiskStore {
 
     /// Reads the header (metadata) of a session file, leaving `file` at the snapshot.
     fn read_meta(path: &Path, file: &mut File) -> Result<SessionMeta> {
-        let bad = |m: &str| Error::SessionStorage(format!("{}: {m}", path.display()));
+        // The file's name only: the message may reach a client, the directory is the server's.
+        let name = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let bad = |m: &str| Error::SessionStorage(format!("{name}: {m}"));
         let mut head = [0u8; 12];
         file.read_exact(&mut head)
             .map_err(|_| bad("shorter than a session header"))?;
@@ -242,7 +278,7 @@ impl SessionStore for DiskStore {
         bytes.extend_from_slice(&session.snapshot);
         // Temporary file in the same directory, fsync, rename: a crash leaves the old
         // session or the new one, never a torn file.
-        crate::fsutil::write_atomic(&path, |w| w.write_all(&bytes))
+        performer::fsutil::write_atomic(&path, |w| w.write_all(&bytes)).map_err(Error::from)
     }
 
     fn delete(&self, key: &SessionKey) -> Result<()> {
@@ -308,6 +344,33 @@ mod tests {
 
     fn key(id: &str) -> SessionKey {
         SessionKey::of(&session(id, 0).meta)
+    }
+
+    #[test]
+    fn stale_temporaries_are_removed_at_open_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        store.put(&session("a", 1), None).unwrap();
+        // What a process killed mid-write leaves (`fsutil::write_atomic`'s naming), and files
+        // that only look alike.
+        let stale = dir.path().join(".sess-0123abcd.session.tmp-4242-0-17");
+        std::fs::write(&stale, b"half a session").unwrap();
+        let keep = [
+            "notes.tmp-1",
+            ".hidden",
+            "a.session.tmp-1-2-3",
+            ".x.y.tmp-1",
+        ];
+        for k in keep {
+            std::fs::write(dir.path().join(k), b"other").unwrap();
+        }
+        drop(store);
+        let store = DiskStore::open(dir.path()).unwrap();
+        assert!(!stale.exists());
+        for k in keep {
+            assert!(dir.path().join(k).exists(), "{k} was removed");
+        }
+        assert_eq!(store.get(&key("a")).unwrap().unwrap().meta.version, 1);
     }
 
     #[test]

@@ -8,9 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::request::SessionInfo;
 use super::store::{valid_id, SessionKey, SessionMeta, SessionStore, StoredSession};
 use crate::error::{Error, Result};
-use crate::model::Model;
-use crate::sampling::splitmix64;
-use crate::state::State;
+use performer::sampling::splitmix64;
+use performer::{Model, State};
 
 /// Seconds since the Unix epoch.
 pub(crate) fn now_unix() -> u64 {
@@ -39,6 +38,9 @@ struct Entry {
     /// Whether the store holds the current version.
     stored: bool,
     busy: bool,
+    /// Bytes still counted against the budget while the state is out with the scheduler: a
+    /// running session keeps its room, so its state always fits when it comes back.
+    held: usize,
     /// Logical clock of the last use, for LRU.
     tick: u64,
 }
@@ -130,6 +132,7 @@ impl Sessions {
                         state: None,
                         stored: true,
                         busy: false,
+                        held: 0,
                         tick: 0,
                     },
                 );
@@ -192,6 +195,7 @@ impl Sessions {
     /// Drops an entry (and its state) from the table.
     fn forget(&mut self, k: &Key) {
         if let Some(e) = self.map.remove(k) {
+            self.memory_bytes -= e.held;
             if let Some(st) = e.state {
                 self.memory_bytes -= st.size_bytes();
             }
@@ -245,6 +249,7 @@ impl Sessions {
                 state: Some(state),
                 stored: true,
                 busy: false,
+                held: 0,
                 tick: 0,
             },
         );
@@ -288,7 +293,7 @@ impl Sessions {
             }),
             Err(err) => {
                 self.forget(&k);
-                Err(err)
+                Err(err.into())
             }
         }
     }
@@ -336,6 +341,7 @@ impl Sessions {
                 state: Some(write.state),
                 stored: true,
                 busy: false,
+                held: 0,
                 tick: 0,
             },
         );
@@ -394,6 +400,12 @@ impl Sessions {
             version + 1
         };
         let bytes = state.size_bytes();
+        // Room first: what does not fit is refused before anything changes (the entry it
+        // replaces keeps its room until then).
+        let replaced = self.map.get(&k).map_or(0, |e| {
+            e.held + e.state.as_ref().map_or(0, State::size_bytes)
+        });
+        self.make_room(bytes.saturating_sub(replaced), Some(&k))?;
         let meta = SessionMeta {
             id: id.to_string(),
             tenant: tenant.to_string(),
@@ -421,14 +433,13 @@ impl Sessions {
             state: Some(state),
             stored: self.shared,
             busy: false,
+            held: 0,
             tick: 0,
         };
         self.memory_bytes += bytes;
         self.map.insert(k.clone(), entry);
         self.touch(&k);
-        let info = Self::info(&self.map[&k]);
-        self.enforce_budget()?;
-        Ok(info)
+        Ok(Self::info(&self.map[&k]))
     }
 
     /// Metadata of a session (with a shared store, of its stored version).
@@ -450,6 +461,7 @@ impl Sessions {
                         state: None,
                         stored: true,
                         busy: false,
+                        held: 0,
                         tick: 0,
                     })
                 })
@@ -472,10 +484,12 @@ impl Sessions {
             return Ok(());
         }
         let sk = SessionKey::of(&e.meta);
+        let need = e.meta.state_bytes;
+        self.make_room(need, Some(k))?;
         let store = self.store.as_ref().ok_or_else(|| {
             Error::SessionStorage(format!("session `{}` has no state and no store", k.1))
         })?;
-        let stored = store.get(&sk)?.ok_or_else(|| {
+        let stored = store.get(&sk).map_err(Error::from_store)?.ok_or_else(|| {
             Error::SessionStorage(format!("session `{}` vanished from the store", k.1))
         })?;
         let state = State::from_bytes(&self.model, &stored.snapshot)?;
@@ -506,7 +520,8 @@ impl Sessions {
         self.load(&k)?;
         let e = self.map.get_mut(&k).expect("present");
         let state = e.state.take().expect("loaded");
-        self.memory_bytes -= state.size_bytes();
+        // The bytes stay counted (as `held`) until the state comes back.
+        e.held += state.size_bytes();
         Ok(state)
     }
 
@@ -518,6 +533,7 @@ impl Sessions {
             return;
         };
         e.busy = false;
+        self.memory_bytes -= std::mem::take(&mut e.held);
         if let Some(st) = original {
             self.memory_bytes += st.size_bytes();
             if let Some(old) = e.state.replace(st) {
@@ -543,6 +559,7 @@ impl Sessions {
             return Ok(None);
         };
         e.busy = false;
+        self.memory_bytes -= std::mem::take(&mut e.held);
         if let Some(st) = state {
             let mut meta = e.meta.clone();
             meta.position = st.position();
@@ -551,16 +568,19 @@ impl Sessions {
             meta.last_used = now_unix();
             if self.shared {
                 let expected = e.meta.version;
-                let written = st.to_bytes(&self.model).and_then(|snapshot| {
-                    let store = self.store.as_ref().expect("a shared table has a store");
-                    store.put(
-                        &StoredSession {
-                            meta: meta.clone(),
-                            snapshot,
-                        },
-                        Some(expected),
-                    )
-                });
+                let written = st
+                    .to_bytes(&self.model)
+                    .map_err(Error::from)
+                    .and_then(|snapshot| {
+                        let store = self.store.as_ref().expect("a shared table has a store");
+                        store.put(
+                            &StoredSession {
+                                meta: meta.clone(),
+                                snapshot,
+                            },
+                            Some(expected),
+                        )
+                    });
                 if let Err(err) = written {
                     self.forget(&k);
                     return Err(err);
@@ -590,11 +610,23 @@ impl Sessions {
             return Err(Error::SessionBusy(id.to_string()));
         }
         let k = self.key(tenant, id);
-        self.load(&k)?;
         self.touch(&k);
-        let st = self.map[&k].state.clone().expect("loaded");
-        self.enforce_budget()?;
-        Ok(st)
+        let e = &self.map[&k];
+        if let Some(st) = &e.state {
+            return Ok(st.clone());
+        }
+        // Only in the store: read for this copy, not cached (the copy is the caller's; the
+        // table's budget is not touched, so nothing else has to be spilled for it).
+        let store = self.store.as_ref().ok_or_else(|| {
+            Error::SessionStorage(format!("session `{id}` has no state and no store"))
+        })?;
+        let stored = store
+            .get(&SessionKey::of(&e.meta))
+            .map_err(Error::from_store)?
+            .ok_or_else(|| {
+                Error::SessionStorage(format!("session `{id}` vanished from the store"))
+            })?;
+        Ok(State::from_bytes(&self.model, &stored.snapshot)?)
     }
 
     /// Removes a session from memory and the store.
@@ -614,23 +646,49 @@ impl Sessions {
     }
 
     /// Writes least recently used idle sessions to the store until memory is within budget
-    /// (with a shared store they are there already: only their states leave the cache).
+    /// (with a shared store they are there already: only their states leave the cache). For
+    /// states already admitted (a session coming back from a request, one read from a shared
+    /// store): what cannot be spilled stays in memory, over the budget, with a log line.
     fn enforce_budget(&mut self) -> Result<()> {
-        while self.memory_bytes > self.max_bytes {
+        self.make_room(0, None)
+    }
+
+    /// Spills least recently used idle sessions (never `keep`) until `need` more bytes fit in
+    /// the budget. A session whose write fails stays in memory (its state is not dropped) and
+    /// the error comes back as [`Error::InsufficientStorage`], naming neither that session
+    /// nor a path (it may be another tenant's); the details go to stderr.
+    fn make_room(&mut self, need: usize, keep: Option<&Key>) -> Result<()> {
+        while self.memory_bytes.saturating_add(need) > self.max_bytes {
             let victim = self
                 .map
                 .iter()
-                .filter(|(_, e)| !e.busy && e.state.is_some())
+                .filter(|(k, e)| !e.busy && e.state.is_some() && Some(*k) != keep)
                 .min_by_key(|(_, e)| e.tick)
                 .map(|(k, _)| k.clone());
-            let Some(k) = victim else { return Ok(()) };
-            if self.store.is_none() {
-                return Err(Error::SessionStorage(format!(
-                    "sessions take {} bytes, more than the {} allowed, and there is no session directory to spill to",
+            let no_room = || {
+                Error::InsufficientStorage(format!(
+                    "{need} more bytes of session state do not fit: {} of the {} bytes allowed are in use",
                     self.memory_bytes, self.max_bytes
+                ))
+            };
+            let Some(k) = victim else {
+                return Err(no_room());
+            };
+            if self.store.is_none() {
+                return Err(Error::InsufficientStorage(format!(
+                    "{need} more bytes of session state do not fit in the {} bytes allowed, and there is no session directory to spill to",
+                    self.max_bytes
                 )));
             }
-            self.write_out(&k)?;
+            if let Err(e) = self.write_out(&k) {
+                eprintln!("performer: cannot spill session {}: {e}", k.1);
+                return Err(match e {
+                    Error::InsufficientStorage(reason) => Error::InsufficientStorage(reason),
+                    _ => Error::InsufficientStorage(
+                        "the session store cannot take another session".into(),
+                    ),
+                });
+            }
             self.remove_memory(&k);
         }
         Ok(())
@@ -652,13 +710,15 @@ impl Sessions {
             return Ok(());
         };
         let snapshot = state.to_bytes(&self.model)?;
-        store.put(
-            &StoredSession {
-                meta: e.meta.clone(),
-                snapshot,
-            },
-            None,
-        )?;
+        store
+            .put(
+                &StoredSession {
+                    meta: e.meta.clone(),
+                    snapshot,
+                },
+                None,
+            )
+            .map_err(Error::from_store)?;
         self.map.get_mut(k).expect("present").stored = true;
         Ok(())
     }
@@ -687,19 +747,47 @@ impl Sessions {
         old.len()
     }
 
-    /// Writes every session in memory to the store (at shutdown); returns how many were
-    /// written. With a shared store every change is written already: none.
-    pub(crate) fn write_all(&mut self) -> Result<usize> {
-        let keys: Vec<Key> = self
+    /// Writes every session in memory to the store (at shutdown). A failed write does not
+    /// stop the others. A session that cannot be written has its older stored version (if
+    /// any) deleted, so that a restart never serves it older than acknowledged; the space
+    /// this frees is tried once more for the sessions that failed. Returns how many were
+    /// written and, for each that could not be, its id and the reason. With a shared store
+    /// every change is written already: none.
+    pub(crate) fn write_all(&mut self) -> (usize, Vec<(String, String)>) {
+        let mut keys: Vec<Key> = self
             .map
             .iter()
             .filter(|(_, e)| !e.stored && e.state.is_some())
             .map(|(k, _)| k.clone())
             .collect();
-        for k in &keys {
-            self.write_out(k)?;
+        keys.sort();
+        let mut written = 0;
+        let mut failed = Vec::new();
+        for k in keys {
+            match self.write_out(&k) {
+                Ok(()) => written += 1,
+                Err(e) => {
+                    let sk = SessionKey::of(&self.map[&k].meta);
+                    if let Some(store) = &self.store {
+                        if let Err(d) = store.delete(&sk) {
+                            eprintln!(
+                                "performer: cannot delete the older version of session {}: {d}",
+                                k.1
+                            );
+                        }
+                    }
+                    failed.push((k, e));
+                }
+            }
         }
-        Ok(keys.len())
+        let mut lost = Vec::new();
+        for (k, first) in failed {
+            match self.write_out(&k) {
+                Ok(()) => written += 1,
+                Err(_) => lost.push((k.1, first.to_string())),
+            }
+        }
+        (written, lost)
     }
 
     /// Counts for metrics.

@@ -14,9 +14,9 @@ use super::sessions::PendingWrite;
 use super::store::SessionStore;
 use super::Shared;
 use crate::error::{Error, Result};
-use crate::generate::{Checkpoint, StopAction, StopMatcher};
-use crate::sampling::Sampler;
-use crate::state::State;
+use performer::generate::{Checkpoint, StopAction, StopMatcher};
+use performer::sampling::Sampler;
+use performer::State;
 
 /// A message to the scheduler.
 pub(crate) enum Cmd {
@@ -37,6 +37,11 @@ pub(crate) struct Job {
     original: Option<State>,
     first_token: bool,
     cancelled: bool,
+    /// Admission order, for the prefill rotation.
+    seq: u64,
+    /// Whether the prompt still counts in its tenant's queued prompt tokens (until it is
+    /// ingested or the job ends).
+    pub(crate) prompt_counted: std::cell::Cell<bool>,
 }
 
 enum Phase {
@@ -82,6 +87,8 @@ impl Job {
             original: None,
             first_token: false,
             cancelled: false,
+            seq: 0,
+            prompt_counted: std::cell::Cell::new(true),
         }
     }
 
@@ -144,6 +151,10 @@ pub(crate) struct Scheduler {
     queue: VecDeque<Job>,
     active: Vec<Job>,
     prefill_slice: usize,
+    /// Admissions so far (the next job's `seq`).
+    admitted: u64,
+    /// `seq` of the job that got the last prefill slice: the next tick starts after it.
+    last_prefilled: u64,
     deadline: Option<Instant>,
     last_expiry: Instant,
 }
@@ -165,6 +176,8 @@ impl Scheduler {
             queue: VecDeque::new(),
             active: Vec::new(),
             prefill_slice,
+            admitted: 0,
+            last_prefilled: 0,
             deadline: None,
             last_expiry: Instant::now(),
         }
@@ -231,6 +244,7 @@ impl Scheduler {
 
     /// Releases a finished, failed or cancelled job's slots.
     fn release(&self, job: &Job) {
+        self.shared.uncount_prompt(job);
         self.shared.inflight.fetch_sub(job.req.n, Ordering::AcqRel);
     }
 
@@ -297,23 +311,37 @@ impl Scheduler {
                 state: Box::new(state),
                 done: 0,
             };
+            self.admitted += 1;
+            job.seq = self.admitted;
             self.active.push(job);
         }
     }
 
     /// Ingests prompt slices: each job's prompt in slices of about `prefill_slice` tokens
-    /// ([`Model::prefill_slice_end`]), jobs in arrival order, until this tick's budget (one
-    /// slice) is spent.
+    /// ([`Model::prefill_slice_end`]), at most one slice per job per tick, until this tick's
+    /// budget (one slice) is spent. The jobs take turns: each tick starts with the job after
+    /// the one served last, so a short prompt waits for one slice of each longer prompt, not
+    /// for the whole of them.
     fn prefill(&mut self) {
         let mut budget = self.prefill_slice;
-        let mut i = 0;
-        while i < self.active.len() {
+        // Active jobs are in admission order: `seq` ascending.
+        let mut order: Vec<u64> = self
+            .active
+            .iter()
+            .filter(|j| matches!(j.phase, Phase::Prefill { .. }))
+            .map(|j| j.seq)
+            .collect();
+        let after = order.partition_point(|&s| s <= self.last_prefilled);
+        order.rotate_left(after);
+        for seq in order {
             if budget == 0 {
                 break;
             }
+            let Some(i) = self.active.iter().position(|j| j.seq == seq) else {
+                continue;
+            };
             let job = &mut self.active[i];
             let Phase::Prefill { state, done } = &mut job.phase else {
-                i += 1;
                 continue;
             };
             let prompt = &job.req.prompt;
@@ -326,9 +354,10 @@ impl Scheduler {
                     .install(|| model.prefill(state, slice).map(|_| ()));
                 budget = budget.saturating_sub(slice.len());
                 *done = end;
+                self.last_prefilled = seq;
                 if let Err(e) = r {
                     let job = self.active.remove(i);
-                    self.fail(job, e);
+                    self.fail(job, e.into());
                     continue;
                 }
                 if let Some(o) = &self.shared.observer {
@@ -337,13 +366,11 @@ impl Scheduler {
             }
             if *done == prompt.len() {
                 let job = self.active.remove(i);
+                self.shared.uncount_prompt(&job);
                 if let Some(job) = self.start_decode(job) {
                     self.active.insert(i, job);
-                } else {
-                    continue;
                 }
             }
-            i += 1;
         }
     }
 
@@ -360,7 +387,10 @@ impl Scheduler {
         if state.logits().is_none() {
             self.fail(
                 job,
-                Error::EmptyInput("the prompt is empty and the session holds no context yet"),
+                performer::Error::EmptyInput(
+                    "the prompt is empty and the session holds no context yet",
+                )
+                .into(),
             );
             return None;
         }
@@ -380,7 +410,7 @@ impl Scheduler {
             let sampler = match Sampler::new(params) {
                 Ok(s) => s,
                 Err(e) => {
-                    self.fail(job, e);
+                    self.fail(job, e.into());
                     return None;
                 }
             };
@@ -400,7 +430,7 @@ impl Scheduler {
                 ) {
                     Ok(m) => m,
                     Err(e) => {
-                        self.fail(job, e);
+                        self.fail(job, e.into());
                         return None;
                     }
                 },
@@ -551,26 +581,27 @@ impl Scheduler {
 }
 
 /// The same error for every request of a failed batch (`Error` is not `Clone`).
-fn clone_err(e: &Error) -> Error {
-    match e {
-        Error::NonFiniteLogits { position } => Error::NonFiniteLogits {
+fn clone_err(e: &performer::Error) -> Error {
+    use performer::Error as E;
+    Error::Runtime(match e {
+        E::NonFiniteLogits { position } => E::NonFiniteLogits {
             position: *position,
         },
-        Error::PositionOutOfRange {
+        E::PositionOutOfRange {
             position,
             max_seq_len,
             kind,
-        } => Error::PositionOutOfRange {
+        } => E::PositionOutOfRange {
             position: *position,
             max_seq_len: *max_seq_len,
             kind,
         },
-        Error::TokenOutOfRange { token, vocab } => Error::TokenOutOfRange {
+        E::TokenOutOfRange { token, vocab } => E::TokenOutOfRange {
             token: *token,
             vocab: *vocab,
         },
-        other => Error::StateMismatch(format!("batched decode failed: {other}")),
-    }
+        other => E::StateMismatch(format!("batched decode failed: {other}")),
+    })
 }
 
 /// Samples one token for every unfinished row of a decoding job and sends the text it
@@ -584,7 +615,7 @@ fn sample_job(job: &mut Job, shared: &Shared) -> Result<()> {
     let mut events = Vec::new();
     let mut first = false;
     for r in rows.iter_mut().filter(|r| r.finished.is_none()) {
-        let logits = r.state.logits().ok_or(Error::EmptyInput(
+        let logits = r.state.logits().ok_or(performer::Error::EmptyInput(
             "the state holds no logits to sample from",
         ))?;
         let token = r.sampler.sample(logits, &r.history)?;

@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use performer::engine::{
+use performer::generate::{GenerateOptions, Generation};
+use performer::{Error as RtError, Model, SamplingParams, State};
+use performer_engine::Error;
+use performer_engine::{
     CompletionRequest, DiskStore, Engine, EngineConfig, Event, FinishReason, Observer, Target,
 };
-use performer::generate::{GenerateOptions, Generation};
-use performer::{Error, Model, SamplingParams, State};
 
 fn shipped() -> Arc<Model> {
     Arc::new(Model::load(common::workspace_root().join("models/performer-byte")).unwrap())
@@ -144,10 +145,35 @@ fn batched_logits_are_bit_identical_to_single_stream() {
     }
 }
 
+/// Records the largest batch; when armed, its next prompt slice holds the scheduler until
+/// released (so that requests submitted meanwhile are admitted together).
+#[derive(Default)]
+struct Held {
+    max_batch: AtomicUsize,
+    /// Ticks that stepped a batch.
+    batches: AtomicUsize,
+    hold: std::sync::Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+}
+
+impl Observer for Held {
+    fn prompt_tokens(&self, _n: usize) {
+        if let Some((entered, release)) = self.hold.lock().unwrap().take() {
+            entered.send(()).unwrap();
+            release.recv().unwrap();
+        }
+    }
+    fn batch(&self, rows: usize) {
+        self.max_batch.fetch_max(rows, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 #[test]
 fn text_is_the_same_alone_and_among_sixteen() {
     let model = shipped();
-    let engine = Engine::start(model.clone(), config(), None).unwrap();
+    let held = Arc::new(Held::default());
+    let engine =
+        Engine::start_with_observer(model.clone(), config(), None, Some(held.clone())).unwrap();
     let greedy = |p: &str| CompletionRequest::new(toks(p), 24, SamplingParams::greedy());
     let sampled = |p: &str, i: u64| CompletionRequest::new(toks(p), 24, seeded(1000 + i));
     let alone_greedy = engine.complete(greedy(PROMPTS[0])).unwrap().choices[0]
@@ -159,6 +185,9 @@ fn text_is_the_same_alone_and_among_sixteen() {
     assert_eq!(alone_greedy, generate_text(&model, PROMPTS[0], 24));
     assert!(!alone_greedy.is_empty());
 
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    *held.hold.lock().unwrap() = Some((entered_tx, release_rx));
     let (tx, rx) = mpsc::channel();
     for (i, p) in PROMPTS.iter().enumerate() {
         let req = if i % 2 == 0 {
@@ -170,7 +199,12 @@ fn text_is_the_same_alone_and_among_sixteen() {
         engine
             .submit(req, Box::new(move |e| tx.send((i, e)).is_ok()))
             .unwrap();
+        if i == 0 {
+            // The scheduler holds in the first prompt until the other 15 are queued.
+            entered.recv().unwrap();
+        }
     }
+    release.send(()).unwrap();
     drop(tx);
     let mut texts = vec![String::new(); 16];
     let mut done = 0;
@@ -183,6 +217,9 @@ fn text_is_the_same_alone_and_among_sixteen() {
         }
     }
     assert_eq!(done, 16);
+    // They ran together: the 15 queued prompts (a few short slices) are in before the first
+    // request's 24 tokens are done, and from then on all 16 step in one tick.
+    assert_eq!(held.max_batch.load(Ordering::Relaxed), 16);
     assert_eq!(
         texts[0], alone_greedy,
         "greedy text changed in a batch of 16"
@@ -326,10 +363,10 @@ fn logprobs_cover_every_returned_token() {
     req.logprobs = Some(6);
     assert!(matches!(
         engine.complete(req),
-        Err(Error::InvalidParameter {
+        Err(Error::Runtime(RtError::InvalidParameter {
             name: "logprobs",
             ..
-        })
+        }))
     ));
 }
 
@@ -346,40 +383,43 @@ fn limits_are_enforced_before_queueing() {
     let err = |r: CompletionRequest| engine.complete(r).unwrap_err();
     assert!(matches!(
         err(CompletionRequest::new(toks("123456789"), 1, g.clone())),
-        Error::InvalidParameter { name: "prompt", .. }
+        Error::Runtime(RtError::InvalidParameter { name: "prompt", .. })
     ));
     assert!(matches!(
         err(CompletionRequest::new(toks("1"), 11, g.clone())),
-        Error::InvalidParameter {
+        Error::Runtime(RtError::InvalidParameter {
             name: "max_tokens",
             ..
-        }
+        })
     ));
     let mut r = CompletionRequest::new(toks("1"), 1, g.clone());
     r.n = 3;
-    assert!(matches!(err(r), Error::InvalidParameter { name: "n", .. }));
+    assert!(matches!(
+        err(r),
+        Error::Runtime(RtError::InvalidParameter { name: "n", .. })
+    ));
     let mut r = CompletionRequest::new(toks("1"), 1, g.clone());
     r.stop = vec![String::new()];
     assert!(matches!(
         err(r),
-        Error::InvalidParameter { name: "stop", .. }
+        Error::Runtime(RtError::InvalidParameter { name: "stop", .. })
     ));
     assert!(matches!(
         err(CompletionRequest::new(vec![300], 1, g.clone())),
-        Error::TokenOutOfRange { .. }
+        Error::Runtime(RtError::TokenOutOfRange { .. })
     ));
     assert!(matches!(
         err(CompletionRequest::new(Vec::new(), 1, g.clone())),
-        Error::EmptyInput(_)
+        Error::Runtime(RtError::EmptyInput(_))
     ));
     let mut bad = g.clone();
     bad.temperature = -1.0;
     assert!(matches!(
         err(CompletionRequest::new(toks("1"), 1, bad)),
-        Error::InvalidParameter {
+        Error::Runtime(RtError::InvalidParameter {
             name: "temperature",
             ..
-        }
+        })
     ));
     // Past an absolute-position model's 64 positions: rejected up front.
     let absolute = Arc::new(Model::load(common::fixture("opt_scalenorm_tie")).unwrap());
@@ -387,7 +427,7 @@ fn limits_are_enforced_before_queueing() {
     let engine = Engine::start(absolute, config(), None).unwrap();
     assert!(matches!(
         engine.complete(CompletionRequest::new(vec![65; 70], 1, g.clone())),
-        Err(Error::PositionOutOfRange { .. })
+        Err(Error::Runtime(RtError::PositionOutOfRange { .. }))
     ));
     // A generation reaching the end of the positions ends by length.
     let out = engine
@@ -401,7 +441,7 @@ fn limits_are_enforced_before_queueing() {
 fn long_request(
     engine: &Engine,
     max_tokens: usize,
-) -> (performer::engine::CancelHandle, mpsc::Receiver<Event>) {
+) -> (performer_engine::CancelHandle, mpsc::Receiver<Event>) {
     let (tx, rx) = mpsc::channel();
     let h = engine
         .submit(
@@ -430,8 +470,29 @@ fn full_queue_rejects_and_cancellation_frees_slots() {
         max_queue: 1,
         ..config()
     };
-    let engine = Engine::start(shipped(), cfg, None).unwrap();
-    let (h1, rx1) = long_request(&engine, 400);
+    let held = Arc::new(Held::default());
+    let engine = Engine::start_with_observer(shipped(), cfg, None, Some(held.clone())).unwrap();
+    // The first request's sink notes, when the engine drops it (on the scheduler thread, as
+    // the request ends), how many ticks had run.
+    struct OnDrop<F: FnMut()>(F);
+    impl<F: FnMut()> Drop for OnDrop<F> {
+        fn drop(&mut self) {
+            (self.0)()
+        }
+    }
+    let failed_at = Arc::new(AtomicUsize::new(usize::MAX));
+    let (tx1, rx1) = mpsc::channel();
+    let (h, f) = (held.clone(), failed_at.clone());
+    let noted = OnDrop(move || f.store(h.batches.load(Ordering::SeqCst), Ordering::SeqCst));
+    let h1 = engine
+        .submit(
+            CompletionRequest::new(toks("Long"), 400, seeded(1)),
+            Box::new(move |e| {
+                let _ = &noted;
+                tx1.send(e).is_ok()
+            }),
+        )
+        .unwrap();
     let (_h2, rx2) = long_request(&engine, 400);
     let third = engine.submit(
         CompletionRequest::new(toks("x"), 1, seeded(1)),
@@ -446,8 +507,18 @@ fn full_queue_rejects_and_cancellation_frees_slots() {
     ));
     // Dropping the receiver cancels at the next event; the handle cancels within a tick.
     drop(rx2);
+    wait_until("the first request to decode", || {
+        held.batches.load(Ordering::SeqCst) > 0
+    });
+    let cancelled_at = held.batches.load(Ordering::SeqCst);
     h1.cancel();
     wait_until("slots to free", || engine.stats().inflight == 0);
+    // At most the tick in progress when it was cancelled ran before it ended.
+    let failed_at = failed_at.load(Ordering::SeqCst);
+    assert!(
+        failed_at != usize::MAX && failed_at - cancelled_at <= 1,
+        "cancelled after tick {cancelled_at}, ended after tick {failed_at}"
+    );
     assert!(
         rx1.iter().all(|e| !matches!(e, Event::Done { .. })),
         "a cancelled request never completes"
@@ -538,23 +609,23 @@ fn sessions_are_per_tenant_busy_forkable_and_snapshotted() {
     let mut corrupt = snap.clone();
     corrupt[100] ^= 1;
     assert!(
-        matches!(engine.put_session_snapshot("bob", "x", &corrupt), Err(Error::InvalidSnapshot(m)) if m.contains("checksum"))
+        matches!(engine.put_session_snapshot("bob", "x", &corrupt), Err(Error::Runtime(RtError::InvalidSnapshot(m))) if m.contains("checksum"))
     );
     let mut version = snap.clone();
     version[8] = 9;
     assert!(
-        matches!(engine.put_session_snapshot("bob", "x", &version), Err(Error::InvalidSnapshot(m)) if m.contains("version"))
+        matches!(engine.put_session_snapshot("bob", "x", &version), Err(Error::Runtime(RtError::InvalidSnapshot(m))) if m.contains("version"))
     );
     let other = Model::load(common::fixture("default_a")).unwrap();
     let mut st = State::new(&other);
     other.prefill(&mut st, &[1, 2]).unwrap();
     let foreign = st.to_bytes(&other).unwrap();
     assert!(
-        matches!(engine.put_session_snapshot("bob", "x", &foreign), Err(Error::StateMismatch(m)) if m.contains("another model"))
+        matches!(engine.put_session_snapshot("bob", "x", &foreign), Err(Error::Runtime(RtError::StateMismatch(m))) if m.contains("another model"))
     );
     assert!(matches!(
         engine.put_session_snapshot("bob", "../x", &snap),
-        Err(Error::InvalidParameter { .. })
+        Err(Error::Runtime(RtError::InvalidParameter { .. }))
     ));
 
     engine.delete_session("alice", &a.id).unwrap();
@@ -566,7 +637,10 @@ fn sessions_are_per_tenant_busy_forkable_and_snapshotted() {
     let mut r = CompletionRequest::new(Vec::new(), 4, SamplingParams::greedy());
     r.tenant = "alice".into();
     r.target = Target::Session(empty.id);
-    assert!(matches!(engine.complete(r), Err(Error::EmptyInput(_))));
+    assert!(matches!(
+        engine.complete(r),
+        Err(Error::Runtime(RtError::EmptyInput(_)))
+    ));
 }
 
 #[test]

@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use performer::engine::store::Listing;
-use performer::engine::{
+use performer::generate::{GenerateOptions, Generation};
+use performer::{Model, SamplingParams, State};
+use performer_engine::store::Listing;
+use performer_engine::{
     CompletionRequest, Engine, EngineConfig, Event, SessionKey, SessionMeta, SessionStore,
     StoredSession, Target,
 };
-use performer::generate::{GenerateOptions, Generation};
-use performer::{Error, Model, Result, SamplingParams, State};
+use performer_engine::{Error, Result};
 
 /// What several engines share: sessions by key, a down switch and call counters.
 #[derive(Default)]
@@ -150,7 +151,7 @@ fn generate_text(model: &Model, prompt: &str, max_tokens: usize) -> String {
     };
     Generation::new(model, &mut state, &toks(prompt), options)
         .unwrap()
-        .collect::<Result<String>>()
+        .collect::<performer::Result<String>>()
         .unwrap()
 }
 

@@ -6,21 +6,23 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use performer::engine::{CompletionRequest, Engine, EngineConfig};
+//! use performer_engine::{CompletionRequest, Engine, EngineConfig};
 //! use performer::{Model, SamplingParams};
 //! let model = Arc::new(Model::load("models/performer-byte")?);
 //! let engine = Engine::start(model, EngineConfig::default(), None)?;
 //! let prompt = "The sea".bytes().map(u32::from).collect();
 //! let done = engine.complete(CompletionRequest::new(prompt, 32, SamplingParams::greedy()))?;
 //! println!("{}", done.choices[0].text);
-//! # Ok::<(), performer::Error>(())
+//! # Ok::<(), performer_engine::Error>(())
 //! ```
 
+pub mod error;
 mod request;
 mod scheduler;
 mod sessions;
 pub mod store;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
@@ -34,9 +36,8 @@ pub use request::{
 pub use sessions::SessionStats;
 pub use store::{DiskStore, SessionKey, SessionMeta, SessionStore, StoredSession};
 
-use crate::error::{Error, Result};
-use crate::model::Model;
-use crate::state::State;
+pub use error::{Error, Result};
+use performer::{Model, State};
 use scheduler::{Cmd, Job, Scheduler};
 use sessions::Sessions;
 
@@ -64,6 +65,10 @@ pub struct EngineConfig {
     pub max_session_memory: usize,
     /// Sessions unused for this long are dropped.
     pub session_ttl: Option<Duration>,
+    /// Most prompt tokens one tenant may have waiting to be ingested (queued or being
+    /// prefilled); beyond, [`Error::TenantQueueFull`]. Prompts are ingested in turns between
+    /// jobs, so this bounds how much of the prefill time one tenant can claim.
+    pub max_tenant_prompt_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -78,6 +83,7 @@ impl Default for EngineConfig {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_session_memory: 1 << 30,
             session_ttl: None,
+            max_tenant_prompt_tokens: 1 << 21,
         }
     }
 }
@@ -109,7 +115,44 @@ pub(crate) struct Shared {
     pub(crate) running: AtomicUsize,
     /// Requests waiting (published by the scheduler every tick).
     pub(crate) queued: AtomicUsize,
+    /// Per tenant: prompt tokens of its jobs not yet ingested.
+    pending_prompt: Mutex<HashMap<String, usize>>,
     accepting: AtomicBool,
+}
+
+impl Shared {
+    /// Counts `tokens` more prompt tokens waiting for `tenant`, unless that passes the limit.
+    fn count_prompt(&self, tenant: &str, tokens: usize) -> Result<()> {
+        let limit = self.config.max_tenant_prompt_tokens;
+        let mut pending = self.pending_prompt.lock().expect("poisoned");
+        let queued = pending.get(tenant).copied().unwrap_or(0);
+        if queued + tokens > limit {
+            return Err(Error::TenantQueueFull {
+                queued,
+                asked: tokens,
+                limit,
+            });
+        }
+        *pending.entry(tenant.to_string()).or_default() += tokens;
+        Ok(())
+    }
+
+    /// Takes a job's prompt out of its tenant's count (once; later calls do nothing).
+    pub(crate) fn uncount_prompt(&self, job: &Job) {
+        if job.prompt_counted.replace(false) {
+            self.release_prompt(&job.req.tenant, job.req.prompt.len());
+        }
+    }
+
+    fn release_prompt(&self, tenant: &str, tokens: usize) {
+        let mut pending = self.pending_prompt.lock().expect("poisoned");
+        if let Some(n) = pending.get_mut(tenant) {
+            *n = n.saturating_sub(tokens);
+            if *n == 0 {
+                pending.remove(tenant);
+            }
+        }
+    }
 }
 
 /// Live counts of an engine.
@@ -206,6 +249,7 @@ impl Engine {
             inflight: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
+            pending_prompt: Mutex::new(HashMap::new()),
             accepting: AtomicBool::new(true),
         });
         let (tx, rx) = mpsc::channel();
@@ -300,10 +344,10 @@ impl Engine {
         req.sampling.validate()?;
         let vocab = self.shared.model.vocab_size();
         if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::TokenOutOfRange { token: t, vocab });
+            return Err(performer::Error::TokenOutOfRange { token: t, vocab }.into());
         }
         if req.target == Target::Stateless && req.prompt.is_empty() {
-            return Err(Error::EmptyInput("the prompt is empty"));
+            return Err(performer::Error::EmptyInput("the prompt is empty").into());
         }
         Ok(())
     }
@@ -326,14 +370,15 @@ impl Engine {
         let config = self.shared.model.config();
         if let Some(limit) = config.max_positions() {
             if start + req.prompt.len() > limit {
-                return Err(Error::PositionOutOfRange {
+                return Err(performer::Error::PositionOutOfRange {
                     position: start + req.prompt.len(),
                     max_seq_len: limit,
                     kind: match config.position_kind() {
-                        crate::config::PositionKind::Axial => "axial",
+                        performer::config::PositionKind::Axial => "axial",
                         _ => "absolute",
                     },
-                });
+                }
+                .into());
             }
         }
         let c = &self.shared.config;
@@ -345,9 +390,15 @@ impl Engine {
                 (cur + n <= limit).then_some(cur + n)
             })
             .map_err(|active| Error::QueueFull { active, limit })?;
+        if let Err(e) = self.shared.count_prompt(&req.tenant, req.prompt.len()) {
+            self.shared.inflight.fetch_sub(n, Ordering::AcqRel);
+            return Err(e);
+        }
+        let (tenant, tokens) = (req.tenant.clone(), req.prompt.len());
         if let Target::Session(id) = &req.target {
             if let Err(e) = self.sessions().reserve(&req.tenant, id) {
                 self.shared.inflight.fetch_sub(n, Ordering::AcqRel);
+                self.shared.release_prompt(&tenant, tokens);
                 return Err(e);
             }
         }
@@ -363,6 +414,7 @@ impl Engine {
             Some(Ok(())) => Ok(cancel),
             _ => {
                 self.shared.inflight.fetch_sub(n, Ordering::AcqRel);
+                self.shared.release_prompt(&tenant, tokens);
                 Err(Error::ShuttingDown)
             }
         }
@@ -400,7 +452,7 @@ impl Engine {
 
     /// Creates a session for `tenant` from `prompt` (ingested by the scheduler; may be empty).
     pub fn create_session(&self, tenant: &str, prompt: Vec<u32>) -> Result<SessionInfo> {
-        let mut req = CompletionRequest::new(prompt, 0, crate::SamplingParams::greedy());
+        let mut req = CompletionRequest::new(prompt, 0, performer::SamplingParams::greedy());
         req.tenant = tenant.to_string();
         req.target = Target::NewSession;
         self.complete(req)?
@@ -421,7 +473,7 @@ impl Engine {
     /// A session's state as snapshot bytes ([`State::to_bytes`]).
     pub fn session_snapshot(&self, tenant: &str, id: &str) -> Result<Vec<u8>> {
         let state = self.sessions().copy_state(tenant, id)?;
-        state.to_bytes(&self.shared.model)
+        Ok(state.to_bytes(&self.shared.model)?)
     }
 
     /// Creates or replaces session `id` from snapshot bytes. A snapshot of another model, a
@@ -450,8 +502,29 @@ impl Engine {
 
     /// Stops taking requests, lets running ones finish for up to `grace` (then cancels them
     /// with [`Error::ShuttingDown`]), stops the scheduler and writes every session in memory
-    /// to the store. Returns how many sessions were written. Later calls do nothing.
+    /// to the store. Returns how many sessions were written; if some could not be (a full or
+    /// failing disk), every other one is still written and the error lists those that were
+    /// not ([`Engine::shutdown_report`] has the details). Later calls do nothing.
     pub fn shutdown(&self, grace: Duration) -> Result<usize> {
+        let report = self.shutdown_report(grace);
+        if report.failed.is_empty() {
+            return Ok(report.written);
+        }
+        let list: Vec<String> = report
+            .failed
+            .iter()
+            .map(|(id, why)| format!("{id} ({why})"))
+            .collect();
+        Err(Error::SessionStorage(format!(
+            "wrote {} sessions; could not write {}: {}",
+            report.written,
+            report.failed.len(),
+            list.join(", ")
+        )))
+    }
+
+    /// [`Engine::shutdown`], reporting each session it could not write.
+    pub fn shutdown_report(&self, grace: Duration) -> ShutdownReport {
         self.shared.accepting.store(false, Ordering::Release);
         if let Some(tx) = self.tx.lock().expect("poisoned").take() {
             let _ = tx.send(Cmd::Shutdown(Instant::now() + grace));
@@ -465,11 +538,22 @@ impl Engine {
                 if let Some(c) = self.committer.lock().expect("poisoned").take() {
                     let _ = c.join();
                 }
-                self.sessions().write_all()
+                let (written, failed) = self.sessions().write_all();
+                ShutdownReport { written, failed }
             }
-            None => Ok(0),
+            None => ShutdownReport::default(),
         }
     }
+}
+
+/// What [`Engine::shutdown_report`] wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Sessions written to the store.
+    pub written: usize,
+    /// Sessions that could not be written: id and reason. Their older stored version, if
+    /// any, was deleted (a restart does not serve a session older than acknowledged).
+    pub failed: Vec<(String, String)>,
 }
 
 impl Drop for Engine {
