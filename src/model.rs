@@ -15,6 +15,7 @@ use crate::attention::rotary::{self, Sinusoid};
 use crate::attention::{FeatureKind, FeatureMap};
 use crate::config::{Config, PositionKind};
 use crate::error::{Error, Result};
+use crate::kernels::quant::QuantMethod;
 use crate::kernels::{self, scalar};
 use crate::quant::{QuantFormat, QuantTensor};
 use crate::state::State;
@@ -55,6 +56,10 @@ pub struct LoadOptions {
     /// file is read from disk; the copy is for a file the page cache holds in small pages (just
     /// written or copied), which [`WeightFile::page_report`] shows.
     pub huge_pages: bool,
+    /// How the products over quantized weights are computed ([`QuantMethod`]); `None` is the
+    /// default, [`QuantMethod::Dequant`], whose logits match the dequantized f32 model.
+    /// Ignored for a float model.
+    pub quant_kernel: Option<QuantMethod>,
 }
 
 /// A linear layer's weight: a float tensor, or block-quantized codes and scales
@@ -233,7 +238,7 @@ impl Linear {
                             x,
                             ys
                         )),
-                        Weight::Quant(q) => kernels::quant::matvec_serial_prepared(
+                        Weight::Quant(q) => q.kernels().matvec_serial_prepared(
                             q.matrix().row_range(r0..r1),
                             x,
                             act,
@@ -257,7 +262,7 @@ impl Linear {
             }
         };
         let quantizes_x = linears.iter().any(|l| match &l.weight {
-            Weight::Quant(q) => kernels::quant::needs_activation(q.format()),
+            Weight::Quant(q) => q.method().quantizes_activation(),
             Weight::Float(_) => false,
         });
         if quantizes_x {
@@ -298,7 +303,9 @@ impl Linear {
                 out,
                 &mut y[..rows * out]
             )),
-            Weight::Quant(q) => kernels::quant::linear(x, rows, q.matrix(), &mut y[..rows * out]),
+            Weight::Quant(q) => q
+                .kernels()
+                .linear(x, rows, q.matrix(), &mut y[..rows * out]),
         }
         if let Some(b) = &self.bias {
             for r in 0..rows {
@@ -751,7 +758,11 @@ impl Model {
         if let Some(e) = options.denominator_eps {
             config.denominator_eps = e;
         }
-        Self::from_parts(config, file)
+        let mut model = Self::from_parts(config, file)?;
+        if let Some(method) = options.quant_kernel {
+            model.use_quant_method(method);
+        }
+        Ok(model)
     }
 
     /// Builds a model from a resolved config and an opened weights file, checking every
@@ -838,6 +849,32 @@ impl Model {
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
         self.config.num_tokens
+    }
+
+    /// The method of this model's quantized products (`None` for a float model): the
+    /// [`LoadOptions::quant_kernel`] it was loaded with, else [`QuantMethod::Dequant`].
+    pub fn quant_method(&self) -> Option<QuantMethod> {
+        self.quantized().next().map(QuantTensor::method)
+    }
+
+    /// Sets the method of every quantized product of this model (what
+    /// [`LoadOptions::quant_kernel`] does at load; for a model built by [`Model::from_parts`]).
+    pub fn use_quant_method(&mut self, method: QuantMethod) {
+        let layers = self.layers.iter_mut().flat_map(|l| {
+            [
+                &mut l.to_q,
+                &mut l.to_k,
+                &mut l.to_v,
+                &mut l.attn_out,
+                &mut l.w1,
+                &mut l.w2,
+            ]
+        });
+        for lin in layers.chain(self.to_out.as_mut()) {
+            if let Weight::Quant(q) = &mut lin.weight {
+                q.use_method(method);
+            }
+        }
     }
 
     /// Every block-quantized weight (empty for a float model).

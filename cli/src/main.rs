@@ -117,6 +117,8 @@ struct ModelArgs {
     /// 2 MiB pages). Reads the whole file at load and keeps a private copy.
     #[arg(long)]
     huge_pages: bool,
+    #[command(flatten)]
+    quant: args::QuantKernelArgs,
 }
 
 impl ModelArgs {
@@ -132,6 +134,7 @@ impl ModelArgs {
                 kernel_eps: self.kernel_eps,
                 denominator_eps: self.denominator_eps,
                 huge_pages: self.huge_pages,
+                quant_kernel: self.quant.quant_kernel,
             },
         )
         .map_err(|e| name_config(e, &dir))
@@ -188,6 +191,8 @@ struct InfoArgs {
     /// Model directory; default: the model in models/.
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    quant: args::QuantKernelArgs,
 }
 
 #[derive(Args)]
@@ -385,7 +390,10 @@ fn info(a: InfoArgs) -> CliResult {
         Config::from_inferred(&inferred)
     }
     .map_err(|e| name_config(e, &dir))?;
-    let model = Model::from_parts(config.clone(), file).map_err(|e| name_config(e, &dir))?;
+    let mut model = Model::from_parts(config.clone(), file).map_err(|e| name_config(e, &dir))?;
+    if let Some(method) = a.quant.quant_kernel {
+        model.use_quant_method(method);
+    }
     let isa = performer::kernels::isa::check_env()?;
     let mut o = String::new();
     use std::fmt::Write as _;
@@ -446,6 +454,14 @@ fn info(a: InfoArgs) -> CliResult {
         performer::kernels::Isa::detected(),
         performer::kernels::isa::ISA_ENV
     );
+    if let Some(method) = model.quant_method() {
+        let k = performer::kernels::quant::QuantKernels::active(method);
+        let _ = writeln!(
+            o,
+            "quantized kernel: {} (--quant-kernel dequant|int8)",
+            k.describe()
+        );
+    }
     let mut out = std::io::stdout().lock();
     out.write_all(o.as_bytes())
         .and_then(|()| out.flush())
