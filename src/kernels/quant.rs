@@ -196,10 +196,11 @@ impl QuantKernels {
 
     /// Rows by the dequantizing method (`xsum`: `x`'s block sums, for q4_1).
     fn dequant_rows(self, m: QMatrix<'_>, x: &[f32], xsum: &[f32], y: &mut [f32]) {
-        debug_assert_eq!(x.len(), m.cols);
+        // The kernels read `x` by pointer, block by block: its length is held here.
+        assert_eq!(x.len(), m.cols, "quantized matvec: x length");
         match self.kernels.isa() {
             // SAFETY: the level is supported (`Kernels`'s invariant); `x` has `m.cols` values
-            // (callers' asserts) and `xsum` its block sums (`block_sums`, empty and unread for
+            // (asserted above) and `xsum` its block sums (`block_sums`, empty and unread for
             // q8_0/q4_0); the entry point checks `y` and slices the rows.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { entry::avx512_dequant_rows(m, x, xsum, y) },

@@ -59,14 +59,22 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Block `b`'s 16 bytes of 4-bit codes as 32 bytes `0 … 15` in element order: the low nibbles
-/// (elements 0–15) in the low half, the high ones (16–31) in the high half.
+/// Block `b`'s 16 bytes of 4-bit codes as bytes `0 … 15` minus `bias`: the low nibbles
+/// (elements 0–15) and the high ones (16–31).
 #[inline(always)]
-unsafe fn nibbles(c: *const u8, b: usize) -> __m256i {
+unsafe fn nibbles128(c: *const u8, b: usize, bias: __m128i) -> (__m128i, __m128i) {
     let v = _mm_loadu_si128(c.add(b * BLOCK / 2).cast());
     let low = _mm_set1_epi8(0x0F);
     let lo = _mm_and_si128(v, low);
     let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), low);
+    (_mm_sub_epi8(lo, bias), _mm_sub_epi8(hi, bias))
+}
+
+/// Block `b`'s 4-bit codes as 32 bytes `0 … 15` in element order: the low nibbles (elements
+/// 0–15) in the low half, the high ones (16–31) in the high half.
+#[inline(always)]
+unsafe fn nibbles(c: *const u8, b: usize) -> __m256i {
+    let (lo, hi) = nibbles128(c, b, _mm_setzero_si128());
     _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
 }
 
@@ -139,7 +147,7 @@ unsafe fn q4_dequant_row<const MINS: bool>(codes: &[u8], scales: &[f16], x: &[f3
     let n = scales.len();
     debug_assert!(codes.len() >= n * BLOCK / 2 && x.len() >= n * BLOCK);
     let (c, xp) = (codes.as_ptr(), x.as_ptr());
-    let eight = _mm256_set1_epi8(if MINS { 0 } else { 8 });
+    let eight = _mm_set1_epi8(if MINS { 0 } else { 8 });
     macro_rules! scale {
         ($b:expr) => {
             widen8(scales, $b)
@@ -148,8 +156,7 @@ unsafe fn q4_dequant_row<const MINS: bool>(codes: &[u8], scales: &[f16], x: &[f3
     macro_rules! partial {
         ($b:expr) => {{
             // Signed bytes −8 … 7 (q4_0) or 0 … 15 (q4_1), in element order.
-            let v = _mm256_sub_epi8(nibbles(c, $b), eight);
-            let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+            let (lo, hi) = nibbles128(c, $b, eight);
             let xb = xp.add($b * BLOCK);
             let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
             let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
@@ -351,9 +358,8 @@ pub(super) unsafe fn widen_rows(m: QMatrix<'_>, out: &mut [f32]) {
                 }
                 QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
                     let q41 = m.format == QuantFormat::Q4_1;
-                    let bias = _mm256_set1_epi8(if q41 { 0 } else { 8 });
-                    let v = _mm256_sub_epi8(nibbles(c, b), bias);
-                    let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+                    let bias = _mm_set1_epi8(if q41 { 0 } else { 8 });
+                    let (lo, hi) = nibbles128(c, b, bias);
                     let parts = [
                         lo,
                         _mm_unpackhi_epi64(lo, lo),
