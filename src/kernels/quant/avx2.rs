@@ -86,15 +86,24 @@ macro_rules! blocks {
         let n = $n;
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut sc = _mm256_setzero_ps();
+        // The lane indices of the pair's two scales, `b % 8` and the next, kept in registers
+        // and stepped by 2 (a broadcast of each index from a general register would add two
+        // shuffles per pair).
+        let (first, two) = (_mm256_setzero_si256(), _mm256_set1_epi32(2));
+        let (mut i0, mut i1) = (first, _mm256_set1_epi32(1));
         let mut b = 0;
         while b + 2 <= n {
             // `b` is even, so a pair never straddles two groups of 8 scales.
             if b % 8 == 0 {
                 sc = $scale!(b);
+                i0 = first;
+                i1 = _mm256_set1_epi32(1);
             }
             let (t0, t1) = ($partial!(b), $partial!(b + 1));
-            acc0 = _mm256_fmadd_ps(t0, lane(sc, b % 8), acc0);
-            acc1 = _mm256_fmadd_ps(t1, lane(sc, (b + 1) % 8), acc1);
+            acc0 = _mm256_fmadd_ps(t0, _mm256_permutevar8x32_ps(sc, i0), acc0);
+            acc1 = _mm256_fmadd_ps(t1, _mm256_permutevar8x32_ps(sc, i1), acc1);
+            i0 = _mm256_add_epi32(i0, two);
+            i1 = _mm256_add_epi32(i1, two);
             b += 2;
         }
         if b < n {
