@@ -52,11 +52,12 @@ fn matvec(c: &mut Criterion) {
     matvec_case::<bf16>(c, "bf16", bf16::from_f32);
 }
 
-/// Quantized matrix-vector products, every method this CPU runs side by side on the same
-/// matrices (gpt2-small's shapes, as `matvec` above), throughput in stored bytes (codes,
-/// scales and minimums): `cargo bench --bench kernels -- quant_matvec`.
+/// Quantized matrix-vector products, every level and method this CPU runs side by side on
+/// the same matrices (gpt2-small's shapes, as `matvec` above), throughput in stored bytes
+/// (codes, scales and minimums): `cargo bench --bench kernels -- quant_matvec`.
 fn quant_matvec(c: &mut Criterion) {
-    use performer::kernels::quant::{self as qk, Method};
+    use performer::kernels::quant::{QuantKernels, QuantMethod};
+    use performer::kernels::Kernels;
     use performer::quant::{OwnedQMatrix, QuantFormat};
     for format in QuantFormat::ALL {
         for (rows, cols) in [(768usize, 768usize), (3072, 768), (50257, 768)] {
@@ -69,16 +70,23 @@ fn quant_matvec(c: &mut Criterion) {
             let mut g = c.benchmark_group(format!("quant_matvec_{format}_{rows}x{cols}"));
             quick(&mut g);
             g.throughput(Throughput::Bytes(q.bytes() as u64));
-            for method in [Method::Portable, Method::Dequant, Method::Int8] {
-                if !qk::supported(method) {
-                    continue;
+            for k in Kernels::all_supported() {
+                for method in QuantMethod::ALL {
+                    let qk = QuantKernels::new(k, method);
+                    let mut variants = vec![qk];
+                    if qk.uses_vnni() {
+                        variants.push(qk.without_vnni());
+                    }
+                    for qk in variants {
+                        let name = format!("{}/{}", k.isa(), qk.describe()).replace(' ', "_");
+                        g.bench_function(name, |b| {
+                            b.iter(|| {
+                                qk.matvec(black_box(m), black_box(&x[..]), &mut y);
+                                black_box(y[0])
+                            })
+                        });
+                    }
                 }
-                g.bench_function(format!("{method:?}"), |b| {
-                    b.iter(|| {
-                        qk::matvec_with(method, black_box(m), black_box(&x[..]), &mut y);
-                        black_box(y[0])
-                    })
-                });
             }
             g.finish();
         }

@@ -1,5 +1,6 @@
 //! Single-thread loop over one quantized matrix-vector product (3072 × 768, gpt2-small's
-//! feed-forward width, L2/L3-resident), for interleaved A/B runs of the kernel methods:
+//! feed-forward width, L2/L3-resident), for interleaved A/B runs of the kernel methods at the
+//! process's level (`PERFORMER_ISA=avx2` or `portable` forces a lower one):
 //!
 //! ```text
 //! cargo build --release --example quant_matvec
@@ -7,25 +8,17 @@
 //!   target/release/examples/quant_matvec $f $m 300; done; done; done
 //! ```
 
-use performer::kernels::quant::{matvec_serial_with, supported, Method};
+use performer::kernels::quant::{QuantKernels, QuantMethod};
 use performer::quant::{OwnedQMatrix, QuantFormat};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: quant_matvec q8_0|q4_0|q4_1 portable|dequant|int8 ITERATIONS";
+    let usage = "usage: quant_matvec q8_0|q4_0|q4_1 dequant|int8 ITERATIONS";
     let [_, format, method, iters] = &args[..] else {
         return Err(usage.into());
     };
     let format: QuantFormat = format.parse()?;
-    let method = match method.as_str() {
-        "portable" => Method::Portable,
-        "dequant" => Method::Dequant,
-        "int8" => Method::Int8,
-        _ => return Err(usage.into()),
-    };
-    if !supported(method) {
-        return Err(format!("{method:?} is not supported on this CPU").into());
-    }
+    let kernels = QuantKernels::active(QuantMethod::parse(method)?);
     let iters: usize = iters.parse()?;
     let (rows, cols) = (3072usize, 768usize);
     let mut rng = performer::synthetic::Rng::new(1);
@@ -36,12 +29,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut y = vec![0f32; rows];
     let start = std::time::Instant::now();
     for _ in 0..iters {
-        matvec_serial_with(method, m, &x, &mut y);
+        kernels.matvec_serial(m, &x, &mut y);
         std::hint::black_box(&y);
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "{format} {method:?}: {:.1} µs per product, {:.2} G weights/s",
+        "{format} {} {}: {:.1} µs per product, {:.2} G weights/s",
+        kernels.kernels().isa(),
+        kernels.describe(),
         secs / iters as f64 * 1e6,
         (rows * cols * iters) as f64 / secs / 1e9
     );

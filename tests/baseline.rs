@@ -142,6 +142,7 @@ fn first_position_equals_favor_and_the_cache_grows() {
             kernel_eps: Some(0.0),
             denominator_eps: Some(0.0),
             huge_pages: false,
+            quant_kernel: None,
         },
     )
     .unwrap();

@@ -12,6 +12,7 @@ fn load(name: &str, eps0: bool) -> Model {
             kernel_eps: Some(0.0),
             denominator_eps: Some(0.0),
             huge_pages: false,
+            quant_kernel: None,
         }
     } else {
         LoadOptions::default()

@@ -10,6 +10,7 @@ const EPS0: LoadOptions = LoadOptions {
     kernel_eps: Some(0.0),
     denominator_eps: Some(0.0),
     huge_pages: false,
+    quant_kernel: None,
 };
 
 /// Streams `tokens` one step at a time and returns the logits after each.

@@ -22,6 +22,27 @@ fn env_forces_a_lower_level_once() {
     let x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
     let at_level = isa::active().dot(&x, &x);
     assert_eq!(kernels::dot(&x, &x).to_bits(), at_level.to_bits());
+    // So do the quantized products: the free functions, a model's weights' kernels and the
+    // activation quantization run at the forced level, bit for bit what it gives.
+    use kernels::quant::{self as qk, QuantKernels, QuantMethod};
+    let w: Vec<f32> = (0..24 * 96).map(|i| (i as f32 * 0.11).cos()).collect();
+    let xq: Vec<f32> = (0..96).map(|i| (i as f32 * 0.29).sin()).collect();
+    let portable = kernels::Kernels::new(Isa::Portable).unwrap();
+    for format in performer::quant::QuantFormat::ALL {
+        let q = performer::quant::OwnedQMatrix::quantize(format, "w", &w, 24, 96).unwrap();
+        for method in QuantMethod::ALL {
+            let active = QuantKernels::active(method);
+            assert_eq!(active.kernels().isa(), Isa::Portable);
+            assert!(!active.uses_vnni());
+            let (mut a, mut b) = (vec![0f32; 24], vec![0f32; 24]);
+            qk::matvec_with(method, q.matrix(), &xq, &mut a);
+            QuantKernels::new(portable, method).matvec(q.matrix(), &xq, &mut b);
+            assert!(
+                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{format} {method}"
+            );
+        }
+    }
 
     // Chosen once: a later change of the variable does not move the cached level, and asking
     // for more than the CPU has gives the detected level.

@@ -8,7 +8,8 @@ use std::path::Path;
 
 use common::{max_diff, TestRng};
 use half::f16;
-use performer::kernels::quant::{self as qk, Method};
+use performer::kernels::quant::{self as qk, QuantKernels, QuantMethod};
+use performer::kernels::{Isa, Kernels};
 use performer::quant::{self, OwnedQMatrix, QMatrix, QuantFormat, BLOCK};
 use performer::synthetic::{self, SyntheticShape, WeightDtype};
 use performer::{Error, Model, State};
@@ -192,26 +193,67 @@ fn unrepresentable_blocks_are_errors_and_tiny_ones_zero() {
     row(&wide).unwrap();
 }
 
-/// Every method this CPU supports (the portable one always).
-fn methods() -> Vec<Method> {
-    [Method::Portable, Method::Dequant, Method::Int8]
-        .into_iter()
-        .filter(|&m| qk::supported(m))
-        .collect()
+/// Every level this CPU supports times every method, the int8 method also without VNNI where
+/// the level has it (so the `vpmaddubsw` code runs on a VNNI machine too).
+fn variants() -> Vec<QuantKernels> {
+    let mut all = Vec::new();
+    for k in Kernels::all_supported() {
+        for method in QuantMethod::ALL {
+            let qk = QuantKernels::new(k, method);
+            all.push(qk);
+            if qk.uses_vnni() {
+                all.push(qk.without_vnni());
+            }
+        }
+    }
+    all
+}
+
+/// A label for failure messages.
+fn label(qk: QuantKernels) -> String {
+    format!("{}/{}", qk.kernels().isa(), qk.describe())
 }
 
 #[test]
-fn the_model_uses_a_supported_exact_method() {
-    for format in FORMATS {
-        let m = qk::default_method(format);
-        assert!(qk::supported(m));
-        // The default keeps the activation exact, so the logits parity below holds.
-        assert_ne!(m, Method::Int8);
+fn the_default_method_is_the_exact_one_and_every_level_is_covered() {
+    // The default keeps the activation exact, so the logits parity below holds.
+    assert_eq!(QuantMethod::default(), QuantMethod::Dequant);
+    assert_eq!(
+        QuantKernels::active(QuantMethod::default()).method(),
+        QuantMethod::Dequant
+    );
+    // Both methods at every level the CPU has (portable always).
+    let v = variants();
+    for isa in Isa::supported() {
+        for method in QuantMethod::ALL {
+            assert!(
+                v.iter()
+                    .any(|q| q.kernels().isa() == isa && q.method() == method),
+                "{isa} {method}"
+            );
+        }
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        assert!(methods().contains(&Method::Dequant));
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            assert!(Isa::supported().any(|i| i == Isa::Avx2));
+        }
+        // VNNI is used wherever it is detected, per level.
+        for k in Kernels::all_supported() {
+            let q = QuantKernels::new(k, QuantMethod::Int8);
+            assert_eq!(q.uses_vnni(), qk::vnni_available(k.isa()), "{}", k.isa());
+            assert!(!QuantKernels::new(k, QuantMethod::Dequant).uses_vnni());
+        }
     }
+    // Names round-trip; anything else is a typed error.
+    for m in QuantMethod::ALL {
+        assert_eq!(QuantMethod::parse(m.name()).unwrap(), m);
+    }
+    assert!(matches!(
+        QuantMethod::parse("portable"),
+        Err(Error::InvalidParameter { .. })
+    ));
 }
 
 /// Row counts that are odd, below and above the 8-row parallel granule; widths from one block
@@ -250,28 +292,42 @@ fn every_method_matches_its_scalar_twin() {
                 let mut want8 = vec![0f32; rows];
                 qk::scalar_matvec_int8(m, &x, &mut want8);
                 let mut deq = vec![0f32; cols];
-                for method in methods() {
-                    let twin = if method == Method::Int8 {
+                for qk in variants() {
+                    let twin = if qk.method() == QuantMethod::Int8 {
                         &want8
                     } else {
                         &want
                     };
+                    let mut serial = vec![f32::NAN; rows];
+                    qk.matvec_serial(m, &x, &mut serial);
                     for parallel in [false, true] {
                         let mut y = vec![f32::NAN; rows];
                         if parallel {
-                            pool.install(|| qk::matvec_with(method, m, &x, &mut y));
+                            pool.install(|| qk.matvec(m, &x, &mut y));
+                            // A row's sum does not depend on the split into blocks.
+                            assert!(
+                                y.iter()
+                                    .zip(&serial)
+                                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{format} {}: parallel differs from serial",
+                                label(qk)
+                            );
                         } else {
-                            qk::matvec_serial_with(method, m, &x, &mut y);
+                            y.copy_from_slice(&serial);
                         }
                         for r in 0..rows {
                             m.dequantize_rows(r..r + 1, &mut deq);
                             let mag: f32 = deq.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
                             // f32 sums (per block, then over blocks) against the f64 twin: a
                             // few ulps of Σ|w·x| over ≤ 3072 terms, as tests/kernels.rs bounds
-                            // dot products (1e-5 of the absolute sum).
+                            // dot products (1e-5 of the absolute sum). For int8 the block's
+                            // integer sum is exact at every level (pairs of `vpmaddubsw` cannot
+                            // saturate, see the module docs); only its conversion, the f32
+                            // product with the two scales and the f32 sum over blocks round.
                             assert!(
                                 (y[r] - twin[r]).abs() <= 1e-5 * mag + 1e-30,
-                                "{format} {method:?} par={parallel} {rows}x{cols} w{wscale} x{xscale} row {r}: {} vs {}",
+                                "{format} {} par={parallel} {rows}x{cols} w{wscale} x{xscale} row {r}: {} vs {}",
+                                label(qk),
                                 y[r],
                                 twin[r]
                             );
@@ -305,33 +361,142 @@ fn every_method_matches_its_scalar_twin() {
 #[test]
 fn the_matrix_product_path_matches_the_dequantized_product() {
     let mut rng = TestRng(5);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
     for format in FORMATS {
-        for (rows_x, out, inp) in [(2usize, 200usize, 96usize), (5, 257, 256), (1, 64, 64)] {
+        // Input rows: the few-rows product (2 ..= 64, batched decode) and the widening gemm
+        // path (65 and more, prefill), with output counts that are odd and above the parallel
+        // threshold.
+        for (rows_x, out, inp) in [
+            (2usize, 200usize, 96usize),
+            (5, 257, 256),
+            (1, 64, 64),
+            (16, 129, 800),
+            (64, 33, 160),
+            (65, 40, 96),
+        ] {
             let w = weights(&mut rng, out * inp, 1.0);
             let q = quantize(format, &w, out, inp);
             let m = q.matrix();
             let x = rng.vec(rows_x * inp, 1.0);
-            let mut y = vec![f32::NAN; rows_x * out];
-            qk::linear(&x, rows_x, m, &mut y);
             let mut deq = vec![0f32; out * inp];
             m.dequantize_rows(0..out, &mut deq);
-            for r in 0..rows_x {
-                let xr = &x[r * inp..(r + 1) * inp];
-                let mut want = vec![0f32; out];
-                qk::scalar_matvec(m, xr, &mut want);
-                for o in 0..out {
-                    let mag: f32 = deq[o * inp..(o + 1) * inp]
-                        .iter()
-                        .zip(xr)
-                        .map(|(a, b)| (a * b).abs())
-                        .sum();
-                    // gemm's f32 sums against the f64 twin: 1e-5 of Σ|w·x| as above.
+            for qk in variants() {
+                let mut y = vec![f32::NAN; rows_x * out];
+                pool.install(|| qk.linear(&x, rows_x, m, &mut y));
+                // More rows than the few-rows product takes are always the exact-activation
+                // gemm path, whatever the method.
+                let int8 = qk.method() == QuantMethod::Int8 && rows_x <= qk::FEW_ROWS;
+                for r in 0..rows_x {
+                    let xr = &x[r * inp..(r + 1) * inp];
+                    let mut want = vec![0f32; out];
+                    if int8 {
+                        qk::scalar_matvec_int8(m, xr, &mut want);
+                        // The few-rows int8 product takes each row and input by the same
+                        // row kernel as the matrix-vector product: bit for bit its results.
+                        let mut single = vec![0f32; out];
+                        qk.matvec_serial(m, xr, &mut single);
+                        assert!(
+                            single
+                                .iter()
+                                .zip(&y[r * out..(r + 1) * out])
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{format} {} {rows_x}x{out}x{inp} row {r}",
+                            label(qk)
+                        );
+                    } else {
+                        qk::scalar_matvec(m, xr, &mut want);
+                    }
+                    for o in 0..out {
+                        let mag: f32 = deq[o * inp..(o + 1) * inp]
+                            .iter()
+                            .zip(xr)
+                            .map(|(a, b)| (a * b).abs())
+                            .sum();
+                        // f32 sums (gemm's, the float few-rows kernel's, or the int8 blocks')
+                        // against the f64 twin: 1e-5 of Σ|w·x| as above.
+                        assert!(
+                            (y[r * out + o] - want[o]).abs() <= 1e-5 * mag + 1e-30,
+                            "{format} {} {rows_x}x{out}x{inp} [{r},{o}]: {} vs {}",
+                            label(qk),
+                            y[r * out + o],
+                            want[o]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn widening_matches_the_scalar_dequantization_bit_for_bit() {
+    let mut rng = TestRng(6);
+    for format in FORMATS {
+        for &(rows, cols) in SHAPES {
+            for scale in [1.0, 1e-3, 3e3] {
+                let w = weights(&mut rng, rows * cols, scale);
+                let q = quantize(format, &w, rows, cols);
+                let m = q.matrix();
+                let mut want = vec![0f32; rows * cols];
+                m.dequantize_rows(0..rows, &mut want);
+                for k in Kernels::all_supported() {
+                    let mut got = vec![f32::NAN; rows * cols];
+                    QuantKernels::new(k, QuantMethod::Dequant).widen_rows(m, &mut got);
                     assert!(
-                        (y[r * out + o] - want[o]).abs() <= 1e-5 * mag,
-                        "{format} {rows_x}x{out}x{inp} [{r},{o}]"
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{format} {} {rows}x{cols} scale {scale}",
+                        k.isa()
                     );
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn q8_0_codes_at_the_extremes_are_exact_by_every_int8_kernel() {
+    // Codes of −128 (which a file may hold, though the quantizer writes ±127) and ±127 against
+    // activations of ±127: the `vpmaddubsw` pairs reach 2 · 128 · 127 and must not saturate,
+    // and the sign trick must not negate −128. The twin's integer sums are exact; the kernels'
+    // too, so the results agree up to the f32 scaling (1e-5 of Σ|w·x| as above).
+    let (rows, cols) = (9, 8 * BLOCK);
+    let mut q = quantize(QuantFormat::Q8_0, &vec![1.0; rows * cols], rows, cols);
+    for (i, c) in q.codes.iter_mut().enumerate() {
+        *c = match (i / 3) % 4 {
+            0 => 0x80, // −128
+            1 => 0x7F, // 127
+            2 => 0x81, // −127
+            _ => (i % 256) as u8,
+        };
+    }
+    let m = q.matrix();
+    let x: Vec<f32> = (0..cols)
+        .map(|i| if i % 5 < 2 { -1.0 } else { 1.0 })
+        .collect();
+    let mut want = vec![0f32; rows];
+    qk::scalar_matvec_int8(m, &x, &mut want);
+    let mut deq = vec![0f32; cols];
+    for qk in variants()
+        .into_iter()
+        .filter(|q| q.method() == QuantMethod::Int8)
+    {
+        let mut y = vec![f32::NAN; rows];
+        qk.matvec_serial(m, &x, &mut y);
+        for r in 0..rows {
+            m.dequantize_rows(r..r + 1, &mut deq);
+            let mag: f32 = deq.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+            assert!(
+                (y[r] - want[r]).abs() <= 1e-5 * mag,
+                "{} row {r}: {} vs {}",
+                label(qk),
+                y[r],
+                want[r]
+            );
         }
     }
 }
@@ -619,15 +784,15 @@ fn rows_of_no_weights_sum_to_zero_by_every_method() {
     // `y` held before.
     for format in FORMATS {
         let m = QMatrix::new(format, &[], &[], &[], 3, 0).unwrap();
-        for method in methods() {
+        for qk in variants() {
             for parallel in [false, true] {
                 let mut y = vec![f32::NAN; 3];
                 if parallel {
-                    qk::matvec_with(method, m, &[], &mut y);
+                    qk.matvec(m, &[], &mut y);
                 } else {
-                    qk::matvec_serial_with(method, m, &[], &mut y);
+                    qk.matvec_serial(m, &[], &mut y);
                 }
-                assert_eq!(y, [0.0; 3], "{format} {method:?} parallel={parallel}");
+                assert_eq!(y, [0.0; 3], "{format} {} parallel={parallel}", label(qk));
             }
         }
     }

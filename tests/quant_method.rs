@@ -1,41 +1,102 @@
-//! The process-wide choice of the quantized matrix-vector method (`kernels::quant::set_method`),
-//! in a test binary of its own: the choice is global, and tests/quant.rs relies on the default.
+//! The quantized method is chosen per model (`LoadOptions::quant_kernel`): two models of the
+//! same weights loaded side by side in one process compute by their own methods, and the int8
+//! method's products share one quantized activation across row blocks.
 
 mod common;
 
 use common::{max_diff, TestRng};
-use performer::kernels::quant::{self as qk, Method};
-use performer::quant::{OwnedQMatrix, QuantFormat};
+use performer::kernels::quant::{self as qk, QuantKernels, QuantMethod};
+use performer::quant::{self, OwnedQMatrix, QuantFormat};
+use performer::synthetic::{self, SyntheticShape, WeightDtype};
+use performer::{LoadOptions, Model, State};
 
 #[test]
-fn the_process_wide_method_choice_is_honoured_and_restored() {
+fn each_model_keeps_its_own_method() {
+    let tmp = tempfile::tempdir().unwrap();
+    let float = tmp.path().join("f32");
+    let shape = SyntheticShape::named("tiny").unwrap();
+    synthetic::write(&float, &shape, WeightDtype::F32, 5).unwrap();
+    let mut rng = TestRng(9);
+    let tokens = rng.tokens(12, 256);
+    let float_model = Model::load(&float).unwrap();
+    assert_eq!(float_model.quant_method(), None);
+    for format in QuantFormat::ALL {
+        let dir = tmp.path().join(format.name());
+        quant::quantize_dir(&float, &dir, format, |_, _| {}).unwrap();
+        let load = |m: Option<QuantMethod>| {
+            Model::load_with(
+                &dir,
+                LoadOptions {
+                    quant_kernel: m,
+                    ..LoadOptions::default()
+                },
+            )
+            .unwrap()
+        };
+        // Both loaded at once: a process-wide switch could not give them different methods.
+        let (default, dequant, int8) = (
+            load(None),
+            load(Some(QuantMethod::Dequant)),
+            load(Some(QuantMethod::Int8)),
+        );
+        assert_eq!(default.quant_method(), Some(QuantMethod::Dequant));
+        assert_eq!(dequant.quant_method(), Some(QuantMethod::Dequant));
+        assert_eq!(int8.quant_method(), Some(QuantMethod::Int8));
+        assert!(int8.quantized().all(|q| q.method() == QuantMethod::Int8));
+        let run = |m: &Model| {
+            let mut s = State::new(m);
+            tokens
+                .iter()
+                .map(|&t| m.step(&mut s, t).unwrap().to_vec())
+                .collect::<Vec<_>>()
+        };
+        let (a, b, c) = (run(&default), run(&dequant), run(&int8));
+        let scale = a.iter().flatten().fold(1f32, |m, &v| m.max(v.abs()));
+        let mut int8_moved = false;
+        for t in 0..tokens.len() {
+            // The default is the dequantizing method: the same logits, bit for bit.
+            assert!(
+                a[t].iter()
+                    .zip(&b[t])
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{format} t={t}"
+            );
+            // The int8 model's activations are rounded to 8 bits per block of 32 (relative
+            // 1/254 of each block's largest value per product): its logits stay within a few
+            // percent of the largest logit of this tiny model, and differ from the exact ones.
+            let d = max_diff(&a[t], &c[t]);
+            assert!(d <= 0.05 * scale, "{format} t={t}: {d} (scale {scale})");
+            int8_moved |= d > 0.0;
+        }
+        assert!(
+            int8_moved,
+            "{format}: the int8 model computed exactly the dequant logits"
+        );
+    }
+}
+
+#[test]
+fn a_shared_activation_gives_the_rows_of_the_plain_product() {
     let mut rng = TestRng(21);
     let (rows, cols) = (40, 256);
-    let default = QuantFormat::ALL.map(qk::default_method);
     for format in QuantFormat::ALL {
         let w = rng.vec(rows * cols, 1.0);
         let q = OwnedQMatrix::quantize(format, "w", &w, rows, cols).unwrap();
         let m = q.matrix();
         let x = rng.vec(cols, 1.0);
-        for method in [Method::Portable, Method::Dequant, Method::Int8] {
-            if !qk::supported(method) {
-                // An unsupported method is refused and changes nothing.
-                assert!(!qk::set_method(format, Some(method)));
-                continue;
-            }
-            assert!(qk::set_method(format, Some(method)));
-            assert_eq!(qk::default_method(format), method);
+        for method in QuantMethod::ALL {
+            let k = QuantKernels::active(method);
             let mut y = vec![0f32; rows];
-            qk::matvec(m, &x, &mut y);
+            k.matvec(m, &x, &mut y);
             let mut twin = vec![0f32; rows];
-            if method == Method::Int8 {
+            if method == QuantMethod::Int8 {
                 qk::scalar_matvec_int8(m, &x, &mut twin);
             } else {
                 qk::scalar_matvec(m, &x, &mut twin);
             }
             // As in tests/quant.rs: 1e-5 of Σ|w·x|, which is below 256 here (|w| ≤ 1 after
             // rounding, |x| < 1, 256 terms).
-            assert!(max_diff(&y, &twin) <= 1e-5 * 256.0, "{format} {method:?}");
+            assert!(max_diff(&y, &twin) <= 1e-5 * 256.0, "{format} {method}");
             // One activation shared by row blocks (as decoding's stacked products share it)
             // gives bit for bit the rows of the plain product, also while another product
             // quantizes on this thread inside the shared scope: a row's sum does not depend
@@ -45,10 +106,10 @@ fn the_process_wide_method_choice_is_honoured_and_restored() {
                 // Blocks of 7 rows, which split the rows differently from the plain product.
                 for (b, yb) in blocks.chunks_mut(7).enumerate() {
                     let r0 = b * 7;
-                    let act = qk::needs_activation(format).then_some(act);
-                    qk::matvec_serial_prepared(m.row_range(r0..r0 + yb.len()), &x, act, yb);
+                    let act = k.needs_activation().then_some(act);
+                    k.matvec_serial_prepared(m.row_range(r0..r0 + yb.len()), &x, act, yb);
                     let mut nested = vec![0f32; rows];
-                    qk::matvec_serial(m, &x, &mut nested);
+                    k.matvec_serial(m, &x, &mut nested);
                     assert!(nested
                         .iter()
                         .zip(&y)
@@ -60,10 +121,8 @@ fn the_process_wide_method_choice_is_honoured_and_restored() {
                     .iter()
                     .zip(&y)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{format} {method:?}: shared activation"
+                "{format} {method}: shared activation"
             );
         }
-        assert!(qk::set_method(format, None));
     }
-    assert_eq!(default, QuantFormat::ALL.map(qk::default_method));
 }

@@ -166,6 +166,7 @@ fn bad_snapshots_are_typed_errors() {
             kernel_eps: Some(0.0),
             denominator_eps: Some(0.0),
             huge_pages: false,
+            quant_kernel: None,
         },
     )
     .unwrap();

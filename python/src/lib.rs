@@ -103,6 +103,7 @@ impl Model {
             kernel_eps,
             denominator_eps,
             huge_pages,
+            ..LoadOptions::default()
         };
         let model = py
             .detach(|| performer::Model::load_with(&path, options))

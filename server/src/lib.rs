@@ -337,6 +337,8 @@ pub async fn serve(
 pub struct ServeConfig {
     /// The model directory.
     pub model_dir: PathBuf,
+    /// How the model's quantized products are computed (`None`: the default, dequant).
+    pub quant_kernel: Option<performer::kernels::quant::QuantMethod>,
     /// Address to listen on.
     pub host: String,
     /// Port to listen on.
@@ -376,7 +378,14 @@ async fn signal() {
 
 /// Loads the model, starts the engine and serves until SIGINT or SIGTERM (blocking).
 pub fn run(mut config: ServeConfig) -> Result<(), String> {
-    let model = Model::load(&config.model_dir).map_err(|e| e.to_string())?;
+    let model = Model::load_with(
+        &config.model_dir,
+        performer::LoadOptions {
+            quant_kernel: config.quant_kernel,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
     config.options.model_id = config
         .model_dir
         .canonicalize()

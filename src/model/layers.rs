@@ -194,7 +194,7 @@ impl Linear {
                             x,
                             ys
                         )),
-                        Weight::Quant(q) => kernels::quant::matvec_serial_prepared(
+                        Weight::Quant(q) => q.kernels().matvec_serial_prepared(
                             q.matrix().row_range(r0..r1),
                             x,
                             act,
@@ -218,7 +218,7 @@ impl Linear {
             }
         };
         let quantizes_x = linears.iter().any(|l| match &l.weight {
-            Weight::Quant(q) => kernels::quant::needs_activation(q.format()),
+            Weight::Quant(q) => q.method().quantizes_activation(),
             Weight::Float(_) => false,
         });
         if quantizes_x {
@@ -259,7 +259,9 @@ impl Linear {
                 out,
                 &mut y[..rows * out]
             )),
-            Weight::Quant(q) => kernels::quant::linear(x, rows, q.matrix(), &mut y[..rows * out]),
+            Weight::Quant(q) => q
+                .kernels()
+                .linear(x, rows, q.matrix(), &mut y[..rows * out]),
         }
         if let Some(b) = &self.bias {
             for r in 0..rows {

@@ -17,6 +17,7 @@ use std::path::Path;
 use crate::attention::{FeatureKind, FeatureMap};
 use crate::config::{Config, PositionKind};
 use crate::error::{Error, Result};
+use crate::kernels::quant::QuantMethod;
 use crate::quant::format::{QuantFormat, QuantTensor};
 use crate::state::{Precision, State, StateShape};
 use crate::weights::names;
@@ -29,7 +30,7 @@ pub mod rows;
 mod step;
 
 pub use layers::LAYER_NORM_EPS;
-use layers::{load_tensor, Layer, LayerNorm, Linear, Positions};
+use layers::{load_tensor, Layer, LayerNorm, Linear, Positions, Weight};
 
 /// Options applied on top of `config.json` when loading.
 #[derive(Debug, Clone, Copy, Default)]
@@ -45,7 +46,12 @@ pub struct LoadOptions {
     /// file is read from disk; the copy is for a file the page cache holds in small pages (just
     /// written or copied), which [`WeightFile::page_report`] shows.
     pub huge_pages: bool,
+    /// How the products over quantized weights are computed ([`QuantMethod`]); `None` is the
+    /// default, [`QuantMethod::Dequant`], whose logits match the dequantized f32 model.
+    /// Ignored for a float model.
+    pub quant_kernel: Option<QuantMethod>,
 }
+
 /// Largest `config.json` read (a config is a few hundred bytes; the cap keeps a device or
 /// a huge file from being read without bound).
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -152,7 +158,11 @@ impl Model {
         if let Some(e) = options.denominator_eps {
             config.denominator_eps = e;
         }
-        Self::from_parts(config, file)
+        let mut model = Self::from_parts(config, file)?;
+        if let Some(method) = options.quant_kernel {
+            model.use_quant_method(method);
+        }
+        Ok(model)
     }
 
     /// Builds a model from a resolved config and an opened weights file, checking every
@@ -239,6 +249,32 @@ impl Model {
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
         self.config.num_tokens
+    }
+
+    /// The method of this model's quantized products (`None` for a float model): the
+    /// [`LoadOptions::quant_kernel`] it was loaded with, else [`QuantMethod::Dequant`].
+    pub fn quant_method(&self) -> Option<QuantMethod> {
+        self.quantized().next().map(QuantTensor::method)
+    }
+
+    /// Sets the method of every quantized product of this model (what
+    /// [`LoadOptions::quant_kernel`] does at load; for a model built by [`Model::from_parts`]).
+    pub fn use_quant_method(&mut self, method: QuantMethod) {
+        let layers = self.layers.iter_mut().flat_map(|l| {
+            [
+                &mut l.to_q,
+                &mut l.to_k,
+                &mut l.to_v,
+                &mut l.attn_out,
+                &mut l.w1,
+                &mut l.w2,
+            ]
+        });
+        for lin in layers.chain(self.to_out.as_mut()) {
+            if let Weight::Quant(q) = &mut lin.weight {
+                q.use_method(method);
+            }
+        }
     }
 
     /// Every block-quantized weight (empty for a float model).

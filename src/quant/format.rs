@@ -616,6 +616,8 @@ pub struct QuantTensor {
     scales: Tensor,
     /// `q4_1` only.
     mins: Option<Tensor>,
+    /// How the model's products over this weight are computed ([`QuantTensor::method`]).
+    method: crate::kernels::quant::QuantMethod,
 }
 
 impl QuantTensor {
@@ -698,6 +700,7 @@ impl QuantTensor {
             codes,
             scales,
             mins,
+            method: Default::default(),
         })
     }
 
@@ -709,6 +712,25 @@ impl QuantTensor {
     /// The format.
     pub fn format(&self) -> QuantFormat {
         self.format
+    }
+
+    /// The method the model's products over this weight use ([`QuantMethod::Dequant`] unless
+    /// the model was loaded with another, [`crate::LoadOptions::quant_kernel`]).
+    ///
+    /// [`QuantMethod::Dequant`]: crate::kernels::quant::QuantMethod::Dequant
+    pub fn method(&self) -> crate::kernels::quant::QuantMethod {
+        self.method
+    }
+
+    /// Chooses the method of this weight's products (the model sets it on every quantized
+    /// weight at load).
+    pub fn use_method(&mut self, method: crate::kernels::quant::QuantMethod) {
+        self.method = method;
+    }
+
+    /// The quantized kernels of this weight: its method at the process's level.
+    pub fn kernels(&self) -> crate::kernels::quant::QuantKernels {
+        crate::kernels::quant::QuantKernels::active(self.method)
     }
 
     /// The logical shape `[rows, cols]`.

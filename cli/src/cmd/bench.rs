@@ -31,11 +31,8 @@ pub struct BenchArgs {
     /// weights quantized from f32, the rest f32).
     #[arg(long, default_value = "f32", requires = "shape")]
     dtype: WeightDtype,
-    /// The quantized matrix-vector method for q8_0/q4_0/q4_1 weights: dequant (the default: codes
-    /// widened to f32 in registers, exact activations) or int8 (activation rounded to int8 per
-    /// block of 32, AVX-512 VNNI dot products; faster, not bit-comparable with prefill).
-    #[arg(long, value_parser = ["dequant", "int8", "portable"])]
-    quant_kernel: Option<String>,
+    #[command(flatten)]
+    quant: crate::args::QuantKernelArgs,
     /// Keep (and reuse) the synthetic model in this directory.
     #[arg(long, requires = "shape")]
     synthetic_dir: Option<PathBuf>,
@@ -178,23 +175,11 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         (None, Some(s)) => (synthetic_model(&a, s, &mut tmp)?, format!("synthetic {s}")),
         (None, None) => return Err("give a model with --model DIR or --shape NAME".into()),
     };
-    if let Some(k) = &a.quant_kernel {
-        use performer::kernels::quant::{set_method, Method};
-        let method = match k.as_str() {
-            "int8" => Method::Int8,
-            "portable" => Method::Portable,
-            _ => Method::Dequant,
-        };
-        for f in performer::quant::QuantFormat::ALL {
-            if !set_method(f, Some(method)) {
-                return Err(format!("--quant-kernel {k} is not supported on this CPU").into());
-            }
-        }
-    }
     let model = Model::load_with(
         &dir,
         performer::LoadOptions {
             huge_pages: a.huge_pages,
+            quant_kernel: a.quant.quant_kernel,
             ..Default::default()
         },
     )

@@ -16,6 +16,8 @@ pub struct InfoArgs {
     /// Model directory; default: the model in models/.
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    quant: crate::args::QuantKernelArgs,
 }
 
 pub fn run(a: InfoArgs) -> CliResult {
@@ -33,7 +35,10 @@ pub fn run(a: InfoArgs) -> CliResult {
         Config::from_inferred(&inferred)
     }
     .map_err(|e| name_config(e, &dir))?;
-    let model = Model::from_parts(config.clone(), file).map_err(|e| name_config(e, &dir))?;
+    let mut model = Model::from_parts(config.clone(), file).map_err(|e| name_config(e, &dir))?;
+    if let Some(method) = a.quant.quant_kernel {
+        model.use_quant_method(method);
+    }
     let isa = performer::kernels::isa::check_env()?;
     let mut o = String::new();
     use std::fmt::Write as _;
@@ -94,6 +99,14 @@ pub fn run(a: InfoArgs) -> CliResult {
         performer::kernels::Isa::detected(),
         performer::kernels::isa::ISA_ENV
     );
+    if let Some(method) = model.quant_method() {
+        let k = performer::kernels::quant::QuantKernels::active(method);
+        let _ = writeln!(
+            o,
+            "quantized kernel: {} (--quant-kernel dequant|int8)",
+            k.describe()
+        );
+    }
     let mut out = std::io::stdout().lock();
     out.write_all(o.as_bytes())
         .and_then(|()| out.flush())

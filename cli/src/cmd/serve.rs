@@ -13,6 +13,8 @@ pub struct ServeArgs {
     /// Model directory (config.json + model.safetensors); default: the model in models/.
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    quant: crate::args::QuantKernelArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -116,6 +118,7 @@ pub fn run(a: ServeArgs, threads: Option<usize>, model_dir: PathBuf) -> Result<(
     };
     performer_server::run(ServeConfig {
         model_dir: a.model.unwrap_or(model_dir),
+        quant_kernel: a.quant.quant_kernel,
         host: a.host,
         port: a.port,
         engine,

@@ -32,6 +32,8 @@ pub struct ModelArgs {
     /// 2 MiB pages). Reads the whole file at load and keeps a private copy.
     #[arg(long)]
     pub huge_pages: bool,
+    #[command(flatten)]
+    pub quant: args::QuantKernelArgs,
 }
 
 impl ModelArgs {
@@ -49,6 +51,7 @@ impl ModelArgs {
                 kernel_eps: self.kernel_eps,
                 denominator_eps: self.denominator_eps,
                 huge_pages: self.huge_pages,
+                quant_kernel: self.quant.quant_kernel,
             },
         )
         .map_err(|e| name_config(e, &dir))

@@ -1,0 +1,392 @@
+//! The AVX2 level's quantized kernels, on 256-bit registers: dequantizing rows (codes widened
+//! to f32, FMA), int8 rows by `vpmaddubsw` + `vpmaddwd` (or AVX-VNNI `vpdpbusd` on ymm,
+//! `VNNI`), and the widening of rows to f32 for the matrix-product paths.
+//!
+//! Every function is `#[inline(always)]` and `unsafe`: compiled only inside the
+//! `#[target_feature]` entry points of `super::entry` (the AVX2 level's, and the AVX-512
+//! level's where AVX-512 has no better code), never as calls of their own, so the intrinsics
+//! inline into the entry point. Their safety contract: the entry point's features are
+//! available (AVX2, FMA, F16C; `avxvnni` where `VNNI` is true) and the slices are as long as
+//! each function says.
+
+use super::{Activation, BLOCK};
+use crate::quant::{QMatrix, QuantFormat};
+use half::f16;
+use std::arch::x86_64::*;
+
+/// The scales of blocks `b0..b0 + 8` widened to f32 (fewer at the end of the row, the rest
+/// 0): one `vcvtph2ps` per 8 blocks. Needs `b0 < scales.len()`.
+#[inline(always)]
+unsafe fn widen8(scales: &[f16], b0: usize) -> __m256 {
+    let n = scales.len() - b0;
+    let p = scales.as_ptr().add(b0).cast::<u16>();
+    let halves = if n >= 8 {
+        _mm_loadu_si128(p.cast())
+    } else {
+        // The row's last group: copied, so that nothing past the row is read.
+        let mut buf = [0u16; 8];
+        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+        _mm_loadu_si128(buf.as_ptr().cast())
+    };
+    _mm256_cvtph_ps(halves)
+}
+
+/// `v[b0..b0 + 8]` (fewer at the end, the rest 0). Needs `b0 < v.len()`.
+#[inline(always)]
+unsafe fn load8(v: &[f32], b0: usize) -> __m256 {
+    let n = v.len() - b0;
+    if n >= 8 {
+        _mm256_loadu_ps(v.as_ptr().add(b0))
+    } else {
+        let mut buf = [0f32; 8];
+        std::ptr::copy_nonoverlapping(v.as_ptr().add(b0), buf.as_mut_ptr(), n);
+        _mm256_loadu_ps(buf.as_ptr())
+    }
+}
+
+/// Lane `i` (< 8) of `v` in every lane: a block's scale, kept in a register.
+#[inline(always)]
+unsafe fn lane(v: __m256, i: usize) -> __m256 {
+    _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(i as i32))
+}
+
+/// The sum of the 8 lanes.
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+/// Block `b`'s 16 bytes of 4-bit codes as bytes `0 … 15` minus `bias`: the low nibbles
+/// (elements 0–15) and the high ones (16–31).
+#[inline(always)]
+unsafe fn nibbles128(c: *const u8, b: usize, bias: __m128i) -> (__m128i, __m128i) {
+    let v = _mm_loadu_si128(c.add(b * BLOCK / 2).cast());
+    let low = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(v, low);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), low);
+    (_mm_sub_epi8(lo, bias), _mm_sub_epi8(hi, bias))
+}
+
+/// Block `b`'s 4-bit codes as 32 bytes `0 … 15` in element order: the low nibbles (elements
+/// 0–15) in the low half, the high ones (16–31) in the high half.
+#[inline(always)]
+unsafe fn nibbles(c: *const u8, b: usize) -> __m256i {
+    let (lo, hi) = nibbles128(c, b, _mm_setzero_si128());
+    _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
+}
+
+/// `Σ_b d_b · partial!(b)` over a row's `n` blocks, blocks alternating between two
+/// accumulators, two per iteration so that both stay in registers; `scale!(b0)` gives the
+/// combined scales of blocks `b0..b0 + 8` and `partial!(b)` block `b`'s 8 partial sums in f32.
+macro_rules! blocks {
+    ($n:expr, $scale:ident, $partial:ident) => {{
+        let n = $n;
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut sc = _mm256_setzero_ps();
+        // The lane indices of the pair's two scales, `b % 8` and the next, kept in registers
+        // and stepped by 2 (a broadcast of each index from a general register would add two
+        // shuffles per pair).
+        let (first, two) = (_mm256_setzero_si256(), _mm256_set1_epi32(2));
+        let (mut i0, mut i1) = (first, _mm256_set1_epi32(1));
+        let mut b = 0;
+        while b + 2 <= n {
+            // `b` is even, so a pair never straddles two groups of 8 scales.
+            if b % 8 == 0 {
+                sc = $scale!(b);
+                i0 = first;
+                i1 = _mm256_set1_epi32(1);
+            }
+            let (t0, t1) = ($partial!(b), $partial!(b + 1));
+            acc0 = _mm256_fmadd_ps(t0, _mm256_permutevar8x32_ps(sc, i0), acc0);
+            acc1 = _mm256_fmadd_ps(t1, _mm256_permutevar8x32_ps(sc, i1), acc1);
+            i0 = _mm256_add_epi32(i0, two);
+            i1 = _mm256_add_epi32(i1, two);
+            b += 2;
+        }
+        if b < n {
+            if b % 8 == 0 {
+                sc = $scale!(b);
+            }
+            acc0 = _mm256_fmadd_ps($partial!(b), lane(sc, b % 8), acc0);
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }};
+}
+
+/// One q8_0 row, codes sign-extended and converted to f32, exact products with `x`.
+/// Needs `codes.len() ≥ 32·n`, `x.len() ≥ 32·n` for `n = scales.len()`.
+#[inline(always)]
+unsafe fn q8_dequant_row(codes: &[u8], scales: &[f16], x: &[f32]) -> f32 {
+    let n = scales.len();
+    debug_assert!(codes.len() >= n * BLOCK && x.len() >= n * BLOCK);
+    let (c, xp) = (codes.as_ptr(), x.as_ptr());
+    macro_rules! scale {
+        ($b:expr) => {
+            widen8(scales, $b)
+        };
+    }
+    macro_rules! partial {
+        ($b:expr) => {{
+            let (p, xb) = (c.add($b * BLOCK), xp.add($b * BLOCK));
+            // Codes `o..o + 8` in f32 (a macro, not a closure: a closure would be compiled
+            // without the entry point's target features).
+            macro_rules! w {
+                ($o:expr) => {
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add($o).cast())))
+                };
+            }
+            let t0 = _mm256_mul_ps(w!(0), _mm256_loadu_ps(xb));
+            let t1 = _mm256_mul_ps(w!(8), _mm256_loadu_ps(xb.add(8)));
+            let t0 = _mm256_fmadd_ps(w!(16), _mm256_loadu_ps(xb.add(16)), t0);
+            let t1 = _mm256_fmadd_ps(w!(24), _mm256_loadu_ps(xb.add(24)), t1);
+            _mm256_add_ps(t0, t1)
+        }};
+    }
+    blocks!(n, scale, partial)
+}
+
+/// One q4_0 row (`MINS` false: codes `n − 8`) or the codes part of a q4_1 row (`MINS` true:
+/// codes `n`), widened to f32, exact products with `x`. Needs `codes.len() ≥ 16·n`,
+/// `x.len() ≥ 32·n` for `n = scales.len()`.
+#[inline(always)]
+unsafe fn q4_dequant_row<const MINS: bool>(codes: &[u8], scales: &[f16], x: &[f32]) -> f32 {
+    let n = scales.len();
+    debug_assert!(codes.len() >= n * BLOCK / 2 && x.len() >= n * BLOCK);
+    let (c, xp) = (codes.as_ptr(), x.as_ptr());
+    let eight = _mm_set1_epi8(if MINS { 0 } else { 8 });
+    macro_rules! scale {
+        ($b:expr) => {
+            widen8(scales, $b)
+        };
+    }
+    macro_rules! partial {
+        ($b:expr) => {{
+            // Signed bytes −8 … 7 (q4_0) or 0 … 15 (q4_1), in element order.
+            let (lo, hi) = nibbles128(c, $b, eight);
+            let xb = xp.add($b * BLOCK);
+            let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+            let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
+            let w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+            let w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
+            let t0 = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
+            let t1 = _mm256_mul_ps(w1, _mm256_loadu_ps(xb.add(8)));
+            let t0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb.add(16)), t0);
+            let t1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb.add(24)), t1);
+            _mm256_add_ps(t0, t1)
+        }};
+    }
+    blocks!(n, scale, partial)
+}
+
+/// `Σ_b mins[b] · sums[b]`, 8 blocks at a time: q4_1's minimums against the blocks' sums of
+/// `x` (exact, for the dequantizing method; of the quantized activation, for int8). Needs
+/// `sums.len() ≥ mins.len()`.
+#[inline(always)]
+unsafe fn mins_dot(mins: &[f16], sums: &[f32]) -> f32 {
+    let n = mins.len();
+    let sums = &sums[..n];
+    let mut acc = _mm256_setzero_ps();
+    let mut b0 = 0;
+    while b0 < n {
+        acc = _mm256_fmadd_ps(widen8(mins, b0), load8(sums, b0), acc);
+        b0 += 8;
+    }
+    hsum(acc)
+}
+
+/// Every row of `m` by the dequantizing kernels into `y`; `xsum` holds `x`'s block sums for
+/// q4_1. Needs `x.len() == m.cols`, and for q4_1 `xsum.len() == m.cols / 32`; `y.len()` is
+/// checked.
+#[inline(always)]
+pub(super) unsafe fn dequant_rows(m: QMatrix<'_>, x: &[f32], xsum: &[f32], y: &mut [f32]) {
+    let Some(rows) = super::check_rows(m, y) else {
+        return;
+    };
+    match m.format {
+        QuantFormat::Q8_0 => {
+            for (out, (codes, scales, _)) in y.iter_mut().zip(rows) {
+                *out = q8_dequant_row(codes, scales, x);
+            }
+        }
+        QuantFormat::Q4_0 => {
+            for (out, (codes, scales, _)) in y.iter_mut().zip(rows) {
+                *out = q4_dequant_row::<false>(codes, scales, x);
+            }
+        }
+        QuantFormat::Q4_1 => {
+            for (out, (codes, scales, mins)) in y.iter_mut().zip(rows) {
+                *out = q4_dequant_row::<true>(codes, scales, x) + mins_dot(mins, xsum);
+            }
+        }
+    }
+}
+
+/// One q8_0 row against a quantized activation: per block the exact integer dot product in 8
+/// lanes, converted to f32 and multiplied by the two scales' product (in f32, as the twin).
+///
+/// Without `VNNI`, `vpmaddubsw` (unsigned × signed bytes, pairs summed to saturating i16) then
+/// `vpmaddwd` by ones: the weight's magnitude `|w|` is the unsigned side and the activation
+/// takes the weight's sign, so a pair is at most 2 · 128 · 127 < 2¹⁵ and never saturates (a
+/// code of −128, which a file may hold, has magnitude 128 as an unsigned byte; the activation's
+/// codes are within ±127, so negating them cannot overflow). With `VNNI`, AVX-VNNI
+/// `vpdpbusd` on `w + 128` (an `xor`) and the activation, from the precomputed offset
+/// `−128 · Σx` per lane (32-bit sums, no saturation). Needs `codes.len() ≥ 32·n`, `act`
+/// quantized from `32·n` values, `n = scales.len()`.
+#[inline(always)]
+unsafe fn q8_int8_row<const VNNI: bool>(codes: &[u8], scales: &[f16], act: &Activation) -> f32 {
+    let n = scales.len();
+    debug_assert!(codes.len() >= n * BLOCK && act.codes.len() >= n * BLOCK);
+    debug_assert!(act.offset_q8.len() >= n * 8);
+    let (c, xq, off) = (codes.as_ptr(), act.codes.as_ptr(), act.offset_q8.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128);
+    macro_rules! scale {
+        ($b:expr) => {
+            _mm256_mul_ps(widen8(scales, $b), load8(&act.scales, $b))
+        };
+    }
+    macro_rules! partial {
+        ($b:expr) => {{
+            let w = _mm256_loadu_si256(c.add($b * BLOCK).cast());
+            let x = _mm256_loadu_si256(xq.add($b * BLOCK).cast());
+            let dot = if VNNI {
+                let init = _mm256_loadu_si256(off.add($b * 8).cast());
+                _mm256_dpbusd_avx_epi32(init, _mm256_xor_si256(w, flip), x)
+            } else {
+                let (u, s) = (_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+                _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones)
+            };
+            _mm256_cvtepi32_ps(dot)
+        }};
+    }
+    blocks!(n, scale, partial)
+}
+
+/// One q4_0 row (`MINS` false) or q4_1 row (`MINS` true) against a quantized activation:
+/// nibbles `0 … 15` as the unsigned side of `vpmaddubsw` (a pair is at most 2 · 15 · 127, far
+/// from saturating) or of AVX-VNNI `vpdpbusd` (`VNNI`), against the activation in element
+/// order; q4_0 adds the offset `−8 · Σx` per lane, q4_1 adds `Σ_b m_b · Σx_b` once per row.
+/// Needs `codes.len() ≥ 16·n` (and `mins.len() ≥ n` with `MINS`), `act` quantized from `32·n`
+/// values, `n = scales.len()`.
+#[inline(always)]
+unsafe fn q4_int8_row<const MINS: bool, const VNNI: bool>(
+    codes: &[u8],
+    scales: &[f16],
+    mins: &[f16],
+    act: &Activation,
+) -> f32 {
+    let n = scales.len();
+    debug_assert!(codes.len() >= n * BLOCK / 2 && act.codes.len() >= n * BLOCK);
+    debug_assert!(act.offset_q4n.len() >= n * 8 && act.block_sums.len() >= n);
+    let (c, xq, off) = (codes.as_ptr(), act.codes.as_ptr(), act.offset_q4n.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    macro_rules! scale {
+        ($b:expr) => {
+            _mm256_mul_ps(widen8(scales, $b), load8(&act.scales, $b))
+        };
+    }
+    macro_rules! partial {
+        ($b:expr) => {{
+            let w = nibbles(c, $b);
+            let x = _mm256_loadu_si256(xq.add($b * BLOCK).cast());
+            let init = if MINS {
+                _mm256_setzero_si256()
+            } else {
+                _mm256_loadu_si256(off.add($b * 8).cast())
+            };
+            let dot = if VNNI {
+                _mm256_dpbusd_avx_epi32(init, w, x)
+            } else {
+                let d = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+                if MINS {
+                    d
+                } else {
+                    _mm256_add_epi32(d, init)
+                }
+            };
+            _mm256_cvtepi32_ps(dot)
+        }};
+    }
+    let total = blocks!(n, scale, partial);
+    if MINS {
+        total + mins_dot(&mins[..n], &act.block_sums)
+    } else {
+        total
+    }
+}
+
+/// Every row of `m` against every activation: `y[i · rows + r]` is row `r` times `acts[i]`
+/// (a row's codes stay in L1 while the activations pass over them). `y.len()` and the
+/// activations' lengths are checked.
+#[inline(always)]
+pub(super) unsafe fn int8_rows<const VNNI: bool>(
+    m: QMatrix<'_>,
+    acts: &[Activation],
+    y: &mut [f32],
+) {
+    let rows_n = m.rows;
+    let Some(rows) = super::check_rows_batch(m, acts, y) else {
+        return;
+    };
+    for (r, (codes, scales, mins)) in rows.enumerate() {
+        for (i, act) in acts.iter().enumerate() {
+            let v = match m.format {
+                QuantFormat::Q8_0 => q8_int8_row::<VNNI>(codes, scales, act),
+                QuantFormat::Q4_0 => q4_int8_row::<false, VNNI>(codes, scales, &[], act),
+                QuantFormat::Q4_1 => q4_int8_row::<true, VNNI>(codes, scales, mins, act),
+            };
+            *y.get_unchecked_mut(i * rows_n + r) = v;
+        }
+    }
+}
+
+/// Rows of `m` widened to f32 into `out` (`m.rows × m.cols`), exactly as
+/// [`crate::quant::dequantize_row`] does (`n · d` and, for q4_1, `n · d + m` with `n · d`
+/// exact, so one FMA rounds as the multiply and add do). `out.len()` is checked.
+#[inline(always)]
+pub(super) unsafe fn widen_rows(m: QMatrix<'_>, out: &mut [f32]) {
+    assert_eq!(out.len(), m.rows * m.cols, "quantized widen: output length");
+    let Some(rows) = super::check_rows(m, &mut []) else {
+        return;
+    };
+    for ((codes, scales, mins), o) in rows.zip(out.chunks_exact_mut(m.cols)) {
+        let (c, op) = (codes.as_ptr(), o.as_mut_ptr());
+        for (b, &s) in scales.iter().enumerate() {
+            let d = _mm256_set1_ps(s.to_f32());
+            let ob = op.add(b * BLOCK);
+            match m.format {
+                QuantFormat::Q8_0 => {
+                    for k in 0..4 {
+                        let p = c.add(b * BLOCK + 8 * k);
+                        let w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())));
+                        _mm256_storeu_ps(ob.add(8 * k), _mm256_mul_ps(w, d));
+                    }
+                }
+                QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
+                    let q41 = m.format == QuantFormat::Q4_1;
+                    let bias = _mm_set1_epi8(if q41 { 0 } else { 8 });
+                    let (lo, hi) = nibbles128(c, b, bias);
+                    let parts = [
+                        lo,
+                        _mm_unpackhi_epi64(lo, lo),
+                        hi,
+                        _mm_unpackhi_epi64(hi, hi),
+                    ];
+                    let min = _mm256_set1_ps(if q41 { mins[b].to_f32() } else { 0.0 });
+                    for (k, part) in parts.into_iter().enumerate() {
+                        let w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part));
+                        let v = if q41 {
+                            _mm256_fmadd_ps(w, d, min)
+                        } else {
+                            _mm256_mul_ps(w, d)
+                        };
+                        _mm256_storeu_ps(ob.add(8 * k), v);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! The AVX-512 level's quantized kernels: dequantizing rows in 512-bit registers, and the
+//! int8 rows by AVX-512 VNNI `vpdpbusd`. Called only from the level's `#[target_feature]`
+//! entry points (`super::entry`), whose features are a superset of each function's.
+
+use super::{check_rows, Activation, BLOCK};
+use crate::quant::{QMatrix, QuantFormat};
+use half::f16;
+use std::arch::x86_64::*;
+
+/// Every row of `m` by its dequantizing kernel into `y`; `xsum` holds `x`'s block sums for q4_1
+/// (unused otherwise).
+///
+/// # Safety
+/// avx512f/bw/vl are available; `x.len() == m.cols`, `y.len() == m.rows`, and for q4_1
+/// `xsum.len() == m.cols / 32`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn dequant_rows(m: QMatrix<'_>, x: &[f32], xsum: &[f32], y: &mut [f32]) {
+    let Some(rows) = check_rows(m, y) else {
+        return;
+    };
+    // SAFETY (each call): the features above; `check_rows` sliced each row to `cols / 32`
+    // blocks of codes, scales and (q4_1) minimums, `x` has `cols` values and `xsum` a sum per
+    // block (the caller's contract).
+    match m.format {
+        QuantFormat::Q8_0 => {
+            for (out, (codes, scales, _)) in y.iter_mut().zip(rows) {
+                *out = q8_dequant_row(codes, scales, x);
+            }
+        }
+        QuantFormat::Q4_0 => {
+            for (out, (codes, scales, _)) in y.iter_mut().zip(rows) {
+                *out = q4_dequant_row(codes, scales, x);
+            }
+        }
+        QuantFormat::Q4_1 => {
+            for (out, (codes, scales, mins)) in y.iter_mut().zip(rows) {
+                *out = q4_1_dequant_row(codes, scales, mins, xsum, x);
+            }
+        }
+    }
+}
+
+/// Every row of `m` against every activation by VNNI: `y[i · rows + r]` is row `r` times
+/// `acts[i]`. A row's codes stay in L1 while the activations pass over them.
+///
+/// # Safety
+/// avx512f/bw/vl/vnni are available; every activation was quantized from an `x` of `m.cols`
+/// values; `y.len() == acts.len() · m.rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn int8_rows(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32]) {
+    let rows_n = m.rows;
+    let Some(rows) = super::check_rows_batch(m, acts, y) else {
+        return;
+    };
+    for (r, (codes, scales, mins)) in rows.enumerate() {
+        for (i, act) in acts.iter().enumerate() {
+            // SAFETY: the features above; the row holds `cols / 32` blocks (`check_rows_batch`)
+            // and `act` was quantized from `cols` values.
+            let v = match m.format {
+                QuantFormat::Q8_0 => q8_int8_row(codes, scales, act),
+                QuantFormat::Q4_0 => q4_int8_row::<false>(codes, scales, &[], act),
+                QuantFormat::Q4_1 => q4_int8_row::<true>(codes, scales, mins, act),
+            };
+            *y.get_unchecked_mut(i * rows_n + r) = v;
+        }
+    }
+}
+
+/// The scales of blocks `b0..b0 + 16` (fewer at the end, the rest 0) widened to f32 with
+/// one `vcvtph2ps`: the kernels widen their row's scales 16 at a time as they go, instead
+/// of a pass over every scale of the matrix before it (10% of a q4_0 decode).
+///
+/// # Safety
+/// avx512f/bw/vl are available; `b0 < scales.len()` (`f16` is two bytes, `repr(transparent)`
+/// over `u16`: sixteen of them are 256 bits).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn widen16(scales: &[f16], b0: usize) -> __m512 {
+    // A masked load: the lanes past the row's last scale are neither read nor faulted on.
+    let halves =
+        _mm256_maskz_loadu_epi16(lanes16(scales.len() - b0), scales.as_ptr().add(b0).cast());
+    _mm512_cvtph_ps(halves)
+}
+
+/// The mask of the first `min(n, 16)` lanes.
+#[inline]
+fn lanes16(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// Lane `i` of `v` in every lane (the scale of one block, kept in a register: reading it
+/// back from a stored array stalled on store forwarding).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+fn lane(v: __m512, i: usize) -> __m512 {
+    _mm512_permutexvar_ps(_mm512_set1_epi32(i as i32), v)
+}
+
+/// [`widen16`] times the activation's scales of the same blocks, in f32 (the product the
+/// twin forms): the int8 kernels' combined per-block scales, 16 at a time.
+///
+/// # Safety
+/// avx512f/bw/vl are available; `b0 < scales.len()` and `act_scales.len() ≥ scales.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn widen16_times(scales: &[f16], act_scales: &[f32], b0: usize) -> __m512 {
+    let a = _mm512_maskz_loadu_ps(lanes16(scales.len() - b0), act_scales.as_ptr().add(b0));
+    _mm512_mul_ps(widen16(scales, b0), a)
+}
+
+/// The block loop of the q8_0/q4_0 dequantizing kernels: `Σ_b d_b · partial!(b)` with
+/// blocks alternating between two accumulators (even blocks in the first). Two blocks per
+/// iteration, so the accumulators are registers: indexed by `b & 1` in a one-block loop
+/// they lived on the stack, a store and a reload in every block's dependency chain. The
+/// same sums in the same order as that loop, so bit for bit its results.
+macro_rules! dequant_blocks {
+    ($n:expr, $scales:expr, $partial:ident) => {{
+        let (n, scales) = ($n, $scales);
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut sc = _mm512_setzero_ps();
+        let mut b = 0;
+        while b + 2 <= n {
+            // `b` is even, so a pair never straddles two groups of 16 scales.
+            if b % 16 == 0 {
+                sc = widen16(scales, b);
+            }
+            let (t0, t1) = ($partial!(b), $partial!(b + 1));
+            acc0 = _mm512_fmadd_ps(t0, lane(sc, b % 16), acc0);
+            acc1 = _mm512_fmadd_ps(t1, lane(sc, (b + 1) % 16), acc1);
+            b += 2;
+        }
+        if b < n {
+            if b % 16 == 0 {
+                sc = widen16(scales, b);
+            }
+            acc0 = _mm512_fmadd_ps($partial!(b), lane(sc, b % 16), acc0);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }};
+}
+
+/// One q8_0 row, codes widened to f32.
+///
+/// # Safety
+/// avx512f/bw/vl are available; `codes.len() ≥ 32·n`, `x.len() ≥ 32·n` for `n = scales.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn q8_dequant_row(codes: &[u8], scales: &[f16], x: &[f32]) -> f32 {
+    let n = scales.len();
+    debug_assert!(codes.len() >= n * BLOCK && x.len() >= n * BLOCK);
+    let (c, xp) = (codes.as_ptr(), x.as_ptr());
+    // Block b's exact products with x, summed over its 32 weights.
+    macro_rules! partial {
+        ($b:expr) => {{
+            let b = $b;
+            let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                c.add(b * BLOCK).cast(),
+            )));
+            let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                c.add(b * BLOCK + 16).cast(),
+            )));
+            let t = _mm512_mul_ps(w0, _mm512_loadu_ps(xp.add(b * BLOCK)));
+            _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(b * BLOCK + 16)), t)
+        }};
+    }
+    dequant_blocks!(n, scales, partial)
+}
+
+/// One q4_0 row, nibbles looked up as `n − 8` in f32.
+///
+/// # Safety
+/// avx512f/bw/vl are available; `codes.len() ≥ 16·n`, `x.len() ≥ 32·n` for `n = scales.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn q4_dequant_row(codes: &[u8], scales: &[f16], x: &[f32]) -> f32 {
+    let table = _mm512_setr_ps(
+        -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
+    );
+    nibble_row(codes, scales, x, table)
+}
+
+/// One q4_1 row as `Σ_b d_b · Σ n·x + Σ_b m_b · xsum_b`: the codes `0 … 15` multiplied
+/// as q4_0's are (three f32 operations per block instead of the four that forming each
+/// weight `n·d + m` takes), and the minimums against the blocks' sums of `x`, taken once
+/// per product by the caller, 16 blocks at a time.
+///
+/// # Safety
+/// avx512f/bw/vl are available; `codes.len() ≥ 16·n`, `mins.len() ≥ n`, `xsum.len() ≥ n`,
+/// `x.len() ≥ 32·n` for `n = scales.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn q4_1_dequant_row(
+    codes: &[u8],
+    scales: &[f16],
+    mins: &[f16],
+    xsum: &[f32],
+    x: &[f32],
+) -> f32 {
+    let table = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
+    nibble_row(codes, scales, x, table) + mins_dot(&mins[..scales.len()], xsum)
+}
+
+/// `Σ_b d_b · Σ_j table[n_j]·x_j` over a row of 4-bit codes: each nibble looked up in
+/// `table` (its 16 code values in f32) with one `vpermps`, which reads only the low 4 bits
+/// of each index, multiplied with `x` exactly, the block's sum scaled once. The q4_0
+/// (`n − 8`) and q4_1 (`n`) rows differ only in the table.
+///
+/// # Safety
+/// avx512f/bw/vl are available; `codes.len() ≥ 16·n`, `x.len() ≥ 32·n` for `n = scales.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn nibble_row(codes: &[u8], scales: &[f16], x: &[f32], table: __m512) -> f32 {
+    let n = scales.len();
+    debug_assert!(codes.len() >= n * BLOCK / 2 && x.len() >= n * BLOCK);
+    let (c, xp) = (codes.as_ptr(), x.as_ptr());
+    // Block b's exact products with x, summed over its 32 weights.
+    macro_rules! partial {
+        ($b:expr) => {{
+            let b = $b;
+            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.add(b * BLOCK / 2).cast()));
+            let w0 = _mm512_permutexvar_ps(v, table);
+            let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), table);
+            let t = _mm512_mul_ps(w0, _mm512_loadu_ps(xp.add(b * BLOCK)));
+            _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(b * BLOCK + 16)), t)
+        }};
+    }
+    dequant_blocks!(n, scales, partial)
+}
+
+/// `Σ_b mins[b] · sums[b]` over the `n = mins.len()` blocks, 16 at a time: q4_1's
+/// minimums against the blocks' sums of x (exact, for `Dequant`; of the quantized
+/// activation, for `Int8`).
+///
+/// # Safety
+/// avx512f/bw/vl are available; `sums.len() ≥ mins.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn mins_dot(mins: &[f16], sums: &[f32]) -> f32 {
+    let n = mins.len();
+    let sums = &sums[..n];
+    let mut acc = _mm512_setzero_ps();
+    for b0 in (0..n).step_by(16) {
+        let s = _mm512_maskz_loadu_ps(lanes16(n - b0), sums.as_ptr().add(b0));
+        acc = _mm512_fmadd_ps(widen16(mins, b0), s, acc);
+    }
+    _mm512_reduce_add_ps(acc)
+}
+
+/// One q8_0 row by VNNI: `Σ_b s_b · Σ (q + 128)·x − 128·Σx` per block, 256 bits a block,
+/// `s_b` the weight scale `scales[b]` times the activation's (in f32, as the twin does).
+///
+/// # Safety
+/// avx512f/bw/vl/vnni are available; `codes.len() ≥ 32·n` for `n = scales.len()`, and `act`
+/// quantized from an `x` of `32·n` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn q8_int8_row(codes: &[u8], scales: &[f16], act: &Activation) -> f32 {
+    let n = scales.len();
+    debug_assert!(codes.len() >= n * BLOCK && act.codes.len() >= n * BLOCK);
+    debug_assert!(act.offset_q8.len() >= n * 8);
+    let (c, xq, off) = (codes.as_ptr(), act.codes.as_ptr(), act.offset_q8.as_ptr());
+    let flip = _mm256_set1_epi8(-128);
+    // Block b's integer dot product, converted: −128 · Σx per lane, then + Σ (q + 128) · x.
+    macro_rules! dot {
+        ($b:expr) => {{
+            let b = $b;
+            let w = _mm256_xor_si256(_mm256_loadu_si256(c.add(b * BLOCK).cast()), flip);
+            let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
+            let init = _mm256_loadu_si256(off.add(b * 8).cast());
+            _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(init, w, x))
+        }};
+    }
+    // Even blocks into `acc0`, odd ones into `acc1`, two per iteration so that both stay
+    // in registers (as `dequant_blocks!` does).
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut sc = _mm512_setzero_ps();
+    let mut b = 0;
+    while b + 2 <= n {
+        if b % 16 == 0 {
+            sc = widen16_times(scales, &act.scales, b);
+        }
+        let (d0, d1) = (dot!(b), dot!(b + 1));
+        acc0 = _mm256_fmadd_ps(d0, _mm512_castps512_ps256(lane(sc, b % 16)), acc0);
+        acc1 = _mm256_fmadd_ps(d1, _mm512_castps512_ps256(lane(sc, (b + 1) % 16)), acc1);
+        b += 2;
+    }
+    if b < n {
+        if b % 16 == 0 {
+            sc = widen16_times(scales, &act.scales, b);
+        }
+        acc0 = _mm256_fmadd_ps(dot!(b), _mm512_castps512_ps256(lane(sc, b % 16)), acc0);
+    }
+    let s = _mm256_add_ps(acc0, acc1);
+    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+/// One q4_0 row (`MINS` false) or q4_1 row (`MINS` true) by VNNI, two blocks per 512-bit
+/// register: nibbles unpacked to `[b₀ lo, b₁ lo, b₀ hi, b₁ hi]`, against the activation in
+/// that layout; each block's weight scale `scales[b]` times the activation's (in f32, as
+/// the twin does). q4_0 preloads the offset −8·Σx in the accumulator; q4_1 starts from 0
+/// and adds `Σ_b mins[b] · block_sums[b]`, 16 blocks at a time.
+///
+/// # Safety
+/// avx512f/bw/vl/vnni are available; `codes.len() ≥ 16·n` and, with `MINS`,
+/// `mins.len() ≥ n` for `n = scales.len()`, and `act` quantized from an `x` of `32·n`
+/// values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn q4_int8_row<const MINS: bool>(
+    codes: &[u8],
+    scales: &[f16],
+    mins: &[f16],
+    act: &Activation,
+) -> f32 {
+    let n = scales.len();
+    debug_assert!(codes.len() >= n * BLOCK / 2 && act.codes_q4.len() >= n * BLOCK);
+    debug_assert!(act.offset_q4.len() >= n * 8 && act.block_sums.len() >= n);
+    debug_assert!(!MINS || mins.len() >= n);
+    let (c, xq, off) = (
+        codes.as_ptr(),
+        act.codes_q4.as_ptr(),
+        act.offset_q4.as_ptr(),
+    );
+    let low = _mm256_set1_epi8(0x0F);
+    // Lanes 0–3 and 8–11 belong to the first block of a pair, 4–7 and 12–15 to the second.
+    let pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+    let two = _mm512_set1_epi32(2);
+    let mut acc = _mm512_setzero_ps();
+    let (mut sc, mut idx) = (_mm512_setzero_ps(), pick);
+    let mut b = 0;
+    while b + 2 <= n {
+        // `b` is even, so a pair never straddles two groups of 16.
+        if b % 16 == 0 {
+            sc = widen16_times(scales, &act.scales, b);
+            idx = pick;
+        }
+        let v = _mm256_loadu_si256(c.add(b * BLOCK / 2).cast());
+        let lo = _mm256_and_si256(v, low);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+        let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+        let x = _mm512_loadu_si512(xq.add(b * BLOCK).cast());
+        let init = if MINS {
+            _mm512_setzero_si512()
+        } else {
+            _mm512_loadu_si512(off.add(b * 8).cast())
+        };
+        let dot = _mm512_dpbusd_epi32(init, w, x);
+        // The pair's two combined scales, lanes b % 16 and the next, spread as `pick` says
+        // (`idx` = `pick` + b % 16, stepped by 2 in a register).
+        let s = _mm512_permutexvar_ps(idx, sc);
+        idx = _mm512_add_epi32(idx, two);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc);
+        b += 2;
+    }
+    let mut total = _mm512_reduce_add_ps(acc);
+    if b < n {
+        // The last, unpaired block: natural order, 256 bits.
+        let v = _mm_loadu_si128(c.add(b * BLOCK / 2).cast());
+        let lo = _mm_and_si128(v, _mm256_castsi256_si128(low));
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), _mm256_castsi256_si128(low));
+        let w = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi);
+        let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
+        let init = if MINS {
+            _mm256_setzero_si256()
+        } else {
+            _mm256_loadu_si256(off.add(b * 8).cast())
+        };
+        let dot = _mm256_dpbusd_epi32(init, w, x);
+        let mut lanes = [0i32; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr().cast(), dot);
+        let scale = scales[b].to_f32() * *act.scales.get_unchecked(b);
+        total += lanes.iter().sum::<i32>() as f32 * scale;
+    }
+    if MINS {
+        total += mins_dot(&mins[..n], &act.block_sums);
+    }
+    total
+}
