@@ -8,6 +8,7 @@
 
 pub mod batch_bench;
 pub mod bench;
+pub mod constrained_bench;
 pub mod loadtest;
 pub mod npy;
 pub mod page_cache;

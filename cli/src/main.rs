@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod args;
 mod bench_cmd;
+mod constraint_args;
 mod loadtest_cmd;
 mod out;
 mod perplexity_plot;
@@ -181,6 +182,8 @@ struct GenerateArgs {
     /// Save the state after generation (prompt and the printed text) to this file, atomically.
     #[arg(long)]
     save_state: Option<PathBuf>,
+    #[command(flatten)]
+    constraint: constraint_args::ConstraintArgs,
 }
 
 #[derive(Args)]
@@ -256,6 +259,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of stdout went away (`| head`): end quietly, like cat and grep.
         Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
+        // A constraint that cannot be used is a usage error, like clap's.
+        Err(e) if e.is::<constraint_args::UsageError>() => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -276,6 +284,7 @@ fn generate(a: GenerateArgs) -> CliResult {
     if let Some(path) = &a.save_state {
         performer::fsutil::check_writable_dir(path)?;
     }
+    let constraint = a.constraint.constraint()?;
     let model = a.model.load()?;
     let prompt = model.tokenizer().encode_bytes(&prompt)?;
     let mut state = match &a.load_state {
@@ -294,6 +303,7 @@ fn generate(a: GenerateArgs) -> CliResult {
             ..SamplingParams::default()
         },
         decode_threads: a.decode_threads,
+        constraint,
         ..GenerateOptions::default()
     };
     // A prompt that takes a while shows its progress, on a terminal only.
@@ -312,7 +322,8 @@ fn generate(a: GenerateArgs) -> CliResult {
     let mut generation =
         Generation::with_progress(&model, &mut state, &prompt, options, &mut |n| {
             bar.set_position(n as u64)
-        })?;
+        })
+        .map_err(constraint_args::usage_if_invalid)?;
     bar.finish_and_clear();
     let stdout = std::io::stdout();
     let terminal = stdout.is_terminal();
