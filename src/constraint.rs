@@ -157,7 +157,11 @@ impl Grammar {
     /// Compiles `constraint` for a model with `tokenizer` and `vocab_size` logits per step
     /// ([`crate::Model::tokenizer`], [`crate::Model::vocab_size`]). The token trie of a
     /// tokenizer is built once per process and reused.
-    pub fn compile(constraint: &Constraint, tokenizer: &Tokenizer, vocab_size: usize) -> Result<Self> {
+    pub fn compile(
+        constraint: &Constraint,
+        tokenizer: &Tokenizer,
+        vocab_size: usize,
+    ) -> Result<Self> {
         Ok(Grammar {
             inner: Arc::new(imp::Compiled::new(constraint, tokenizer, vocab_size)?),
             kind: constraint.kind(),

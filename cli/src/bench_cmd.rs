@@ -226,7 +226,10 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             .install(|| performer_cli::constrained_bench::run(&model, &o))
             .map_err(crate::constraint_args::usage_if_invalid)?;
         let text = if a.json {
-            format!("{}\n", performer_cli::constrained_bench::json(&name, &o, &r))
+            format!(
+                "{}\n",
+                performer_cli::constrained_bench::json(&name, &o, &r)
+            )
         } else {
             performer_cli::constrained_bench::markdown(&name, &o, &r)
         };

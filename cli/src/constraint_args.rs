@@ -54,9 +54,8 @@ impl ConstraintArgs {
     pub fn constraint(&self) -> Result<Option<Constraint>, UsageError> {
         if let Some(p) = &self.json_schema {
             let text = read(p, "--json-schema")?;
-            let schema = serde_json::from_str(&text).map_err(|e| {
-                UsageError(format!("--json-schema {}: not JSON: {e}", p.display()))
-            })?;
+            let schema = serde_json::from_str(&text)
+                .map_err(|e| UsageError(format!("--json-schema {}: not JSON: {e}", p.display())))?;
             return Ok(Some(Constraint::JsonSchema(schema)));
         }
         if self.json {

@@ -102,11 +102,17 @@ fn constraint(
                 .call_method1("dumps", (schema,))?
                 .extract()?,
         };
-        let value = serde_json::from_str(&text)
-            .map_err(|e| to_py(performer::Error::invalid("json_schema", format!("not JSON: {e}"))))?;
+        let value = serde_json::from_str(&text).map_err(|e| {
+            to_py(performer::Error::invalid(
+                "json_schema",
+                format!("not JSON: {e}"),
+            ))
+        })?;
         return Ok(Some(Constraint::JsonSchema(value)));
     }
-    Ok(grammar.map(Constraint::Lark).or(regex.map(Constraint::Regex)))
+    Ok(grammar
+        .map(Constraint::Lark)
+        .or(regex.map(Constraint::Regex)))
 }
 
 /// A loaded model: immutable, shared by every state and generation made from it.

@@ -45,9 +45,7 @@ impl From<Error> for ApiError {
             Error::InvalidParameter { .. } => (400, "invalid_request_error", "invalid_parameter"),
             Error::EmptyInput(_) => (400, "invalid_request_error", "empty_input"),
             Error::Tokenizer(_) => (400, "invalid_request_error", "tokenizer"),
-            Error::InvalidConstraint { .. } => {
-                (400, "invalid_request_error", "invalid_constraint")
-            }
+            Error::InvalidConstraint { .. } => (400, "invalid_request_error", "invalid_constraint"),
             Error::TokenOutOfRange { .. } => (400, "invalid_request_error", "token_out_of_range"),
             Error::PositionOutOfRange { .. } => {
                 (400, "invalid_request_error", "context_length_exceeded")

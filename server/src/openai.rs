@@ -169,17 +169,15 @@ impl CompletionBody {
             (_, Some(g)) => Constraint::Lark(g.clone()),
             (None | Some(ResponseFormat::Text), None) => return Ok(None),
             (Some(ResponseFormat::JsonObject), None) => Constraint::Json,
-            (Some(ResponseFormat::JsonSchema { json_schema }), None) => {
-                match &json_schema.schema {
-                    Some(s) => Constraint::JsonSchema(s.clone()),
-                    None => {
-                        return Err(ApiError::bad_request(
-                            "invalid_parameter",
-                            "response_format.json_schema.schema is missing",
-                        ))
-                    }
+            (Some(ResponseFormat::JsonSchema { json_schema }), None) => match &json_schema.schema {
+                Some(s) => Constraint::JsonSchema(s.clone()),
+                None => {
+                    return Err(ApiError::bad_request(
+                        "invalid_parameter",
+                        "response_format.json_schema.schema is missing",
+                    ))
                 }
-            }
+            },
         };
         Ok(Some(Grammar::compile(
             &c,

@@ -956,7 +956,10 @@ async fn structured_output() {
         )
         .await;
     let text = v["choices"][0]["text"].as_str().unwrap();
-    assert!(serde_json::from_str::<Value>(text).unwrap().is_object(), "{text}");
+    assert!(
+        serde_json::from_str::<Value>(text).unwrap().is_object(),
+        "{text}"
+    );
     let v = s
         .post_json(
             "/v1/completions",
@@ -981,26 +984,51 @@ async fn structured_output() {
 
     // Bad constraints: 400s naming the problem, before anything is generated.
     let bad = [
-        (json!({"response_format": {"type": "json_schema",
-            "json_schema": {"name": "x", "schema": {"type": 5}}}}), "invalid_constraint", "JSON schema"),
-        (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+        (
+            json!({"response_format": {"type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": 5}}}}),
+            "invalid_constraint",
+            "JSON schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
             "schema": {"type": "object", "unevaluatedProperties": false}}}}),
-            "invalid_constraint", "unevaluatedProperties"),
-        (json!({"grammar": "start: nope"}), "invalid_constraint", "nope"),
+            "invalid_constraint",
+            "unevaluatedProperties",
+        ),
+        (
+            json!({"grammar": "start: nope"}),
+            "invalid_constraint",
+            "nope",
+        ),
         (json!({"grammar": "start: ("}), "invalid_constraint", "Lark"),
-        (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
-            "invalid_parameter", "schema"),
-        (json!({"response_format": {"type": "json_object"}, "grammar": "start: \"a\""}),
-            "invalid_parameter", "grammar"),
-        (json!({"response_format": {"type": "yaml"}}), "invalid_type", "yaml"),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "invalid_parameter",
+            "schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}, "grammar": "start: \"a\""}),
+            "invalid_parameter",
+            "grammar",
+        ),
+        (
+            json!({"response_format": {"type": "yaml"}}),
+            "invalid_type",
+            "yaml",
+        ),
     ];
     for (extra, code, named) in bad {
         let mut body = json!({"prompt": "x", "max_tokens": 5});
         for (k, v) in extra.as_object().unwrap() {
             body[k] = v.clone();
         }
-        let v = assert_error(s.post("/v1/completions", body).await, StatusCode::BAD_REQUEST, code)
-            .await;
+        let v = assert_error(
+            s.post("/v1/completions", body).await,
+            StatusCode::BAD_REQUEST,
+            code,
+        )
+        .await;
         let message = v["error"]["message"].as_str().unwrap();
         assert!(message.contains(named), "{message}");
     }
@@ -1031,13 +1059,19 @@ async fn structured_output() {
     assert!(want.bytes().all(|b| (0x20..0x7f).contains(&b)) && want.len() == 12);
     let mut states = Vec::new();
     for (extra, reason) in [
-        (json!({"grammar": "start: /[ -~]{12}/", "max_tokens": 100}), "stop"),
+        (
+            json!({"grammar": "start: /[ -~]{12}/", "max_tokens": 100}),
+            "stop",
+        ),
         (json!({"max_tokens": 12}), "length"),
     ] {
         let r = s
             .post("/v1/sessions", json!({"prompt": "Once upon a time"}))
             .await;
-        let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+        let id = r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let mut body = json!({"temperature": 0});
         for (k, v) in extra.as_object().unwrap() {
             body[k] = v.clone();
@@ -1057,7 +1091,10 @@ async fn structured_output() {
             .await
             .unwrap()
             .to_vec();
-        assert_eq!(State::from_bytes(&model, &snap).unwrap().position(), 16 + 12);
+        assert_eq!(
+            State::from_bytes(&model, &snap).unwrap().position(),
+            16 + 12
+        );
         states.push(snap);
     }
     assert!(states[0] == states[1], "the session states differ");
