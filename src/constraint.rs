@@ -130,7 +130,7 @@ impl TokenMask {
         self.words.resize(len.div_ceil(32), 0);
         let n = self.words.len().min(words.len());
         self.words[..n].copy_from_slice(&words[..n]);
-        if len % 32 != 0 {
+        if !len.is_multiple_of(32) {
             if let Some(last) = self.words.last_mut() {
                 *last &= (1u32 << (len % 32)) - 1;
             }
