@@ -146,6 +146,18 @@ pub enum Error {
         position: usize,
     },
 
+    /// A generation constraint ([`crate::constraint::Constraint`]) cannot be used: a JSON
+    /// schema, Lark grammar or regex that does not compile, a JSON schema keyword llguidance
+    /// does not implement, or a grammar this model's tokens cannot produce. Raised before any
+    /// token is generated (except the last case, found while decoding).
+    #[error("invalid {kind}: {message}")]
+    InvalidConstraint {
+        /// `"JSON schema"`, `"Lark grammar"`, `"regex"` or `"constraint"`.
+        kind: &'static str,
+        /// What is wrong (an unsupported schema keyword is named).
+        message: String,
+    },
+
     /// A tokenizer file could not be parsed, or a text could not be encoded or decoded.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::constraint::{Constraint, Grammar, GrammarMatcher};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
@@ -45,6 +46,13 @@ pub struct GenerateOptions {
     /// # Ok::<(), performer::Error>(())
     /// ```
     pub decode_pool: Option<Arc<rayon::ThreadPool>>,
+    /// What the generated text must match (a JSON schema, any JSON object, a Lark grammar or
+    /// a regex; runtime feature `constraints`, see [`crate::constraint`]). Each token is
+    /// sampled among those the grammar allows, and generation ends when the grammar is
+    /// complete (it accepts and allows nothing more). An invalid constraint is an
+    /// [`Error::InvalidConstraint`] from [`Generation::new`], before the prompt is ingested.
+    /// A `max_tokens` reached first cuts the text, which may then not match.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for GenerateOptions {
@@ -55,6 +63,7 @@ impl Default for GenerateOptions {
             sampling: SamplingParams::default(),
             decode_threads: None,
             decode_pool: None,
+            constraint: None,
         }
     }
 }
@@ -400,6 +409,7 @@ pub struct Generation<'a> {
     done: bool,
     stats: GenerationStats,
     decode_pool: Option<Arc<rayon::ThreadPool>>,
+    grammar: Option<GrammarMatcher>,
 }
 
 impl<'a> Generation<'a> {
@@ -425,6 +435,10 @@ impl<'a> Generation<'a> {
     ) -> Result<Self> {
         let sampler = Sampler::new(options.sampling)?;
         let stops = StopMatcher::with_tokenizer(options.stop, model.tokenizer(), prompt)?;
+        let grammar = match &options.constraint {
+            Some(c) => Some(Grammar::compile(c, model.tokenizer(), model.vocab_size())?.matcher()?),
+            None => None,
+        };
         let decode_pool = match (options.decode_threads, options.decode_pool) {
             (Some(_), Some(_)) => {
                 return Err(Error::invalid(
@@ -469,6 +483,7 @@ impl<'a> Generation<'a> {
             done: false,
             stats,
             decode_pool,
+            grammar,
         })
     }
 
@@ -509,7 +524,23 @@ impl<'a> Generation<'a> {
             let logits = self.state.logits().ok_or(Error::EmptyInput(
                 "the state holds no logits to sample from",
             ))?;
-            let token = self.sampler.sample(logits, &self.history)?;
+            let token = match &mut self.grammar {
+                None => self.sampler.sample(logits, &self.history)?,
+                Some(g) => match g.mask()? {
+                    Some(mask) => {
+                        let token = self.sampler.sample_masked(logits, &self.history, mask)?;
+                        g.commit(token)?;
+                        token
+                    }
+                    // The grammar is complete: the state holds every returned token.
+                    None => {
+                        self.done = true;
+                        self.checkpoint = None;
+                        let rest = self.stops.finish()?;
+                        return Ok((!rest.is_empty()).then_some(rest));
+                    }
+                },
+            };
             self.stats.generated_tokens += 1;
             let pushed = self.stops.push(token)?;
             match pushed.action {

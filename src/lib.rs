@@ -21,6 +21,7 @@
 pub mod attention;
 pub mod baseline;
 pub mod config;
+pub mod constraint;
 pub mod error;
 pub mod fsutil;
 pub mod generate;
@@ -37,6 +38,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::Config;
+pub use constraint::Constraint;
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation};
 pub use model::{LoadOptions, Model};

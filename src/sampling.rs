@@ -1,6 +1,7 @@
 //! Logits processing and sampling: repetition penalty, temperature, top-k, top-p and a seeded
 //! random number generator, so the same seed gives the same text.
 
+use crate::constraint::TokenMask;
 use crate::error::{Error, Result};
 
 /// Sampling parameters. `temperature == 0` is greedy decoding.
@@ -139,16 +140,54 @@ impl Sampler {
     /// Picks the next token from `logits` given the tokens so far (`history`, for the
     /// repetition penalty). Non-finite logits are an error.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        self.sample_among(logits, history, None)
+    }
+
+    /// [`Self::sample`] among the tokens `mask` allows (a grammar's, see
+    /// [`crate::constraint`]): the others are dropped before the penalty, top-k and top-p, so
+    /// those act on the allowed tokens only. A mask allowing none of the logits' tokens is an
+    /// [`Error::InvalidConstraint`].
+    pub fn sample_masked(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        mask: &TokenMask,
+    ) -> Result<u32> {
+        self.sample_among(logits, history, Some(mask))
+    }
+
+    fn sample_among(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        mask: Option<&TokenMask>,
+    ) -> Result<u32> {
         if logits.is_empty() {
             return Err(Error::EmptyInput("no logits to sample from"));
         }
-        let p = &self.params;
-        self.candidates.clear();
-        self.candidates
-            .extend(logits.iter().zip(0u32..).map(|(&l, i)| (l, i)));
-        if self.candidates.iter().any(|(l, _)| !l.is_finite()) {
+        if logits.iter().any(|l| !l.is_finite()) {
             return Err(Error::NonFiniteLogits {
                 position: history.len(),
+            });
+        }
+        let p = &self.params;
+        self.candidates.clear();
+        match mask {
+            None => self
+                .candidates
+                .extend(logits.iter().zip(0u32..).map(|(&l, i)| (l, i))),
+            Some(m) => self.candidates.extend(
+                logits
+                    .iter()
+                    .zip(0u32..)
+                    .filter(|&(_, i)| m.allows(i))
+                    .map(|(&l, i)| (l, i)),
+            ),
+        }
+        if self.candidates.is_empty() {
+            return Err(Error::InvalidConstraint {
+                kind: "constraint",
+                message: "the grammar allows none of the model's tokens".into(),
             });
         }
         if p.repetition_penalty != 1.0 {

@@ -10,6 +10,7 @@
 //! runtime crate's dependencies.
 
 pub mod bench;
+pub mod constrained_bench;
 pub mod loadtest;
 pub mod npy;
 pub mod page_cache;

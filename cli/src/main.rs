@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod args;
 mod cmd;
+mod constraint_args;
 mod out;
 
 use cmd::shared::default_model_dir;
@@ -75,6 +76,16 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of stdout went away (`| head`): end quietly, like cat and grep.
         Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
+        // A constraint that cannot be used is a usage error, like clap's.
+        Err(e) if e.is::<constraint_args::UsageError>() => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        // A constraint that cannot be used is a usage error, like clap's.
+        Err(e) if e.is::<constraint_args::UsageError>() => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -1218,3 +1218,74 @@ fn long_prompts_show_progress_on_a_terminal_only() {
         "{shown}"
     );
 }
+
+#[test]
+fn generate_with_a_constraint_and_bad_constraints_exit_2() {
+    let shipped = common::workspace_root().join("models/performer-byte");
+    let shipped = shipped.to_string_lossy();
+    let schema = fixture("schemas").join("person.json");
+    let schema = schema.to_string_lossy();
+    let base = [
+        "generate",
+        "--model",
+        &*shipped,
+        "--prompt",
+        "Data: ",
+        "--max-tokens",
+        "400",
+    ];
+    let out = performer(
+        &[
+            &base[..],
+            &["--temperature", "1", "--json-schema", &*schema],
+        ]
+        .concat(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert!(v["name"].is_string() && v["age"].is_u64(), "{v}");
+    assert!(
+        ["red", "green", "blue"].contains(&v["color"].as_str().unwrap()),
+        "{v}"
+    );
+    let out = performer(&[&base[..], &["--regex", "[0-9]{3}"]].concat());
+    assert!(out.status.success());
+    assert_eq!(out.stdout.len(), 3);
+    assert!(out.stdout.iter().all(u8::is_ascii_digit));
+
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let unsupported = write(
+        "u.json",
+        r#"{"type": "object", "unevaluatedProperties": false}"#,
+    );
+    let not_json = write("n.json", "{type: object");
+    let bad_type = write("t.json", r#"{"type": 5}"#);
+    let bad_lark = write("g.lark", "start: (");
+    let cases: [(&[&str], &str); 6] = [
+        (&["--json-schema", &unsupported], "unevaluatedProperties"),
+        (&["--json-schema", &not_json], "not JSON"),
+        (&["--json-schema", &bad_type], "invalid JSON schema"),
+        (&["--grammar", &bad_lark], "invalid Lark grammar"),
+        (&["--regex", "[a-"], "invalid regex"),
+        (&["--json", "--regex", "a"], "cannot be used with"),
+    ];
+    for (args, named) in cases {
+        let out = performer(&[&base[..], args].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "nothing generated: {args:?}");
+    }
+    // bench --json-schema with a schema that is not JSON: refused before any model work.
+    let out = performer(&["bench", "--model", &*shipped, "--json-schema", &not_json]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::error::Error;
+use performer::constraint::Grammar;
 use performer::sampling::SamplingParams;
 
 /// Most top alternatives a request may ask for per token.
@@ -41,6 +42,11 @@ pub struct CompletionRequest {
     pub n: usize,
     /// Where the context lives.
     pub target: Target,
+    /// A grammar every choice's text must match ([`crate::constraint`]), compiled for the
+    /// engine's model beforehand (so that an invalid one is refused before submission). Its
+    /// mask applies to this request's logits rows only; a choice whose grammar is complete
+    /// finishes with [`FinishReason::Stop`] and its session keeps the whole text.
+    pub constraint: Option<Grammar>,
 }
 
 impl CompletionRequest {
@@ -55,6 +61,7 @@ impl CompletionRequest {
             logprobs: None,
             n: 1,
             target: Target::Stateless,
+            constraint: None,
         }
     }
 }
@@ -62,7 +69,7 @@ impl CompletionRequest {
 /// Why a choice ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// A stop string was generated (and not returned).
+    /// A stop string was generated (and not returned), or the request's grammar is complete.
     Stop,
     /// `max_tokens` were sampled.
     Length,

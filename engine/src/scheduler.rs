@@ -14,6 +14,7 @@ use super::sessions::PendingWrite;
 use super::store::SessionStore;
 use super::Shared;
 use crate::error::{Error, Result};
+use performer::constraint::GrammarMatcher;
 use performer::generate::{Checkpoint, StopAction, StopMatcher};
 use performer::sampling::Sampler;
 use performer::State;
@@ -74,6 +75,8 @@ struct Row {
     returned: usize,
     /// Whether the last sampled token goes through the model this tick.
     needs_step: bool,
+    /// The request's grammar at this choice's text (constrained requests only).
+    grammar: Option<GrammarMatcher>,
 }
 
 impl Job {
@@ -414,6 +417,13 @@ impl Scheduler {
                     return None;
                 }
             };
+            let grammar = match job.req.constraint.as_ref().map(|g| g.matcher()).transpose() {
+                Ok(g) => g,
+                Err(e) => {
+                    self.fail(job, e.into());
+                    return None;
+                }
+            };
             let st = if choice + 1 == job.req.n {
                 state.take().expect("last choice")
             } else {
@@ -444,6 +454,7 @@ impl Scheduler {
                 last_token: None,
                 returned: 0,
                 needs_step: false,
+                grammar,
             });
         }
         if budget == 0 {
@@ -618,7 +629,31 @@ fn sample_job(job: &mut Job, shared: &Shared) -> Result<()> {
         let logits = r.state.logits().ok_or(performer::Error::EmptyInput(
             "the state holds no logits to sample from",
         ))?;
-        let token = r.sampler.sample(logits, &r.history)?;
+        let token = match &mut r.grammar {
+            None => r.sampler.sample(logits, &r.history)?,
+            Some(g) => match g.mask()? {
+                Some(mask) => {
+                    let token = r.sampler.sample_masked(logits, &r.history, mask)?;
+                    g.commit(token)?;
+                    token
+                }
+                None => {
+                    // Complete before sampling anything (a grammar matching only the empty
+                    // text): the state already holds everything returned.
+                    let rest = r.out.finish()?;
+                    r.checkpoint = None;
+                    let s = r.generated.len();
+                    events.push(text_event(r, rest, s, want));
+                    r.finished = Some(FinishReason::Stop);
+                    r.needs_step = false;
+                    events.push(Some(Event::Finished {
+                        choice: r.choice,
+                        reason: FinishReason::Stop,
+                    }));
+                    continue;
+                }
+            },
+        };
         if let Some(k) = want {
             r.logprobs.push(token_logprob(logits, token, k));
         }
@@ -638,6 +673,7 @@ fn sample_job(job: &mut Job, shared: &Shared) -> Result<()> {
         }
         r.generated.push(token);
         let s = r.generated.len();
+        let mut grammar_done = false;
         let pushed = r.out.push(token)?;
         match pushed.action {
             StopAction::Step(checkpoint) => {
@@ -651,7 +687,15 @@ fn sample_job(job: &mut Job, shared: &Shared) -> Result<()> {
                 }
                 let done = s - r.out.held_tokens();
                 events.push(text_event(r, pushed.text, done, want));
-                if s >= r.budget {
+                if r.grammar.as_ref().is_some_and(GrammarMatcher::is_complete) {
+                    // The grammar is complete: everything sampled is returned, and the state
+                    // (of a session) takes the last token as at the token limit.
+                    let rest = r.out.finish()?;
+                    r.checkpoint = None;
+                    events.push(text_event(r, rest, s, want));
+                    r.finished = Some(FinishReason::Stop);
+                    grammar_done = true;
+                } else if s >= r.budget {
                     // The token limit: the held-back text goes out and the state keeps every
                     // token.
                     let rest = r.out.finish()?;
@@ -683,7 +727,7 @@ fn sample_job(job: &mut Job, shared: &Shared) -> Result<()> {
         r.needs_step = match r.finished {
             None => true,
             Some(FinishReason::Length) => keeps,
-            Some(FinishReason::Stop) => false,
+            Some(FinishReason::Stop) => keeps && grammar_done,
         };
         if let Some(reason) = r.finished {
             events.push(Some(Event::Finished {

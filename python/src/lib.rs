@@ -78,6 +78,43 @@ fn to_py(e: performer::Error) -> PyErr {
     })
 }
 
+/// The constraint of `generate`'s `json_schema` (a JSON-serializable object, or a str of
+/// JSON), `grammar` (Lark) or `regex` keywords: at most one.
+fn constraint(
+    py: Python<'_>,
+    json_schema: Option<&Bound<'_, PyAny>>,
+    grammar: Option<String>,
+    regex: Option<String>,
+) -> PyResult<Option<performer::constraint::Constraint>> {
+    use performer::constraint::Constraint;
+    let given = [json_schema.is_some(), grammar.is_some(), regex.is_some()];
+    if given.iter().filter(|&&g| g).count() > 1 {
+        return Err(to_py(performer::Error::invalid(
+            "json_schema",
+            "give at most one of json_schema, grammar and regex",
+        )));
+    }
+    if let Some(schema) = json_schema {
+        let text: String = match schema.cast::<PyString>() {
+            Ok(s) => s.to_str()?.to_owned(),
+            Err(_) => py
+                .import("json")?
+                .call_method1("dumps", (schema,))?
+                .extract()?,
+        };
+        let value = serde_json::from_str(&text).map_err(|e| {
+            to_py(performer::Error::invalid(
+                "json_schema",
+                format!("not JSON: {e}"),
+            ))
+        })?;
+        return Ok(Some(Constraint::JsonSchema(value)));
+    }
+    Ok(grammar
+        .map(Constraint::Lark)
+        .or(regex.map(Constraint::Regex)))
+}
+
 /// A loaded model: immutable, shared by every state and generation made from it.
 ///
 /// `Model(path, *, kernel_eps=None, denominator_eps=None, huge_pages=False)` loads a
@@ -196,8 +233,15 @@ impl Model {
     /// the generation runs. `temperature=0` is greedy decoding; the same `seed` gives the same
     /// text; `top_k=0` and `top_p=1` disable those filters; generation ends after `max_tokens`
     /// tokens or at the first of the `stop` strings (not emitted).
+    ///
+    /// Structured output (at most one): `json_schema` (a dict, or a str of JSON) makes the
+    /// text compact JSON valid against that schema, `grammar` a str in llguidance's Lark
+    /// dialect, `regex` a regular expression; generation then also ends when the value is
+    /// complete. An invalid or unsupported one raises `ValueError` at the call. Output cut by
+    /// `max_tokens` may be incomplete.
     #[pyo3(signature = (prompt, *, max_tokens=256, temperature=0.8, top_k=40, top_p=0.95,
-                        repetition_penalty=1.0, seed=42, stop=None, state=None))]
+                        repetition_penalty=1.0, seed=42, stop=None, state=None,
+                        json_schema=None, grammar=None, regex=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -211,8 +255,17 @@ impl Model {
         seed: u64,
         stop: Option<Vec<String>>,
         state: Option<Py<State>>,
+        json_schema: Option<&Bound<'_, PyAny>>,
+        grammar: Option<String>,
+        regex: Option<String>,
     ) -> PyResult<TextStream> {
         let model = self.inner.clone();
+        let constraint = constraint(py, json_schema, grammar, regex)?;
+        if let Some(c) = &constraint {
+            // Compiled here too, so that a bad one raises at the call.
+            performer::constraint::Grammar::compile(c, model.tokenizer(), model.vocab_size())
+                .map_err(to_py)?;
+        }
         let tokens: Vec<u32> = if let Ok(text) = prompt.cast::<PyString>() {
             let text = text.to_str()?;
             py.detach(|| model.tokenizer().encode(text))
@@ -233,6 +286,7 @@ impl Model {
                 seed,
                 ..SamplingParams::default()
             },
+            constraint,
             ..GenerateOptions::default()
         };
         // Validated here, so that bad parameters raise at the call, not at the first piece.

@@ -208,3 +208,30 @@ def test_compute_releases_the_gil(shipped):
         count += 1
     t.join()
     assert count > 1000, count
+
+
+def test_generate_json_schema(shipped):
+    import json
+
+    schema = json.loads((ROOT / "tests" / "fixtures" / "schemas" / "person.json").read_text())
+    for seed in range(5):
+        text = "".join(shipped.generate("Data: ", max_tokens=400, temperature=1.0, top_k=0,
+                                        top_p=1.0, seed=seed, json_schema=schema))
+        value = json.loads(text)
+        assert set(value) == {"name", "age", "color"}, text
+        assert isinstance(value["name"], str) and 1 <= len(value["name"]) <= 16, text
+        assert isinstance(value["age"], int) and 0 <= value["age"] <= 150, text
+        assert value["color"] in ("red", "green", "blue"), text
+    # A schema as JSON text, a Lark grammar and a regex.
+    text = "".join(shipped.generate("x", seed=1, json_schema='{"type": "boolean"}'))
+    assert text in ("true", "false"), text
+    assert "".join(shipped.generate("Q: ", grammar='start: "yes" | "no"')) in ("yes", "no")
+    text = "".join(shipped.generate("Id: ", regex="[0-9]{4}"))
+    assert len(text) == 4 and text.isdigit(), text
+    # Bad ones raise at the call, naming the problem.
+    with pytest.raises(ValueError, match="unevaluatedProperties"):
+        shipped.generate("x", json_schema={"type": "object", "unevaluatedProperties": False})
+    with pytest.raises(ValueError, match="Lark"):
+        shipped.generate("x", grammar="start: (")
+    with pytest.raises(ValueError):
+        shipped.generate("x", json_schema={"type": "string"}, regex="a")

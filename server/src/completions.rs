@@ -107,7 +107,8 @@ pub(crate) async fn run(
 ) -> Result<Response, ApiError> {
     let bytes = body_bytes(body)?;
     let parsed: CompletionBody = parse(&bytes)?;
-    let req = parsed.to_request(tenant, target, app.engine.model().tokenizer())?;
+    let mut req = parsed.to_request(tenant, target, app.engine.model().tokenizer())?;
+    req.constraint = parsed.constraint(app.engine.model())?;
     let n = req.n;
     let (rx, guard) = submit(app, req).await?;
     let head = Head {

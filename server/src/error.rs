@@ -49,6 +49,9 @@ impl From<Error> for ApiError {
                 }
                 RtError::EmptyInput(_) => (400, "invalid_request_error", "empty_input"),
                 RtError::Tokenizer(_) => (400, "invalid_request_error", "tokenizer"),
+                RtError::InvalidConstraint { .. } => {
+                    (400, "invalid_request_error", "invalid_constraint")
+                }
                 RtError::TokenOutOfRange { .. } => {
                     (400, "invalid_request_error", "token_out_of_range")
                 }

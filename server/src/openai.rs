@@ -1,7 +1,8 @@
 //! The OpenAI Completions request body and the JSON of responses and stream chunks.
 
+use performer::constraint::{Constraint, Grammar};
 use performer::tokenizer::Tokenizer;
-use performer::SamplingParams;
+use performer::{Model, SamplingParams};
 use performer_engine::{CompletionRequest, Target, TokenLogprob, Usage};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -52,6 +53,35 @@ pub struct CompletionBody {
     pub top_k: Option<u32>,
     /// Extension: CTRL-style repetition penalty (1: off).
     pub repetition_penalty: Option<f32>,
+    /// Structured output: `{"type": "text"}` (none), `{"type": "json_object"}` or
+    /// `{"type": "json_schema", "json_schema": {"name": …, "schema": {…}}}`.
+    pub response_format: Option<ResponseFormat>,
+    /// Extension: a Lark grammar (llguidance's dialect) the text must match, as llama.cpp's
+    /// `grammar` takes GBNF.
+    pub grammar: Option<String>,
+}
+
+/// `response_format`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseFormat {
+    /// Plain text: no constraint.
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against a schema.
+    JsonSchema {
+        /// `{"name": …, "schema": {…}, "strict": …}` as OpenAI's API takes it.
+        json_schema: JsonSchemaFormat,
+    },
+}
+
+/// `response_format.json_schema` in OpenAI's shape: its `name`, `description` and `strict`
+/// are accepted and not used (every output is valid, strict or not).
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    /// The JSON schema.
+    pub schema: Option<Value>,
 }
 
 /// Parses a JSON body into `T`, as a 400 in the OpenAI shape when it is malformed.
@@ -122,7 +152,38 @@ impl CompletionBody {
             logprobs: self.logprobs.map(|k| k as usize),
             n: self.n.unwrap_or(1) as usize,
             target,
+            constraint: None,
         })
+    }
+
+    /// The constraint that `response_format` or `grammar` asks for (none for text), compiled
+    /// for `model`: an invalid one is a 400 naming the problem, before anything is generated.
+    pub fn constraint(&self, model: &Model) -> Result<Option<Grammar>, ApiError> {
+        let c = match (&self.response_format, &self.grammar) {
+            (Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. }), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "invalid_parameter",
+                    "give response_format or grammar, not both",
+                ))
+            }
+            (_, Some(g)) => Constraint::Lark(g.clone()),
+            (None | Some(ResponseFormat::Text), None) => return Ok(None),
+            (Some(ResponseFormat::JsonObject), None) => Constraint::Json,
+            (Some(ResponseFormat::JsonSchema { json_schema }), None) => match &json_schema.schema {
+                Some(s) => Constraint::JsonSchema(s.clone()),
+                None => {
+                    return Err(ApiError::bad_request(
+                        "invalid_parameter",
+                        "response_format.json_schema.schema is missing",
+                    ))
+                }
+            },
+        };
+        Ok(Some(Grammar::compile(
+            &c,
+            model.tokenizer(),
+            model.vocab_size(),
+        )?))
     }
 }
 

@@ -1277,3 +1277,196 @@ async fn top_k_and_repetition_penalty_reach_the_sampler() {
     assert_eq!(text(v), penalized);
     s.shutdown().await;
 }
+
+fn schema(name: &str) -> Value {
+    let path = root().join(format!("tests/fixtures/schemas/{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Structured output: `response_format` (json_schema, json_object) and `grammar` on
+/// `/v1/completions` and a session's completions; every choice validates; bad constraints are
+/// 400s naming the problem; a token limit first is "length"; constrained and unconstrained
+/// requests run side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_output() {
+    let model = shipped();
+    let s = Server::start(model.clone(), config(), None, None).await;
+    for name in ["person", "items", "nested", "pattern", "bounds"] {
+        let schema = schema(name);
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        let format = json!({"type": "json_schema",
+            "json_schema": {"name": name, "schema": schema, "strict": true}});
+        let v = s
+            .post_json(
+                "/v1/completions",
+                json!({"prompt": "Data: ", "max_tokens": 480, "temperature": 1.0, "n": 4,
+                    "seed": 3, "response_format": format}),
+            )
+            .await;
+        for c in v["choices"].as_array().unwrap() {
+            let text = c["text"].as_str().unwrap();
+            assert_eq!(c["finish_reason"], "stop", "{name}: {text}");
+            let value: Value = serde_json::from_str(text).unwrap();
+            assert!(validator.is_valid(&value), "{name}: {text}");
+        }
+    }
+    // Any object: keys are unbounded strings (this model may fill them with prose until the
+    // limit); a choice that ends is an object, one cut at the limit begins as one.
+    let v = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": "{", "max_tokens": 100, "temperature": 1.0, "n": 4, "seed": 1,
+                "response_format": {"type": "json_object"}}),
+        )
+        .await;
+    for c in v["choices"].as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        match c["finish_reason"].as_str().unwrap() {
+            "stop" => assert!(serde_json::from_str::<Value>(text).unwrap().is_object()),
+            _ => assert!(text.starts_with('{'), "{text}"),
+        }
+    }
+    let v = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": "Q: ", "max_tokens": 20, "grammar": "start: (\"yes\" | \"no\") \"!\"",
+                "response_format": {"type": "text"}}),
+        )
+        .await;
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert!(text == "yes!" || text == "no!", "{text}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // The token limit before the grammar completes: "length", and the text is cut.
+    let v = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": "Data: ", "max_tokens": 3, "temperature": 1.0,
+                "response_format": {"type": "json_object"}}),
+        )
+        .await;
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap().len(), 3);
+
+    // Bad constraints: 400s naming the problem, before anything is generated.
+    let bad = [
+        (
+            json!({"response_format": {"type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": 5}}}}),
+            "invalid_constraint",
+            "JSON schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+            "schema": {"type": "object", "unevaluatedProperties": false}}}}),
+            "invalid_constraint",
+            "unevaluatedProperties",
+        ),
+        (
+            json!({"grammar": "start: nope"}),
+            "invalid_constraint",
+            "nope",
+        ),
+        (json!({"grammar": "start: ("}), "invalid_constraint", "Lark"),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "invalid_parameter",
+            "schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}, "grammar": "start: \"a\""}),
+            "invalid_parameter",
+            "grammar",
+        ),
+        (
+            json!({"response_format": {"type": "yaml"}}),
+            "invalid_type",
+            "yaml",
+        ),
+    ];
+    for (extra, code, named) in bad {
+        let mut body = json!({"prompt": "x", "max_tokens": 5});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let v = assert_error(
+            s.post("/v1/completions", body).await,
+            StatusCode::BAD_REQUEST,
+            code,
+        )
+        .await;
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(named), "{message}");
+    }
+
+    // Side by side in the engine's ticks: the unconstrained request's text is unchanged.
+    let want = generate_text(&model, "The sea", 40);
+    let plain = s.post_json(
+        "/v1/completions",
+        json!({"prompt": "The sea", "max_tokens": 40, "temperature": 0}),
+    );
+    let constrained = s.post_json(
+        "/v1/completions",
+        json!({"prompt": "Data: ", "max_tokens": 480, "temperature": 1.0, "n": 2,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "p",
+            "schema": schema("person")}}}),
+    );
+    let (plain, constrained) = tokio::join!(plain, constrained);
+    assert_eq!(plain["choices"][0]["text"], want.as_str());
+    for c in constrained["choices"].as_array().unwrap() {
+        serde_json::from_str::<Value>(c["text"].as_str().unwrap()).unwrap();
+    }
+
+    // A session: a constrained completion leaves it at exactly the returned text, its state
+    // bit-identical to the same tokens generated unconstrained. Greedy, with a grammar that
+    // allows what greedy decoding picks (12 printable ASCII characters or newlines): the same tokens
+    // both ways, one finishing because the grammar is complete, the other at the limit.
+    let want = generate_text(&model, "Once upon a time", 12);
+    assert!(
+        want.bytes()
+            .all(|b| b == b'\n' || (0x20..0x7f).contains(&b))
+            && want.len() == 12,
+        "{want:?}"
+    );
+    let mut states = Vec::new();
+    for (extra, reason) in [
+        (
+            json!({"grammar": "start: /[\\n -~]{12}/", "max_tokens": 100}),
+            "stop",
+        ),
+        (json!({"max_tokens": 12}), "length"),
+    ] {
+        let r = s
+            .post("/v1/sessions", json!({"prompt": "Once upon a time"}))
+            .await;
+        let id = r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut body = json!({"temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let v = s
+            .post_json(&format!("/v1/sessions/{id}/completions"), body)
+            .await;
+        assert_eq!(v["choices"][0]["text"], want.as_str());
+        assert_eq!(v["choices"][0]["finish_reason"], reason);
+        let snap = s
+            .http
+            .get(s.url(&format!("/v1/sessions/{id}/state")))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        assert_eq!(
+            State::from_bytes(&model, &snap).unwrap().position(),
+            16 + 12
+        );
+        states.push(snap);
+    }
+    assert!(states[0] == states[1], "the session states differ");
+}

@@ -66,6 +66,11 @@ pub struct BenchArgs {
     /// style).
     #[arg(long, value_delimiter = ',')]
     batch: Vec<usize>,
+    /// Constrained decode instead: tokens/s of generations constrained by this JSON schema
+    /// beside the same generations unconstrained (temperature 1, the first --tg tokens per
+    /// side, the first --threads).
+    #[arg(long, value_name = "FILE", conflicts_with = "batch")]
+    json_schema: Option<PathBuf>,
     /// Print JSON instead of a markdown table.
     #[arg(long)]
     json: bool,
@@ -163,6 +168,12 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         Some(b) => b.validate()?,
         None => options.validate()?,
     }
+    // A schema that is unreadable or not JSON is refused before any model work.
+    let constraint = crate::constraint_args::ConstraintArgs {
+        json_schema: a.json_schema.clone(),
+        ..Default::default()
+    }
+    .constraint()?;
     let mut tmp = None;
     let (dir, name) = match (&a.model, &a.shape) {
         (Some(m), _) => {
@@ -184,9 +195,37 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         },
     )
     .map_err(|e| super::shared::name_config(e, &dir))?;
+    if let Some(constraint) = constraint {
+        let o = performer_cli::constrained_bench::ConstrainedOptions {
+            constraint,
+            tokens: a.tg.first().copied().unwrap_or(128),
+            repetitions: a.repetitions as usize,
+            seed: a.seed,
+            prompt: "Data: ".into(),
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
+        let r = pool
+            .install(|| performer_cli::constrained_bench::run(&model, &o))
+            .map_err(crate::constraint_args::usage_if_invalid)?;
+        let text = if a.json {
+            format!(
+                "{}\n",
+                performer_cli::constrained_bench::json(&name, &o, &r)
+            )
+        } else {
+            performer_cli::constrained_bench::markdown(&name, &o, &r)
+        };
+        crate::out::print_stdout(&text)?;
+        return Ok(());
+    }
     if let Some(opts) = &batch_options {
         let rows = performer_cli::bench::batch::run(&model, opts)?;
-        crate::out::print_stdout(&performer_cli::bench::batch::markdown(&name, threads, &rows))?;
+        crate::out::print_stdout(&performer_cli::bench::batch::markdown(
+            &name, threads, &rows,
+        ))?;
         return Ok(());
     }
     let report = bench::run(&model, &name, &options)?;

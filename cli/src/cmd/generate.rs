@@ -56,6 +56,8 @@ pub struct GenerateArgs {
     /// Save the state after generation (prompt and the printed text) to this file, atomically.
     #[arg(long)]
     save_state: Option<PathBuf>,
+    #[command(flatten)]
+    constraint: crate::constraint_args::ConstraintArgs,
 }
 
 pub fn run(a: GenerateArgs) -> CliResult {
@@ -69,6 +71,7 @@ pub fn run(a: GenerateArgs) -> CliResult {
     if let Some(path) = &a.save_state {
         performer::fsutil::check_writable_dir(path)?;
     }
+    let constraint = a.constraint.constraint()?;
     let model = a.model.load()?;
     let prompt = model.tokenizer().encode_bytes(&prompt)?;
     let mut state = match &a.load_state {
@@ -87,6 +90,7 @@ pub fn run(a: GenerateArgs) -> CliResult {
             ..SamplingParams::default()
         },
         decode_threads: a.decode_threads,
+        constraint,
         ..GenerateOptions::default()
     };
     // A prompt that takes a while shows its progress, on a terminal only.
@@ -105,7 +109,8 @@ pub fn run(a: GenerateArgs) -> CliResult {
     let mut generation =
         Generation::with_progress(&model, &mut state, &prompt, options, &mut |n| {
             bar.set_position(n as u64)
-        })?;
+        })
+        .map_err(crate::constraint_args::usage_if_invalid)?;
     bar.finish_and_clear();
     let stdout = std::io::stdout();
     let terminal = stdout.is_terminal();
