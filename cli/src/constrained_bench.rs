@@ -140,10 +140,16 @@ pub fn run(model: &Model, o: &ConstrainedOptions) -> Result<ConstrainedReport> {
     })
 }
 
-/// The report as a markdown table.
-pub fn markdown(name: &str, o: &ConstrainedOptions, r: &ConstrainedReport) -> String {
+/// The report as a markdown table; `kernels` is the model's kernel level and quantized method
+/// (`bench::ModelInfo::kernels_label`).
+pub fn markdown(
+    name: &str,
+    kernels: &str,
+    o: &ConstrainedOptions,
+    r: &ConstrainedReport,
+) -> String {
     format!(
-        "model: {name} | {} tokens per side, {} repetitions, {} documents per repetition, \
+        "model: {name} | kernels: {kernels} | {} tokens per side, {} repetitions, {} documents per repetition, \
          compile {:.2} ms\n\n\
          | decode | tokens/s |\n|---|---|\n\
          | unconstrained | {:.1} ± {:.1} |\n\
@@ -162,10 +168,11 @@ pub fn markdown(name: &str, o: &ConstrainedOptions, r: &ConstrainedReport) -> St
     )
 }
 
-/// The report as JSON.
-pub fn json(name: &str, o: &ConstrainedOptions, r: &ConstrainedReport) -> String {
+/// The report as JSON (`kernels` as in [`markdown`]).
+pub fn json(name: &str, kernels: &str, o: &ConstrainedOptions, r: &ConstrainedReport) -> String {
     serde_json::json!({
         "model": name,
+        "kernels": kernels,
         "tokens": o.tokens,
         "repetitions": o.repetitions,
         "documents": r.documents,

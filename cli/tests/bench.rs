@@ -86,6 +86,8 @@ fn sample_report() -> Report {
             parameters: 3_300_000,
             weight_bytes_per_token: 6 << 20,
             file_bytes: 7 << 20,
+            kernels: "avx2".into(),
+            quant_kernel: Some("int8 (maddubs)".into()),
         },
         read_bandwidth: Some(30e9),
         bandwidth_probe_bytes: 1 << 30,
@@ -146,10 +148,10 @@ fn markdown_table() {
         "{md}"
     );
     assert!(md.contains(
-        "| model | dtype | attention | test | depth | threads | t/s | peak RSS | state/seq | roofline |"
+        "| model | dtype | attention | test | depth | threads | t/s | peak RSS | state/seq | roofline | kernels |"
     ));
     assert!(
-        md.contains("| synthetic tiny | bf16 | favor | pp512 | 0 | 2 | 2500.00 ± 1.50 | 30.0 MiB | 540.0 KiB | - |"),
+        md.contains("| synthetic tiny | bf16 | favor | pp512 | 0 | 2 | 2500.00 ± 1.50 | 30.0 MiB | 540.0 KiB | - | avx2, q: int8 (maddubs) |"),
         "{md}"
     );
     assert!(
@@ -164,13 +166,15 @@ fn markdown_table() {
     // Header, separator and one line per row, all with the same number of cells.
     let table: Vec<&str> = md.lines().filter(|l| l.starts_with('|')).collect();
     assert_eq!(table.len(), 2 + 3);
-    assert!(table.iter().all(|l| l.matches('|').count() == 11));
+    assert!(table.iter().all(|l| l.matches('|').count() == 12));
 }
 
 #[test]
 fn json_report() {
     let v: serde_json::Value = serde_json::from_str(&bench::json(&sample_report())).unwrap();
     assert_eq!(v["model"]["name"], "synthetic tiny");
+    assert_eq!(v["model"]["kernels"], "avx2");
+    assert_eq!(v["model"]["quant_kernel"], "int8 (maddubs)");
     assert_eq!(v["rows"].as_array().unwrap().len(), 3);
     assert_eq!(v["rows"][1]["test"], "tg");
     assert_eq!(v["rows"][1]["attention"], "favor");

@@ -729,7 +729,8 @@ fn bench_batch_prints_one_row_per_depth_and_batch_size() {
         .filter(|l| l.starts_with("| synthetic tiny"))
         .map(|l| l.split('|').map(str::trim).collect())
         .collect();
-    // Columns: model, threads, depth, B, aggregate, per sequence, step ms, × B=1, states.
+    // Columns: model, threads, depth, B, aggregate, per sequence, step ms, × B=1, states,
+    // kernels.
     let points: Vec<(&str, &str)> = rows.iter().map(|r| (r[3], r[4])).collect();
     assert_eq!(
         points,
@@ -746,6 +747,9 @@ fn bench_batch_prints_one_row_per_depth_and_batch_size() {
         rows[1][9].ends_with("MiB") || rows[1][9].ends_with("KiB"),
         "{table}"
     );
+    // The kernel level the process ran (a float model: no quantized method).
+    let level = performer::kernels::isa::active().isa().name();
+    assert!(rows.iter().all(|r| r[10] == level), "{table}");
 }
 
 #[test]

@@ -27,9 +27,7 @@ use simd::Lanes;
 /// thread. Above it the product is split into at least one row block per thread: during decode
 /// the pool's workers are awake (products follow each other microseconds apart), so handing
 /// one block to the other core costs about a microsecond, and even the 256×256 products of a
-/// small model gain. Measured on the tiny shape with two threads: 3.6–3.9k tokens/s when only
-/// products of 1 MiB and more were split (four blocks per thread), 5.7–5.9k with this
-/// threshold and one block per thread (README "Performance").
+/// small model gain (docs/performance.md has the tiny-shape measurement behind the threshold).
 pub const PAR_MIN_ELEMS: usize = 1 << 14;
 
 /// Weight elements (1 MiB of f32) per parallel block that a large product aims at: products up
@@ -385,10 +383,9 @@ fn dot_k<S: Lanes, T: Elem>(s: S, w: &[T], x: &[f32]) -> f32 {
 }
 
 /// `y = W x`, one row after another. Rows are read strictly in order as one sequential stream,
-/// which the hardware prefetchers follow at full speed: measured here on a 512 MiB f32
-/// matrix, one thread, 27 GB/s this way against 16 GB/s for the same products taken 8
-/// interleaved rows at a time (8 short streams a few KiB apart, which sharing the loads of `x`
-/// does not make up for); bf16 23 against 12 GB/s.
+/// which the hardware prefetchers follow at full speed; taking several interleaved rows at a
+/// time (short streams a few KiB apart) read a memory-resident matrix markedly slower, which
+/// sharing the loads of `x` did not make up for (docs/performance.md).
 #[inline(always)]
 fn matvec_rows_k<S: Lanes, T: Elem>(s: S, w: &[T], cols: usize, x: &[f32], y: &mut [f32]) {
     // Same size and both Pod: the cast cannot fail when T is bf16.

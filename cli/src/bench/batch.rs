@@ -112,11 +112,13 @@ pub fn run(model: &Model, opts: &BatchOptions) -> Result<Vec<BatchRow>> {
     Ok(rows)
 }
 
-/// The markdown table, with each B's speed-up over B = 1 at the same depth.
-pub fn markdown(model_name: &str, threads: usize, rows: &[BatchRow]) -> String {
+/// The markdown table, with each B's speed-up over B = 1 at the same depth. `kernels` is the
+/// last column ([`super::report::ModelInfo::kernels_label`]); the first five columns keep their
+/// places (scripts read the aggregate from the fifth).
+pub fn markdown(model_name: &str, kernels: &str, threads: usize, rows: &[BatchRow]) -> String {
     let mut out = String::from(
-        "| model | threads | depth | B | aggregate t/s (median ± sd) | per sequence t/s | step ms | × B=1 | states |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "| model | threads | depth | B | aggregate t/s (median ± sd) | per sequence t/s | step ms | × B=1 | states | kernels |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let one = rows
@@ -127,7 +129,7 @@ pub fn markdown(model_name: &str, threads: usize, rows: &[BatchRow]) -> String {
             format!("{:.2}", r.median_tokens_per_s / o)
         });
         out += &format!(
-            "| {model_name} | {threads} | {} | {} | {:.1} ± {:.1} | {:.1} | {:.3} | {ratio} | {} |\n",
+            "| {model_name} | {threads} | {} | {} | {:.1} ± {:.1} | {:.1} | {:.3} | {ratio} | {} | {kernels} |\n",
             format_count(r.depth),
             r.batch,
             r.median_tokens_per_s,

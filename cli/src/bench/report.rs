@@ -52,6 +52,12 @@ pub struct ModelInfo {
     pub weight_bytes_per_token: usize,
     /// Size of `model.safetensors`.
     pub file_bytes: usize,
+    /// The kernels' instruction-set level (`portable`, `avx2` or `avx512`: the best the CPU
+    /// runs, or the lower one `PERFORMER_ISA` asks for).
+    pub kernels: String,
+    /// How the products over quantized weights run (`dequant`, `int8 (maddubs)`, …; `None`
+    /// for a float model).
+    pub quant_kernel: Option<String>,
 }
 
 impl ModelInfo {
@@ -76,6 +82,21 @@ impl ModelInfo {
             parameters: model.parameter_count(),
             weight_bytes_per_token: model.weight_bytes_per_token(),
             file_bytes: model.weights().file_size(),
+            kernels: performer::kernels::isa::active().isa().name().to_string(),
+            quant_kernel: model.quant_method().map(|m| {
+                performer::kernels::quant::QuantKernels::active(m)
+                    .describe()
+                    .to_string()
+            }),
+        }
+    }
+
+    /// The table's `kernels` cell: the level, and the quantized method where there is one
+    /// (`avx2`, `avx2, q: int8 (maddubs)`).
+    pub fn kernels_label(&self) -> String {
+        match &self.quant_kernel {
+            Some(q) => format!("{}, q: {q}", self.kernels),
+            None => self.kernels.clone(),
         }
     }
 }
@@ -226,13 +247,13 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "| model | dtype | attention | test | depth | threads | t/s | peak RSS | state/seq | roofline |"
+        "| model | dtype | attention | test | depth | threads | t/s | peak RSS | state/seq | roofline | kernels |"
     );
-    let _ = writeln!(s, "|---|---|---|---|--:|--:|--:|--:|--:|--:|");
+    let _ = writeln!(s, "|---|---|---|---|--:|--:|--:|--:|--:|--:|---|");
     for row in &r.rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} | {} | {} | {} |",
             m.name,
             m.dtype,
             row.attention,
@@ -246,6 +267,7 @@ pub fn markdown(r: &Report) -> String {
             format_bytes(row.state_bytes as u64),
             row.roofline
                 .map_or_else(|| "-".to_string(), |f| format!("{:.0}%", f * 100.0)),
+            m.kernels_label(),
         );
     }
     for k in &r.skipped {

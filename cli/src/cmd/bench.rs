@@ -195,6 +195,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         },
     )
     .map_err(|e| super::shared::name_config(e, &dir))?;
+    let kernels = bench::ModelInfo::of(&model, &name).kernels_label();
     if let Some(constraint) = constraint {
         let o = performer_cli::constrained_bench::ConstrainedOptions {
             constraint,
@@ -213,10 +214,10 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         let text = if a.json {
             format!(
                 "{}\n",
-                performer_cli::constrained_bench::json(&name, &o, &r)
+                performer_cli::constrained_bench::json(&name, &kernels, &o, &r)
             )
         } else {
-            performer_cli::constrained_bench::markdown(&name, &o, &r)
+            performer_cli::constrained_bench::markdown(&name, &kernels, &o, &r)
         };
         crate::out::print_stdout(&text)?;
         return Ok(());
@@ -224,7 +225,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(opts) = &batch_options {
         let rows = performer_cli::bench::batch::run(&model, opts)?;
         crate::out::print_stdout(&performer_cli::bench::batch::markdown(
-            &name, threads, &rows,
+            &name, &kernels, threads, &rows,
         ))?;
         return Ok(());
     }
