@@ -794,6 +794,17 @@ fn rows_of_no_weights_sum_to_zero_by_every_method() {
                 }
                 assert_eq!(y, [0.0; 3], "{format} {} parallel={parallel}", label(qk));
             }
+            // And so does the product of several input rows, by the few-rows and the gemm
+            // paths.
+            for inputs in [2, 70] {
+                let mut y = vec![f32::NAN; 3 * inputs];
+                qk.linear(&[], inputs, m, &mut y);
+                assert!(
+                    y.iter().all(|&v| v == 0.0),
+                    "{format} {} {inputs} rows",
+                    label(qk)
+                );
+            }
         }
     }
 }

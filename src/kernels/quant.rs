@@ -340,6 +340,11 @@ impl QuantKernels {
         if rows == 0 || out == 0 {
             return;
         }
+        if inp == 0 {
+            // Rows of no weights: empty sums, by every path.
+            y[..rows * out].fill(0.0);
+            return;
+        }
         if rows == 1 {
             self.matvec(m, &x[..inp], &mut y[..out]);
             return;
@@ -376,10 +381,6 @@ impl QuantKernels {
     /// block's outputs for every input into a block-major buffer, then gathered into `y`.
     fn few_rows(self, x: &[f32], rows: usize, m: QMatrix<'_>, y: &mut [f32]) {
         let (cols, out) = (m.cols, m.rows);
-        if cols == 0 {
-            y.fill(0.0);
-            return;
-        }
         let threads = rayon::current_num_threads();
         // Blocks as a matrix-vector product of the same weights splits them.
         let block = super::matvec_block_rows(out, cols, threads).unwrap_or(out);
