@@ -60,9 +60,9 @@ impl Isa {
         match self {
             Isa::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => super::simd::Avx2::is_available(),
+            Isa::Avx2 => super::x86::Avx2::is_available(),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => super::simd::Avx512::is_available(),
+            Isa::Avx512 => super::x86::Avx512::is_available(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }

@@ -9,8 +9,8 @@
 //! available (AVX2, FMA, F16C; `avxvnni` where `VNNI` is true) and the slices are as long as
 //! each function says.
 
-use super::{Activation, BLOCK};
-use crate::quant::{QMatrix, QuantFormat};
+use super::activation::{check_rows, check_rows_batch, Activation};
+use crate::quant::{QMatrix, QuantFormat, BLOCK};
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -202,7 +202,7 @@ unsafe fn mins_dot(mins: &[f16], sums: &[f32]) -> f32 {
 /// checked.
 #[inline(always)]
 pub(super) unsafe fn dequant_rows(m: QMatrix<'_>, x: &[f32], xsum: &[f32], y: &mut [f32]) {
-    let Some(rows) = super::check_rows(m, y) else {
+    let Some(rows) = check_rows(m, y) else {
         return;
     };
     match m.format {
@@ -328,7 +328,7 @@ pub(super) unsafe fn int8_rows<const VNNI: bool>(
     y: &mut [f32],
 ) {
     let rows_n = m.rows;
-    let Some(rows) = super::check_rows_batch(m, acts, y) else {
+    let Some(rows) = check_rows_batch(m, acts, y) else {
         return;
     };
     for (r, (codes, scales, mins)) in rows.enumerate() {
@@ -349,7 +349,7 @@ pub(super) unsafe fn int8_rows<const VNNI: bool>(
 #[inline(always)]
 pub(super) unsafe fn widen_rows(m: QMatrix<'_>, out: &mut [f32]) {
     assert_eq!(out.len(), m.rows * m.cols, "quantized widen: output length");
-    let Some(rows) = super::check_rows(m, &mut []) else {
+    let Some(rows) = check_rows(m, &mut []) else {
         return;
     };
     for ((codes, scales, mins), o) in rows.zip(out.chunks_exact_mut(m.cols)) {

@@ -2,8 +2,8 @@
 //! int8 rows by AVX-512 VNNI `vpdpbusd`. Called only from the level's `#[target_feature]`
 //! entry points (`super::entry`), whose features are a superset of each function's.
 
-use super::{check_rows, Activation, BLOCK};
-use crate::quant::{QMatrix, QuantFormat};
+use super::activation::{check_rows, check_rows_batch, Activation};
+use crate::quant::{QMatrix, QuantFormat, BLOCK};
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -49,7 +49,7 @@ pub(super) unsafe fn dequant_rows(m: QMatrix<'_>, x: &[f32], xsum: &[f32], y: &m
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn int8_rows(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32]) {
     let rows_n = m.rows;
-    let Some(rows) = super::check_rows_batch(m, acts, y) else {
+    let Some(rows) = check_rows_batch(m, acts, y) else {
         return;
     };
     for (r, (codes, scales, mins)) in rows.enumerate() {

@@ -1,0 +1,209 @@
+//! The int8 method's quantized activation and the row slicing every quantized kernel shares:
+//! the leaf the per-level kernel files build on (it imports none of them).
+
+use half::f16;
+
+use crate::quant::{QMatrix, QuantFormat, BLOCK};
+
+/// One row's codes, scales and (q4_1) minimums.
+pub(super) type RowParts<'a> = (&'a [u8], &'a [f16], &'a [f16]);
+
+/// The rows of `m`, each sliced by its strides, for writing `y` (`y.len() == m.rows`,
+/// asserted); `None`, with `y` zeroed, for rows of no weights. `QMatrix::new` guarantees the
+/// lengths; a matrix built field by field is held to them here, once per product, so that no
+/// row is skipped (the kernels take each row's slices as their bounds). Slicing as it goes
+/// saves [`QMatrix::row`]'s per-row offsets and bounds checks (3–9% of a 3072 × 768 int8
+/// product).
+#[inline(always)]
+pub(super) fn check_rows<'a>(
+    m: QMatrix<'a>,
+    y: &mut [f32],
+) -> Option<impl Iterator<Item = RowParts<'a>> + 'a> {
+    // `widen_rows` passes no outputs.
+    assert!(
+        y.is_empty() || y.len() == m.rows,
+        "quantized matvec: y length"
+    );
+    if m.cols == 0 {
+        // Rows of no weights: empty sums (and no zero-sized chunks below).
+        y.fill(0.0);
+        return None;
+    }
+    let (rb, sb) = (m.format.row_bytes(m.cols), m.cols / BLOCK);
+    let mins_needed = if m.format.has_mins() { m.rows * sb } else { 0 };
+    assert!(
+        m.codes.len() >= m.rows * rb
+            && m.scales.len() >= m.rows * sb
+            && m.mins.len() >= mins_needed,
+        "quantized matvec: a {}x{} {} matrix needs {} code bytes, {} scales and {} minimums",
+        m.rows,
+        m.cols,
+        m.format,
+        m.rows * rb,
+        m.rows * sb,
+        mins_needed
+    );
+    // Formats without minimums give every row an empty slice.
+    let mins = m.mins[..mins_needed]
+        .chunks_exact(sb)
+        .chain(std::iter::repeat(&[][..]));
+    Some(
+        m.codes
+            .chunks_exact(rb)
+            .zip(m.scales.chunks_exact(sb))
+            .zip(mins)
+            .take(m.rows)
+            .map(|((c, s), mi)| (c, s, mi)),
+    )
+}
+
+/// [`check_rows`] for `acts.len()` inputs: `y` holds `acts.len() × m.rows` outputs and every
+/// activation was quantized from `m.cols` values (asserted).
+#[inline(always)]
+pub(super) fn check_rows_batch<'a>(
+    m: QMatrix<'a>,
+    acts: &[Activation],
+    y: &mut [f32],
+) -> Option<impl Iterator<Item = RowParts<'a>> + 'a> {
+    assert_eq!(y.len(), acts.len() * m.rows, "quantized matvec: y length");
+    for act in acts {
+        let blocks = m.cols / BLOCK;
+        assert!(
+            act.scales.len() == blocks
+                && act.codes.len() == m.cols
+                && act.offset_q8.len() == 8 * blocks
+                && act.offset_q4.len() == 8 * blocks
+                && act.offset_q4n.len() == 8 * blocks
+                && act.codes_q4.len() == m.cols
+                && act.block_sums.len() == blocks,
+            "quantized matvec: activation length"
+        );
+    }
+    if acts.is_empty() {
+        return None;
+    }
+    if m.cols == 0 {
+        y.fill(0.0);
+        return None;
+    }
+    check_rows(m, &mut [])
+}
+
+/// The sums of `x` per block of 32 (in order, f32): what q4_1's minimums multiply; empty for
+/// the other formats.
+pub(super) fn block_sums(format: QuantFormat, x: &[f32]) -> Vec<f32> {
+    if !format.has_mins() {
+        return Vec::new();
+    }
+    x.chunks_exact(BLOCK)
+        .map(|b| b.iter().fold(0f32, |s, &v| s + v))
+        .collect()
+}
+
+/// An activation quantized per block of 32 to int8, as [`QuantMethod::Int8`] uses it.
+#[derive(Debug, Default, Clone)]
+pub struct Activation {
+    /// The codes, `round(x / d)` (ties to even) in [-127, 127].
+    pub codes: Vec<i8>,
+    /// Per block, `d = max|x| / 127` (0 for an all-zero block).
+    pub scales: Vec<f32>,
+    /// Per group of 4 codes, their sum (the offsets' correction).
+    pub sums4: Vec<i32>,
+    /// The AVX-512 q4_0 layout: per pair of blocks, codes `[b₀ 0..16, b₁ 0..16, b₀ 16..32,
+    /// b₁ 16..32]` (the order its nibble unpacking produces), and its sums per 4.
+    pub codes_q4: Vec<i8>,
+    /// Sums per 4 of `codes_q4`.
+    pub sums4_q4: Vec<i32>,
+    /// `−128 · sums4`: the VNNI q8_0 kernels' accumulator start (the offset of their unsigned
+    /// codes).
+    pub offset_q8: Vec<i32>,
+    /// `−8 · sums4_q4`: the AVX-512 q4_0 kernel's accumulator start.
+    pub offset_q4: Vec<i32>,
+    /// `−8 · sums4`: the AVX2 q4_0 kernels' offset (codes in element order).
+    pub offset_q4n: Vec<i32>,
+    /// Per block, `d · Σ codes` in f32: the block's `Σx` as the int8 kernels see it, which
+    /// q4_1's minimums multiply.
+    pub block_sums: Vec<f32>,
+}
+
+impl Activation {
+    /// The quantization, compiled into each level's entry point: the same IEEE operations at
+    /// every level (no contraction), so the same codes.
+    #[inline(always)]
+    pub(super) fn quantize_body(&mut self, x: &[f32]) {
+        let (n, blocks) = (x.len(), x.len() / BLOCK);
+        // Every buffer is resized and written in place (no per-element pushes): this runs once
+        // per product of a decode step.
+        self.codes.resize(n, 0);
+        self.scales.resize(blocks, 0.0);
+        for ((block, codes), scale) in x
+            .chunks_exact(BLOCK)
+            .zip(self.codes.chunks_exact_mut(BLOCK))
+            .zip(&mut self.scales)
+        {
+            // max |x| over 16 lanes, then across them: the same maximum as a left fold (NaN
+            // is skipped either way), without its chain of 32 dependent `max`es.
+            let mut lanes = [0f32; 16];
+            for part in block.chunks_exact(16) {
+                for (m, v) in lanes.iter_mut().zip(part) {
+                    *m = m.max(v.abs());
+                }
+            }
+            let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            *scale = d;
+            // Round to nearest, ties to even, by the 1.5·2²³ trick: plain adds that vectorize
+            // on any x86-64 (`f32::round` is a libm call there, 5% of a q4_0 decode).
+            const MAGIC: f32 = 12_582_912.0;
+            for (c, &v) in codes.iter_mut().zip(block) {
+                *c = ((v * inv + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8;
+            }
+        }
+        // The q4_0 layout: per pair of blocks, the halves interleaved; a last unpaired block
+        // keeps its natural order (the kernel takes it 256 bits wide).
+        self.codes_q4.resize(n, 0);
+        let half = BLOCK / 2;
+        let mut b = 0;
+        while b + 2 <= blocks {
+            let (src, dst) = (
+                &self.codes[b * BLOCK..(b + 2) * BLOCK],
+                &mut self.codes_q4[b * BLOCK..(b + 2) * BLOCK],
+            );
+            dst[..half].copy_from_slice(&src[..half]);
+            dst[half..BLOCK].copy_from_slice(&src[BLOCK..BLOCK + half]);
+            dst[BLOCK..BLOCK + half].copy_from_slice(&src[half..BLOCK]);
+            dst[BLOCK + half..].copy_from_slice(&src[BLOCK + half..]);
+            b += 2;
+        }
+        if b < blocks {
+            self.codes_q4[b * BLOCK..].copy_from_slice(&self.codes[b * BLOCK..]);
+        }
+        let sums = |codes: &[i8], out: &mut Vec<i32>| {
+            out.resize(codes.len() / 4, 0);
+            for (o, c) in out.iter_mut().zip(codes.chunks_exact(4)) {
+                *o = c[0] as i32 + c[1] as i32 + c[2] as i32 + c[3] as i32;
+            }
+        };
+        sums(&self.codes, &mut self.sums4);
+        sums(&self.codes_q4, &mut self.sums4_q4);
+        let scaled = |sums: &[i32], k: i32, out: &mut Vec<i32>| {
+            out.resize(sums.len(), 0);
+            for (o, &v) in out.iter_mut().zip(sums) {
+                *o = k * v;
+            }
+        };
+        scaled(&self.sums4, -128, &mut self.offset_q8);
+        scaled(&self.sums4_q4, -8, &mut self.offset_q4);
+        scaled(&self.sums4, -8, &mut self.offset_q4n);
+        self.block_sums.resize(blocks, 0.0);
+        for ((o, sums), &d) in self
+            .block_sums
+            .iter_mut()
+            .zip(self.sums4.chunks_exact(BLOCK / 4))
+            .zip(&self.scales)
+        {
+            *o = sums.iter().sum::<i32>() as f32 * d;
+        }
+    }
+}
