@@ -43,8 +43,8 @@ use super::isa::{self, Isa, Kernels};
 use crate::quant::{QMatrix, QuantFormat, BLOCK};
 use crate::Error;
 
-pub use activation::Activation;
 use activation::block_sums;
+pub use activation::Activation;
 
 mod activation;
 #[cfg(target_arch = "x86_64")]

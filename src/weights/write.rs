@@ -85,7 +85,10 @@ pub fn write_aligned<S: AsRef<str>, V: View>(
     let mut tensors: Vec<(S, V)> = tensors.into_iter().collect();
     // Whole lines first (stable, so the caller's order within each group is kept).
     tensors.sort_by_key(|(_, t)| !t.data_len().is_multiple_of(ALIGN));
-    let mut header = serde_json::Map::new();
+    // A BTreeMap, and each entry's keys inserted in sorted order: the header's bytes are the
+    // same whether or not a dependency turns on serde_json's `preserve_order` (llguidance does,
+    // with the `constraints` feature), so a model writes the same file from every build.
+    let mut header = std::collections::BTreeMap::new();
     if !metadata.is_empty() {
         header.insert(
             "__metadata__".into(),
@@ -111,16 +114,16 @@ pub fn write_aligned<S: AsRef<str>, V: View>(
             ));
         }
         let entry = serde_json::json!({
+            "data_offsets": [offset, offset + t.data_len()],
             "dtype": t.dtype(),
             "shape": t.shape(),
-            "data_offsets": [offset, offset + t.data_len()],
         });
         if header.insert(name.to_string(), entry).is_some() {
             return Err(Error::Config(format!("tensor {name} named twice")));
         }
         offset += t.data_len();
     }
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON values");
+    let mut json = serde_json::to_vec(&header).expect("JSON values");
     // Spaces up to the boundary: 8 length bytes + the header end where the data begins.
     json.resize(
         json.len() + (ALIGN - (8 + json.len()) % ALIGN) % ALIGN,

@@ -75,7 +75,9 @@ pub fn assemble(header: &str, data: &[u8]) -> Vec<u8> {
 /// `__metadata__`, padded with spaces to a multiple of 8 bytes (as the reference writer does,
 /// so that every tensor is aligned) unless `pad` is false.
 pub fn header_for(tensors: &[RawTensor], metadata: Option<&Value>, pad: bool) -> String {
-    let mut map = Map::new();
+    // Sorted keys whatever serde_json's features (`preserve_order` keeps insertion order, and a
+    // dependency of the workspace turns it on): the corpus's bytes do not depend on the build.
+    let mut map = std::collections::BTreeMap::new();
     if let Some(m) = metadata {
         map.insert("__metadata__".into(), m.clone());
     }
@@ -84,11 +86,11 @@ pub fn header_for(tensors: &[RawTensor], metadata: Option<&Value>, pad: bool) ->
         let end = offset + t.data.len() as u64;
         map.insert(
             t.name.clone(),
-            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, end]}),
+            json!({"data_offsets": [offset, end], "dtype": t.dtype, "shape": t.shape}),
         );
         offset = end;
     }
-    let mut text = serde_json::to_string(&Value::Object(map)).unwrap();
+    let mut text = serde_json::to_string(&map).unwrap();
     if pad {
         while !(8 + text.len()).is_multiple_of(8) {
             text.push(' ');
