@@ -4,24 +4,17 @@
 
 mod common;
 
+use common::{generate_text, shipped, toks};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use performer::generate::{GenerateOptions, Generation};
 use performer::{Error as RtError, Model, SamplingParams, State};
 use performer_engine::Error;
 use performer_engine::{
     CompletionRequest, DiskStore, Engine, EngineConfig, Event, FinishReason, Observer, Target,
 };
-
-fn shipped() -> Arc<Model> {
-    Arc::new(Model::load(common::workspace_root().join("models/performer-byte")).unwrap())
-}
-
-fn toks(s: &str) -> Vec<u32> {
-    s.bytes().map(u32::from).collect()
-}
 
 fn config() -> EngineConfig {
     EngineConfig {
@@ -58,20 +51,6 @@ const PROMPTS: [&str; 16] = [
     "The city",
     "When we",
 ];
-
-/// What `performer generate` prints for the same greedy request: the reference text.
-fn generate_text(model: &Model, prompt: &str, max_tokens: usize) -> String {
-    let mut state = State::new(model);
-    let options = GenerateOptions {
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        ..GenerateOptions::default()
-    };
-    Generation::new(model, &mut state, &toks(prompt), options)
-        .unwrap()
-        .collect::<performer::Result<String>>()
-        .unwrap()
-}
 
 #[test]
 fn batched_logits_equal_single_stream_logits() {

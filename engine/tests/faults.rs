@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{shipped, toks};
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,14 +19,6 @@ use performer_engine::{
     CompletionRequest, DiskStore, Engine, EngineConfig, Error, SessionKey, SessionStore,
     StoredSession, Target,
 };
-
-fn shipped() -> Arc<Model> {
-    Arc::new(Model::load(common::workspace_root().join("models/performer-byte")).unwrap())
-}
-
-fn toks(s: &str) -> Vec<u32> {
-    s.bytes().map(u32::from).collect()
-}
 
 /// Which writes fail.
 #[derive(Clone, Default)]

@@ -5,12 +5,13 @@
 
 mod common;
 
+use common::{generate_text, shipped, toks};
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use performer::generate::{GenerateOptions, Generation};
 use performer::{Model, SamplingParams, State};
 use performer_engine::store::Listing;
 use performer_engine::{
@@ -120,14 +121,6 @@ fn tiny() -> (tempfile::TempDir, Arc<Model>) {
     (dir, model)
 }
 
-fn shipped() -> Arc<Model> {
-    Arc::new(Model::load(common::workspace_root().join("models/performer-byte")).unwrap())
-}
-
-fn toks(s: &str) -> Vec<u32> {
-    s.bytes().map(u32::from).collect()
-}
-
 fn engine(model: &Arc<Model>, shared: &Arc<Shared>) -> Engine {
     let cfg = EngineConfig {
         threads: 1,
@@ -140,19 +133,6 @@ fn on_session(id: &str, prompt: &str, max_tokens: usize) -> CompletionRequest {
     let mut r = CompletionRequest::new(toks(prompt), max_tokens, SamplingParams::greedy());
     r.target = Target::Session(id.to_string());
     r
-}
-
-fn generate_text(model: &Model, prompt: &str, max_tokens: usize) -> String {
-    let mut state = State::new(model);
-    let options = GenerateOptions {
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        ..GenerateOptions::default()
-    };
-    Generation::new(model, &mut state, &toks(prompt), options)
-        .unwrap()
-        .collect::<performer::Result<String>>()
-        .unwrap()
 }
 
 #[test]
