@@ -13,7 +13,7 @@ for d in f32 bf16 q8_0 q4_0 q4_1; do
     --bandwidth-mib 0 --no-progress >/dev/null 2>&1 || true
 done
 date -u
-# "q8_0:int8" = the q8_0 model decoded with --quant-kernel int8 (the default is dequant).
+# "q8_0" = the q8_0 model decoded with --quant-kernel dequant, "q8_0:int8" with int8 (the default).
 for run in f32 bf16 q8_0 q8_0:int8 q4_0 q4_0:int8 q4_1 q4_1:int8; do
   d=${run%%:*}
   k=dequant

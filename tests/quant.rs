@@ -12,7 +12,7 @@ use performer::kernels::quant::{self as qk, QuantKernels, QuantMethod};
 use performer::kernels::{Isa, Kernels};
 use performer::quant::{self, OwnedQMatrix, QMatrix, QuantFormat, BLOCK};
 use performer::synthetic::{self, SyntheticShape, WeightDtype};
-use performer::{Error, Model, State};
+use performer::{Error, LoadOptions, Model, State};
 
 const FORMATS: [QuantFormat; 3] = QuantFormat::ALL;
 
@@ -215,12 +215,13 @@ fn label(qk: QuantKernels) -> String {
 }
 
 #[test]
-fn the_default_method_is_the_exact_one_and_every_level_is_covered() {
-    // The default keeps the activation exact, so the logits parity below holds.
-    assert_eq!(QuantMethod::default(), QuantMethod::Dequant);
+fn the_default_method_is_int8_and_every_level_is_covered() {
+    // The default is the int8 method (the faster at every level); the exact one is a
+    // choice away.
+    assert_eq!(QuantMethod::default(), QuantMethod::Int8);
     assert_eq!(
         QuantKernels::active(QuantMethod::default()).method(),
-        QuantMethod::Dequant
+        QuantMethod::Int8
     );
     // Both methods at every level the CPU has (portable always).
     let v = variants();
@@ -558,7 +559,16 @@ fn quantized_logits_match_the_dequantized_reference() {
     let mut rng = TestRng(3);
     let tokens = rng.tokens(24, 256);
     for (format, dir) in quantized {
-        let model = Model::load(&dir).unwrap();
+        // The exact method (the default, int8, rounds the activation: tests/quant_method.rs
+        // bounds it against this one).
+        let model = Model::load_with(
+            &dir,
+            LoadOptions {
+                quant_kernel: Some(QuantMethod::Dequant),
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
         assert_eq!(model.config().weight_format, Some(format));
         assert_eq!(model.quantized().count(), 4 * 6 + 1);
         assert!(model

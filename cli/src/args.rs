@@ -74,11 +74,11 @@ pub fn quant_method(s: &str) -> Result<performer::kernels::quant::QuantMethod, S
 /// The quantized-kernel choice of every command that loads a model (flattened into each).
 #[derive(clap::Args, Debug, Clone, Copy, Default)]
 pub struct QuantKernelArgs {
-    /// How products over q8_0/q4_0/q4_1 weights are computed: `dequant` (the default: codes
-    /// widened to f32, exact activations; the logits of the dequantized f32 model) or `int8`
-    /// (the activation rounded to int8 per block of 32, integer dot products by AVX-512 VNNI,
-    /// AVX-VNNI or AVX2 `vpmaddubsw`, whichever the CPU has; faster, but the rounding enters
-    /// the logits). Ignored for a float model.
+    /// How products over q8_0/q4_0/q4_1 weights are computed: `int8` (the default: the
+    /// activation rounded to int8 per block of 32, integer dot products by AVX-512 VNNI,
+    /// AVX-VNNI or AVX2 `vpmaddubsw`, whichever the CPU has; the rounding moves the logits
+    /// slightly) or `dequant` (codes widened to f32, exact activations: the logits of the
+    /// dequantized f32 model, more slowly). Ignored for a float model.
     #[arg(long, value_parser = quant_method, value_name = "dequant|int8")]
     pub quant_kernel: Option<performer::kernels::quant::QuantMethod>,
 }

@@ -337,7 +337,7 @@ pub async fn serve(
 pub struct ServeConfig {
     /// The model directory.
     pub model_dir: PathBuf,
-    /// How the model's quantized products are computed (`None`: the default, dequant).
+    /// How the model's quantized products are computed (`None`: the default, int8).
     pub quant_kernel: Option<performer::kernels::quant::QuantMethod>,
     /// Address to listen on.
     pub host: String,

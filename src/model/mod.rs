@@ -47,7 +47,8 @@ pub struct LoadOptions {
     /// written or copied), which [`WeightFile::page_report`] shows.
     pub huge_pages: bool,
     /// How the products over quantized weights are computed ([`QuantMethod`]); `None` is the
-    /// default, [`QuantMethod::Dequant`], whose logits match the dequantized f32 model.
+    /// default, [`QuantMethod::Int8`]. [`QuantMethod::Dequant`] gives the logits of the
+    /// dequantized f32 model instead, more slowly.
     /// Ignored for a float model.
     pub quant_kernel: Option<QuantMethod>,
 }
@@ -252,7 +253,7 @@ impl Model {
     }
 
     /// The method of this model's quantized products (`None` for a float model): the
-    /// [`LoadOptions::quant_kernel`] it was loaded with, else [`QuantMethod::Dequant`].
+    /// [`LoadOptions::quant_kernel`] it was loaded with, else [`QuantMethod::Int8`].
     pub fn quant_method(&self) -> Option<QuantMethod> {
         self.quantized().next().map(QuantTensor::method)
     }

@@ -714,10 +714,10 @@ impl QuantTensor {
         self.format
     }
 
-    /// The method the model's products over this weight use ([`QuantMethod::Dequant`] unless
+    /// The method the model's products over this weight use ([`QuantMethod::Int8`] unless
     /// the model was loaded with another, [`crate::LoadOptions::quant_kernel`]).
     ///
-    /// [`QuantMethod::Dequant`]: crate::kernels::quant::QuantMethod::Dequant
+    /// [`QuantMethod::Int8`]: crate::kernels::quant::QuantMethod::Int8
     pub fn method(&self) -> crate::kernels::quant::QuantMethod {
         self.method
     }

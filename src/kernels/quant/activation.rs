@@ -73,7 +73,7 @@ pub(super) fn check_rows_batch<'a>(
                 && act.codes.len() == m.cols
                 && act.offset_q8.len() == 8 * blocks
                 && act.offset_q4.len() == 8 * blocks
-                && act.offset_q4n.len() == 8 * blocks
+                && act.offset_q4y.len() == 8 * blocks.div_ceil(2)
                 && act.codes_q4.len() == m.cols
                 && act.block_sums.len() == blocks,
             "quantized matvec: activation length"
@@ -119,8 +119,11 @@ pub struct Activation {
     pub offset_q8: Vec<i32>,
     /// `−8 · sums4_q4`: the AVX-512 q4_0 kernel's accumulator start.
     pub offset_q4: Vec<i32>,
-    /// `−8 · sums4`: the AVX2 q4_0 kernels' offset (codes in element order).
-    pub offset_q4n: Vec<i32>,
+    /// The AVX2 q4_0 kernels' offset, 8 lanes per pair of blocks: lane `k` of a pair sums
+    /// `offset_q4`'s lanes `k` and `8 + k` (a 256-bit accumulator takes the low and high
+    /// nibbles' products of both blocks); an unpaired last block keeps its 8 lanes. Pair
+    /// (or last block) `b` starts at `4 · b`.
+    pub offset_q4y: Vec<i32>,
     /// Per block, `d · Σ codes` in f32: the block's `Σx` as the int8 kernels see it, which
     /// q4_1's minimums multiply.
     pub block_sums: Vec<f32>,
@@ -195,7 +198,20 @@ impl Activation {
         };
         scaled(&self.sums4, -128, &mut self.offset_q8);
         scaled(&self.sums4_q4, -8, &mut self.offset_q4);
-        scaled(&self.sums4, -8, &mut self.offset_q4n);
+        self.offset_q4y.resize(8 * blocks.div_ceil(2), 0);
+        for (dst, src) in self
+            .offset_q4y
+            .chunks_exact_mut(8)
+            .zip(self.offset_q4.chunks(16))
+        {
+            if src.len() == 16 {
+                for (k, d) in dst.iter_mut().enumerate() {
+                    *d = src[k] + src[8 + k];
+                }
+            } else {
+                dst.copy_from_slice(src);
+            }
+        }
         self.block_sums.resize(blocks, 0.0);
         for ((o, sums), &d) in self
             .block_sums

@@ -9,7 +9,7 @@
 //! available (AVX2, FMA, F16C; `avxvnni` where `VNNI` is true) and the slices are as long as
 //! each function says.
 
-use super::activation::{check_rows, check_rows_batch, Activation};
+use super::activation::{check_rows, check_rows_batch, Activation, RowParts};
 use crate::quant::{QMatrix, QuantFormat, BLOCK};
 use half::f16;
 use std::arch::x86_64::*;
@@ -265,12 +265,16 @@ unsafe fn q8_int8_row<const VNNI: bool>(codes: &[u8], scales: &[f16], act: &Acti
     blocks!(n, scale, partial)
 }
 
-/// One q4_0 row (`MINS` false) or q4_1 row (`MINS` true) against a quantized activation:
-/// nibbles `0 … 15` as the unsigned side of `vpmaddubsw` (a pair is at most 2 · 15 · 127, far
-/// from saturating) or of AVX-VNNI `vpdpbusd` (`VNNI`), against the activation in element
-/// order; q4_0 adds the offset `−8 · Σx` per lane, q4_1 adds `Σ_b m_b · Σx_b` once per row.
-/// Needs `codes.len() ≥ 16·n` (and `mins.len() ≥ n` with `MINS`), `act` quantized from `32·n`
-/// values, `n = scales.len()`.
+/// One q4_0 row (`MINS` false) or q4_1 row (`MINS` true) against a quantized activation,
+/// two blocks per 256-bit step: the pair's 32 code bytes split into low nibbles (elements
+/// 0–15 of both blocks) and high ones (16–31), each the unsigned side of `vpmaddubsw`
+/// against the activation's pair layout (`codes_q4`), the two i16 results added (a lane is
+/// at most 4 · 15 · 127, far from saturating) and widened by `vpmaddwd`: lanes 0–3 hold the
+/// first block's sum, 4–7 the second's. With `VNNI`, two AVX-VNNI `vpdpbusd` into one i32
+/// accumulator instead. q4_0 starts from the offset `−8 · Σx` per lane (`offset_q4y`),
+/// q4_1 adds `Σ_b m_b · Σx_b` once per row. An unpaired last block is taken in element
+/// order. Needs `codes.len() ≥ 16·n` (and `mins.len() ≥ n` with `MINS`), `act` quantized
+/// from `32·n` values, `n = scales.len()`.
 #[inline(always)]
 unsafe fn q4_int8_row<const MINS: bool, const VNNI: bool>(
     codes: &[u8],
@@ -279,25 +283,203 @@ unsafe fn q4_int8_row<const MINS: bool, const VNNI: bool>(
     act: &Activation,
 ) -> f32 {
     let n = scales.len();
-    debug_assert!(codes.len() >= n * BLOCK / 2 && act.codes.len() >= n * BLOCK);
-    debug_assert!(act.offset_q4n.len() >= n * 8 && act.block_sums.len() >= n);
-    let (c, xq, off) = (codes.as_ptr(), act.codes.as_ptr(), act.offset_q4n.as_ptr());
+    debug_assert!(codes.len() >= n * BLOCK / 2 && act.codes_q4.len() >= n * BLOCK);
+    debug_assert!(act.offset_q4y.len() >= n.div_ceil(2) * 8 && act.block_sums.len() >= n);
+    let (c, xq, off) = (
+        codes.as_ptr(),
+        act.codes_q4.as_ptr(),
+        act.offset_q4y.as_ptr(),
+    );
     let ones = _mm256_set1_epi16(1);
-    macro_rules! scale {
-        ($b:expr) => {
-            _mm256_mul_ps(widen8(scales, $b), load8(&act.scales, $b))
-        };
+    let low = _mm256_set1_epi8(0x0F);
+    // The integer sums of `w` (unsigned bytes) against the activation's 32 bytes at element
+    // `e`, plus `w2` against the next 32 (`Some`), from `init`, in 8 i32 lanes.
+    macro_rules! dot {
+        ($init:expr, $w:expr, $e:expr, $w2:expr) => {{
+            let (init, w, e) = ($init, $w, $e);
+            let x = _mm256_loadu_si256(xq.add(e).cast());
+            if VNNI {
+                let acc = _mm256_dpbusd_avx_epi32(init, w, x);
+                match $w2 {
+                    Some(w2) => {
+                        let x2 = _mm256_loadu_si256(xq.add(e + 32).cast());
+                        _mm256_dpbusd_avx_epi32(acc, w2, x2)
+                    }
+                    None => acc,
+                }
+            } else {
+                let p = _mm256_maddubs_epi16(w, x);
+                let p = match $w2 {
+                    Some(w2) => {
+                        let x2 = _mm256_loadu_si256(xq.add(e + 32).cast());
+                        _mm256_add_epi16(p, _mm256_maddubs_epi16(w2, x2))
+                    }
+                    None => p,
+                };
+                let d = _mm256_madd_epi16(p, ones);
+                if MINS {
+                    d
+                } else {
+                    _mm256_add_epi32(d, init)
+                }
+            }
+        }};
     }
-    macro_rules! partial {
-        ($b:expr) => {{
-            let w = nibbles(c, $b);
-            let x = _mm256_loadu_si256(xq.add($b * BLOCK).cast());
-            let init = if MINS {
+    macro_rules! init {
+        ($b:expr) => {
+            if MINS {
                 _mm256_setzero_si256()
             } else {
-                _mm256_loadu_si256(off.add($b * 8).cast())
+                _mm256_loadu_si256(off.add($b * 4).cast())
+            }
+        };
+    }
+    // Lanes 0–3 take the pair's first combined scale, 4–7 its second: `pick` plus `b % 8`,
+    // stepped by 2 in a register.
+    let pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    let two = _mm256_set1_epi32(2);
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut sc, mut idx) = (_mm256_setzero_ps(), pick);
+    let mut b = 0;
+    while b + 4 <= n {
+        // `b` is a multiple of 4, so neither pair straddles two groups of 8 scales.
+        if b % 8 == 0 {
+            sc = _mm256_mul_ps(widen8(scales, b), load8(&act.scales, b));
+            idx = pick;
+        }
+        let v0 = _mm256_loadu_si256(c.add(b * BLOCK / 2).cast());
+        let v1 = _mm256_loadu_si256(c.add((b + 2) * BLOCK / 2).cast());
+        let (lo0, hi0) = (
+            _mm256_and_si256(v0, low),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v0), low),
+        );
+        let (lo1, hi1) = (
+            _mm256_and_si256(v1, low),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v1), low),
+        );
+        let d0 = dot!(init!(b), lo0, b * BLOCK, Some(hi0));
+        let d1 = dot!(init!(b + 2), lo1, (b + 2) * BLOCK, Some(hi1));
+        let s0 = _mm256_permutevar8x32_ps(sc, idx);
+        idx = _mm256_add_epi32(idx, two);
+        let s1 = _mm256_permutevar8x32_ps(sc, idx);
+        idx = _mm256_add_epi32(idx, two);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), s0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), s1, acc1);
+        b += 4;
+    }
+    if b + 2 <= n {
+        if b % 8 == 0 {
+            sc = _mm256_mul_ps(widen8(scales, b), load8(&act.scales, b));
+            idx = pick;
+        }
+        let v = _mm256_loadu_si256(c.add(b * BLOCK / 2).cast());
+        let (lo, hi) = (
+            _mm256_and_si256(v, low),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v), low),
+        );
+        let d = dot!(init!(b), lo, b * BLOCK, Some(hi));
+        acc0 = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(d),
+            _mm256_permutevar8x32_ps(sc, idx),
+            acc0,
+        );
+        b += 2;
+    }
+    if b < n {
+        // The unpaired last block, in element order (as `codes_q4` keeps it).
+        if b % 8 == 0 {
+            sc = _mm256_mul_ps(widen8(scales, b), load8(&act.scales, b));
+        }
+        let d = dot!(init!(b), nibbles(c, b), b * BLOCK, None::<__m256i>);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), lane(sc, b % 8), acc0);
+    }
+    let total = hsum(_mm256_add_ps(acc0, acc1));
+    if MINS {
+        total + mins_dot(&mins[..n], &act.block_sums)
+    } else {
+        total
+    }
+}
+
+/// Four rows of [`q4_int8_row`] at once: the activation's loads, the scale-lane indices and
+/// the loop are shared, and the four sums are reduced together. The same operations per row
+/// in the same order as `q4_int8_row`, except the final reduction's order.
+#[inline(always)]
+unsafe fn q4_int8_rows4<const MINS: bool, const VNNI: bool>(
+    rows: [RowParts<'_>; 4],
+    act: &Activation,
+) -> __m128 {
+    let n = rows[0].1.len();
+    debug_assert!(act.codes_q4.len() >= n * BLOCK);
+    debug_assert!(act.offset_q4y.len() >= n.div_ceil(2) * 8 && act.block_sums.len() >= n);
+    let mut c = [std::ptr::null::<u8>(); 4];
+    for k in 0..4 {
+        debug_assert!(rows[k].0.len() >= n * BLOCK / 2 && rows[k].1.len() == n);
+        c[k] = rows[k].0.as_ptr();
+    }
+    let (xq, off) = (act.codes_q4.as_ptr(), act.offset_q4y.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(0x0F);
+    let pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    let two = _mm256_set1_epi32(2);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut sc = [_mm256_setzero_ps(); 4];
+    let mut idx = pick;
+    let mut b = 0;
+    while b + 2 <= n {
+        if b % 8 == 0 {
+            let xs = load8(&act.scales, b);
+            for k in 0..4 {
+                sc[k] = _mm256_mul_ps(widen8(rows[k].1, b), xs);
+            }
+            idx = pick;
+        }
+        let xl = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
+        let xh = _mm256_loadu_si256(xq.add(b * BLOCK + 32).cast());
+        let init = if MINS {
+            _mm256_setzero_si256()
+        } else {
+            _mm256_loadu_si256(off.add(b * 4).cast())
+        };
+        for k in 0..4 {
+            let v = _mm256_loadu_si256(c[k].add(b * BLOCK / 2).cast());
+            let lo = _mm256_and_si256(v, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+            let d = if VNNI {
+                _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(init, lo, xl), hi, xh)
+            } else {
+                let p =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                let d = _mm256_madd_epi16(p, ones);
+                if MINS {
+                    d
+                } else {
+                    _mm256_add_epi32(d, init)
+                }
             };
-            let dot = if VNNI {
+            let s = _mm256_permutevar8x32_ps(sc[k], idx);
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc[k]);
+        }
+        idx = _mm256_add_epi32(idx, two);
+        b += 2;
+    }
+    if b < n {
+        // The unpaired last block, in element order (as `codes_q4` keeps it).
+        if b % 8 == 0 {
+            let xs = load8(&act.scales, b);
+            for k in 0..4 {
+                sc[k] = _mm256_mul_ps(widen8(rows[k].1, b), xs);
+            }
+        }
+        let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
+        let init = if MINS {
+            _mm256_setzero_si256()
+        } else {
+            _mm256_loadu_si256(off.add(b * 4).cast())
+        };
+        for k in 0..4 {
+            let w = nibbles(c[k], b);
+            let d = if VNNI {
                 _mm256_dpbusd_avx_epi32(init, w, x)
             } else {
                 let d = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
@@ -307,15 +489,22 @@ unsafe fn q4_int8_row<const MINS: bool, const VNNI: bool>(
                     _mm256_add_epi32(d, init)
                 }
             };
-            _mm256_cvtepi32_ps(dot)
-        }};
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), lane(sc[k], b % 8), acc[k]);
+        }
     }
-    let total = blocks!(n, scale, partial);
+    // The four sums at once: lanes 0–3 of the result are rows 0–3.
+    let h01 = _mm256_hadd_ps(acc[0], acc[1]);
+    let h23 = _mm256_hadd_ps(acc[2], acc[3]);
+    let h = _mm256_hadd_ps(h01, h23);
+    let mut total = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
     if MINS {
-        total + mins_dot(&mins[..n], &act.block_sums)
-    } else {
-        total
+        let mut m = [0f32; 4];
+        for k in 0..4 {
+            m[k] = mins_dot(&rows[k].2[..n], &act.block_sums);
+        }
+        total = _mm_add_ps(total, _mm_loadu_ps(m.as_ptr()));
     }
+    total
 }
 
 /// Every row of `m` against every activation: `y[i · rows + r]` is row `r` times `acts[i]`
@@ -331,7 +520,28 @@ pub(super) unsafe fn int8_rows<const VNNI: bool>(
     let Some(rows) = check_rows_batch(m, acts, y) else {
         return;
     };
-    for (r, (codes, scales, mins)) in rows.enumerate() {
+    let mut rows = rows;
+    let mut r = 0;
+    if m.format != QuantFormat::Q8_0 {
+        // Four rows at a time while four remain; the rest one by one below.
+        while r + 4 <= rows_n {
+            let (Some(p0), Some(p1), Some(p2), Some(p3)) =
+                (rows.next(), rows.next(), rows.next(), rows.next())
+            else {
+                break;
+            };
+            for (i, act) in acts.iter().enumerate() {
+                let v = if m.format == QuantFormat::Q4_0 {
+                    q4_int8_rows4::<false, VNNI>([p0, p1, p2, p3], act)
+                } else {
+                    q4_int8_rows4::<true, VNNI>([p0, p1, p2, p3], act)
+                };
+                _mm_storeu_ps(y[i * rows_n + r..i * rows_n + r + 4].as_mut_ptr(), v);
+            }
+            r += 4;
+        }
+    }
+    for (codes, scales, mins) in rows {
         for (i, act) in acts.iter().enumerate() {
             let v = match m.format {
                 QuantFormat::Q8_0 => q8_int8_row::<VNNI>(codes, scales, act),
@@ -340,6 +550,7 @@ pub(super) unsafe fn int8_rows<const VNNI: bool>(
             };
             *y.get_unchecked_mut(i * rows_n + r) = v;
         }
+        r += 1;
     }
 }
 
