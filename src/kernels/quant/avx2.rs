@@ -9,7 +9,7 @@
 //! available (AVX2, FMA, F16C; `avxvnni` where `VNNI` is true) and the slices are as long as
 //! each function says.
 
-use super::activation::{check_rows, check_rows_batch, Activation, RowParts};
+use super::activation::{check_rows, check_rows_batch, Activation};
 use crate::quant::{QMatrix, QuantFormat, BLOCK};
 use half::f16;
 use std::arch::x86_64::*;
@@ -401,112 +401,6 @@ unsafe fn q4_int8_row<const MINS: bool, const VNNI: bool>(
     }
 }
 
-/// Four rows of [`q4_int8_row`] at once: the activation's loads, the scale-lane indices and
-/// the loop are shared, and the four sums are reduced together. The same operations per row
-/// in the same order as `q4_int8_row`, except the final reduction's order.
-#[inline(always)]
-unsafe fn q4_int8_rows4<const MINS: bool, const VNNI: bool>(
-    rows: [RowParts<'_>; 4],
-    act: &Activation,
-) -> __m128 {
-    let n = rows[0].1.len();
-    debug_assert!(act.codes_q4.len() >= n * BLOCK);
-    debug_assert!(act.offset_q4y.len() >= n.div_ceil(2) * 8 && act.block_sums.len() >= n);
-    let mut c = [std::ptr::null::<u8>(); 4];
-    for k in 0..4 {
-        debug_assert!(rows[k].0.len() >= n * BLOCK / 2 && rows[k].1.len() == n);
-        c[k] = rows[k].0.as_ptr();
-    }
-    let (xq, off) = (act.codes_q4.as_ptr(), act.offset_q4y.as_ptr());
-    let ones = _mm256_set1_epi16(1);
-    let low = _mm256_set1_epi8(0x0F);
-    let pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    let two = _mm256_set1_epi32(2);
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut sc = [_mm256_setzero_ps(); 4];
-    let mut idx = pick;
-    let mut b = 0;
-    while b + 2 <= n {
-        if b % 8 == 0 {
-            let xs = load8(&act.scales, b);
-            for k in 0..4 {
-                sc[k] = _mm256_mul_ps(widen8(rows[k].1, b), xs);
-            }
-            idx = pick;
-        }
-        let xl = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
-        let xh = _mm256_loadu_si256(xq.add(b * BLOCK + 32).cast());
-        let init = if MINS {
-            _mm256_setzero_si256()
-        } else {
-            _mm256_loadu_si256(off.add(b * 4).cast())
-        };
-        for k in 0..4 {
-            let v = _mm256_loadu_si256(c[k].add(b * BLOCK / 2).cast());
-            let lo = _mm256_and_si256(v, low);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-            let d = if VNNI {
-                _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(init, lo, xl), hi, xh)
-            } else {
-                let p =
-                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
-                let d = _mm256_madd_epi16(p, ones);
-                if MINS {
-                    d
-                } else {
-                    _mm256_add_epi32(d, init)
-                }
-            };
-            let s = _mm256_permutevar8x32_ps(sc[k], idx);
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc[k]);
-        }
-        idx = _mm256_add_epi32(idx, two);
-        b += 2;
-    }
-    if b < n {
-        // The unpaired last block, in element order (as `codes_q4` keeps it).
-        if b % 8 == 0 {
-            let xs = load8(&act.scales, b);
-            for k in 0..4 {
-                sc[k] = _mm256_mul_ps(widen8(rows[k].1, b), xs);
-            }
-        }
-        let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
-        let init = if MINS {
-            _mm256_setzero_si256()
-        } else {
-            _mm256_loadu_si256(off.add(b * 4).cast())
-        };
-        for k in 0..4 {
-            let w = nibbles(c[k], b);
-            let d = if VNNI {
-                _mm256_dpbusd_avx_epi32(init, w, x)
-            } else {
-                let d = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
-                if MINS {
-                    d
-                } else {
-                    _mm256_add_epi32(d, init)
-                }
-            };
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), lane(sc[k], b % 8), acc[k]);
-        }
-    }
-    // The four sums at once: lanes 0–3 of the result are rows 0–3.
-    let h01 = _mm256_hadd_ps(acc[0], acc[1]);
-    let h23 = _mm256_hadd_ps(acc[2], acc[3]);
-    let h = _mm256_hadd_ps(h01, h23);
-    let mut total = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-    if MINS {
-        let mut m = [0f32; 4];
-        for k in 0..4 {
-            m[k] = mins_dot(&rows[k].2[..n], &act.block_sums);
-        }
-        total = _mm_add_ps(total, _mm_loadu_ps(m.as_ptr()));
-    }
-    total
-}
-
 /// Every row of `m` against every activation: `y[i · rows + r]` is row `r` times `acts[i]`
 /// (a row's codes stay in L1 while the activations pass over them). `y.len()` and the
 /// activations' lengths are checked.
@@ -520,28 +414,7 @@ pub(super) unsafe fn int8_rows<const VNNI: bool>(
     let Some(rows) = check_rows_batch(m, acts, y) else {
         return;
     };
-    let mut rows = rows;
-    let mut r = 0;
-    if m.format != QuantFormat::Q8_0 {
-        // Four rows at a time while four remain; the rest one by one below.
-        while r + 4 <= rows_n {
-            let (Some(p0), Some(p1), Some(p2), Some(p3)) =
-                (rows.next(), rows.next(), rows.next(), rows.next())
-            else {
-                break;
-            };
-            for (i, act) in acts.iter().enumerate() {
-                let v = if m.format == QuantFormat::Q4_0 {
-                    q4_int8_rows4::<false, VNNI>([p0, p1, p2, p3], act)
-                } else {
-                    q4_int8_rows4::<true, VNNI>([p0, p1, p2, p3], act)
-                };
-                _mm_storeu_ps(y[i * rows_n + r..i * rows_n + r + 4].as_mut_ptr(), v);
-            }
-            r += 4;
-        }
-    }
-    for (codes, scales, mins) in rows {
+    for (r, (codes, scales, mins)) in rows.enumerate() {
         for (i, act) in acts.iter().enumerate() {
             let v = match m.format {
                 QuantFormat::Q8_0 => q8_int8_row::<VNNI>(codes, scales, act),
@@ -550,7 +423,6 @@ pub(super) unsafe fn int8_rows<const VNNI: bool>(
             };
             *y.get_unchecked_mut(i * rows_n + r) = v;
         }
-        r += 1;
     }
 }
 
