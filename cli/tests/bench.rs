@@ -88,6 +88,7 @@ fn sample_report() -> Report {
             file_bytes: 7 << 20,
             kernels: "avx2".into(),
             quant_kernel: Some("int8 (maddubs)".into()),
+            gemm: "avx2".into(),
         },
         read_bandwidth: Some(30e9),
         bandwidth_probe_bytes: 1 << 30,
@@ -170,11 +171,26 @@ fn markdown_table() {
 }
 
 #[test]
+fn the_kernels_cell_names_gemms_level_where_it_differs() {
+    // PERFORMER_ISA=avx2 on an AVX-512 CPU: the gemm crate keeps its own AVX-512 products.
+    let mut model = sample_report().model;
+    assert_eq!(model.kernels_label(), "avx2, q: int8 (maddubs)");
+    model.gemm = "avx512".into();
+    assert_eq!(
+        model.kernels_label(),
+        "avx2, q: int8 (maddubs), gemm: avx512"
+    );
+    model.quant_kernel = None;
+    assert_eq!(model.kernels_label(), "avx2, gemm: avx512");
+}
+
+#[test]
 fn json_report() {
     let v: serde_json::Value = serde_json::from_str(&bench::json(&sample_report())).unwrap();
     assert_eq!(v["model"]["name"], "synthetic tiny");
     assert_eq!(v["model"]["kernels"], "avx2");
     assert_eq!(v["model"]["quant_kernel"], "int8 (maddubs)");
+    assert_eq!(v["model"]["gemm"], "avx2");
     assert_eq!(v["rows"].as_array().unwrap().len(), 3);
     assert_eq!(v["rows"][1]["test"], "tg");
     assert_eq!(v["rows"][1]["attention"], "favor");

@@ -4,6 +4,23 @@
 
 use super::Elem;
 
+/// The instruction-set level the `gemm` crate runs this CPU's matrix products at: its own
+/// run-time choice (`avx512` where the CPU has AVX-512F, else `avx2` with FMA, else
+/// `portable`), made as that crate makes it. [`super::isa::ISA_ENV`] does not reach it: on an
+/// AVX-512 CPU, prefill's matrix products stay at `avx512` when the kernels are forced lower.
+pub fn gemm_level() -> super::Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return super::Isa::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            return super::Isa::Avx2;
+        }
+    }
+    super::Isa::Portable
+}
+
 /// Rows of a half-precision weight matrix widened per block.
 const WIDEN_ROWS: usize = 128;
 

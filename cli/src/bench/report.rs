@@ -58,6 +58,9 @@ pub struct ModelInfo {
     /// How the products over quantized weights run (`dequant`, `int8 (maddubs)`, …; `None`
     /// for a float model).
     pub quant_kernel: Option<String>,
+    /// The level of the `gemm` crate's matrix products (prefill, wide batches): its own
+    /// choice, which `PERFORMER_ISA` does not lower.
+    pub gemm: String,
 }
 
 impl ModelInfo {
@@ -88,16 +91,22 @@ impl ModelInfo {
                     .describe()
                     .to_string()
             }),
+            gemm: performer::kernels::matmul::gemm_level().name().to_string(),
         }
     }
 
-    /// The table's `kernels` cell: the level, and the quantized method where there is one
-    /// (`avx2`, `avx2, q: int8 (maddubs)`).
+    /// The table's `kernels` cell: the level, the quantized method where there is one, and
+    /// gemm's level where it differs from the kernels' (`avx2`, `avx2, q: int8 (maddubs)`,
+    /// `avx2, gemm: avx512`).
     pub fn kernels_label(&self) -> String {
-        match &self.quant_kernel {
-            Some(q) => format!("{}, q: {q}", self.kernels),
-            None => self.kernels.clone(),
+        let mut label = self.kernels.clone();
+        if let Some(q) = &self.quant_kernel {
+            label.push_str(&format!(", q: {q}"));
         }
+        if self.gemm != self.kernels {
+            label.push_str(&format!(", gemm: {}", self.gemm));
+        }
+        label
     }
 }
 

@@ -99,6 +99,12 @@ pub fn run(a: InfoArgs) -> CliResult {
         performer::kernels::Isa::detected(),
         performer::kernels::isa::ISA_ENV
     );
+    let _ = writeln!(
+        o,
+        "matrix products (prefill, wide batches): {} (the gemm crate's own choice; {} does not lower it)",
+        performer::kernels::matmul::gemm_level(),
+        performer::kernels::isa::ISA_ENV
+    );
     if let Some(method) = model.quant_method() {
         let k = performer::kernels::quant::QuantKernels::active(method);
         let _ = writeln!(

@@ -401,6 +401,172 @@ unsafe fn q4_int8_row<const MINS: bool, const VNNI: bool>(
     }
 }
 
+/// `hsum(acc0[a] + acc1[a])` for each of the four: the one-row kernels' final sums, in
+/// their order.
+#[inline(always)]
+unsafe fn sums4(acc0: [__m256; 4], acc1: [__m256; 4]) -> [f32; 4] {
+    let mut out = [0f32; 4];
+    for a in 0..4 {
+        out[a] = hsum(_mm256_add_ps(acc0[a], acc1[a]));
+    }
+    out
+}
+
+/// One q8_0 row against four activations at once, bit for bit [`q8_int8_row`] for each (the
+/// same terms into the same two accumulators, even and odd blocks, and the same final sum):
+/// the weight block is loaded, and its magnitude formed, once for the four.
+#[inline(always)]
+unsafe fn q8_int8_row_acts4<const VNNI: bool>(
+    codes: &[u8],
+    scales: &[f16],
+    acts: &[Activation; 4],
+) -> [f32; 4] {
+    let n = scales.len();
+    debug_assert!(codes.len() >= n * BLOCK);
+    let c = codes.as_ptr();
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128);
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+    let mut sc = [_mm256_setzero_ps(); 4];
+    for b in 0..n {
+        if b % 8 == 0 {
+            let ws = widen8(scales, b);
+            for a in 0..4 {
+                sc[a] = _mm256_mul_ps(ws, load8(&acts[a].scales, b));
+            }
+        }
+        let w = _mm256_loadu_si256(c.add(b * BLOCK).cast());
+        let (u, wf) = if VNNI {
+            (_mm256_xor_si256(w, flip), w)
+        } else {
+            (_mm256_sign_epi8(w, w), w)
+        };
+        for a in 0..4 {
+            let x = _mm256_loadu_si256(acts[a].codes.as_ptr().add(b * BLOCK).cast());
+            let dot = if VNNI {
+                let init = _mm256_loadu_si256(acts[a].offset_q8.as_ptr().add(b * 8).cast());
+                _mm256_dpbusd_avx_epi32(init, u, x)
+            } else {
+                _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, wf)), ones)
+            };
+            let term = _mm256_cvtepi32_ps(dot);
+            if b % 2 == 0 {
+                acc0[a] = _mm256_fmadd_ps(term, lane(sc[a], b % 8), acc0[a]);
+            } else {
+                acc1[a] = _mm256_fmadd_ps(term, lane(sc[a], b % 8), acc1[a]);
+            }
+        }
+    }
+    sums4(acc0, acc1)
+}
+
+/// One q4_0 row (`MINS` false) or q4_1 row (`MINS` true) against four activations at once,
+/// bit for bit [`q4_int8_row`] for each (pairs alternating between its two accumulators, the
+/// last block into the first, the same final sums): a pair's nibbles are split once for the
+/// four.
+#[inline(always)]
+unsafe fn q4_int8_row_acts4<const MINS: bool, const VNNI: bool>(
+    codes: &[u8],
+    scales: &[f16],
+    mins: &[f16],
+    acts: &[Activation; 4],
+) -> [f32; 4] {
+    let n = scales.len();
+    debug_assert!(codes.len() >= n * BLOCK / 2);
+    let c = codes.as_ptr();
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(0x0F);
+    let pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    let two = _mm256_set1_epi32(2);
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+    let mut sc = [_mm256_setzero_ps(); 4];
+    let mut idx = pick;
+    // The integer sums of `w` (and `w2` against the next 32 bytes) against activation `a`'s
+    // pair layout at element `e`, from its offset, in 8 i32 lanes.
+    macro_rules! dot {
+        ($a:expr, $b:expr, $w:expr, $w2:expr) => {{
+            let (act, e) = (&acts[$a], $b * BLOCK);
+            let xq = act.codes_q4.as_ptr();
+            let init = if MINS {
+                _mm256_setzero_si256()
+            } else {
+                _mm256_loadu_si256(act.offset_q4y.as_ptr().add($b * 4).cast())
+            };
+            let x = _mm256_loadu_si256(xq.add(e).cast());
+            if VNNI {
+                let d = _mm256_dpbusd_avx_epi32(init, $w, x);
+                match $w2 {
+                    Some(w2) => {
+                        _mm256_dpbusd_avx_epi32(d, w2, _mm256_loadu_si256(xq.add(e + 32).cast()))
+                    }
+                    None => d,
+                }
+            } else {
+                let p = _mm256_maddubs_epi16($w, x);
+                let p = match $w2 {
+                    Some(w2) => _mm256_add_epi16(
+                        p,
+                        _mm256_maddubs_epi16(w2, _mm256_loadu_si256(xq.add(e + 32).cast())),
+                    ),
+                    None => p,
+                };
+                let d = _mm256_madd_epi16(p, ones);
+                if MINS {
+                    d
+                } else {
+                    _mm256_add_epi32(d, init)
+                }
+            }
+        }};
+    }
+    let mut b = 0;
+    while b + 2 <= n {
+        if b % 8 == 0 {
+            let ws = widen8(scales, b);
+            for a in 0..4 {
+                sc[a] = _mm256_mul_ps(ws, load8(&acts[a].scales, b));
+            }
+            idx = pick;
+        }
+        let v = _mm256_loadu_si256(c.add(b * BLOCK / 2).cast());
+        let lo = _mm256_and_si256(v, low);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+        for a in 0..4 {
+            let d = dot!(a, b, lo, Some(hi));
+            let s = _mm256_permutevar8x32_ps(sc[a], idx);
+            // Pair `b / 2`: even pairs into the first accumulator, odd into the second.
+            if b % 4 == 0 {
+                acc0[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc0[a]);
+            } else {
+                acc1[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc1[a]);
+            }
+        }
+        idx = _mm256_add_epi32(idx, two);
+        b += 2;
+    }
+    if b < n {
+        // The unpaired last block, in element order (as `codes_q4` keeps it).
+        if b % 8 == 0 {
+            let ws = widen8(scales, b);
+            for a in 0..4 {
+                sc[a] = _mm256_mul_ps(ws, load8(&acts[a].scales, b));
+            }
+        }
+        let w = nibbles(c, b);
+        for a in 0..4 {
+            let d = dot!(a, b, w, None::<__m256i>);
+            acc0[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), lane(sc[a], b % 8), acc0[a]);
+        }
+    }
+    let mut total = sums4(acc0, acc1);
+    if MINS {
+        for a in 0..4 {
+            total[a] += mins_dot(&mins[..n], &acts[a].block_sums);
+        }
+    }
+    total
+}
+
 /// Every row of `m` against every activation: `y[i · rows + r]` is row `r` times `acts[i]`
 /// (a row's codes stay in L1 while the activations pass over them). `y.len()` and the
 /// activations' lengths are checked.
@@ -414,8 +580,24 @@ pub(super) unsafe fn int8_rows<const VNNI: bool>(
     let Some(rows) = check_rows_batch(m, acts, y) else {
         return;
     };
+    let groups = acts.len() / 4;
     for (r, (codes, scales, mins)) in rows.enumerate() {
-        for (i, act) in acts.iter().enumerate() {
+        // Four activations at a time share each weight block's load and unpacking (batched
+        // decode); the rest one at a time.
+        for g in 0..groups {
+            let four: &[Activation; 4] = acts[4 * g..4 * g + 4]
+                .try_into()
+                .expect("a group of four activations");
+            let v = match m.format {
+                QuantFormat::Q8_0 => q8_int8_row_acts4::<VNNI>(codes, scales, four),
+                QuantFormat::Q4_0 => q4_int8_row_acts4::<false, VNNI>(codes, scales, &[], four),
+                QuantFormat::Q4_1 => q4_int8_row_acts4::<true, VNNI>(codes, scales, mins, four),
+            };
+            for (k, o) in v.into_iter().enumerate() {
+                y[(4 * g + k) * rows_n + r] = o;
+            }
+        }
+        for (i, act) in acts.iter().enumerate().skip(4 * groups) {
             let v = match m.format {
                 QuantFormat::Q8_0 => q8_int8_row::<VNNI>(codes, scales, act),
                 QuantFormat::Q4_0 => q4_int8_row::<false, VNNI>(codes, scales, &[], act),
