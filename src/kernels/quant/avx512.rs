@@ -52,14 +52,33 @@ pub(super) unsafe fn int8_rows(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32
     let Some(rows) = check_rows_batch(m, acts, y) else {
         return;
     };
+    let groups = acts.len() / 4;
     for (r, (codes, scales, mins)) in rows.enumerate() {
-        for (i, act) in acts.iter().enumerate() {
-            // SAFETY: the features above; the row holds `cols / 32` blocks (`check_rows_batch`)
-            // and `act` was quantized from `cols` values.
+        // Four activations at a time share each weight block's load and unpacking (batched
+        // decode), bit for bit the one-activation sums; the rest one at a time.
+        // SAFETY (each call): the features above; the row holds `cols / 32` blocks
+        // (`check_rows_batch`) and every activation was quantized from `cols` values.
+        for g in 0..groups {
+            let four = [
+                &acts[4 * g],
+                &acts[4 * g + 1],
+                &acts[4 * g + 2],
+                &acts[4 * g + 3],
+            ];
             let v = match m.format {
-                QuantFormat::Q8_0 => q8_int8_row(codes, scales, act),
-                QuantFormat::Q4_0 => q4_int8_row::<false>(codes, scales, &[], act),
-                QuantFormat::Q4_1 => q4_int8_row::<true>(codes, scales, mins, act),
+                QuantFormat::Q8_0 => q8_int8_rows(codes, scales, four),
+                QuantFormat::Q4_0 => q4_int8_rows::<false, 4>(codes, scales, &[], four),
+                QuantFormat::Q4_1 => q4_int8_rows::<true, 4>(codes, scales, mins, four),
+            };
+            for (k, o) in v.into_iter().enumerate() {
+                y[(4 * g + k) * rows_n + r] = o;
+            }
+        }
+        for (i, act) in acts.iter().enumerate().skip(4 * groups) {
+            let [v] = match m.format {
+                QuantFormat::Q8_0 => q8_int8_rows(codes, scales, [act]),
+                QuantFormat::Q4_0 => q4_int8_rows::<false, 1>(codes, scales, &[], [act]),
+                QuantFormat::Q4_1 => q4_int8_rows::<true, 1>(codes, scales, mins, [act]),
             };
             *y.get_unchecked_mut(i * rows_n + r) = v;
         }
@@ -98,18 +117,6 @@ fn lanes16(n: usize) -> __mmask16 {
 #[inline]
 fn lane(v: __m512, i: usize) -> __m512 {
     _mm512_permutexvar_ps(_mm512_set1_epi32(i as i32), v)
-}
-
-/// [`widen16`] times the activation's scales of the same blocks, in f32 (the product the
-/// twin forms): the int8 kernels' combined per-block scales, 16 at a time.
-///
-/// # Safety
-/// avx512f/bw/vl are available; `b0 < scales.len()` and `act_scales.len() ≥ scales.len()`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-#[inline]
-unsafe fn widen16_times(scales: &[f16], act_scales: &[f32], b0: usize) -> __m512 {
-    let a = _mm512_maskz_loadu_ps(lanes16(scales.len() - b0), act_scales.as_ptr().add(b0));
-    _mm512_mul_ps(widen16(scales, b0), a)
 }
 
 /// The block loop of the q8_0/q4_0 dequantizing kernels: `Σ_b d_b · partial!(b)` with
@@ -252,136 +259,155 @@ unsafe fn mins_dot(mins: &[f16], sums: &[f32]) -> f32 {
     _mm512_reduce_add_ps(acc)
 }
 
-/// One q8_0 row by VNNI: `Σ_b s_b · Σ (q + 128)·x − 128·Σx` per block, 256 bits a block,
-/// `s_b` the weight scale `scales[b]` times the activation's (in f32, as the twin does).
+/// One q8_0 row by VNNI against `A` activations: `Σ_b s_b · Σ (q + 128)·x − 128·Σx` per
+/// block, 256 bits a block, `s_b` the weight scale `scales[b]` times the activation's (in
+/// f32, as the twin does). The weight block is loaded and offset once for all `A`; each
+/// activation's sum is the same whatever `A` (even blocks into one accumulator, odd into
+/// another, then one final sum), so a batched product equals the one-activation one bit
+/// for bit.
 ///
 /// # Safety
-/// avx512f/bw/vl/vnni are available; `codes.len() ≥ 32·n` for `n = scales.len()`, and `act`
-/// quantized from an `x` of `32·n` values.
+/// avx512f/bw/vl/vnni are available; `codes.len() ≥ 32·n` for `n = scales.len()`, and every
+/// activation quantized from an `x` of `32·n` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn q8_int8_row(codes: &[u8], scales: &[f16], act: &Activation) -> f32 {
+unsafe fn q8_int8_rows<const A: usize>(
+    codes: &[u8],
+    scales: &[f16],
+    acts: [&Activation; A],
+) -> [f32; A] {
     let n = scales.len();
-    debug_assert!(codes.len() >= n * BLOCK && act.codes.len() >= n * BLOCK);
-    debug_assert!(act.offset_q8.len() >= n * 8);
-    let (c, xq, off) = (codes.as_ptr(), act.codes.as_ptr(), act.offset_q8.as_ptr());
+    debug_assert!(codes.len() >= n * BLOCK);
+    let c = codes.as_ptr();
     let flip = _mm256_set1_epi8(-128);
-    // Block b's integer dot product, converted: −128 · Σx per lane, then + Σ (q + 128) · x.
-    macro_rules! dot {
-        ($b:expr) => {{
-            let b = $b;
-            let w = _mm256_xor_si256(_mm256_loadu_si256(c.add(b * BLOCK).cast()), flip);
-            let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
-            let init = _mm256_loadu_si256(off.add(b * 8).cast());
-            _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(init, w, x))
-        }};
-    }
-    // Even blocks into `acc0`, odd ones into `acc1`, two per iteration so that both stay
-    // in registers (as `dequant_blocks!` does).
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut sc = _mm512_setzero_ps();
-    let mut b = 0;
-    while b + 2 <= n {
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); A], [_mm256_setzero_ps(); A]);
+    let mut sc = [_mm512_setzero_ps(); A];
+    for b in 0..n {
         if b % 16 == 0 {
-            sc = widen16_times(scales, &act.scales, b);
+            let ws = widen16(scales, b);
+            for a in 0..A {
+                let xs = _mm512_maskz_loadu_ps(lanes16(n - b), acts[a].scales.as_ptr().add(b));
+                sc[a] = _mm512_mul_ps(ws, xs);
+            }
         }
-        let (d0, d1) = (dot!(b), dot!(b + 1));
-        acc0 = _mm256_fmadd_ps(d0, _mm512_castps512_ps256(lane(sc, b % 16)), acc0);
-        acc1 = _mm256_fmadd_ps(d1, _mm512_castps512_ps256(lane(sc, (b + 1) % 16)), acc1);
-        b += 2;
-    }
-    if b < n {
-        if b % 16 == 0 {
-            sc = widen16_times(scales, &act.scales, b);
+        // Block b's integer dot products: −128 · Σx per lane, then + Σ (q + 128) · x.
+        let w = _mm256_xor_si256(_mm256_loadu_si256(c.add(b * BLOCK).cast()), flip);
+        for a in 0..A {
+            debug_assert!(acts[a].codes.len() >= n * BLOCK && acts[a].offset_q8.len() >= n * 8);
+            let x = _mm256_loadu_si256(acts[a].codes.as_ptr().add(b * BLOCK).cast());
+            let init = _mm256_loadu_si256(acts[a].offset_q8.as_ptr().add(b * 8).cast());
+            let d = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(init, w, x));
+            let s = _mm512_castps512_ps256(lane(sc[a], b % 16));
+            if b % 2 == 0 {
+                acc0[a] = _mm256_fmadd_ps(d, s, acc0[a]);
+            } else {
+                acc1[a] = _mm256_fmadd_ps(d, s, acc1[a]);
+            }
         }
-        acc0 = _mm256_fmadd_ps(dot!(b), _mm512_castps512_ps256(lane(sc, b % 16)), acc0);
     }
-    let s = _mm256_add_ps(acc0, acc1);
-    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-    _mm_cvtss_f32(s)
+    let mut out = [0f32; A];
+    for a in 0..A {
+        let s = _mm256_add_ps(acc0[a], acc1[a]);
+        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        out[a] = _mm_cvtss_f32(s);
+    }
+    out
 }
 
-/// One q4_0 row (`MINS` false) or q4_1 row (`MINS` true) by VNNI, two blocks per 512-bit
-/// register: nibbles unpacked to `[b₀ lo, b₁ lo, b₀ hi, b₁ hi]`, against the activation in
-/// that layout; each block's weight scale `scales[b]` times the activation's (in f32, as
-/// the twin does). q4_0 preloads the offset −8·Σx in the accumulator; q4_1 starts from 0
-/// and adds `Σ_b mins[b] · block_sums[b]`, 16 blocks at a time.
+/// One q4_0 row (`MINS` false) or q4_1 row (`MINS` true) by VNNI against `A` activations,
+/// two blocks per 512-bit register: nibbles unpacked (once for all `A`) to `[b₀ lo, b₁ lo,
+/// b₀ hi, b₁ hi]`, against each activation in that layout; each block's weight scale
+/// `scales[b]` times the activation's (in f32, as the twin does). q4_0 preloads the offset
+/// −8·Σx in the accumulator; q4_1 starts from 0 and adds `Σ_b mins[b] · block_sums[b]`, 16
+/// blocks at a time. Each activation's sum is the same whatever `A`.
 ///
 /// # Safety
 /// avx512f/bw/vl/vnni are available; `codes.len() ≥ 16·n` and, with `MINS`,
-/// `mins.len() ≥ n` for `n = scales.len()`, and `act` quantized from an `x` of `32·n`
-/// values.
+/// `mins.len() ≥ n` for `n = scales.len()`, and every activation quantized from an `x` of
+/// `32·n` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn q4_int8_row<const MINS: bool>(
+unsafe fn q4_int8_rows<const MINS: bool, const A: usize>(
     codes: &[u8],
     scales: &[f16],
     mins: &[f16],
-    act: &Activation,
-) -> f32 {
+    acts: [&Activation; A],
+) -> [f32; A] {
     let n = scales.len();
-    debug_assert!(codes.len() >= n * BLOCK / 2 && act.codes_q4.len() >= n * BLOCK);
-    debug_assert!(act.offset_q4.len() >= n * 8 && act.block_sums.len() >= n);
+    debug_assert!(codes.len() >= n * BLOCK / 2);
     debug_assert!(!MINS || mins.len() >= n);
-    let (c, xq, off) = (
-        codes.as_ptr(),
-        act.codes_q4.as_ptr(),
-        act.offset_q4.as_ptr(),
-    );
+    let c = codes.as_ptr();
     let low = _mm256_set1_epi8(0x0F);
     // Lanes 0–3 and 8–11 belong to the first block of a pair, 4–7 and 12–15 to the second.
     let pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
     let two = _mm512_set1_epi32(2);
-    let mut acc = _mm512_setzero_ps();
-    let (mut sc, mut idx) = (_mm512_setzero_ps(), pick);
+    let mut acc = [_mm512_setzero_ps(); A];
+    let mut sc = [_mm512_setzero_ps(); A];
+    let mut idx = pick;
     let mut b = 0;
     while b + 2 <= n {
         // `b` is even, so a pair never straddles two groups of 16.
         if b % 16 == 0 {
-            sc = widen16_times(scales, &act.scales, b);
+            let ws = widen16(scales, b);
+            for a in 0..A {
+                let xs = _mm512_maskz_loadu_ps(lanes16(n - b), acts[a].scales.as_ptr().add(b));
+                sc[a] = _mm512_mul_ps(ws, xs);
+            }
             idx = pick;
         }
         let v = _mm256_loadu_si256(c.add(b * BLOCK / 2).cast());
         let lo = _mm256_and_si256(v, low);
         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
         let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-        let x = _mm512_loadu_si512(xq.add(b * BLOCK).cast());
-        let init = if MINS {
-            _mm512_setzero_si512()
-        } else {
-            _mm512_loadu_si512(off.add(b * 8).cast())
-        };
-        let dot = _mm512_dpbusd_epi32(init, w, x);
-        // The pair's two combined scales, lanes b % 16 and the next, spread as `pick` says
-        // (`idx` = `pick` + b % 16, stepped by 2 in a register).
-        let s = _mm512_permutexvar_ps(idx, sc);
+        for a in 0..A {
+            let act = acts[a];
+            debug_assert!(act.codes_q4.len() >= n * BLOCK && act.offset_q4.len() >= n * 8);
+            let x = _mm512_loadu_si512(act.codes_q4.as_ptr().add(b * BLOCK).cast());
+            let init = if MINS {
+                _mm512_setzero_si512()
+            } else {
+                _mm512_loadu_si512(act.offset_q4.as_ptr().add(b * 8).cast())
+            };
+            let dot = _mm512_dpbusd_epi32(init, w, x);
+            // The pair's two combined scales, lanes b % 16 and the next, spread as `pick`
+            // says (`idx` = `pick` + b % 16, stepped by 2 in a register).
+            let s = _mm512_permutexvar_ps(idx, sc[a]);
+            acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[a]);
+        }
         idx = _mm512_add_epi32(idx, two);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc);
         b += 2;
     }
-    let mut total = _mm512_reduce_add_ps(acc);
+    let mut total = [0f32; A];
+    for a in 0..A {
+        total[a] = _mm512_reduce_add_ps(acc[a]);
+    }
     if b < n {
         // The last, unpaired block: natural order, 256 bits.
         let v = _mm_loadu_si128(c.add(b * BLOCK / 2).cast());
         let lo = _mm_and_si128(v, _mm256_castsi256_si128(low));
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), _mm256_castsi256_si128(low));
         let w = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi);
-        let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
-        let init = if MINS {
-            _mm256_setzero_si256()
-        } else {
-            _mm256_loadu_si256(off.add(b * 8).cast())
-        };
-        let dot = _mm256_dpbusd_epi32(init, w, x);
-        let mut lanes = [0i32; 8];
-        _mm256_storeu_si256(lanes.as_mut_ptr().cast(), dot);
-        let scale = scales[b].to_f32() * *act.scales.get_unchecked(b);
-        total += lanes.iter().sum::<i32>() as f32 * scale;
+        for a in 0..A {
+            let act = acts[a];
+            let x = _mm256_loadu_si256(act.codes_q4.as_ptr().add(b * BLOCK).cast());
+            let init = if MINS {
+                _mm256_setzero_si256()
+            } else {
+                _mm256_loadu_si256(act.offset_q4.as_ptr().add(b * 8).cast())
+            };
+            let dot = _mm256_dpbusd_epi32(init, w, x);
+            let mut lanes = [0i32; 8];
+            _mm256_storeu_si256(lanes.as_mut_ptr().cast(), dot);
+            let scale = scales[b].to_f32() * *act.scales.get_unchecked(b);
+            total[a] += lanes.iter().sum::<i32>() as f32 * scale;
+        }
     }
     if MINS {
-        total += mins_dot(&mins[..n], &act.block_sums);
+        for a in 0..A {
+            total[a] += mins_dot(&mins[..n], &acts[a].block_sums);
+        }
     }
     total
 }
