@@ -204,6 +204,11 @@ fn variants() -> Vec<QuantKernels> {
             if qk.uses_vnni() {
                 all.push(qk.without_vnni());
             }
+            // The AVX2 level's VNNI code, by the AVX-512 encoding of its instruction, where
+            // the CPU has no AVX-VNNI to run it natively.
+            if let Some(evex) = qk.avx2_vnni_by_avx512().filter(|_| !qk.uses_vnni()) {
+                all.push(evex);
+            }
         }
     }
     all
@@ -246,6 +251,21 @@ fn the_default_method_is_int8_and_every_level_is_covered() {
             assert_eq!(q.uses_vnni(), qk::vnni_available(k.isa()), "{}", k.isa());
             assert!(!QuantKernels::new(k, QuantMethod::Dequant).uses_vnni());
         }
+        // The AVX2 level's VNNI code runs here one way or the other wherever the CPU has
+        // either VNNI: natively with AVX-VNNI, else by its AVX-512 VL encoding.
+        let avx512_vnni = std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni");
+        if Isa::supported().any(|i| i == Isa::Avx2)
+            && (qk::vnni_available(Isa::Avx2) || avx512_vnni)
+        {
+            assert!(
+                v.iter()
+                    .any(|q| q.kernels().isa() == Isa::Avx2 && q.uses_vnni()),
+                "the AVX2 level's VNNI kernels are not among the tested variants"
+            );
+        }
+        let dequant = QuantKernels::new(Kernels::all_supported()[0], QuantMethod::Dequant);
+        assert!(dequant.avx2_vnni_by_avx512().is_none());
     }
     // Names round-trip; anything else is a typed error.
     for m in QuantMethod::ALL {

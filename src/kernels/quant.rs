@@ -129,8 +129,12 @@ pub fn vnni_available(isa: Isa) -> bool {
 pub struct QuantKernels {
     kernels: Kernels,
     method: QuantMethod,
-    /// Invariant: true only for `Int8` where [`vnni_available`] holds for the level.
+    /// Invariant: true only for `Int8` where [`vnni_available`] holds for the level, or
+    /// where `evex` is.
     vnni: bool,
+    /// Invariant: true only for `Int8` at the AVX2 level with `vnni`, on a CPU with AVX-512
+    /// VL and VNNI ([`Self::avx2_vnni_by_avx512`]).
+    evex: bool,
 }
 
 impl QuantKernels {
@@ -141,7 +145,30 @@ impl QuantKernels {
             kernels,
             method,
             vnni,
+            evex: false,
         }
+    }
+
+    /// The AVX2 level's VNNI kernels with `vpdpbusd` in its AVX-512 VL encoding instead of
+    /// AVX-VNNI's, where the CPU has AVX-512 VL and VNNI; `None` elsewhere, or for another
+    /// level or method. The same code as AVX-VNNI's but the encoding: the tests run it on
+    /// AVX-512 machines, which have no AVX-VNNI (AMD Zen 4, Intel Xeon before Sapphire Rapids),
+    /// nor do emulators (qemu's TCG lacks AVX-VNNI).
+    #[doc(hidden)]
+    pub fn avx2_vnni_by_avx512(self) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if self.kernels.isa() == Isa::Avx2
+            && self.method == QuantMethod::Int8
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+        {
+            return Some(QuantKernels {
+                vnni: true,
+                evex: true,
+                ..self
+            });
+        }
+        None
     }
 
     /// `method` at the process's level ([`isa::active`]).
@@ -154,6 +181,7 @@ impl QuantKernels {
     pub fn without_vnni(self) -> Self {
         QuantKernels {
             vnni: false,
+            evex: false,
             ..self
         }
     }
@@ -180,6 +208,7 @@ impl QuantKernels {
             (QuantMethod::Dequant, _, _) => "dequant",
             (QuantMethod::Int8, Isa::Portable, _) => "int8 (scalar)",
             (QuantMethod::Int8, Isa::Avx512, true) => "int8 (avx512-vnni)",
+            (QuantMethod::Int8, _, true) if self.evex => "int8 (avx-vnni code, avx512vl encoding)",
             (QuantMethod::Int8, _, true) => "int8 (avx-vnni)",
             (QuantMethod::Int8, _, false) => "int8 (maddubs)",
         }
@@ -227,6 +256,12 @@ impl QuantKernels {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx512, false) => unsafe { entry::avx512_int8_rows(m, acts, y) },
+            // SAFETY: as above; `evex` only where AVX-512 VL and VNNI were detected
+            // (`Self::avx2_vnni_by_avx512`).
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, true) if self.evex => unsafe {
+                entry::avx2_int8_rows_vnni_evex(m, acts, y)
+            },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx2, true) => unsafe { entry::avx2_int8_rows_vnni(m, acts, y) },
@@ -507,7 +542,7 @@ mod entry {
             => avx512::dequant_rows(m, x, xsum, y);
         /// Int8 rows at the AVX-512 level without VNNI: the AVX2 code.
         fn avx512_int8_rows(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32])
-            => avx2::int8_rows::<false>(m, acts, y);
+            => avx2::int8_rows::<{ avx2::NO_VNNI }>(m, acts, y);
         /// Rows widened to f32 at the AVX-512 level (the AVX2 code).
         fn avx512_widen_rows(m: QMatrix<'_>, out: &mut [f32]) => avx2::widen_rows(m, out);
         /// The activation quantized at the AVX-512 level, where its loops vectorize 16 wide
@@ -529,7 +564,7 @@ mod entry {
             => avx2::dequant_rows(m, x, xsum, y);
         /// Int8 rows by `vpmaddubsw` + `vpmaddwd`.
         fn avx2_int8_rows(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32])
-            => avx2::int8_rows::<false>(m, acts, y);
+            => avx2::int8_rows::<{ avx2::NO_VNNI }>(m, acts, y);
         /// Rows widened to f32 at the AVX2 level.
         fn avx2_widen_rows(m: QMatrix<'_>, out: &mut [f32]) => avx2::widen_rows(m, out);
         /// The activation quantized at the AVX2 level (8 wide).
@@ -540,7 +575,15 @@ mod entry {
         "avx,avx2,avxvnni,fma,f16c,bmi1,bmi2,lzcnt,popcnt,sse3,ssse3,sse4.1,sse4.2":
         /// Int8 rows by AVX-VNNI `vpdpbusd` on 256-bit registers.
         fn avx2_int8_rows_vnni(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32])
-            => avx2::int8_rows::<true>(m, acts, y);
+            => avx2::int8_rows::<{ avx2::AVX_VNNI }>(m, acts, y);
+    }
+
+    at_level! {
+        "avx,avx2,avx512f,avx512vl,avx512vnni,fma,f16c,bmi1,bmi2,lzcnt,popcnt,sse3,ssse3,sse4.1,sse4.2":
+        /// The AVX-VNNI int8 rows with `vpdpbusd` in its AVX-512 VL encoding: the tests' way to
+        /// run that code on AVX-512 VNNI CPUs without AVX-VNNI.
+        fn avx2_int8_rows_vnni_evex(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32])
+            => avx2::int8_rows::<{ avx2::AVX512VL_VNNI }>(m, acts, y);
     }
 }
 

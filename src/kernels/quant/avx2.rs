@@ -6,13 +6,33 @@
 //! `#[target_feature]` entry points of `super::entry` (the AVX2 level's, and the AVX-512
 //! level's where AVX-512 has no better code), never as calls of their own, so the intrinsics
 //! inline into the entry point. Their safety contract: the entry point's features are
-//! available (AVX2, FMA, F16C; `avxvnni` where `VNNI` is true) and the slices are as long as
+//! available (AVX2, FMA, F16C; `avxvnni` where `VNNI` is `AVX_VNNI`, `avx512vl` and
+//! `avx512vnni` where it is `AVX512VL_VNNI`) and the slices are as long as
 //! each function says.
 
 use super::activation::{check_rows, check_rows_batch, Activation};
 use crate::quant::{QMatrix, QuantFormat, BLOCK};
 use half::f16;
 use std::arch::x86_64::*;
+
+/// The int8 kernels' `VNNI` parameter: `vpmaddubsw` + `vpmaddwd`.
+pub(super) const NO_VNNI: u8 = 0;
+/// The int8 kernels' `VNNI` parameter: AVX-VNNI `vpdpbusd` (VEX), where the CPU has it.
+pub(super) const AVX_VNNI: u8 = 1;
+/// The int8 kernels' `VNNI` parameter: the same `vpdpbusd` on 256-bit registers by its
+/// AVX-512 VL + VNNI encoding (EVEX). Only the tests take it: it runs the AVX-VNNI code path,
+/// instruction for instruction but the encoding, on AVX-512 VNNI CPUs without AVX-VNNI.
+pub(super) const AVX512VL_VNNI: u8 = 2;
+
+/// `vpdpbusd` on 256-bit registers in the encoding `VNNI` names (never `NO_VNNI`).
+#[inline(always)]
+unsafe fn dpbusd<const VNNI: u8>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    if VNNI == AVX512VL_VNNI {
+        _mm256_dpbusd_epi32(acc, a, b)
+    } else {
+        _mm256_dpbusd_avx_epi32(acc, a, b)
+    }
+}
 
 /// The scales of blocks `b0..b0 + 8` widened to f32 (fewer at the end of the row, the rest
 /// 0): one `vcvtph2ps` per 8 blocks. Needs `b0 < scales.len()`.
@@ -236,7 +256,7 @@ pub(super) unsafe fn dequant_rows(m: QMatrix<'_>, x: &[f32], xsum: &[f32], y: &m
 /// `−128 · Σx` per lane (32-bit sums, no saturation). Needs `codes.len() ≥ 32·n`, `act`
 /// quantized from `32·n` values, `n = scales.len()`.
 #[inline(always)]
-unsafe fn q8_int8_row<const VNNI: bool>(codes: &[u8], scales: &[f16], act: &Activation) -> f32 {
+unsafe fn q8_int8_row<const VNNI: u8>(codes: &[u8], scales: &[f16], act: &Activation) -> f32 {
     let n = scales.len();
     debug_assert!(codes.len() >= n * BLOCK && act.codes.len() >= n * BLOCK);
     debug_assert!(act.offset_q8.len() >= n * 8);
@@ -252,9 +272,9 @@ unsafe fn q8_int8_row<const VNNI: bool>(codes: &[u8], scales: &[f16], act: &Acti
         ($b:expr) => {{
             let w = _mm256_loadu_si256(c.add($b * BLOCK).cast());
             let x = _mm256_loadu_si256(xq.add($b * BLOCK).cast());
-            let dot = if VNNI {
+            let dot = if VNNI != NO_VNNI {
                 let init = _mm256_loadu_si256(off.add($b * 8).cast());
-                _mm256_dpbusd_avx_epi32(init, _mm256_xor_si256(w, flip), x)
+                dpbusd::<VNNI>(init, _mm256_xor_si256(w, flip), x)
             } else {
                 let (u, s) = (_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
                 _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones)
@@ -276,7 +296,7 @@ unsafe fn q8_int8_row<const VNNI: bool>(codes: &[u8], scales: &[f16], act: &Acti
 /// order. Needs `codes.len() ≥ 16·n` (and `mins.len() ≥ n` with `MINS`), `act` quantized
 /// from `32·n` values, `n = scales.len()`.
 #[inline(always)]
-unsafe fn q4_int8_row<const MINS: bool, const VNNI: bool>(
+unsafe fn q4_int8_row<const MINS: bool, const VNNI: u8>(
     codes: &[u8],
     scales: &[f16],
     mins: &[f16],
@@ -298,12 +318,12 @@ unsafe fn q4_int8_row<const MINS: bool, const VNNI: bool>(
         ($init:expr, $w:expr, $e:expr, $w2:expr) => {{
             let (init, w, e) = ($init, $w, $e);
             let x = _mm256_loadu_si256(xq.add(e).cast());
-            if VNNI {
-                let acc = _mm256_dpbusd_avx_epi32(init, w, x);
+            if VNNI != NO_VNNI {
+                let acc = dpbusd::<VNNI>(init, w, x);
                 match $w2 {
                     Some(w2) => {
                         let x2 = _mm256_loadu_si256(xq.add(e + 32).cast());
-                        _mm256_dpbusd_avx_epi32(acc, w2, x2)
+                        dpbusd::<VNNI>(acc, w2, x2)
                     }
                     None => acc,
                 }
@@ -416,7 +436,7 @@ unsafe fn sums4(acc0: [__m256; 4], acc1: [__m256; 4]) -> [f32; 4] {
 /// same terms into the same two accumulators, even and odd blocks, and the same final sum):
 /// the weight block is loaded, and its magnitude formed, once for the four.
 #[inline(always)]
-unsafe fn q8_int8_row_acts4<const VNNI: bool>(
+unsafe fn q8_int8_row_acts4<const VNNI: u8>(
     codes: &[u8],
     scales: &[f16],
     acts: &[Activation; 4],
@@ -436,16 +456,16 @@ unsafe fn q8_int8_row_acts4<const VNNI: bool>(
             }
         }
         let w = _mm256_loadu_si256(c.add(b * BLOCK).cast());
-        let (u, wf) = if VNNI {
+        let (u, wf) = if VNNI != NO_VNNI {
             (_mm256_xor_si256(w, flip), w)
         } else {
             (_mm256_sign_epi8(w, w), w)
         };
         for a in 0..4 {
             let x = _mm256_loadu_si256(acts[a].codes.as_ptr().add(b * BLOCK).cast());
-            let dot = if VNNI {
+            let dot = if VNNI != NO_VNNI {
                 let init = _mm256_loadu_si256(acts[a].offset_q8.as_ptr().add(b * 8).cast());
-                _mm256_dpbusd_avx_epi32(init, u, x)
+                dpbusd::<VNNI>(init, u, x)
             } else {
                 _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, wf)), ones)
             };
@@ -465,7 +485,7 @@ unsafe fn q8_int8_row_acts4<const VNNI: bool>(
 /// last block into the first, the same final sums): a pair's nibbles are split once for the
 /// four.
 #[inline(always)]
-unsafe fn q4_int8_row_acts4<const MINS: bool, const VNNI: bool>(
+unsafe fn q4_int8_row_acts4<const MINS: bool, const VNNI: u8>(
     codes: &[u8],
     scales: &[f16],
     mins: &[f16],
@@ -493,12 +513,10 @@ unsafe fn q4_int8_row_acts4<const MINS: bool, const VNNI: bool>(
                 _mm256_loadu_si256(act.offset_q4y.as_ptr().add($b * 4).cast())
             };
             let x = _mm256_loadu_si256(xq.add(e).cast());
-            if VNNI {
-                let d = _mm256_dpbusd_avx_epi32(init, $w, x);
+            if VNNI != NO_VNNI {
+                let d = dpbusd::<VNNI>(init, $w, x);
                 match $w2 {
-                    Some(w2) => {
-                        _mm256_dpbusd_avx_epi32(d, w2, _mm256_loadu_si256(xq.add(e + 32).cast()))
-                    }
+                    Some(w2) => dpbusd::<VNNI>(d, w2, _mm256_loadu_si256(xq.add(e + 32).cast())),
                     None => d,
                 }
             } else {
@@ -571,11 +589,7 @@ unsafe fn q4_int8_row_acts4<const MINS: bool, const VNNI: bool>(
 /// (a row's codes stay in L1 while the activations pass over them). `y.len()` and the
 /// activations' lengths are checked.
 #[inline(always)]
-pub(super) unsafe fn int8_rows<const VNNI: bool>(
-    m: QMatrix<'_>,
-    acts: &[Activation],
-    y: &mut [f32],
-) {
+pub(super) unsafe fn int8_rows<const VNNI: u8>(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32]) {
     let rows_n = m.rows;
     let Some(rows) = check_rows_batch(m, acts, y) else {
         return;
