@@ -31,18 +31,18 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use prefix::PrefixCacheStats;
 pub use request::{
     CancelHandle, CompletionRequest, Event, FinishReason, SessionInfo, Sink, Target, TokenLogprob,
     Usage, MAX_LOGPROBS,
 };
-pub use prefix::PrefixCacheStats;
 pub use sessions::SessionStats;
 pub use store::{DiskStore, SessionKey, SessionMeta, SessionStore, StoredSession};
 
 pub use error::{Error, Result};
 use performer::{Model, State};
-use scheduler::{Cmd, Job, Scheduler};
 use prefix::PrefixCache;
+use scheduler::{Cmd, Job, Scheduler};
 use sessions::Sessions;
 
 /// [`EngineConfig::prefix_cache_memory`] by default: 512 MiB, half the default session

@@ -98,12 +98,7 @@ fn cached_prefixes_change_no_bit_of_the_output() {
     let cached = engine(&model, 256 << 20);
     let plain = engine(&model, 0);
     let base = tokens(1, 3000);
-    let (ta, tb, tc, td) = (
-        tokens(2, 40),
-        tokens(3, 100),
-        tokens(4, 400),
-        tokens(5, 50),
-    );
+    let (ta, tb, tc, td) = (tokens(2, 40), tokens(3, 100), tokens(4, 400), tokens(5, 50));
     use Target::{NewSession as New, Stateless as Sl};
     #[rustfmt::skip]
     let steps: Vec<(&str, Vec<u32>, Target, usize, usize)> = vec![
@@ -135,7 +130,10 @@ fn cached_prefixes_change_no_bit_of_the_output() {
         };
         let (with, with_out) = ask(&cached);
         let (without, without_out) = ask(&plain);
-        assert_eq!(with_out, without_out, "{what}: the cache changed the output");
+        assert_eq!(
+            with_out, without_out,
+            "{what}: the cache changed the output"
+        );
         assert_eq!(with, resumed, "{what}: resumed past {with} tokens");
         assert_eq!(without, 0, "{what}: the engine without a cache resumed");
         expected_hits += usize::from(resumed > 0);
@@ -143,7 +141,10 @@ fn cached_prefixes_change_no_bit_of_the_output() {
     let stats = cached.stats().prefix_cache;
     assert_eq!(stats.hits as usize, expected_hits);
     assert_eq!(stats.misses as usize, 11 - expected_hits);
-    assert!(stats.entries > 0 && stats.bytes <= stats.budget, "{stats:?}");
+    assert!(
+        stats.entries > 0 && stats.bytes <= stats.budget,
+        "{stats:?}"
+    );
     let off = plain.stats().prefix_cache;
     assert_eq!((off.hits, off.misses, off.entries, off.bytes), (0, 0, 0, 0));
 
@@ -151,7 +152,12 @@ fn cached_prefixes_change_no_bit_of_the_output() {
     let s = cached.create_session("t", base[..300].to_vec()).unwrap();
     let before = cached.stats().prefix_cache;
     let done = cached
-        .complete(request("t", base[300..600].to_vec(), Target::Session(s.id), 1))
+        .complete(request(
+            "t",
+            base[300..600].to_vec(),
+            Target::Session(s.id),
+            1,
+        ))
         .unwrap();
     assert_eq!(done.usage.cached_tokens, 0);
     let after = cached.stats().prefix_cache;
@@ -216,7 +222,10 @@ fn concurrent_requests_with_a_shared_head_match_the_uncached_engine() {
             if wave == 1 {
                 // 1024 (a row block's end, kept as the fourth slice boundary) is the longest
                 // cached point inside the shared head.
-                assert!(resumed >= 1024, "wave 1, prompt {i}: resumed past {resumed}");
+                assert!(
+                    resumed >= 1024,
+                    "wave 1, prompt {i}: resumed past {resumed}"
+                );
             }
         }
     }
@@ -251,7 +260,11 @@ fn the_budget_holds_and_the_least_recently_used_entry_goes() {
         assert_eq!(ask(i), 0);
     }
     assert_eq!(cached.stats().prefix_cache.entries, 3);
-    assert_eq!(ask(0), 200, "A is cached; it becomes the most recently used");
+    assert_eq!(
+        ask(0),
+        200,
+        "A is cached; it becomes the most recently used"
+    );
     assert_eq!(ask(3), 0, "D is new: B, the least recently used, goes");
     let s = cached.stats().prefix_cache;
     assert_eq!((s.entries, s.evictions), (3, 1));

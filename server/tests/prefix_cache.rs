@@ -105,9 +105,15 @@ async fn cached_tokens_are_reported_and_counted() {
     // The first prompt left 256, 512 and 600; each later one its own end.
     assert_eq!(metric(&m, "performer_prefix_cache_entries"), 5);
     let stats = s.engine.stats().prefix_cache;
-    assert_eq!(metric(&m, "performer_prefix_cache_bytes"), stats.bytes as u64);
+    assert_eq!(
+        metric(&m, "performer_prefix_cache_bytes"),
+        stats.bytes as u64
+    );
     let state = performer::State::new(&model).size_bytes();
-    assert!(stats.bytes > 5 * state && stats.bytes <= stats.budget, "{stats:?}");
+    assert!(
+        stats.bytes > 5 * state && stats.bytes <= stats.budget,
+        "{stats:?}"
+    );
     // Only the tokens past the cached heads were ingested.
     assert_eq!(
         metric(&m, "performer_prompt_tokens_total"),
@@ -128,7 +134,10 @@ async fn a_disabled_cache_reports_zero_cached_tokens() {
                 json!({"prompt": prompt, "max_tokens": 4, "temperature": 0}),
             )
             .await;
-        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{v}");
+        assert_eq!(
+            v["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+            "{v}"
+        );
     }
     let m = s.metrics().await;
     assert_eq!(metric(&m, "performer_prefix_cache_hits_total"), 0);
