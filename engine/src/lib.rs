@@ -2,7 +2,8 @@
 //! takes requests over a channel and batches them continuously (every tick advances each
 //! active generation by one token through [`Model::step_batch`]; prompts are ingested in
 //! bounded slices between ticks). It also keeps the session table: states with owner and metadata, an LRU memory budget
-//! with spill to a [`SessionStore`], and idle expiry.
+//! with spill to a [`SessionStore`], and idle expiry; and a prefix-state cache, from which a
+//! prompt that shares its head with a recent one resumes (docs/serving.md).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -17,6 +18,7 @@
 //! ```
 
 pub mod error;
+mod prefix;
 mod request;
 mod scheduler;
 mod sessions;
@@ -29,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use prefix::PrefixCacheStats;
 pub use request::{
     CancelHandle, CompletionRequest, Event, FinishReason, SessionInfo, Sink, Target, TokenLogprob,
     Usage, MAX_LOGPROBS,
@@ -38,8 +41,14 @@ pub use store::{DiskStore, SessionKey, SessionMeta, SessionStore, StoredSession}
 
 pub use error::{Error, Result};
 use performer::{Model, State};
+use prefix::PrefixCache;
 use scheduler::{Cmd, Job, Scheduler};
 use sessions::Sessions;
+
+/// [`EngineConfig::prefix_cache_memory`] by default: 512 MiB, half the default session
+/// memory; about 36 states of the gpt2-small shape (14 MiB each), six prompts' worth of kept
+/// boundaries.
+pub const DEFAULT_PREFIX_CACHE_MEMORY: usize = 512 << 20;
 
 /// Limits and sizes of an [`Engine`].
 #[derive(Debug, Clone)]
@@ -69,6 +78,12 @@ pub struct EngineConfig {
     /// prefilled); beyond, [`Error::TenantQueueFull`]. Prompts are ingested in turns between
     /// jobs, so this bounds how much of the prefill time one tenant can claim.
     pub max_tenant_prompt_tokens: usize,
+    /// Bytes of the prefix-state cache: states at slice boundaries of recent prompts
+    /// (stateless completions and sessions created from a prompt), from which a later prompt
+    /// of the same tenant with the same head resumes instead of ingesting it again (output
+    /// bit for bit the same). Each entry is one state, whatever the prefix length; past the
+    /// budget the least recently used go. 0 disables the cache.
+    pub prefix_cache_memory: usize,
 }
 
 impl Default for EngineConfig {
@@ -84,6 +99,7 @@ impl Default for EngineConfig {
             max_session_memory: 1 << 30,
             session_ttl: None,
             max_tenant_prompt_tokens: 1 << 21,
+            prefix_cache_memory: DEFAULT_PREFIX_CACHE_MEMORY,
         }
     }
 }
@@ -101,6 +117,9 @@ pub trait Observer: Send + Sync {
     fn prompt_tokens(&self, _n: usize) {}
     /// Tokens sampled.
     fn generated_tokens(&self, _n: usize) {}
+    /// A prompt looked up in the prefix cache: the prompt tokens it resumes past (0: a miss).
+    /// Only with the cache enabled, for prompts that start from a fresh state.
+    fn prefix_lookup(&self, _cached_tokens: usize) {}
 }
 
 /// What the scheduler and the callers share.
@@ -108,6 +127,8 @@ pub(crate) struct Shared {
     pub(crate) model: Arc<Model>,
     pub(crate) config: EngineConfig,
     pub(crate) sessions: Mutex<Sessions>,
+    /// The prefix-state cache: used by the scheduler thread, read for stats.
+    pub(crate) prefix: Mutex<PrefixCache>,
     pub(crate) observer: Option<Arc<dyn Observer>>,
     /// Choices queued or running.
     pub(crate) inflight: AtomicUsize,
@@ -166,6 +187,8 @@ pub struct EngineStats {
     pub inflight: usize,
     /// The session table.
     pub sessions: SessionStats,
+    /// The prefix-state cache.
+    pub prefix_cache: PrefixCacheStats,
 }
 
 /// A finished choice of [`Engine::complete`].
@@ -241,10 +264,12 @@ impl Engine {
             config.session_ttl,
         )?;
         let shared_store = sessions.shared_store();
+        let prefix = PrefixCache::new(config.prefix_cache_memory);
         let shared = Arc::new(Shared {
             model,
             config,
             sessions: Mutex::new(sessions),
+            prefix: Mutex::new(prefix),
             observer,
             inflight: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
@@ -297,6 +322,7 @@ impl Engine {
             queued: self.shared.queued.load(Ordering::Relaxed),
             inflight: self.shared.inflight.load(Ordering::Relaxed),
             sessions: self.sessions().stats(),
+            prefix_cache: self.shared.prefix.lock().expect("poisoned").stats(),
         }
     }
 

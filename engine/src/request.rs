@@ -104,6 +104,9 @@ pub struct Usage {
     pub prompt_tokens: usize,
     /// Tokens returned to the caller over all choices.
     pub completion_tokens: usize,
+    /// Prompt tokens not ingested because the prefix cache held a state that had consumed
+    /// them (counted in `prompt_tokens` too; OpenAI's `prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: usize,
 }
 
 /// A session's metadata.

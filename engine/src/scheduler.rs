@@ -6,6 +6,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::prefix;
 use super::request::{
     token_logprob, CancelHandle, CompletionRequest, Event, FinishReason, Sink, Target,
     TokenLogprob, Usage,
@@ -43,6 +44,11 @@ pub(crate) struct Job {
     /// Whether the prompt still counts in its tenant's queued prompt tokens (until it is
     /// ingested or the job ends).
     pub(crate) prompt_counted: std::cell::Cell<bool>,
+    /// Prompt tokens the prefix cache's state held at admission.
+    cached: usize,
+    /// Slice ends at which the prompt's state goes to the prefix cache, ascending, with the
+    /// hashes of the prefixes they end.
+    snapshots: VecDeque<(usize, u64)>,
 }
 
 enum Phase {
@@ -92,6 +98,8 @@ impl Job {
             cancelled: false,
             seq: 0,
             prompt_counted: std::cell::Cell::new(true),
+            cached: 0,
+            snapshots: VecDeque::new(),
         }
     }
 
@@ -299,7 +307,7 @@ impl Scheduler {
                     match taken {
                         Ok(st) => {
                             job.original = Some(st.clone());
-                            st
+                            Some(st)
                         }
                         Err(e) => {
                             rows -= job.req.n;
@@ -308,16 +316,41 @@ impl Scheduler {
                         }
                     }
                 }
-                _ => State::new(&self.shared.model),
+                _ => None,
+            };
+            let (state, done) = match state {
+                Some(st) => (st, 0),
+                None => self.start_state(&mut job),
             };
             job.phase = Phase::Prefill {
                 state: Box::new(state),
-                done: 0,
+                done,
             };
             self.admitted += 1;
             job.seq = self.admitted;
             self.active.push(job);
         }
+    }
+
+    /// The state a job's prompt starts from, which has consumed the returned number of its
+    /// tokens: the prefix cache's for the longest cached head of the prompt, else a fresh one.
+    /// Records where the job leaves states in the cache.
+    fn start_state(&self, job: &mut Job) -> (State, usize) {
+        let model = &self.shared.model;
+        let prompt = &job.req.prompt;
+        let mut cache = self.shared.prefix.lock().expect("poisoned");
+        if !cache.enabled() || prompt.is_empty() {
+            return (State::new(model), 0);
+        }
+        let points = prefix::slice_points(model, prompt.len(), self.prefill_slice);
+        let plan = cache.plan(&job.req.tenant, prompt, &points);
+        drop(cache);
+        if let Some(o) = &self.shared.observer {
+            o.prefix_lookup(plan.cached);
+        }
+        job.cached = plan.cached;
+        job.snapshots = plan.store.into();
+        (plan.state.unwrap_or_else(|| State::new(model)), plan.cached)
     }
 
     /// Ingests prompt slices: each job's prompt in slices of about `prefill_slice` tokens
@@ -365,6 +398,17 @@ impl Scheduler {
                 }
                 if let Some(o) = &self.shared.observer {
                     o.prompt_tokens(slice.len());
+                }
+                // Slice ends are where `slice_points` put them, so the planned points come up
+                // in order.
+                if let Some(&(p, hash)) = job.snapshots.front().filter(|s| s.0 == end) {
+                    job.snapshots.pop_front();
+                    self.shared.prefix.lock().expect("poisoned").insert(
+                        &job.req.tenant,
+                        &prompt[..p],
+                        hash,
+                        state,
+                    );
                 }
             }
             if *done == prompt.len() {
@@ -540,6 +584,7 @@ impl Scheduler {
         let usage = Usage {
             prompt_tokens: job.req.prompt.len(),
             completion_tokens: returned,
+            cached_tokens: job.cached,
         };
         // A stateless request leaves the session table alone (another thread may hold it while
         // it waits on a slow store).

@@ -45,6 +45,11 @@ pub struct Metrics {
     sessions_disk: Gauge,
     session_memory_bytes: Gauge,
     session_disk_bytes: Gauge,
+    prefix_hits: Counter,
+    prefix_misses: Counter,
+    prefix_cached_tokens: Counter,
+    prefix_bytes: Gauge,
+    prefix_entries: Gauge,
 }
 
 impl Default for Metrics {
@@ -71,6 +76,11 @@ impl Metrics {
             sessions_disk: Gauge::default(),
             session_memory_bytes: Gauge::default(),
             session_disk_bytes: Gauge::default(),
+            prefix_hits: Counter::default(),
+            prefix_misses: Counter::default(),
+            prefix_cached_tokens: Counter::default(),
+            prefix_bytes: Gauge::default(),
+            prefix_entries: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -138,6 +148,31 @@ impl Metrics {
             "Bytes (in memory) of the sessions on disk",
             m.session_disk_bytes.clone(),
         );
+        registry.register(
+            "prefix_cache_hits",
+            "Prompts that resumed from a state of the prefix cache",
+            m.prefix_hits.clone(),
+        );
+        registry.register(
+            "prefix_cache_misses",
+            "Prompts looked up in the prefix cache without a state to resume from",
+            m.prefix_misses.clone(),
+        );
+        registry.register(
+            "prefix_cache_tokens",
+            "Prompt tokens not ingested because the prefix cache held them",
+            m.prefix_cached_tokens.clone(),
+        );
+        registry.register(
+            "prefix_cache_bytes",
+            "Bytes of the prefix cache's states and prefixes",
+            m.prefix_bytes.clone(),
+        );
+        registry.register(
+            "prefix_cache_entries",
+            "States in the prefix cache",
+            m.prefix_entries.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -160,6 +195,8 @@ impl Metrics {
             .set(stats.sessions.memory_bytes as i64);
         self.session_disk_bytes
             .set(stats.sessions.disk_bytes as i64);
+        self.prefix_bytes.set(stats.prefix_cache.bytes as i64);
+        self.prefix_entries.set(stats.prefix_cache.entries as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -182,5 +219,13 @@ impl Observer for Metrics {
     }
     fn generated_tokens(&self, n: usize) {
         self.generated_tokens.inc_by(n as u64);
+    }
+    fn prefix_lookup(&self, cached_tokens: usize) {
+        if cached_tokens > 0 {
+            self.prefix_hits.inc();
+            self.prefix_cached_tokens.inc_by(cached_tokens as u64);
+        } else {
+            self.prefix_misses.inc();
+        }
     }
 }

@@ -251,11 +251,13 @@ pub fn logprobs_json(lps: &[TokenLogprob], offset: usize, tokenizer: &Tokenizer)
     })
 }
 
-/// The `usage` object.
+/// The `usage` object, with `prompt_tokens_details.cached_tokens`: the prompt tokens the
+/// prefix cache's state already held (not ingested again).
 pub fn usage_json(u: &Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     })
 }

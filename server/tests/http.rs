@@ -152,10 +152,11 @@ async fn completions_health_models_metrics_and_errors() {
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["choices"][0]["text"], &want[..want.find(&stop).unwrap()]);
     let prompt_before = prompt_tokens_total(&s.metrics().await);
+    // A prompt not sent before (the prefix cache would resume a repeated one whole).
     let v: Value = s
         .post_json(
             "/v1/completions",
-            json!({"prompt": "The sea", "max_tokens": 8,
+            json!({"prompt": "A storm", "max_tokens": 8,
         "n": 3, "seed": 5, "logprobs": 2}),
         )
         .await;

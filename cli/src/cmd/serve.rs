@@ -47,6 +47,12 @@ pub struct ServeArgs {
     /// recently used go to --session-dir.
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     max_session_memory: usize,
+    /// Bytes of the prefix-state cache (suffixes as above; 0 disables it): states at slice
+    /// boundaries of recent prompts, one state per cached prefix whatever its length, from
+    /// which a later prompt of the same tenant with the same head resumes (output unchanged).
+    /// Least recently used entries go first.
+    #[arg(long, default_value = "512MiB", value_parser = parse_bytes)]
+    prefix_cache_memory: usize,
     /// Directory where sessions spill and persist across restarts (default: memory only).
     #[arg(long, conflicts_with = "session_store")]
     session_dir: Option<PathBuf>,
@@ -111,6 +117,7 @@ pub fn run(a: ServeArgs, threads: Option<usize>, model_dir: PathBuf) -> Result<(
         prefill_chunk: a.prefill_chunk,
         max_tokens: a.max_tokens,
         max_session_memory: a.max_session_memory,
+        prefix_cache_memory: a.prefix_cache_memory,
         max_tenant_prompt_tokens: a.max_tenant_prompt_tokens,
         session_ttl: a.session_ttl.map(Duration::from_secs),
         threads: threads.unwrap_or(EngineConfig::default().threads),
