@@ -22,7 +22,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::completions::{body_bytes, now, random_id, submit, CancelOnDrop};
 use crate::error::ApiError;
-use crate::openai::{parse, token_text, usage_json, CompletionBody, ResponseFormat, Stop, StreamOptions};
+use crate::openai::{
+    parse, token_text, usage_json, CompletionBody, ResponseFormat, Stop, StreamOptions,
+};
 use crate::{App, Tenant};
 
 /// `max_tokens` of a chat completion or a response that gives none: replies end at the
@@ -83,25 +85,26 @@ impl InMessage {
                 ))
             }
         };
-        let content = match &self.content {
-            None => String::new(),
-            Some(Content::Text(t)) => t.clone(),
-            Some(Content::Parts(parts)) => {
-                let mut s = String::new();
-                for p in parts {
-                    match (p.kind.as_str(), &p.text) {
-                        ("text" | "input_text" | "output_text", Some(t)) => s.push_str(t),
-                        (k, _) => {
-                            return Err(ApiError::bad_request(
+        let content =
+            match &self.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut s = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text" | "input_text" | "output_text", Some(t)) => s.push_str(t),
+                            (k, _) => return Err(ApiError::bad_request(
                                 "unsupported_content",
-                                format!("message {at}: content part `{k}` is not supported (text only)"),
-                            ))
+                                format!(
+                                    "message {at}: content part `{k}` is not supported (text only)"
+                                ),
+                            )),
                         }
                     }
+                    s
                 }
-                s
-            }
-        };
+            };
         Ok(Message::new(role, content))
     }
 }
@@ -242,7 +245,10 @@ async fn run(
             })
             .collect();
         drop(guard);
-        Ok(Json(head.object("chat.completion", Value::Array(choices), Some(&c.usage))).into_response())
+        Ok(
+            Json(head.object("chat.completion", Value::Array(choices), Some(&c.usage)))
+                .into_response(),
+        )
     }
 }
 
@@ -303,9 +309,7 @@ fn token_bytes(tokenizer: &Tokenizer, token: u32) -> Vec<u8> {
 
 /// The chat `logprobs` object: `{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}`.
 pub(crate) fn chat_logprobs(lps: &[TokenLogprob], tokenizer: &Tokenizer) -> Value {
-    let entry = |t: u32, lp: f32| {
-        json!({"token": token_text(tokenizer, t), "logprob": lp, "bytes": token_bytes(tokenizer, t)})
-    };
+    let entry = |t: u32, lp: f32| json!({"token": token_text(tokenizer, t), "logprob": lp, "bytes": token_bytes(tokenizer, t)});
     let content: Vec<Value> = lps
         .iter()
         .map(|l| {

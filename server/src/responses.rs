@@ -325,8 +325,8 @@ async fn run(
     let branch = if store || parsed.previous_response_id.is_some() {
         let engine = app.engine.clone();
         let (t, from) = (tenant.clone(), parsed.previous_response_id.clone());
-        let info = blocking(move || engine.branch_session(&t, from.as_deref(), RESPONSE_PREFIX))
-            .await?;
+        let info =
+            blocking(move || engine.branch_session(&t, from.as_deref(), RESPONSE_PREFIX)).await?;
         Some(Branch {
             engine: app.engine.clone(),
             tenant: tenant.clone(),
@@ -449,7 +449,9 @@ pub(crate) async fn delete(
     let engine = app.engine.clone();
     let (t, i) = (tenant.0.clone(), id.clone());
     blocking(move || engine.delete_session(&t, &i)).await?;
-    Ok(Json(json!({"id": id, "object": "response", "deleted": true})))
+    Ok(Json(
+        json!({"id": id, "object": "response", "deleted": true}),
+    ))
 }
 
 struct StreamState {
@@ -507,7 +509,8 @@ impl StreamState {
                     "completed"
                 };
                 let text = std::mem::take(&mut self.text);
-                let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
+                let part =
+                    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
                 let (mid, base) = self.item();
                 let mid = mid.to_string();
                 let mut d = base.clone();
@@ -561,7 +564,11 @@ fn stream_response(run: Run, rx: UnboundedReceiver<Event>, guard: CancelOnDrop) 
         out: VecDeque::new(),
         ended: false,
     };
-    let r = st.run.as_ref().expect("running").json("in_progress", None, None);
+    let r = st
+        .run
+        .as_ref()
+        .expect("running")
+        .json("in_progress", None, None);
     st.emit("response.created", json!({"response": r}));
     st.emit("response.in_progress", json!({"response": r}));
     let mid = st.run.as_ref().expect("running").message_id.clone();
