@@ -199,9 +199,8 @@ impl ChatTemplate {
     pub fn load(dir: &Path) -> Result<Self> {
         let config_path = dir.join("tokenizer_config.json");
         let config: TokenizerConfig = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| {
-                Error::ChatTemplate(format!("{}: {e}", config_path.display()))
-            })?,
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| Error::ChatTemplate(format!("{}: {e}", config_path.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => TokenizerConfig::default(),
             Err(e) => return Err(Error::io(&config_path, e)),
         };
@@ -214,12 +213,15 @@ impl ChatTemplate {
                 Some(TemplateField::One(s)) => (s, TemplateOrigin::TokenizerConfig),
                 Some(TemplateField::Named(list)) => {
                     let names: Vec<String> = list.iter().map(|t| t.name.clone()).collect();
-                    let t = list.into_iter().find(|t| t.name == "default").ok_or_else(|| {
-                        Error::ChatTemplate(format!(
-                            "{}: no template named `default` among {names:?}",
-                            config_path.display()
-                        ))
-                    })?;
+                    let t = list
+                        .into_iter()
+                        .find(|t| t.name == "default")
+                        .ok_or_else(|| {
+                            Error::ChatTemplate(format!(
+                                "{}: no template named `default` among {names:?}",
+                                config_path.display()
+                            ))
+                        })?;
                     (t.template, TemplateOrigin::TokenizerConfig)
                 }
                 None => return Ok(Self::plain()),
@@ -325,7 +327,11 @@ mod tests {
     fn the_plain_default_is_role_lines() {
         let t = ChatTemplate::plain();
         assert_eq!(t.origin(), TemplateOrigin::Default);
-        let m = msgs(&[("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello")]);
+        let m = msgs(&[
+            ("system", "Be brief."),
+            ("user", "Hi"),
+            ("assistant", "Hello"),
+        ]);
         assert_eq!(
             t.render(&m, false).unwrap(),
             "system: Be brief.\nuser: Hi\nassistant: Hello\n"
@@ -384,9 +390,15 @@ mod tests {
         let history = msgs(&[("user", "Hi"), ("assistant", "Hello")]);
         let new = msgs(&[("user", "Bye")]);
         let first = t.delta(&[], &history[..1]).unwrap();
-        assert_eq!(first, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            first,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
         let d = t.delta(&history, &new).unwrap();
-        assert_eq!(d, "<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            d,
+            "<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+        );
         let all: Vec<Message> = history.iter().chain(&new).cloned().collect();
         assert_eq!(first + "Hello" + &d, t.render(&all, true).unwrap());
     }

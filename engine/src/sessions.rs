@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::request::SessionInfo;
-use super::store::{valid_id, SessionKey, MAX_NOTE_BYTES, SessionMeta, SessionStore, StoredSession};
+use super::store::{
+    valid_id, SessionKey, SessionMeta, SessionStore, StoredSession, MAX_NOTE_BYTES,
+};
 use crate::error::{Error, Result};
 use performer::sampling::splitmix64;
 use performer::{Model, State};

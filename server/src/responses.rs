@@ -74,6 +74,8 @@ struct ResponseBody {
     seed: Option<u64>,
     stream: Option<bool>,
     text: Option<TextOptions>,
+    /// Extension: a Lark grammar the output must match (as on `/v1/completions`).
+    grammar: Option<String>,
     metadata: Option<Value>,
 }
 
@@ -304,6 +306,7 @@ async fn run(
         parsed.seed,
     );
     cb.response_format = format;
+    cb.grammar = parsed.grammar.clone();
     let model = app.engine.model();
     let mut req = cb.to_request(&tenant, Target::Stateless, model.tokenizer())?;
     req.prompt = model.tokenizer().encode_continuation(&delta)?;
