@@ -158,6 +158,11 @@ pub enum Error {
         message: String,
     },
 
+    /// A chat template ([`crate::chat`]) cannot be read or compiled, fails while rendering
+    /// (its `raise_exception`, say), or cannot continue a conversation from a stored state.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
     /// A tokenizer file could not be parsed, or a text could not be encoded or decoded.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -20,6 +20,8 @@
 
 pub mod attention;
 pub mod baseline;
+#[cfg(feature = "chat")]
+pub mod chat;
 pub mod config;
 pub mod constraint;
 pub mod error;

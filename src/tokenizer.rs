@@ -121,6 +121,22 @@ impl Tokenizer {
         Ok(self.tokenize(text)?.ids)
     }
 
+    /// Token ids of a text without the post-processor's special tokens (no
+    /// beginning-of-sequence token is added): for text that continues a context, such as a
+    /// rendered chat template (which writes its special tokens itself, as Hugging Face's
+    /// `apply_chat_template` expects). Special tokens written in the text are still matched.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Byte(b) => Ok(b.encode(text)),
+            #[cfg(feature = "hf-tokenizer")]
+            Tokenizer::HuggingFace(t) => Ok(t
+                .encode(text, false)
+                .map_err(|e| Error::Tokenizer(format!("encoding: {e}")))?
+                .get_ids()
+                .to_vec()),
+        }
+    }
+
     /// Token ids of raw bytes: the byte tokenizer takes any bytes; other tokenizers need
     /// UTF-8 text ([`Error::InvalidParameter`] `text` otherwise).
     pub fn encode_bytes(&self, bytes: &[u8]) -> Result<Vec<u32>> {

@@ -105,6 +105,10 @@ fn info_marks_config_default_and_inferred_values() {
     assert!(s.contains("(default)") && s.contains("(config)"));
     assert!(s.contains("parameters: 132608"));
     assert!(s.contains("state per sequence"));
+    assert!(
+        s.contains("chat template: default (stop: [\"\\nuser:\"])"),
+        "{s}"
+    );
 }
 
 #[test]

@@ -37,7 +37,7 @@ pub use request::{
     Usage, MAX_LOGPROBS,
 };
 pub use sessions::SessionStats;
-pub use store::{DiskStore, SessionKey, SessionMeta, SessionStore, StoredSession};
+pub use store::{DiskStore, SessionKey, SessionMeta, SessionStore, StoredSession, MAX_NOTE_BYTES};
 
 pub use error::{Error, Result};
 use performer::{Model, State};
@@ -519,6 +519,45 @@ impl Engine {
         let mut sessions = self.sessions();
         let state = sessions.copy_state(tenant, id)?;
         sessions.insert(tenant, state)
+    }
+
+    /// A new session of `tenant` whose id is `prefix` followed by 16 random hex digits,
+    /// holding a copy of session `from`'s state (a fork, the original untouched) or, without
+    /// `from`, an empty state. The server names stored responses so (`resp_…`).
+    pub fn branch_session(
+        &self,
+        tenant: &str,
+        from: Option<&str>,
+        prefix: &str,
+    ) -> Result<SessionInfo> {
+        if !store::valid_id(&format!("{prefix}0000000000000000")) {
+            return Err(Error::invalid(
+                "session id prefix",
+                "at most 48 ASCII letters, digits, '-' or '_'",
+            ));
+        }
+        let mut sessions = self.sessions();
+        let state = match from {
+            Some(id) => sessions.copy_state(tenant, id)?,
+            None => State::new(&self.shared.model),
+        };
+        sessions.insert_prefixed(tenant, prefix, state)
+    }
+
+    /// The note attached to a session ([`SessionMeta::note`]; `None` if none).
+    pub fn session_note(&self, tenant: &str, id: &str) -> Result<Option<String>> {
+        self.sessions().note(tenant, id)
+    }
+
+    /// Attaches `note` to an idle session, replacing any earlier one; it is stored with the
+    /// session (spilled, persisted, shared, expired and deleted with it).
+    pub fn set_session_note(
+        &self,
+        tenant: &str,
+        id: &str,
+        note: Option<String>,
+    ) -> Result<SessionInfo> {
+        self.sessions().set_note(tenant, id, note)
     }
 
     /// Deletes a session from memory and the store.

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::request::SessionInfo;
-use super::store::{valid_id, SessionKey, SessionMeta, SessionStore, StoredSession};
+use super::store::{
+    valid_id, SessionKey, SessionMeta, SessionStore, StoredSession, MAX_NOTE_BYTES,
+};
 use crate::error::{Error, Result};
 use performer::sampling::splitmix64;
 use performer::{Model, State};
@@ -156,9 +158,9 @@ impl Sessions {
         }
     }
 
-    fn new_id(&mut self, tenant: &str) -> String {
+    fn new_id(&mut self, tenant: &str, prefix: &str) -> String {
         loop {
-            let id = format!("sess-{:016x}", splitmix64(&mut self.rng));
+            let id = format!("{prefix}{:016x}", splitmix64(&mut self.rng));
             if !self.map.contains_key(&self.key(tenant, &id)) && !self.foreign.contains(&id) {
                 return id;
             }
@@ -301,7 +303,7 @@ impl Sessions {
     /// [`Self::prepare_checkin`] for a new session of `tenant` holding `state` (a new id, a
     /// random first version, expected absent).
     pub(crate) fn prepare_insert(&mut self, tenant: &str, state: State) -> Result<PendingWrite> {
-        let id = self.new_id(tenant);
+        let id = self.new_id(tenant, "sess-");
         let now = now_unix();
         let meta = SessionMeta {
             id,
@@ -312,6 +314,7 @@ impl Sessions {
             state_bytes: state.size_bytes(),
             version: (splitmix64(&mut self.rng) >> 2).max(1),
             fingerprint: self.model.fingerprint(),
+            note: None,
         };
         let snapshot = state.to_bytes(&self.model)?;
         Ok(PendingWrite {
@@ -355,8 +358,79 @@ impl Sessions {
 
     /// Adds a new session holding `state`.
     pub(crate) fn insert(&mut self, tenant: &str, state: State) -> Result<SessionInfo> {
-        let id = self.new_id(tenant);
+        self.insert_prefixed(tenant, "sess-", state)
+    }
+
+    /// Adds a new session holding `state`, its id `prefix` and 16 random hex digits.
+    pub(crate) fn insert_prefixed(
+        &mut self,
+        tenant: &str,
+        prefix: &str,
+        state: State,
+    ) -> Result<SessionInfo> {
+        let id = self.new_id(tenant, prefix);
         self.put_state(tenant, &id, state)
+    }
+
+    /// A session's note ([`SessionMeta::note`]).
+    pub(crate) fn note(&mut self, tenant: &str, id: &str) -> Result<Option<String>> {
+        self.sync(tenant, id)?;
+        Ok(self.entry(tenant, id)?.meta.note.clone())
+    }
+
+    /// Attaches `note` to an idle session (with a shared store, written through as a new
+    /// version). The state is loaded if it was spilled: the note is written with it.
+    pub(crate) fn set_note(
+        &mut self,
+        tenant: &str,
+        id: &str,
+        note: Option<String>,
+    ) -> Result<SessionInfo> {
+        if let Some(n) = note.as_ref().filter(|n| n.len() > MAX_NOTE_BYTES) {
+            return Err(Error::invalid(
+                "note",
+                format!("{} bytes is above the limit {MAX_NOTE_BYTES}", n.len()),
+            ));
+        }
+        self.sync(tenant, id)?;
+        if self.entry(tenant, id)?.busy {
+            return Err(Error::SessionBusy(id.to_string()));
+        }
+        let k = self.key(tenant, id);
+        self.load(&k)?;
+        let e = &self.map[&k];
+        let mut meta = e.meta.clone();
+        meta.note = note;
+        if self.shared {
+            meta.version += 1;
+            meta.last_used = now_unix();
+            let expected = e.meta.version;
+            let written = e
+                .state
+                .as_ref()
+                .expect("loaded")
+                .to_bytes(&self.model)
+                .map_err(Error::from)
+                .and_then(|snapshot| {
+                    let store = self.store.as_ref().expect("a shared table has a store");
+                    store.put(
+                        &StoredSession {
+                            meta: meta.clone(),
+                            snapshot,
+                        },
+                        Some(expected),
+                    )
+                });
+            if let Err(err) = written {
+                self.forget(&k);
+                return Err(err);
+            }
+        }
+        let e = self.map.get_mut(&k).expect("present");
+        e.meta = meta;
+        e.stored = self.shared;
+        self.touch(&k);
+        Ok(Self::info(&self.map[&k]))
     }
 
     /// Creates or replaces session `id` with `state` (with a shared store, written through).
@@ -415,6 +489,7 @@ impl Sessions {
             state_bytes: bytes,
             version: next,
             fingerprint: self.model.fingerprint(),
+            note: None,
         };
         if self.shared {
             let session = StoredSession {

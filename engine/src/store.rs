@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"PFSESS1\0";
+
+/// Longest [`SessionMeta::note`], in bytes (a stored session's metadata is at most 1 MiB).
+pub const MAX_NOTE_BYTES: usize = 512 << 10;
 const EXT: &str = "session";
 
 /// A stored session's metadata.
@@ -35,6 +38,11 @@ pub struct SessionMeta {
     pub version: u64,
     /// [`performer::Model::fingerprint`] of the model the state belongs to.
     pub fingerprint: u64,
+    /// What the caller attached to the session ([`crate::Engine::set_session_note`]; the
+    /// server keeps a stored response's record there), opaque to the engine. Absent from the
+    /// JSON when `None`, so sessions stored before it existed read as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// A session at rest: metadata and snapshot bytes.
@@ -337,6 +345,7 @@ mod tests {
                 state_bytes: 4,
                 version,
                 fingerprint: 5,
+                note: None,
             },
             snapshot: vec![1, 2, 3],
         }

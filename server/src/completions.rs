@@ -74,17 +74,23 @@ pub(crate) async fn submit(
     }
 }
 
-fn now() -> u64 {
+/// Seconds since the Unix epoch.
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-fn completion_id() -> String {
+/// `prefix` and 16 hex digits, distinct within the process.
+pub(crate) fn random_id(prefix: &str) -> String {
     let mut s = now() ^ (std::process::id() as u64) << 40;
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     s ^= N.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 20;
-    format!("cmpl-{:016x}", performer::sampling::splitmix64(&mut s))
+    format!("{prefix}{:016x}", performer::sampling::splitmix64(&mut s))
+}
+
+fn completion_id() -> String {
+    random_id("cmpl-")
 }
 
 /// `POST /v1/completions`.

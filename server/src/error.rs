@@ -49,6 +49,7 @@ impl From<Error> for ApiError {
                 }
                 RtError::EmptyInput(_) => (400, "invalid_request_error", "empty_input"),
                 RtError::Tokenizer(_) => (400, "invalid_request_error", "tokenizer"),
+                RtError::ChatTemplate(_) => (400, "invalid_request_error", "chat_template"),
                 RtError::InvalidConstraint { .. } => {
                     (400, "invalid_request_error", "invalid_constraint")
                 }

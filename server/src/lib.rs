@@ -1,16 +1,19 @@
 //! `performer serve`: an HTTP layer (axum, tokio) over [`performer_engine::Engine`].
 //!
 //! Routes: `GET /health`, `GET /` (playground), `GET /metrics`, and behind Bearer auth
-//! `GET /v1/models`, `POST /v1/completions` (OpenAI Completions, with server-sent events) and
-//! the sessions API under `/v1/sessions`. The engine knows nothing of HTTP: events reach the
+//! `GET /v1/models`, `POST /v1/completions` (OpenAI Completions, with server-sent events),
+//! `POST /v1/chat/completions` (the model's chat template), the Responses API under
+//! `/v1/responses` (stored responses are sessions) and the sessions API under `/v1/sessions`. The engine knows nothing of HTTP: events reach the
 //! async side through a channel sink, and dropping a response cancels its generation.
 
+mod chat;
 mod completions;
 mod error;
 mod listener;
 mod metrics;
 mod openai;
 mod redis_store;
+mod responses;
 mod sessions;
 
 use std::collections::HashMap;
@@ -25,6 +28,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use performer::chat::ChatTemplate;
 use performer::Model;
 use performer_engine::{DiskStore, Engine, EngineConfig, SessionStore};
 
@@ -56,6 +60,9 @@ pub struct ServerOptions {
     pub body_timeout: Duration,
     /// Most connections open at once; past it new ones get 503 and are closed.
     pub max_connections: usize,
+    /// How chat completions and responses render conversations (the model directory's
+    /// template, [`ChatTemplate::load`]; the default: [`ChatTemplate::plain`]).
+    pub chat_template: Arc<ChatTemplate>,
 }
 
 impl Default for ServerOptions {
@@ -70,6 +77,7 @@ impl Default for ServerOptions {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            chat_template: Arc::new(ChatTemplate::plain()),
         }
     }
 }
@@ -222,6 +230,11 @@ async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
             "object": "model",
             "created": 0,
             "owned_by": "performer",
+            "chat_template": {
+                "origin": app.options.chat_template.origin().name(),
+                "source": app.options.chat_template.source(),
+                "stop": app.options.chat_template.stop_strings(),
+            },
         }]
     }))
 }
@@ -266,6 +279,12 @@ pub fn router(app: Arc<App>) -> Router {
     let v1 = Router::new()
         .route("/models", get(models))
         .route("/completions", post(completions::stateless).layer(body))
+        .route("/chat/completions", post(chat::completions).layer(body))
+        .route("/responses", post(responses::create).layer(body))
+        .route(
+            "/responses/{id}",
+            get(responses::get).delete(responses::delete),
+        )
         .route(
             "/sessions",
             post(sessions::create).layer(body).get(sessions::list),
@@ -392,6 +411,8 @@ pub fn run(mut config: ServeConfig) -> Result<(), String> {
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "performer".into());
+    config.options.chat_template =
+        Arc::new(ChatTemplate::load(&config.model_dir).map_err(|e| e.to_string())?);
     let store: Option<Box<dyn SessionStore>> = match (&config.session_dir, &config.session_store) {
         (Some(_), Some(_)) => {
             return Err("--session-dir and --session-store exclude each other".into())

@@ -201,7 +201,7 @@ fn random_seed() -> u64 {
 /// A token's text in logprobs. Byte-level: the byte as text when it is ASCII, else
 /// `bytes:\xNN`. Other tokenizers: the token's decoded text, or `<ID>` when the token alone is
 /// not whole UTF-8 (part of a character) or has no text.
-fn token_text(tokenizer: &Tokenizer, token: u32) -> String {
+pub(crate) fn token_text(tokenizer: &Tokenizer, token: u32) -> String {
     if tokenizer.is_byte_level() {
         return match u8::try_from(token) {
             Ok(b) if b.is_ascii() => (b as char).to_string(),

@@ -44,7 +44,7 @@ fn full(info: &SessionInfo) -> Json<serde_json::Value> {
 }
 
 /// Runs a blocking engine call (session table, store) off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> performer_engine::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)

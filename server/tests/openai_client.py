@@ -3,6 +3,9 @@ greedy completion must both return exactly the text `performer generate` printed
 request (passed in a file). Structured output through `response_format` (the client's
 `extra_body`, as the Completions API has no such parameter of its own): sampled completions at
 temperature 1 parse as JSON and validate against their schemas (tests/fixtures/schemas/); invalid schemas and grammars are 400s.
+Chat completions (streaming, `n`, logprobs) and the Responses API: a three-turn conversation
+through `previous_response_id`, streaming and not, equal to the whole conversation sent through
+chat completions; a fork of one response into two continuations; retrieve and delete.
 Usage: openai_client.py BASE_URL EXPECTED_TEXT_FILE PROMPT MAX_TOKENS
 """
 
@@ -59,8 +62,10 @@ def main() -> int:
         assert e.status_code == 400
 
     structured(client, model)
+    chat(client, model)
+    responses(client, model)
 
-    print(f"openai client: ok ({len(expected)} bytes, streaming and not; structured output)")
+    print(f"openai client: ok ({len(expected)} bytes, streaming and not; structured output; chat; responses)")
     return 0
 
 
@@ -162,6 +167,92 @@ def structured(client, model):
             raise AssertionError(f"accepted: {extra}")
         except openai.BadRequestError as e:
             assert e.status_code == 400 and named in str(e), str(e)
+
+
+def chat(client, model):
+    messages = [{"role": "system", "content": "Tell a story."}, {"role": "user", "content": "Once upon a time"}]
+    done = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)
+    text = done.choices[0].message.content
+    assert done.choices[0].message.role == "assistant" and text, done
+    pieces, usage, roles = [], None, []
+    for chunk in client.chat.completions.create(
+        model=model, messages=messages, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ):
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            if c.delta.role:
+                roles.append(c.delta.role)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert "".join(pieces) == text, ("".join(pieces), text)
+    assert roles == ["assistant"], roles
+    assert usage is not None and usage.completion_tokens == len(text.encode()), usage
+
+    done = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=12, temperature=1.0, seed=5, n=3,
+        logprobs=True, top_logprobs=2,
+    )
+    assert [c.index for c in done.choices] == [0, 1, 2], done.choices
+    for c in done.choices:
+        entries = c.logprobs.content
+        assert len(entries) == len(c.message.content.encode()), (entries, c.message.content)
+        assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries), entries
+    try:
+        client.chat.completions.create(model=model, messages=[], max_tokens=1)
+        raise AssertionError("empty messages were accepted")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400
+
+
+def turn_stream(client, model, **kw):
+    """A streamed response: its text (from the deltas) and its final object."""
+    text, final, kinds = [], None, []
+    for event in client.responses.create(model=model, stream=True, **kw):
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            text.append(event.delta)
+        elif event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+    assert kinds[0] == "response.created" and final is not None, kinds
+    assert final.output_text == "".join(text), (final.output_text, text)
+    return final
+
+
+def responses(client, model):
+    turns = ["Once upon a time", "And then?", "What next?"]
+    for streaming in (False, True):
+        prev, history = None, [{"role": "system", "content": "Tell a story."}]
+        for k, turn in enumerate(turns):
+            kw = dict(input=turn, max_output_tokens=24, temperature=0)
+            if prev is None:
+                kw["instructions"] = "Tell a story."
+            else:
+                kw["previous_response_id"] = prev.id
+            r = turn_stream(client, model, **kw) if streaming else client.responses.create(model=model, **kw)
+            history.append({"role": "user", "content": turn})
+            whole = client.chat.completions.create(model=model, messages=history, max_tokens=24, temperature=0)
+            assert r.output_text == whole.choices[0].message.content, (k, streaming, r.output_text, whole)
+            if k > 0:
+                # Only the new input is ingested, never the history.
+                assert r.usage.input_tokens < whole.usage.prompt_tokens, (r.usage, whole.usage)
+            history.append({"role": "assistant", "content": r.output_text})
+            prev = r
+
+    # A fork: two continuations of one response, the same greedy text; the original stays.
+    first = client.responses.create(model=model, input="Once upon a time", max_output_tokens=16, temperature=0)
+    a = client.responses.create(model=model, input="More.", previous_response_id=first.id, max_output_tokens=16, temperature=0)
+    b = client.responses.create(model=model, input="More.", previous_response_id=first.id, max_output_tokens=16, temperature=0)
+    assert a.id != b.id and a.output_text == b.output_text, (a, b)
+    got = client.responses.retrieve(first.id)
+    assert got.id == first.id and got.output_text == first.output_text, got
+    for r in (first, a, b):
+        client.responses.delete(r.id)
+    try:
+        client.responses.retrieve(first.id)
+        raise AssertionError("a deleted response was retrieved")
+    except openai.NotFoundError:
+        pass
 
 
 if __name__ == "__main__":

@@ -168,6 +168,7 @@ fn session(tenant: &str, id: &str, fingerprint: u64, version: u64, bytes: &[u8])
             state_bytes: bytes.len(),
             version,
             fingerprint,
+            note: None,
         },
         snapshot: bytes.to_vec(),
     }

@@ -39,6 +39,7 @@ pub fn run(a: InfoArgs) -> CliResult {
     if let Some(method) = a.quant.quant_kernel {
         model.use_quant_method(method);
     }
+    let template = performer::chat::ChatTemplate::load(&dir)?;
     let isa = performer::kernels::isa::check_env()?;
     let mut o = String::new();
     use std::fmt::Write as _;
@@ -92,6 +93,17 @@ pub fn run(a: InfoArgs) -> CliResult {
         "state per sequence: {} bytes ({} of attention state A, a, s, M; constant in the sequence length)",
         state.size_bytes(),
         state.attention_bytes()
+    );
+    let _ = writeln!(
+        o,
+        "chat template: {} (stop: {:?}){}",
+        template.origin().name(),
+        template.stop_strings(),
+        if template.origin() == performer::chat::TemplateOrigin::Default {
+            " — none in the model directory: one `role: content` line per message, `assistant: ` to reply"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         o,

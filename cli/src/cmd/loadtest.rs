@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
+use performer_cli::conversation;
 use performer_cli::loadtest::{self, LoadOptions};
 
 /// Arguments of `performer loadtest`.
@@ -34,10 +35,24 @@ pub struct LoadtestArgs {
     /// The server's process id, to report its resident memory.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Conversations instead: this many turns each, every turn continued through
+    /// `previous_response_id` and re-sent whole through chat completions, side by side
+    /// (--max-tokens per reply; one run per --concurrency level).
+    #[arg(long, default_value_t = 0)]
+    turns: usize,
+    /// With --turns: only the Responses API path (no chat completions re-sends).
+    #[arg(long)]
+    no_chat: bool,
+    /// With --turns: write both time-to-first-token curves of the first level to this SVG.
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
 }
 
 /// Runs the load test and prints the table.
 pub fn run(a: LoadtestArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if a.turns > 0 {
+        return conversations(a);
+    }
     let opts = LoadOptions {
         url: a.url.trim_end_matches('/').to_string(),
         concurrency: a.concurrency,
@@ -55,4 +70,36 @@ pub fn run(a: LoadtestArgs) -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|e| e.to_string())?;
     let reports = rt.block_on(loadtest::run(opts))?;
     crate::out::print_stdout(&loadtest::markdown(&reports))
+}
+
+fn conversations(a: LoadtestArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    for (i, &c) in a.concurrency.iter().enumerate() {
+        let opts = conversation::ConversationOptions {
+            url: a.url.trim_end_matches('/').to_string(),
+            api_key: a.api_key.clone(),
+            turns: a.turns,
+            concurrency: c,
+            max_tokens: a.max_tokens,
+            compare_chat: !a.no_chat,
+            server_pid: a.server_pid,
+        };
+        let report = rt.block_on(conversation::run(opts))?;
+        if let (0, Some(path)) = (i, &a.svg) {
+            let title = format!(
+                "{} turns of {} tokens, {c} conversation(s) at once",
+                a.turns, a.max_tokens
+            );
+            conversation::svg(&report, &title, path)?;
+        }
+        crate::out::print_stdout(&conversation::markdown(&report))?;
+        if report.failed > 0 {
+            return Err(format!("{} requests failed", report.failed).into());
+        }
+    }
+    Ok(())
 }
