@@ -161,7 +161,9 @@ impl Client {
                     if !v["usage"].is_null() {
                         out.usage = v["usage"].clone();
                     }
-                    v["choices"][0]["delta"]["content"].as_str().map(String::from)
+                    v["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(String::from)
                 };
                 if let Some(p) = piece.filter(|p| !p.is_empty()) {
                     if out.text.is_empty() {

@@ -147,3 +147,52 @@ async fn a_disabled_cache_reports_zero_cached_tokens() {
     assert_eq!(metric(&m, "performer_prompt_tokens_total"), 1200);
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_and_responses_report_the_cached_head_of_a_shared_system_prompt() {
+    let (_dir, model) = tiny();
+    let s = start(model.clone(), 256 << 20).await;
+    // A long system prompt shared by every request: its rendered head (the template's
+    // plain role lines) ends past the 256- and 512-token slice boundaries.
+    let system = text(7, 600);
+    let chat = |question: String| {
+        let (s, system) = (&s, system.clone());
+        async move {
+            s.post_json(
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "system", "content": system},
+                                    {"role": "user", "content": question}],
+                       "max_tokens": 4, "temperature": 0}),
+            )
+            .await
+        }
+    };
+    let v = chat("one".into()).await;
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{v}"
+    );
+    let v = chat("two".into()).await;
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"], 512,
+        "{v}"
+    );
+    // The Responses API: instructions render as the same system head.
+    let respond = |input: &str| {
+        let (s, system, input) = (&s, system.clone(), input.to_string());
+        async move {
+            s.post_json(
+                "/v1/responses",
+                json!({"instructions": system, "input": input, "max_output_tokens": 4,
+                       "temperature": 0, "store": false}),
+            )
+            .await
+        }
+    };
+    let v = respond("three").await;
+    let cached = v["usage"]["input_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(cached, 512, "{v}");
+    assert!(v["usage"]["input_tokens"].as_u64().unwrap() > cached);
+}
