@@ -152,7 +152,15 @@ async fn chat_completions_render_the_template_stream_and_validate() {
     assert_eq!(reasons.len(), 1);
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"], json!([]));
-    assert_eq!(last["usage"], v["usage"]);
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(last["usage"][k], v["usage"][k], "{k}");
+    }
+    // The same prompt again: the prefix-state cache resumes it whole.
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        last["usage"]["prompt_tokens_details"]["cached_tokens"],
+        v["usage"]["prompt_tokens"]
+    );
 
     // n choices with seeds seed + i; logprobs with alternatives, one entry per token.
     let one = |seed: u64| {
