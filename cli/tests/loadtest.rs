@@ -71,9 +71,8 @@ async fn conversations_compare_previous_response_id_with_whole_resends() {
         threads: 2,
         ..EngineConfig::default()
     };
-    let engine = Arc::new(
-        Engine::start_with_observer(model, cfg, None, Some(metrics.clone())).unwrap(),
-    );
+    let engine =
+        Arc::new(Engine::start_with_observer(model, cfg, None, Some(metrics.clone())).unwrap());
     let app = App::new(engine.clone(), metrics, ServerOptions::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -88,19 +87,29 @@ async fn conversations_compare_previous_response_id_with_whole_resends() {
         concurrency: 2,
         max_tokens: 6,
         compare_chat: true,
+        chat_every: 1,
         server_pid: None,
     })
     .await
     .unwrap();
     assert_eq!(report.failed, 0);
     assert_eq!(report.requests, 2 * 3 * 2);
-    assert_eq!(report.mismatched, 0, "greedy: both paths write the same replies");
+    assert_eq!(
+        report.mismatched, 0,
+        "greedy: both paths begin the same replies"
+    );
     assert_eq!(report.turns.len(), 3);
     let t = &report.turns;
     for k in 1..3 {
         // The continuation ingests the new message only, the re-send everything.
-        assert!(t[k].responses_input_tokens < t[k].chat_prompt_tokens, "{t:?}");
-        assert!(t[k].chat_prompt_tokens > t[k - 1].chat_prompt_tokens, "{t:?}");
+        assert!(
+            t[k].responses_input_tokens < t[k].chat_prompt_tokens,
+            "{t:?}"
+        );
+        assert!(
+            t[k].chat_prompt_tokens > t[k - 1].chat_prompt_tokens,
+            "{t:?}"
+        );
         assert_eq!(t[k].state_bytes, t[0].state_bytes, "one state per response");
     }
     assert!(t[0].state_bytes > 0);

@@ -85,26 +85,27 @@ impl InMessage {
                 ))
             }
         };
-        let content =
-            match &self.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t.clone(),
-                Some(Content::Parts(parts)) => {
-                    let mut s = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text" | "input_text" | "output_text", Some(t)) => s.push_str(t),
-                            (k, _) => return Err(ApiError::bad_request(
+        let content = match &self.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut s = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text" | "input_text" | "output_text", Some(t)) => s.push_str(t),
+                        (k, _) => {
+                            return Err(ApiError::bad_request(
                                 "unsupported_content",
                                 format!(
                                     "message {at}: content part `{k}` is not supported (text only)"
                                 ),
-                            )),
+                            ))
                         }
                     }
-                    s
                 }
-            };
+                s
+            }
+        };
         Ok(Message::new(role, content))
     }
 }
