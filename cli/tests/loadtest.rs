@@ -87,6 +87,7 @@ async fn conversations_compare_previous_response_id_with_whole_resends() {
         concurrency: 2,
         max_tokens: 6,
         compare_chat: true,
+        chat_every: 1,
         server_pid: None,
     })
     .await
@@ -95,7 +96,7 @@ async fn conversations_compare_previous_response_id_with_whole_resends() {
     assert_eq!(report.requests, 2 * 3 * 2);
     assert_eq!(
         report.mismatched, 0,
-        "greedy: both paths write the same replies"
+        "greedy: both paths begin the same replies"
     );
     assert_eq!(report.turns.len(), 3);
     let t = &report.turns;

@@ -2,7 +2,8 @@
 //! 127.0.0.1 port in a temporary directory: compare-and-set between two stores and two engines
 //! (the loser gets 409), tenant and model isolation, payload before index, Redis down (503 with
 //! Retry-After, stateless completions still served) and back (sessions intact, no restart of
-//! the server), and one session continued alternately on two servers that share one Redis.
+//! the server), one session continued alternately on two servers that share one Redis, and a
+//! conversation through `previous_response_id` alternating between them.
 //!
 //! Without `redis-server` on the PATH every test prints why it is skipped and passes, unless
 //! `PERFORMER_REQUIRE_REDIS=1` (set by `.ci/run`, which installs it), where that fails.
@@ -707,5 +708,73 @@ async fn a_server_gone_mid_stream_leaves_the_last_committed_version() {
         )
         .await;
     assert_eq!(resp.status(), 200);
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_through_previous_response_id_alternates_between_two_servers() {
+    let Some(r) = Redis::start() else { return };
+    let model = shipped();
+    let a = Server::start(model.clone(), &r.url()).await;
+    let b = Server::start(model.clone(), &r.url()).await;
+    let turns = ["Once upon a time", "And then?", "What next?"];
+    let mut prev: Option<String> = None;
+    let mut history: Vec<Value> = Vec::new();
+    for (k, turn) in turns.iter().enumerate() {
+        let s = if k % 2 == 0 { &a } else { &b };
+        let mut body = json!({"input": turn, "max_output_tokens": 12, "temperature": 0});
+        if let Some(p) = &prev {
+            body["previous_response_id"] = json!(p);
+        }
+        let v = s.post_json("/v1/responses", body).await;
+        let text = v["output"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_else(|| panic!("turn {k}: {v}"))
+            .to_string();
+        // The whole conversation at once on the other server: the same reply.
+        history.push(json!({"role": "user", "content": turn}));
+        let other = if k % 2 == 0 { &b } else { &a };
+        let c = other
+            .post_json(
+                "/v1/chat/completions",
+                json!({"messages": history, "max_tokens": 12, "temperature": 0}),
+            )
+            .await;
+        assert_eq!(
+            c["choices"][0]["message"]["content"],
+            text.as_str(),
+            "turn {k}"
+        );
+        history.push(json!({"role": "assistant", "content": text}));
+        // The other server serves the stored response as it was returned.
+        let id = v["id"].as_str().unwrap().to_string();
+        let got: Value = other
+            .http
+            .get(other.url(&format!("/v1/responses/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(got, v);
+        prev = Some(id);
+    }
+    let id = prev.unwrap();
+    let resp = a
+        .http
+        .delete(a.url(&format!("/v1/responses/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = b
+        .http
+        .get(b.url(&format!("/v1/responses/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, StatusCode::NOT_FOUND, "response_not_found").await;
+    a.shutdown().await;
     b.shutdown().await;
 }

@@ -43,6 +43,9 @@ pub struct LoadtestArgs {
     /// With --turns: only the Responses API path (no chat completions re-sends).
     #[arg(long)]
     no_chat: bool,
+    /// With --turns: re-send turns 1, 2 and every N-th only.
+    #[arg(long, default_value_t = 1)]
+    chat_every: usize,
     /// With --turns: write both time-to-first-token curves of the first level to this SVG.
     #[arg(long)]
     svg: Option<std::path::PathBuf>,
@@ -86,6 +89,7 @@ fn conversations(a: LoadtestArgs) -> Result<(), Box<dyn std::error::Error>> {
             concurrency: c,
             max_tokens: a.max_tokens,
             compare_chat: !a.no_chat,
+            chat_every: a.chat_every,
             server_pid: a.server_pid,
         };
         let report = rt.block_on(conversation::run(opts))?;
