@@ -174,16 +174,23 @@ impl Grammar {
             inner: self.inner.matcher()?,
             mask: TokenMask::new(self.inner.vocab_size()),
             complete: false,
+            prepared: None,
         })
     }
 }
 
 /// One generation's position in a [`Grammar`]: gives the allowed tokens and takes the
 /// sampled ones.
+///
+/// The mask depends only on the tokens committed, not on the logits, so it can be computed
+/// ahead ([`Self::prepare`]) on another thread while the model steps the last token.
 pub struct GrammarMatcher {
     inner: imp::Matcher,
     mask: TokenMask,
     complete: bool,
+    /// The outcome of a mask computed ahead for the current position (`mask` holds it when
+    /// `Ok(true)`); taken by the next [`Self::mask`], dropped by [`Self::commit`].
+    prepared: Option<Result<bool>>,
 }
 
 impl fmt::Debug for GrammarMatcher {
@@ -203,7 +210,11 @@ impl GrammarMatcher {
         if self.complete {
             return Ok(None);
         }
-        match self.inner.mask(&mut self.mask)? {
+        let more = match self.prepared.take() {
+            Some(outcome) => outcome?,
+            None => self.inner.mask(&mut self.mask)?,
+        };
+        match more {
             true => Ok(Some(&self.mask)),
             false => {
                 self.complete = true;
@@ -212,9 +223,21 @@ impl GrammarMatcher {
         }
     }
 
+    /// Computes the mask for the current position now, for the next [`Self::mask`] to return
+    /// (its error too, if it has one): what [`Self::mask`] would compute then, so the output
+    /// does not change. [`crate::Generation`] and the serving engine call it on another
+    /// thread of the decode pool while the model steps the token just committed. Nothing
+    /// happens when the grammar is complete or the mask is computed already.
+    pub fn prepare(&mut self) {
+        if !self.complete && self.prepared.is_none() {
+            self.prepared = Some(self.inner.mask(&mut self.mask));
+        }
+    }
+
     /// Advances the grammar by a sampled token (one the last [`Self::mask`] allowed; another
     /// is an [`Error::InvalidConstraint`]).
     pub fn commit(&mut self, token: u32) -> Result<()> {
+        self.prepared = None;
         if self.complete {
             return Err(Error::InvalidConstraint {
                 kind: "constraint",

@@ -498,13 +498,24 @@ impl<'a> Generation<'a> {
         &self.history
     }
 
-    /// One decoding step of `token` in the decode pool (or the calling one).
-    fn step(&mut self, token: u32) -> Result<()> {
+    /// One decoding step of `token` in the decode pool (or the calling one). With `prepare`
+    /// and a grammar that goes on, the grammar's next mask is computed meanwhile on another
+    /// thread of the pool (`rayon::join`: on the same thread after the step when none is
+    /// free), as it depends only on the tokens committed.
+    fn step(&mut self, token: u32, prepare: bool) -> Result<()> {
         let t = Instant::now();
         let (model, state) = (self.model, &mut *self.state);
-        match &self.decode_pool {
-            Some(pool) => pool.install(|| model.step(state, token).map(|_| ())),
+        let grammar = self
+            .grammar
+            .as_mut()
+            .filter(|g| prepare && !g.is_complete());
+        let run = || match grammar {
+            Some(g) => rayon::join(|| model.step(state, token).map(|_| ()), || g.prepare()).0,
             None => model.step(state, token).map(|_| ()),
+        };
+        match &self.decode_pool {
+            Some(pool) => pool.install(run),
+            None => run(),
         }?;
         self.stats.decode_time += t.elapsed();
         Ok(())
@@ -551,7 +562,7 @@ impl<'a> Generation<'a> {
                         Checkpoint::Keep => {}
                     }
                     self.history.push(token);
-                    self.step(token)?;
+                    self.step(token, true)?;
                 }
                 StopAction::Stop { restore, replay } => {
                     self.done = true;
@@ -567,7 +578,7 @@ impl<'a> Generation<'a> {
                     self.history.truncate(self.history.len() - dropped);
                     for t in replay {
                         self.history.push(t);
-                        self.step(t)?;
+                        self.step(t, false)?;
                     }
                     self.checkpoint = None;
                 }

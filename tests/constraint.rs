@@ -372,3 +372,55 @@ fn tokenizer_json_model_validates() {
     }
     assert!(multi_byte, "some token held several bytes");
 }
+
+/// Masks computed ahead (`GrammarMatcher::prepare`, which `Generation` runs on another thread
+/// while the model steps) are the masks computed when asked, and a generation's text is that
+/// of the plain serial loop (mask, sample, commit, step), with or without a decode pool.
+#[test]
+fn masks_computed_ahead_change_nothing() {
+    let model = byte_model();
+    let constraint = Constraint::JsonSchema(schema("items"));
+    let g = Grammar::compile(&constraint, model.tokenizer(), model.vocab_size()).unwrap();
+    let prompt = model.tokenizer().encode("Data: ").unwrap();
+    for seed in 0..4 {
+        let mut state = State::new(&model);
+        model.prefill(&mut state, &prompt).unwrap();
+        let mut sampler = Sampler::new(t1(seed)).unwrap();
+        let (mut asked, mut ahead) = (g.matcher().unwrap(), g.matcher().unwrap());
+        let mut history = prompt.clone();
+        let mut text = Vec::new();
+        for _ in 0..300 {
+            ahead.prepare();
+            let prepared: Option<TokenMask> = ahead.mask().unwrap().cloned();
+            let Some(mask) = asked.mask().unwrap() else {
+                assert_eq!(prepared, None, "complete one way, not the other");
+                break;
+            };
+            assert_eq!(Some(mask), prepared.as_ref(), "seed {seed}, at {}", text.len());
+            let token = sampler
+                .sample_masked(state.logits().unwrap(), &history, mask)
+                .unwrap();
+            asked.commit(token).unwrap();
+            ahead.commit(token).unwrap();
+            history.push(token);
+            text.push(token as u8);
+            model.step(&mut state, token).unwrap();
+        }
+        assert!(asked.is_complete(), "seed {seed}: 300 tokens are enough");
+        let want = String::from_utf8(text).unwrap();
+        assert_eq!(run(&model, "Data: ", constraint.clone(), seed, 300).0, want);
+        let mut state = State::new(&model);
+        let options = GenerateOptions {
+            max_tokens: 300,
+            sampling: t1(seed),
+            constraint: Some(constraint.clone()),
+            decode_threads: Some(2),
+            ..GenerateOptions::default()
+        };
+        let pooled: String = Generation::new(&model, &mut state, &prompt, options)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(pooled, want, "seed {seed}, a decode pool of 2");
+    }
+}

@@ -19,6 +19,7 @@ use performer::constraint::GrammarMatcher;
 use performer::generate::{Checkpoint, StopAction, StopMatcher};
 use performer::sampling::Sampler;
 use performer::State;
+use rayon::prelude::*;
 
 /// A message to the scheduler.
 pub(crate) enum Cmd {
@@ -524,6 +525,9 @@ impl Scheduler {
         let mut states: Vec<&mut State> = Vec::new();
         let mut tokens: Vec<u32> = Vec::new();
         let mut owners: Vec<usize> = Vec::new();
+        // Grammars of rows that go on: their next masks depend only on the tokens committed,
+        // so they are computed while the batch steps.
+        let mut grammars: Vec<&mut GrammarMatcher> = Vec::new();
         for (j, job) in self.active.iter_mut().enumerate() {
             if let Phase::Decode { rows } = &mut job.phase {
                 for r in rows.iter_mut().filter(|r| r.needs_step) {
@@ -531,6 +535,9 @@ impl Scheduler {
                     states.push(&mut r.state);
                     tokens.push(*r.generated.last().expect("a sampled token"));
                     owners.push(j);
+                    if r.finished.is_none() {
+                        grammars.extend(r.grammar.as_mut().filter(|g| !g.is_complete()));
+                    }
                 }
             }
         }
@@ -539,7 +546,22 @@ impl Scheduler {
                 o.batch(states.len());
             }
             let model = &self.shared.model;
-            let result = self.pool.install(|| model.step_batch(&mut states, &tokens));
+            let result = self.pool.install(|| {
+                if grammars.is_empty() {
+                    return model.step_batch(&mut states, &tokens);
+                }
+                // The step on this thread, the masks on the pool's others (or here after the
+                // step when none is free).
+                let (stepped, ()) = rayon::join(
+                    || model.step_batch(&mut states, &tokens),
+                    || {
+                        grammars
+                            .par_iter_mut()
+                            .for_each(|g| g.prepare())
+                    },
+                );
+                stepped
+            });
             if let Err(e) = result {
                 owners.dedup();
                 for j in owners {

@@ -39,6 +39,8 @@ struct Entry {
     state: Option<State>,
     /// Whether the store holds the current version.
     stored: bool,
+    /// Whether the store holds some version (then writing the current one replaces it).
+    filed: bool,
     busy: bool,
     /// Bytes still counted against the budget while the state is out with the scheduler: a
     /// running session keeps its room, so its state always fits when it comes back.
@@ -46,6 +48,10 @@ struct Entry {
     /// Logical clock of the last use, for LRU.
     tick: u64,
 }
+
+/// Bytes a session file takes beyond its state's size, counted generously: the header, the
+/// metadata, the snapshot's own header and the file system's rounding to whole blocks.
+const FILE_OVERHEAD: u64 = 64 << 10;
 
 /// A session write prepared under the table's lock, done outside it (shared store only).
 pub(crate) struct PendingWrite {
@@ -133,6 +139,7 @@ impl Sessions {
                         meta,
                         state: None,
                         stored: true,
+                        filed: true,
                         busy: false,
                         held: 0,
                         tick: 0,
@@ -250,6 +257,7 @@ impl Sessions {
                 meta: stored.meta,
                 state: Some(state),
                 stored: true,
+                filed: true,
                 busy: false,
                 held: 0,
                 tick: 0,
@@ -343,6 +351,7 @@ impl Sessions {
                 meta,
                 state: Some(write.state),
                 stored: true,
+                filed: true,
                 busy: false,
                 held: 0,
                 tick: 0,
@@ -452,18 +461,18 @@ impl Sessions {
         }
         let k = self.key(tenant, id);
         let now = now_unix();
-        let (created, version) = match self.map.get(&k) {
+        let (created, version, filed) = match self.map.get(&k) {
             Some(e) if e.meta.tenant != tenant => {
                 return Err(Error::SessionNotFound(id.to_string()))
             }
             Some(e) if e.busy => return Err(Error::SessionBusy(id.to_string())),
-            Some(e) => (e.meta.created, e.meta.version),
+            Some(e) => (e.meta.created, e.meta.version, e.filed),
             None if self.foreign.contains(id) => {
                 return Err(Error::SessionStorage(format!(
                     "`{id}` is taken by a stored session of another model"
                 )))
             }
-            None => (now, 0),
+            None => (now, 0, false),
         };
         // With a shared store a new session's first version is random (below 2^62), not 1: a
         // session deleted and created again under the same id (by an upload) does not repeat
@@ -475,7 +484,8 @@ impl Sessions {
         };
         let bytes = state.size_bytes();
         // Room first: what does not fit is refused before anything changes (the entry it
-        // replaces keeps its room until then).
+        // replaces keeps its room until then), on the disk too.
+        self.check_disk(&k, bytes, filed)?;
         let replaced = self.map.get(&k).map_or(0, |e| {
             e.held + e.state.as_ref().map_or(0, State::size_bytes)
         });
@@ -507,6 +517,7 @@ impl Sessions {
             meta,
             state: Some(state),
             stored: self.shared,
+            filed: self.shared || filed,
             busy: false,
             held: 0,
             tick: 0,
@@ -535,6 +546,7 @@ impl Sessions {
                         meta,
                         state: None,
                         stored: true,
+                        filed: true,
                         busy: false,
                         held: 0,
                         tick: 0,
@@ -581,7 +593,10 @@ impl Sessions {
         if e.busy {
             return Err(Error::SessionBusy(id.to_string()));
         }
+        let (bytes, filed) = (e.meta.state_bytes, e.filed);
         let k = self.key(tenant, id);
+        // The request leaves a new version only in memory: it must fit on the disk too.
+        self.check_disk(&k, bytes, filed)?;
         self.map.get_mut(&k).expect("present").busy = true;
         Ok(())
     }
@@ -794,7 +809,54 @@ impl Sessions {
                 None,
             )
             .map_err(Error::from_store)?;
-        self.map.get_mut(k).expect("present").stored = true;
+        let e = self.map.get_mut(k).expect("present");
+        e.stored = true;
+        e.filed = true;
+        Ok(())
+    }
+
+    /// Bytes the store needs to take every session whose newest version is only in memory
+    /// (or will be, once a running request ends), with the session under `k` counted as such
+    /// and `bytes` large: a new file for each that has none in the store, and room for the
+    /// largest of those that replace one (written one at a time, each replacement frees its
+    /// older file as it lands).
+    fn disk_needed(&self, k: &Key, bytes: usize, filed: bool) -> u64 {
+        let size = |b: usize| b as u64 + FILE_OVERHEAD;
+        let (mut new_files, mut largest) = (0u64, 0u64);
+        let mut count = |bytes: usize, filed: bool| {
+            if filed {
+                largest = largest.max(size(bytes));
+            } else {
+                new_files += size(bytes);
+            }
+        };
+        for (key, e) in &self.map {
+            if key != k && (e.busy || (e.state.is_some() && !e.stored)) {
+                count(e.meta.state_bytes, e.filed);
+            }
+        }
+        count(bytes, filed);
+        new_files + largest
+    }
+
+    /// Refuses ([`Error::InsufficientStorage`]) to keep a new version of the session under
+    /// `k` (`bytes` large) only in memory when the store could not then take every such
+    /// session at shutdown: what is acknowledged can always be written. Not checked with a
+    /// shared store (written through) or a store that cannot tell its free space.
+    fn check_disk(&self, k: &Key, bytes: usize, filed: bool) -> Result<()> {
+        let Some(store) = self.store.as_ref().filter(|_| !self.shared) else {
+            return Ok(());
+        };
+        let Some(free) = store.free_bytes()? else {
+            return Ok(());
+        };
+        let need = self.disk_needed(k, bytes, filed);
+        if need > free {
+            return Err(Error::InsufficientStorage(format!(
+                "the session directory has {free} bytes free, and {need} are needed to write \
+                 every session kept in memory with this one"
+            )));
+        }
         Ok(())
     }
 
@@ -844,11 +906,12 @@ impl Sessions {
                 Err(e) => {
                     let sk = SessionKey::of(&self.map[&k].meta);
                     if let Some(store) = &self.store {
-                        if let Err(d) = store.delete(&sk) {
-                            eprintln!(
+                        match store.delete(&sk) {
+                            Ok(()) => self.map.get_mut(&k).expect("present").filed = false,
+                            Err(d) => eprintln!(
                                 "performer: cannot delete the older version of session {}: {d}",
                                 k.1
-                            );
+                            ),
                         }
                     }
                     failed.push((k, e));

@@ -119,6 +119,12 @@ pub trait SessionStore: Send + Sync {
     fn shared(&self) -> bool {
         false
     }
+    /// Bytes the store can still take (`None`: unknown, not checked). The engine keeps this
+    /// at least what writing every session held only in memory would take, so that shutdown
+    /// can write them all.
+    fn free_bytes(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// Whether `id` is a valid session id: 1–64 ASCII letters, digits, `-` or `_` (it names a
@@ -287,6 +293,13 @@ impl SessionStore for DiskStore {
         // Temporary file in the same directory, fsync, rename: a crash leaves the old
         // session or the new one, never a torn file.
         performer::fsutil::write_atomic(&path, |w| w.write_all(&bytes)).map_err(Error::from)
+    }
+
+    #[cfg(unix)]
+    fn free_bytes(&self) -> Result<Option<u64>> {
+        let st = rustix::fs::statvfs(&self.dir)
+            .map_err(|e| Error::io(&self.dir, std::io::Error::from(e)).from_store())?;
+        Ok(Some(st.f_bavail.saturating_mul(st.f_frsize)))
     }
 
     fn delete(&self, key: &SessionKey) -> Result<()> {

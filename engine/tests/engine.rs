@@ -695,3 +695,87 @@ fn idle_sessions_expire() {
     let s = engine.create_session("t", toks("x")).unwrap();
     wait_until("expiry", || engine.session_info("t", &s.id).is_err());
 }
+
+/// Constrained and unconstrained requests step in the same ticks: with one request of each
+/// kind per prompt admitted together, a tick steps all eight rows; every text is the one the
+/// request gives alone (the mask touches only its own row, whatever runs beside it).
+#[test]
+fn constrained_and_unconstrained_requests_share_ticks() {
+    use performer::constraint::{Constraint, Grammar};
+    let model = shipped();
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("schemas/person.json")).unwrap(),
+    )
+    .unwrap();
+    let grammar = Grammar::compile(
+        &Constraint::JsonSchema(schema),
+        model.tokenizer(),
+        model.vocab_size(),
+    )
+    .unwrap();
+    let held = Arc::new(Held::default());
+    let engine =
+        Engine::start_with_observer(model.clone(), config(), None, Some(held.clone())).unwrap();
+    let request = |i: usize| {
+        let p = PROMPTS[i / 2];
+        if i % 2 == 0 {
+            CompletionRequest::new(toks(p), 64, SamplingParams::greedy())
+        } else {
+            // Temperature 1: the grammar's mask decides among many allowed tokens.
+            let mut r = CompletionRequest::new(
+                toks(p),
+                200,
+                SamplingParams {
+                    temperature: 1.0,
+                    seed: i as u64,
+                    ..SamplingParams::default()
+                },
+            );
+            r.constraint = Some(grammar.clone());
+            r
+        }
+    };
+    let alone: Vec<String> = (0..8)
+        .map(|i| engine.complete(request(i)).unwrap().choices[0].text.clone())
+        .collect();
+    let before = held.max_batch.swap(0, Ordering::Relaxed);
+    assert_eq!(before, 1, "alone, every tick steps one row");
+
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    *held.hold.lock().unwrap() = Some((entered_tx, release_rx));
+    let (tx, rx) = mpsc::channel();
+    for i in 0..8 {
+        let tx = tx.clone();
+        engine
+            .submit(request(i), Box::new(move |e| tx.send((i, e)).is_ok()))
+            .unwrap();
+        if i == 0 {
+            // The scheduler holds in the first prompt until the other 7 are queued.
+            entered.recv().unwrap();
+        }
+    }
+    release.send(()).unwrap();
+    drop(tx);
+    let mut texts = vec![String::new(); 8];
+    for (i, e) in rx {
+        match e {
+            Event::Text { text, .. } => texts[i].push_str(&text),
+            Event::Failed(e) => panic!("request {i} failed: {e}"),
+            _ => {}
+        }
+    }
+    // Every JSON document is at least 33 tokens (`{"name":"x","age":0,"color":"red"}`), far
+    // more than the ticks the seven short prompts take to be ingested: all eight rows meet.
+    assert_eq!(
+        held.max_batch.load(Ordering::Relaxed),
+        8,
+        "constrained and unconstrained rows in one tick"
+    );
+    for (i, (text, want)) in texts.iter().zip(&alone).enumerate() {
+        assert_eq!(text, want, "request {i} changed beside the others");
+        if i % 2 == 1 {
+            serde_json::from_str::<serde_json::Value>(text).unwrap();
+        }
+    }
+}

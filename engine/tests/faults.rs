@@ -250,3 +250,111 @@ fn an_acknowledged_session_never_comes_back_older_after_a_failed_shutdown_write(
         Err(e) => panic!("{e}"),
     }
 }
+
+/// A `DiskStore` on a disk of `capacity` bytes: a write past it fails as a full disk does, and
+/// the free space it reports is what its files leave.
+struct SmallDisk {
+    inner: DiskStore,
+    capacity: u64,
+}
+
+impl SmallDisk {
+    fn used(&self) -> u64 {
+        std::fs::read_dir(self.inner.dir())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    }
+}
+
+impl SessionStore for SmallDisk {
+    fn get(&self, key: &SessionKey) -> performer_engine::Result<Option<StoredSession>> {
+        self.inner.get(key)
+    }
+    fn version(&self, key: &SessionKey) -> performer_engine::Result<Option<u64>> {
+        self.inner.version(key)
+    }
+    fn put(&self, s: &StoredSession, expected: Option<u64>) -> performer_engine::Result<()> {
+        // The temporary file is written in full before it replaces an older version.
+        if self.used() + s.snapshot.len() as u64 > self.capacity {
+            let path: PathBuf = self.inner.dir().join(format!("{}.session", s.meta.id));
+            return Err(performer::Error::io(path, std::io::Error::from_raw_os_error(28)).into());
+        }
+        self.inner.put(s, expected)
+    }
+    fn delete(&self, key: &SessionKey) -> performer_engine::Result<()> {
+        self.inner.delete(key)
+    }
+    fn list(&self) -> performer_engine::Result<Listing> {
+        self.inner.list()
+    }
+    fn free_bytes(&self) -> performer_engine::Result<Option<u64>> {
+        Ok(Some(self.capacity.saturating_sub(self.used())))
+    }
+}
+
+/// The disk is never promised more than it can take: on a disk of room for a few sessions,
+/// creates, continuations and forks are refused (`InsufficientStorage`) once writing every
+/// session held only in memory would not fit, so that shutdown writes them all and a restart
+/// serves every acknowledged session at its acknowledged version, byte for byte.
+#[test]
+fn a_small_disk_keeps_every_acknowledged_session_across_a_restart() {
+    let model = shipped();
+    let one = state_bytes(&model);
+    let dir = tempfile::tempdir().unwrap();
+    let store = SmallDisk {
+        inner: DiskStore::open(dir.path()).unwrap(),
+        capacity: (one * 5 / 2) as u64,
+    };
+    // Memory for two states: sessions spill to the small disk too.
+    let engine = Engine::start(model.clone(), config(one * 2), Some(Box::new(store))).unwrap();
+    let mut acked: Vec<(String, usize)> = Vec::new();
+    let mut refused = 0;
+    for i in 0..30 {
+        let result = match (i % 3, acked.len()) {
+            (_, 0) | (0, _) => engine.create_session("", toks(&format!("session {i}"))),
+            (1, n) => {
+                let id = acked[i % n].0.clone();
+                let mut r = CompletionRequest::new(toks(" and"), 2, SamplingParams::greedy());
+                r.target = Target::Session(id);
+                engine
+                    .complete(r)
+                    .map(|c| c.session.expect("a session request"))
+            }
+            (_, n) => engine.fork_session("", &acked[(i * 5) % n].0),
+        };
+        match result {
+            Ok(info) => match acked.iter_mut().find(|(id, _)| *id == info.id) {
+                Some(a) => a.1 = info.position,
+                None => acked.push((info.id, info.position)),
+            },
+            Err(Error::InsufficientStorage(msg)) => {
+                assert!(!msg.contains("sess-") && !msg.contains('/'), "{msg}");
+                refused += 1;
+            }
+            Err(e) => panic!("request {i}: {e}"),
+        }
+    }
+    assert!(refused > 0, "the disk never filled");
+    assert!(acked.len() >= 2, "{acked:?}");
+    let snapshots: Vec<Vec<u8>> = acked
+        .iter()
+        .map(|(id, _)| engine.session_snapshot("", id).unwrap())
+        .collect();
+    let report = engine.shutdown_report(std::time::Duration::ZERO);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    drop(engine);
+    let again = Engine::start(
+        model,
+        config(one * 2),
+        Some(Box::new(DiskStore::open(dir.path()).unwrap())),
+    )
+    .unwrap();
+    for ((id, position), snap) in acked.iter().zip(&snapshots) {
+        assert_eq!(again.session_info("", id).unwrap().position, *position);
+        assert!(
+            again.session_snapshot("", id).unwrap() == *snap,
+            "{id} changed"
+        );
+    }
+}

@@ -68,8 +68,9 @@ pub struct BenchArgs {
     batch: Vec<usize>,
     /// Constrained decode instead: tokens/s of generations constrained by this JSON schema
     /// beside the same generations unconstrained (temperature 1, the first --tg tokens per
-    /// side, the first --threads).
-    #[arg(long, value_name = "FILE", conflicts_with = "batch")]
+    /// side, the first --threads). With --batch B (the first): the serving engine's batched
+    /// decode, B unconstrained streams beside B constrained ones or B unconstrained twins.
+    #[arg(long, value_name = "FILE")]
     json_schema: Option<PathBuf>,
     /// Print JSON instead of a markdown table.
     #[arg(long)]
@@ -204,6 +205,21 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             seed: a.seed,
             prompt: "Data: ".into(),
         };
+        if let Some(&batch) = a.batch.first() {
+            let model = std::sync::Arc::new(model);
+            let r = performer_cli::constrained_bench::mixed(&model, &o, batch, threads)
+                .map_err(crate::constraint_args::usage_if_invalid)?;
+            let text = if a.json {
+                format!(
+                    "{}\n",
+                    performer_cli::constrained_bench::mixed_json(&name, &kernels, &o, batch, &r)
+                )
+            } else {
+                performer_cli::constrained_bench::mixed_markdown(&name, &kernels, &o, batch, &r)
+            };
+            crate::out::print_stdout(&text)?;
+            return Ok(());
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
