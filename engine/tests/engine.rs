@@ -718,7 +718,7 @@ fn constrained_and_unconstrained_requests_share_ticks() {
         Engine::start_with_observer(model.clone(), config(), None, Some(held.clone())).unwrap();
     let request = |i: usize| {
         let p = PROMPTS[i / 2];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             CompletionRequest::new(toks(p), 64, SamplingParams::greedy())
         } else {
             // Temperature 1: the grammar's mask decides among many allowed tokens.
