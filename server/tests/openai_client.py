@@ -1,6 +1,7 @@
 """The official `openai` client against `performer serve`: a non-streaming and a streaming
 greedy completion must both return exactly the text `performer generate` printed for the same
-request (passed in a file). Structured output through `response_format` (the client's
+request (passed in a file), the streaming one resuming the whole prompt from the prefix cache
+(`usage.prompt_tokens_details.cached_tokens`). Structured output through `response_format` (the client's
 `extra_body`, as the Completions API has no such parameter of its own): sampled completions at
 temperature 1 parse as JSON and validate against their schemas (tests/fixtures/schemas/); invalid schemas and grammars are 400s.
 Chat completions (streaming, `n`, logprobs) and the Responses API: a three-turn conversation
@@ -33,6 +34,9 @@ def main() -> int:
     assert done.choices[0].finish_reason == "length", done.choices[0].finish_reason
     assert done.usage.prompt_tokens == len(prompt.encode()), done.usage
     assert done.usage.completion_tokens == max_tokens, done.usage
+    # The first request with this prompt: nothing cached. The streaming one below repeats it and
+    # resumes from the prefix cache's state at its end, with the same text.
+    assert done.usage.prompt_tokens_details.cached_tokens == 0, done.usage
 
     pieces, usage, reasons = [], None, []
     stream = client.completions.create(
@@ -54,6 +58,7 @@ def main() -> int:
     assert streamed == expected, f"streaming: {streamed!r} != {expected!r}"
     assert reasons == ["length"], reasons
     assert usage is not None and usage.completion_tokens == max_tokens, usage
+    assert usage.prompt_tokens_details.cached_tokens == len(prompt.encode()), usage
 
     try:
         client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=-1)

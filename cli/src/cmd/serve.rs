@@ -154,4 +154,19 @@ mod tests {
         assert_eq!(parse_bytes("42"), Ok(42));
         assert!(parse_bytes("lots").is_err());
     }
+
+    #[test]
+    fn the_prefix_cache_default_is_the_engines() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: super::ServeArgs,
+        }
+        let cli = Cli::try_parse_from(["serve"]).unwrap();
+        assert_eq!(
+            cli.serve.prefix_cache_memory,
+            performer_engine::DEFAULT_PREFIX_CACHE_MEMORY
+        );
+    }
 }
