@@ -115,7 +115,7 @@ pub fn run(model: &Model, o: &ConstrainedOptions) -> Result<ConstrainedReport> {
                 acc.0 += k;
                 acc.1 += t;
             };
-            if (rep + i) % 2 == 0 {
+            if (rep + i).is_multiple_of(2) {
                 add(&mut c, one(model, &prompt, o, i, None)?);
                 add(&mut u, one(model, &prompt, o, i, Some(n))?);
             } else {
@@ -379,7 +379,7 @@ pub fn mixed(
     let (mut plain, mut con, mut ratio, mut documents) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 0..o.repetitions {
-        let (u, c) = if rep % 2 == 0 {
+        let (u, c) = if rep.is_multiple_of(2) {
             let u = side(false)?;
             (u, side(true)?)
         } else {
