@@ -396,7 +396,12 @@ fn masks_computed_ahead_change_nothing() {
                 assert_eq!(prepared, None, "complete one way, not the other");
                 break;
             };
-            assert_eq!(Some(mask), prepared.as_ref(), "seed {seed}, at {}", text.len());
+            assert_eq!(
+                Some(mask),
+                prepared.as_ref(),
+                "seed {seed}, at {}",
+                text.len()
+            );
             let token = sampler
                 .sample_masked(state.logits().unwrap(), &history, mask)
                 .unwrap();

@@ -115,7 +115,7 @@ pub fn run(model: &Model, o: &ConstrainedOptions) -> Result<ConstrainedReport> {
                 acc.0 += k;
                 acc.1 += t;
             };
-            if (rep + i) % 2 == 0 {
+            if (rep + i).is_multiple_of(2) {
                 add(&mut c, one(model, &prompt, o, i, None)?);
                 add(&mut u, one(model, &prompt, o, i, Some(n))?);
             } else {
@@ -271,14 +271,20 @@ pub fn mixed(
             .wrapping_add(1_000_000)
             .wrapping_add((chain * CHAIN_DOCS + k % CHAIN_DOCS) as u64)
     };
-    let engine_err = |e: performer_engine::Error| performer::Error::invalid("engine", e.to_string());
+    let engine_err =
+        |e: performer_engine::Error| performer::Error::invalid("engine", e.to_string());
     // The documents' lengths, untimed (also the warm-up).
     let mut lengths = vec![vec![0usize; CHAIN_DOCS]; batch];
     for (chain, l) in lengths.iter_mut().enumerate() {
         for (k, len) in l.iter_mut().enumerate() {
-            let mut r = CompletionRequest::new(prompt.clone(), o.tokens, sampling(doc_seed(chain, k)));
+            let mut r =
+                CompletionRequest::new(prompt.clone(), o.tokens, sampling(doc_seed(chain, k)));
             r.constraint = Some(grammar.clone());
-            *len = engine.complete(r).map_err(engine_err)?.usage.completion_tokens;
+            *len = engine
+                .complete(r)
+                .map_err(engine_err)?
+                .usage
+                .completion_tokens;
         }
     }
     let lengths = Arc::new(lengths);
@@ -298,22 +304,24 @@ pub fn mixed(
             );
             let seeds: Vec<u64> = (0..CHAIN_DOCS).map(|k| doc_seed(chain, k)).collect();
             let max = o.tokens;
-            chains.push(std::thread::spawn(move || -> std::result::Result<(), String> {
-                let mut k = 0;
-                while !stop.load(Ordering::Acquire) {
-                    let seed = seeds[k % CHAIN_DOCS];
-                    let mut r = CompletionRequest::new(prompt.clone(), max, sampling(seed));
-                    if constrained {
-                        r.constraint = Some(grammar.clone());
-                    } else {
-                        r.max_tokens = lengths[chain][k % CHAIN_DOCS];
+            chains.push(std::thread::spawn(
+                move || -> std::result::Result<(), String> {
+                    let mut k = 0;
+                    while !stop.load(Ordering::Acquire) {
+                        let seed = seeds[k % CHAIN_DOCS];
+                        let mut r = CompletionRequest::new(prompt.clone(), max, sampling(seed));
+                        if constrained {
+                            r.constraint = Some(grammar.clone());
+                        } else {
+                            r.max_tokens = lengths[chain][k % CHAIN_DOCS];
+                        }
+                        engine.complete(r).map_err(|e| e.to_string())?;
+                        docs.fetch_add(1, Ordering::Relaxed);
+                        k += 1;
                     }
-                    engine.complete(r).map_err(|e| e.to_string())?;
-                    docs.fetch_add(1, Ordering::Relaxed);
-                    k += 1;
-                }
-                Ok(())
-            }));
+                    Ok(())
+                },
+            ));
         }
         // The measured streams start once every chain has its first request in.
         std::thread::sleep(Duration::from_millis(20));
@@ -326,7 +334,8 @@ pub fn mixed(
                     r,
                     Box::new(move |e| {
                         let now = Instant::now();
-                        tx.send((i, matches!(e, Event::Done { .. }), now, e)).is_ok()
+                        tx.send((i, matches!(e, Event::Done { .. }), now, e))
+                            .is_ok()
                     }),
                 )
                 .map_err(engine_err)?;
@@ -358,15 +367,19 @@ pub fn mixed(
         let mut tps = 0.0;
         for (f, l) in first.iter().zip(&last) {
             let (Some(f), Some(l)) = (f, l) else {
-                return Err(performer::Error::invalid("engine", "a stream returned no text"));
+                return Err(performer::Error::invalid(
+                    "engine",
+                    "a stream returned no text",
+                ));
             };
             tps += (o.tokens - 1) as f64 / l.duration_since(*f).as_secs_f64().max(1e-12);
         }
         Ok((tps, docs.load(Ordering::Relaxed)))
     };
-    let (mut plain, mut con, mut ratio, mut documents) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut plain, mut con, mut ratio, mut documents) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 0..o.repetitions {
-        let (u, c) = if rep % 2 == 0 {
+        let (u, c) = if rep.is_multiple_of(2) {
             let u = side(false)?;
             (u, side(true)?)
         } else {

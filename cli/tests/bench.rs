@@ -431,3 +431,45 @@ fn tiny_run_with_plot() {
     );
     assert!(text.contains("tokens/s") && text.contains("favor tg4 2t"));
 }
+
+/// `bench --json-schema` on the shipped model, alone and in the engine beside other streams:
+/// both sides decode, the constrained side completes documents, and in the engine the
+/// measured streams step in the same ticks as the chains beside them (at least three of the
+/// four rows in one tick).
+#[test]
+fn constrained_bench_runs_both_sides() {
+    use performer::constraint::Constraint;
+    use performer_cli::constrained_bench::{self, ConstrainedOptions};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = std::sync::Arc::new(Model::load(root.join("models/performer-byte")).unwrap());
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/fixtures/schemas/person.json")).unwrap(),
+    )
+    .unwrap();
+    let o = ConstrainedOptions {
+        constraint: Constraint::JsonSchema(schema),
+        tokens: 48,
+        repetitions: 2,
+        seed: 3,
+        prompt: "Data: ".into(),
+    };
+    let r = constrained_bench::run(&model, &o).unwrap();
+    assert!(r.documents >= 1);
+    assert!(r.constrained.mean > 0.0 && r.unconstrained.mean > 0.0);
+    assert!(r.median_ratio.is_finite() && r.median_ratio > 0.0);
+    let json: serde_json::Value =
+        serde_json::from_str(&constrained_bench::json("m", "k", &o, &r)).unwrap();
+    assert_eq!(json["documents"], r.documents);
+    let m = constrained_bench::mixed(&model, &o, 2, 2).unwrap();
+    assert!(m.beside_constrained.mean > 0.0 && m.beside_unconstrained.mean > 0.0);
+    assert!(
+        m.documents >= 1.0,
+        "the constrained chains completed documents"
+    );
+    assert!(
+        (3..=4).contains(&m.max_batch),
+        "two streams beside two others: {} rows in one tick",
+        m.max_batch
+    );
+    assert!(constrained_bench::mixed_markdown("m", "k", &o, 2, &m).contains("| ratio |"));
+}

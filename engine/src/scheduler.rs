@@ -554,11 +554,7 @@ impl Scheduler {
                 // step when none is free).
                 let (stepped, ()) = rayon::join(
                     || model.step_batch(&mut states, &tokens),
-                    || {
-                        grammars
-                            .par_iter_mut()
-                            .for_each(|g| g.prepare())
-                    },
+                    || grammars.par_iter_mut().for_each(|g| g.prepare()),
                 );
                 stepped
             });

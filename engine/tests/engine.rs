@@ -172,7 +172,7 @@ fn text_is_the_same_alone_and_among_sixteen() {
     *held.hold.lock().unwrap() = Some((entered_tx, release_rx));
     let (tx, rx) = mpsc::channel();
     for (i, p) in PROMPTS.iter().enumerate() {
-        let req = if i % 2 == 0 {
+        let req = if i.is_multiple_of(2) {
             greedy(p)
         } else {
             sampled(p, i as u64)
@@ -774,7 +774,7 @@ fn constrained_and_unconstrained_requests_share_ticks() {
     );
     for (i, (text, want)) in texts.iter().zip(&alone).enumerate() {
         assert_eq!(text, want, "request {i} changed beside the others");
-        if i % 2 == 1 {
+        if !i.is_multiple_of(2) {
             serde_json::from_str::<serde_json::Value>(text).unwrap();
         }
     }
