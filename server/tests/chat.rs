@@ -79,6 +79,10 @@ async fn chat_completions_render_the_template_stream_and_validate() {
     let model = shipped();
     let s = start(model.clone(), None, None, None).await;
 
+    // The playground has a chat tab on the Responses API.
+    let page = s.http.get(s.url("/")).send().await.unwrap();
+    let page = page.text().await.unwrap();
+    assert!(page.contains("/v1/responses") && page.contains("previous_response_id"));
     let v: Value = s
         .http
         .get(s.url("/v1/models"))
