@@ -2,6 +2,9 @@
 //! feed-forward width, L2/L3-resident), for interleaved A/B runs of the kernel methods at the
 //! process's level (`PERFORMER_ISA=avx2` or `portable` forces a lower one):
 //!
+//! An optional fourth argument B multiplies B inputs at once (`QuantKernels::linear`, the
+//! batched-decode path) and reports weights × inputs per second.
+//!
 //! ```text
 //! cargo build --release --example quant_matvec
 //! for i in 1 2 3; do for f in q8_0 q4_0 q4_1; do for m in dequant int8; do
@@ -13,9 +16,11 @@ use performer::quant::{OwnedQMatrix, QuantFormat};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: quant_matvec q8_0|q4_0|q4_1 dequant|int8 ITERATIONS";
-    let [_, format, method, iters] = &args[..] else {
-        return Err(usage.into());
+    let usage = "usage: quant_matvec q8_0|q4_0|q4_1 dequant|int8 ITERATIONS [B]";
+    let (format, method, iters, batch) = match &args[..] {
+        [_, f, m, i] => (f, m, i, 1usize),
+        [_, f, m, i, b] => (f, m, i, b.parse()?),
+        _ => return Err(usage.into()),
     };
     let format: QuantFormat = format.parse()?;
     let kernels = QuantKernels::active(QuantMethod::parse(method)?);
@@ -25,20 +30,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
     let q = OwnedQMatrix::quantize(format, "w", &w, rows, cols)?;
     let m = q.matrix();
-    let x: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
-    let mut y = vec![0f32; rows];
+    let x: Vec<f32> = (0..cols * batch).map(|_| rng.normal()).collect();
+    let mut y = vec![0f32; rows * batch];
     let start = std::time::Instant::now();
     for _ in 0..iters {
-        kernels.matvec_serial(m, &x, &mut y);
+        if batch == 1 {
+            kernels.matvec_serial(m, &x, &mut y);
+        } else {
+            kernels.linear(&x, batch, m, &mut y);
+        }
         std::hint::black_box(&y);
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "{format} {} {}: {:.1} µs per product, {:.2} G weights/s",
+        "{format} {} {} B={batch}: {:.1} µs per product, {:.2} G weights/s",
         kernels.kernels().isa(),
         kernels.describe(),
         secs / iters as f64 * 1e6,
-        (rows * cols * iters) as f64 / secs / 1e9
+        (rows * cols * iters * batch) as f64 / secs / 1e9
     );
     Ok(())
 }

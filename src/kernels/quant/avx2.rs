@@ -10,7 +10,7 @@
 //! `avx512vnni` where it is `AVX512VL_VNNI`) and the slices are as long as
 //! each function says.
 
-use super::activation::{check_rows, check_rows_batch, Activation};
+use super::activation::{check_rows, check_rows_batch, Activation, RowTiles};
 use crate::quant::{QMatrix, QuantFormat, BLOCK};
 use half::f16;
 use std::arch::x86_64::*;
@@ -595,29 +595,34 @@ pub(super) unsafe fn int8_rows<const VNNI: u8>(m: QMatrix<'_>, acts: &[Activatio
         return;
     };
     let groups = acts.len() / 4;
-    for (r, (codes, scales, mins)) in rows.enumerate() {
+    let mut tiles = RowTiles::new(rows, m, acts.len());
+    while let Some((r0, tile)) = tiles.next_tile() {
         // Four activations at a time share each weight block's load and unpacking (batched
         // decode); the rest one at a time.
         for g in 0..groups {
             let four: &[Activation; 4] = acts[4 * g..4 * g + 4]
                 .try_into()
                 .expect("a group of four activations");
-            let v = match m.format {
-                QuantFormat::Q8_0 => q8_int8_row_acts4::<VNNI>(codes, scales, four),
-                QuantFormat::Q4_0 => q4_int8_row_acts4::<false, VNNI>(codes, scales, &[], four),
-                QuantFormat::Q4_1 => q4_int8_row_acts4::<true, VNNI>(codes, scales, mins, four),
-            };
-            for (k, o) in v.into_iter().enumerate() {
-                y[(4 * g + k) * rows_n + r] = o;
+            for (k, &(codes, scales, mins)) in tile.iter().enumerate() {
+                let v = match m.format {
+                    QuantFormat::Q8_0 => q8_int8_row_acts4::<VNNI>(codes, scales, four),
+                    QuantFormat::Q4_0 => q4_int8_row_acts4::<false, VNNI>(codes, scales, &[], four),
+                    QuantFormat::Q4_1 => q4_int8_row_acts4::<true, VNNI>(codes, scales, mins, four),
+                };
+                for (a, o) in v.into_iter().enumerate() {
+                    y[(4 * g + a) * rows_n + r0 + k] = o;
+                }
             }
         }
         for (i, act) in acts.iter().enumerate().skip(4 * groups) {
-            let v = match m.format {
-                QuantFormat::Q8_0 => q8_int8_row::<VNNI>(codes, scales, act),
-                QuantFormat::Q4_0 => q4_int8_row::<false, VNNI>(codes, scales, &[], act),
-                QuantFormat::Q4_1 => q4_int8_row::<true, VNNI>(codes, scales, mins, act),
-            };
-            *y.get_unchecked_mut(i * rows_n + r) = v;
+            for (k, &(codes, scales, mins)) in tile.iter().enumerate() {
+                let v = match m.format {
+                    QuantFormat::Q8_0 => q8_int8_row::<VNNI>(codes, scales, act),
+                    QuantFormat::Q4_0 => q4_int8_row::<false, VNNI>(codes, scales, &[], act),
+                    QuantFormat::Q4_1 => q4_int8_row::<true, VNNI>(codes, scales, mins, act),
+                };
+                y[i * rows_n + r0 + k] = v;
+            }
         }
     }
 }

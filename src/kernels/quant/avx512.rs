@@ -2,7 +2,7 @@
 //! int8 rows by AVX-512 VNNI `vpdpbusd`. Called only from the level's `#[target_feature]`
 //! entry points (`super::entry`), whose features are a superset of each function's.
 
-use super::activation::{check_rows, check_rows_batch, Activation};
+use super::activation::{check_rows, check_rows_batch, Activation, RowTiles};
 use crate::quant::{QMatrix, QuantFormat, BLOCK};
 use half::f16;
 use std::arch::x86_64::*;
@@ -53,7 +53,8 @@ pub(super) unsafe fn int8_rows(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32
         return;
     };
     let groups = acts.len() / 4;
-    for (r, (codes, scales, mins)) in rows.enumerate() {
+    let mut tiles = RowTiles::new(rows, m, acts.len());
+    while let Some((r0, tile)) = tiles.next_tile() {
         // Four activations at a time share each weight block's load and unpacking (batched
         // decode), bit for bit the one-activation sums; the rest one at a time.
         // SAFETY (each call): the features above; the row holds `cols / 32` blocks
@@ -65,22 +66,26 @@ pub(super) unsafe fn int8_rows(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32
                 &acts[4 * g + 2],
                 &acts[4 * g + 3],
             ];
-            let v = match m.format {
-                QuantFormat::Q8_0 => q8_int8_rows(codes, scales, four),
-                QuantFormat::Q4_0 => q4_int8_rows::<false, 4>(codes, scales, &[], four),
-                QuantFormat::Q4_1 => q4_int8_rows::<true, 4>(codes, scales, mins, four),
-            };
-            for (k, o) in v.into_iter().enumerate() {
-                y[(4 * g + k) * rows_n + r] = o;
+            for (k, &(codes, scales, mins)) in tile.iter().enumerate() {
+                let v = match m.format {
+                    QuantFormat::Q8_0 => q8_int8_rows(codes, scales, four),
+                    QuantFormat::Q4_0 => q4_int8_rows::<false, 4>(codes, scales, &[], four),
+                    QuantFormat::Q4_1 => q4_int8_rows::<true, 4>(codes, scales, mins, four),
+                };
+                for (a, o) in v.into_iter().enumerate() {
+                    y[(4 * g + a) * rows_n + r0 + k] = o;
+                }
             }
         }
         for (i, act) in acts.iter().enumerate().skip(4 * groups) {
-            let [v] = match m.format {
-                QuantFormat::Q8_0 => q8_int8_rows(codes, scales, [act]),
-                QuantFormat::Q4_0 => q4_int8_rows::<false, 1>(codes, scales, &[], [act]),
-                QuantFormat::Q4_1 => q4_int8_rows::<true, 1>(codes, scales, mins, [act]),
-            };
-            *y.get_unchecked_mut(i * rows_n + r) = v;
+            for (k, &(codes, scales, mins)) in tile.iter().enumerate() {
+                let [v] = match m.format {
+                    QuantFormat::Q8_0 => q8_int8_rows(codes, scales, [act]),
+                    QuantFormat::Q4_0 => q4_int8_rows::<false, 1>(codes, scales, &[], [act]),
+                    QuantFormat::Q4_1 => q4_int8_rows::<true, 1>(codes, scales, mins, [act]),
+                };
+                y[i * rows_n + r0 + k] = v;
+            }
         }
     }
 }
@@ -260,11 +265,11 @@ unsafe fn mins_dot(mins: &[f16], sums: &[f32]) -> f32 {
 }
 
 /// One q8_0 row by VNNI against `A` activations: `Σ_b s_b · Σ (q + 128)·x − 128·Σx` per
-/// block, 256 bits a block, `s_b` the weight scale `scales[b]` times the activation's (in
-/// f32, as the twin does). The weight block is loaded and offset once for all `A`; each
-/// activation's sum is the same whatever `A` (even blocks into one accumulator, odd into
-/// another, then one final sum), so a batched product equals the one-activation one bit
-/// for bit.
+/// block, two blocks per 512-bit register (lanes 0–7 the even block of the pair, 8–15 the
+/// odd one; an unpaired last block in 256 bits), `s_b` the weight scale `scales[b]` times the
+/// activation's (in f32, as the twin does). The weight pair is loaded and offset once for
+/// all `A`; each activation's pairs alternate between two accumulators and its sum is the
+/// same whatever `A`, so a batched product equals the one-activation one bit for bit.
 ///
 /// # Safety
 /// avx512f/bw/vl/vnni are available; `codes.len() ≥ 32·n` for `n = scales.len()`, and every
@@ -279,39 +284,64 @@ unsafe fn q8_int8_rows<const A: usize>(
     let n = scales.len();
     debug_assert!(codes.len() >= n * BLOCK);
     let c = codes.as_ptr();
-    let flip = _mm256_set1_epi8(-128);
-    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); A], [_mm256_setzero_ps(); A]);
+    let flip = _mm512_set1_epi8(-128);
+    // The pair's two combined scales, lanes `b % 16` and the next, spread over the two
+    // halves (`idx` = `pick` + b % 16, stepped by 2 in a register).
+    let pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    let two = _mm512_set1_epi32(2);
+    let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); A], [_mm512_setzero_ps(); A]);
     let mut sc = [_mm512_setzero_ps(); A];
-    for b in 0..n {
-        if b % 16 == 0 {
-            let ws = widen16(scales, b);
+    let mut idx = pick;
+    let mut b = 0;
+    // One pair into `acc`, block `b` even: `b % 16 == 0` starts a group of scales.
+    macro_rules! pair {
+        ($acc:ident) => {{
+            if b % 16 == 0 {
+                let ws = widen16(scales, b);
+                for a in 0..A {
+                    let xs = _mm512_maskz_loadu_ps(lanes16(n - b), acts[a].scales.as_ptr().add(b));
+                    sc[a] = _mm512_mul_ps(ws, xs);
+                }
+                idx = pick;
+            }
+            let w = _mm512_xor_si512(_mm512_loadu_si512(c.add(b * BLOCK).cast()), flip);
             for a in 0..A {
-                let xs = _mm512_maskz_loadu_ps(lanes16(n - b), acts[a].scales.as_ptr().add(b));
-                sc[a] = _mm512_mul_ps(ws, xs);
+                debug_assert!(acts[a].codes.len() >= n * BLOCK && acts[a].offset_q8.len() >= n * 8);
+                let x = _mm512_loadu_si512(acts[a].codes.as_ptr().add(b * BLOCK).cast());
+                let init = _mm512_loadu_si512(acts[a].offset_q8.as_ptr().add(b * 8).cast());
+                let d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, w, x));
+                $acc[a] = _mm512_fmadd_ps(d, _mm512_permutexvar_ps(idx, sc[a]), $acc[a]);
             }
+            idx = _mm512_add_epi32(idx, two);
+            b += 2;
+        }};
+    }
+    while b + 2 <= n {
+        pair!(acc0);
+        if b + 2 > n {
+            break;
         }
-        // Block b's integer dot products: −128 · Σx per lane, then + Σ (q + 128) · x.
-        let w = _mm256_xor_si256(_mm256_loadu_si256(c.add(b * BLOCK).cast()), flip);
-        for a in 0..A {
-            debug_assert!(acts[a].codes.len() >= n * BLOCK && acts[a].offset_q8.len() >= n * 8);
-            let x = _mm256_loadu_si256(acts[a].codes.as_ptr().add(b * BLOCK).cast());
-            let init = _mm256_loadu_si256(acts[a].offset_q8.as_ptr().add(b * 8).cast());
-            let d = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(init, w, x));
-            let s = _mm512_castps512_ps256(lane(sc[a], b % 16));
-            if b % 2 == 0 {
-                acc0[a] = _mm256_fmadd_ps(d, s, acc0[a]);
-            } else {
-                acc1[a] = _mm256_fmadd_ps(d, s, acc1[a]);
-            }
-        }
+        pair!(acc1);
     }
     let mut out = [0f32; A];
     for a in 0..A {
-        let s = _mm256_add_ps(acc0[a], acc1[a]);
-        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        out[a] = _mm_cvtss_f32(s);
+        out[a] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[a], acc1[a]));
+    }
+    if b < n {
+        // The last, unpaired block: 256 bits, its sum added to the pairs' total.
+        let w = _mm256_xor_si256(
+            _mm256_loadu_si256(c.add(b * BLOCK).cast()),
+            _mm512_castsi512_si256(flip),
+        );
+        for a in 0..A {
+            let x = _mm256_loadu_si256(acts[a].codes.as_ptr().add(b * BLOCK).cast());
+            let init = _mm256_loadu_si256(acts[a].offset_q8.as_ptr().add(b * 8).cast());
+            let dot = _mm256_dpbusd_epi32(init, w, x);
+            let mut lanes = [0i32; 8];
+            _mm256_storeu_si256(lanes.as_mut_ptr().cast(), dot);
+            let scale = scales[b].to_f32() * *acts[a].scales.get_unchecked(b);
+            out[a] += lanes.iter().sum::<i32>() as f32 * scale;
+        }
     }
     out
 }
