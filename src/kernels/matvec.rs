@@ -48,28 +48,10 @@ pub(super) fn matvec_rows_k<S: Lanes, T: Elem>(
     if T::KIND == simd::ElemKind::Bf16 && s.bf16_matvec_rows(bytemuck::cast_slice(w), cols, x, y) {
         return;
     }
-    let ahead = EXP_PF.load(std::sync::atomic::Ordering::Relaxed);
-    if ahead > 0 {
-        let bytes: &[u8] = bytemuck::cast_slice(w);
-        let row_bytes = cols * std::mem::size_of::<T>();
-        let dist = ahead * 64;
-        for (r, out) in y.iter_mut().enumerate() {
-            let start = r * row_bytes + dist;
-            let mut at = start;
-            while at < start + row_bytes {
-                s.prefetch(bytes, at);
-                at += 64;
-            }
-            *out = dot_k(s, &w[r * cols..(r + 1) * cols], x);
-        }
-        return;
-    }
     for (r, out) in y.iter_mut().enumerate() {
         *out = dot_k(s, &w[r * cols..(r + 1) * cols], x);
     }
 }
-#[doc(hidden)]
-pub static EXP_PF: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Weight rows per tile of the batched product when it runs the single-row kernel once per
 /// input row (few inputs, or bf16 weights at a level with its own bf16 row kernel): 16 rows

@@ -27,7 +27,6 @@ use rayon::prelude::*;
 pub use isa::{Isa, Kernels};
 pub use matvec::AlignedBuf;
 #[doc(hidden)]
-pub use matvec::EXP_PF;
 pub use simd::{Elem, LANES};
 
 use elementwise::{
