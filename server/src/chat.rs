@@ -3,16 +3,14 @@
 //! server-sent events.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use futures_util::stream;
 use performer::chat::Message;
 use performer::tokenizer::Tokenizer;
 use performer_engine::{CompletionRequest, Event, Target, TokenLogprob, Usage};
@@ -25,6 +23,7 @@ use crate::error::ApiError;
 use crate::openai::{
     parse, token_text, usage_json, CompletionBody, ResponseFormat, Stop, StreamOptions,
 };
+use crate::sse;
 use crate::{App, Tenant};
 
 /// `max_tokens` of a chat completion or a response that gives none: replies end at the
@@ -348,10 +347,8 @@ impl Head {
 
 struct StreamState {
     head: Head,
-    rx: UnboundedReceiver<Event>,
     _guard: CancelOnDrop,
     include_usage: bool,
-    /// Whether a choice's first chunk (with the role) went out.
     started: Vec<bool>,
     out: VecDeque<String>,
     ended: bool,
@@ -366,28 +363,32 @@ fn stream_response(
 ) -> Response {
     let st = StreamState {
         head,
-        rx,
         _guard: guard,
         include_usage,
         started: vec![false; n],
         out: VecDeque::new(),
         ended: false,
     };
-    let s = stream::unfold(st, |mut st| async move {
-        loop {
-            if let Some(data) = st.out.pop_front() {
-                return Some((Ok::<_, Infallible>(SseEvent::default().data(data)), st));
-            }
-            if st.ended {
-                return None;
-            }
-            match st.rx.recv().await {
-                None => return None,
-                Some(e) => st.push(e),
-            }
+    sse::response(st, rx)
+}
+
+impl sse::EventStream for StreamState {
+    async fn push(&mut self, event: Option<Event>) {
+        match event {
+            Some(e) => self.take(e),
+            None => self.ended = true,
         }
-    });
-    Sse::new(s).into_response()
+    }
+
+    fn pop(&mut self) -> Option<SseEvent> {
+        self.out
+            .pop_front()
+            .map(|data| SseEvent::default().data(data))
+    }
+
+    fn ended(&self) -> bool {
+        self.ended
+    }
 }
 
 impl StreamState {
@@ -404,7 +405,7 @@ impl StreamState {
         self.out.push_back(c.to_string());
     }
 
-    fn push(&mut self, e: Event) {
+    fn take(&mut self, e: Event) {
         match e {
             Event::Text {
                 choice,

@@ -1,7 +1,6 @@
 //! `POST /v1/completions` and its session twin: JSON or server-sent events.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,15 +8,15 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use futures_util::stream;
 use performer_engine::{CancelHandle, CompletionRequest, Event, Target, TokenLogprob};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::error::ApiError;
+use crate::sse;
 use performer::tokenizer::Tokenizer;
 
 use crate::openai::{logprobs_json, parse, usage_json, CompletionBody};
@@ -206,7 +205,6 @@ async fn collect(
 
 struct StreamState {
     head: Head,
-    rx: UnboundedReceiver<Event>,
     _guard: CancelOnDrop,
     include_usage: bool,
     offsets: Vec<usize>,
@@ -223,32 +221,36 @@ fn stream_response(
 ) -> Response {
     let st = StreamState {
         head,
-        rx,
         _guard: guard,
         include_usage,
         offsets: vec![0; n],
         out: VecDeque::new(),
         ended: false,
     };
-    let s = stream::unfold(st, |mut st| async move {
-        loop {
-            if let Some(data) = st.out.pop_front() {
-                return Some((Ok::<_, Infallible>(SseEvent::default().data(data)), st));
-            }
-            if st.ended {
-                return None;
-            }
-            match st.rx.recv().await {
-                None => return None,
-                Some(e) => st.push(e),
-            }
+    sse::response(st, rx)
+}
+
+impl sse::EventStream for StreamState {
+    async fn push(&mut self, event: Option<Event>) {
+        match event {
+            Some(e) => self.take(e),
+            None => self.ended = true,
         }
-    });
-    Sse::new(s).into_response()
+    }
+
+    fn pop(&mut self) -> Option<SseEvent> {
+        self.out
+            .pop_front()
+            .map(|data| SseEvent::default().data(data))
+    }
+
+    fn ended(&self) -> bool {
+        self.ended
+    }
 }
 
 impl StreamState {
-    fn push(&mut self, e: Event) {
+    fn take(&mut self, e: Event) {
         let chunk = match e {
             Event::Text {
                 choice,

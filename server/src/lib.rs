@@ -15,6 +15,7 @@ mod openai;
 mod redis_store;
 mod responses;
 mod sessions;
+mod sse;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -10,7 +10,6 @@
 //! was, so two continuations of one response are two forks. `store: false` keeps nothing.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,10 +17,9 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use futures_util::stream;
 use performer::chat::Message;
 use performer_engine::{Engine, Event, Target, Usage, MAX_NOTE_BYTES};
 use serde::{Deserialize, Serialize};
@@ -33,6 +31,7 @@ use crate::completions::{body_bytes, now, random_id, submit, CancelOnDrop};
 use crate::error::ApiError;
 use crate::openai::{parse, JsonSchemaFormat, ResponseFormat};
 use crate::sessions::blocking;
+use crate::sse;
 use crate::{App, Tenant};
 
 /// Prefix of stored responses' ids (and their sessions').
@@ -459,7 +458,6 @@ pub(crate) async fn delete(
 
 struct StreamState {
     run: Option<Run>,
-    rx: UnboundedReceiver<Event>,
     guard: Option<CancelOnDrop>,
     text: String,
     reason: &'static str,
@@ -493,7 +491,7 @@ impl StreamState {
         self.ended = true;
     }
 
-    async fn push(&mut self, e: Event) {
+    async fn take(&mut self, e: Event) {
         match e {
             Event::Text { text, .. } => {
                 self.text.push_str(&text);
@@ -559,7 +557,6 @@ impl StreamState {
 fn stream_response(run: Run, rx: UnboundedReceiver<Event>, guard: CancelOnDrop) -> Response {
     let mut st = StreamState {
         run: Some(run),
-        rx,
         guard: Some(guard),
         text: String::new(),
         reason: "stop",
@@ -584,22 +581,25 @@ fn stream_response(run: Run, rx: UnboundedReceiver<Event>, guard: CancelOnDrop) 
     let (_, mut d) = st.item();
     d["part"] = json!({"type": "output_text", "text": "", "annotations": [], "logprobs": []});
     st.emit("response.content_part.added", d);
-    let s = stream::unfold(st, |mut st| async move {
-        loop {
-            if let Some((kind, data)) = st.out.pop_front() {
-                let ev = SseEvent::default().event(kind).data(data.to_string());
-                return Some((Ok::<_, Infallible>(ev), st));
-            }
-            if st.ended {
-                return None;
-            }
-            match st.rx.recv().await {
-                None => {
-                    st.failed(performer_engine::Error::ShuttingDown.into());
-                }
-                Some(e) => st.push(e).await,
-            }
+    sse::response(st, rx)
+}
+
+impl sse::EventStream for StreamState {
+    async fn push(&mut self, event: Option<Event>) {
+        match event {
+            Some(e) => self.take(e).await,
+            // The engine hung up without a final event: the response fails.
+            None => self.failed(performer_engine::Error::ShuttingDown.into()),
         }
-    });
-    Sse::new(s).into_response()
+    }
+
+    fn pop(&mut self) -> Option<SseEvent> {
+        self.out
+            .pop_front()
+            .map(|(kind, data)| SseEvent::default().event(kind).data(data.to_string()))
+    }
+
+    fn ended(&self) -> bool {
+        self.ended
+    }
 }

@@ -244,8 +244,12 @@ pub(super) unsafe fn dequant_rows(m: QMatrix<'_>, x: &[f32], xsum: &[f32], y: &m
     }
 }
 
-/// One q8_0 row against a quantized activation: per block the exact integer dot product in 8
-/// lanes, converted to f32 and multiplied by the two scales' product (in f32, as the twin).
+/// One q8_0 row against `A` activations (one, or four in batched decode): per block the
+/// exact integer dot product in 8 lanes, converted to f32 and multiplied by the two scales'
+/// product (in f32, as the twin). The weight block is loaded, and its unsigned form made,
+/// once for all `A`; each activation's terms go into the same two accumulators (even and odd
+/// blocks) and the same final sum whatever `A`, so a batched product equals the
+/// one-activation one bit for bit.
 ///
 /// Without `VNNI`, `vpmaddubsw` (unsigned × signed bytes, pairs summed to saturating i16) then
 /// `vpmaddwd` by ones: the weight's magnitude `|w|` is the unsigned side and the activation
@@ -253,259 +257,103 @@ pub(super) unsafe fn dequant_rows(m: QMatrix<'_>, x: &[f32], xsum: &[f32], y: &m
 /// code of −128, which a file may hold, has magnitude 128 as an unsigned byte; the activation's
 /// codes are within ±127, so negating them cannot overflow). With `VNNI`, AVX-VNNI
 /// `vpdpbusd` on `w + 128` (an `xor`) and the activation, from the precomputed offset
-/// `−128 · Σx` per lane (32-bit sums, no saturation). Needs `codes.len() ≥ 32·n`, `act`
-/// quantized from `32·n` values, `n = scales.len()`.
+/// `−128 · Σx` per lane (32-bit sums, no saturation). Needs `codes.len() ≥ 32·n`, every
+/// activation quantized from `32·n` values, `n = scales.len()`.
 #[inline(always)]
-unsafe fn q8_int8_row<const VNNI: u8>(codes: &[u8], scales: &[f16], act: &Activation) -> f32 {
-    let n = scales.len();
-    debug_assert!(codes.len() >= n * BLOCK && act.codes.len() >= n * BLOCK);
-    debug_assert!(act.offset_q8.len() >= n * 8);
-    let (c, xq, off) = (codes.as_ptr(), act.codes.as_ptr(), act.offset_q8.as_ptr());
-    let ones = _mm256_set1_epi16(1);
-    let flip = _mm256_set1_epi8(-128);
-    macro_rules! scale {
-        ($b:expr) => {
-            _mm256_mul_ps(widen8(scales, $b), load8(&act.scales, $b))
-        };
-    }
-    macro_rules! partial {
-        ($b:expr) => {{
-            let w = _mm256_loadu_si256(c.add($b * BLOCK).cast());
-            let x = _mm256_loadu_si256(xq.add($b * BLOCK).cast());
-            let dot = if VNNI != NO_VNNI {
-                let init = _mm256_loadu_si256(off.add($b * 8).cast());
-                dpbusd::<VNNI>(init, _mm256_xor_si256(w, flip), x)
-            } else {
-                let (u, s) = (_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-                _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones)
-            };
-            _mm256_cvtepi32_ps(dot)
-        }};
-    }
-    blocks!(n, scale, partial)
-}
-
-/// One q4_0 row (`MINS` false) or q4_1 row (`MINS` true) against a quantized activation,
-/// two blocks per 256-bit step: the pair's 32 code bytes split into low nibbles (elements
-/// 0–15 of both blocks) and high ones (16–31), each the unsigned side of `vpmaddubsw`
-/// against the activation's pair layout (`codes_q4`), the two i16 results added (a lane is
-/// at most 4 · 15 · 127, far from saturating) and widened by `vpmaddwd`: lanes 0–3 hold the
-/// first block's sum, 4–7 the second's. With `VNNI`, two AVX-VNNI `vpdpbusd` into one i32
-/// accumulator instead. q4_0 starts from the offset `−8 · Σx` per lane (`offset_q4y`),
-/// q4_1 adds `Σ_b m_b · Σx_b` once per row. An unpaired last block is taken in element
-/// order. Needs `codes.len() ≥ 16·n` (and `mins.len() ≥ n` with `MINS`), `act` quantized
-/// from `32·n` values, `n = scales.len()`.
-#[inline(always)]
-unsafe fn q4_int8_row<const MINS: bool, const VNNI: u8>(
+unsafe fn q8_int8_rows<const VNNI: u8, const A: usize>(
     codes: &[u8],
     scales: &[f16],
-    mins: &[f16],
-    act: &Activation,
-) -> f32 {
-    let n = scales.len();
-    debug_assert!(codes.len() >= n * BLOCK / 2 && act.codes_q4.len() >= n * BLOCK);
-    debug_assert!(act.offset_q4y.len() >= n.div_ceil(2) * 8 && act.block_sums.len() >= n);
-    let (c, xq, off) = (
-        codes.as_ptr(),
-        act.codes_q4.as_ptr(),
-        act.offset_q4y.as_ptr(),
-    );
-    let ones = _mm256_set1_epi16(1);
-    let low = _mm256_set1_epi8(0x0F);
-    // The integer sums of `w` (unsigned bytes) against the activation's 32 bytes at element
-    // `e`, plus `w2` against the next 32 (`Some`), from `init`, in 8 i32 lanes.
-    macro_rules! dot {
-        ($init:expr, $w:expr, $e:expr, $w2:expr) => {{
-            let (init, w, e) = ($init, $w, $e);
-            let x = _mm256_loadu_si256(xq.add(e).cast());
-            if VNNI != NO_VNNI {
-                let acc = dpbusd::<VNNI>(init, w, x);
-                match $w2 {
-                    Some(w2) => {
-                        let x2 = _mm256_loadu_si256(xq.add(e + 32).cast());
-                        dpbusd::<VNNI>(acc, w2, x2)
-                    }
-                    None => acc,
-                }
-            } else {
-                let p = _mm256_maddubs_epi16(w, x);
-                let p = match $w2 {
-                    Some(w2) => {
-                        let x2 = _mm256_loadu_si256(xq.add(e + 32).cast());
-                        _mm256_add_epi16(p, _mm256_maddubs_epi16(w2, x2))
-                    }
-                    None => p,
-                };
-                let d = _mm256_madd_epi16(p, ones);
-                if MINS {
-                    d
-                } else {
-                    _mm256_add_epi32(d, init)
-                }
-            }
-        }};
-    }
-    macro_rules! init {
-        ($b:expr) => {
-            if MINS {
-                _mm256_setzero_si256()
-            } else {
-                _mm256_loadu_si256(off.add($b * 4).cast())
-            }
-        };
-    }
-    // Lanes 0–3 take the pair's first combined scale, 4–7 its second: `pick` plus `b % 8`,
-    // stepped by 2 in a register.
-    let pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    let two = _mm256_set1_epi32(2);
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let (mut sc, mut idx) = (_mm256_setzero_ps(), pick);
-    let mut b = 0;
-    while b + 4 <= n {
-        // `b` is a multiple of 4, so neither pair straddles two groups of 8 scales.
-        if b % 8 == 0 {
-            sc = _mm256_mul_ps(widen8(scales, b), load8(&act.scales, b));
-            idx = pick;
-        }
-        let v0 = _mm256_loadu_si256(c.add(b * BLOCK / 2).cast());
-        let v1 = _mm256_loadu_si256(c.add((b + 2) * BLOCK / 2).cast());
-        let (lo0, hi0) = (
-            _mm256_and_si256(v0, low),
-            _mm256_and_si256(_mm256_srli_epi16::<4>(v0), low),
-        );
-        let (lo1, hi1) = (
-            _mm256_and_si256(v1, low),
-            _mm256_and_si256(_mm256_srli_epi16::<4>(v1), low),
-        );
-        let d0 = dot!(init!(b), lo0, b * BLOCK, Some(hi0));
-        let d1 = dot!(init!(b + 2), lo1, (b + 2) * BLOCK, Some(hi1));
-        let s0 = _mm256_permutevar8x32_ps(sc, idx);
-        idx = _mm256_add_epi32(idx, two);
-        let s1 = _mm256_permutevar8x32_ps(sc, idx);
-        idx = _mm256_add_epi32(idx, two);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), s0, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), s1, acc1);
-        b += 4;
-    }
-    if b + 2 <= n {
-        if b % 8 == 0 {
-            sc = _mm256_mul_ps(widen8(scales, b), load8(&act.scales, b));
-            idx = pick;
-        }
-        let v = _mm256_loadu_si256(c.add(b * BLOCK / 2).cast());
-        let (lo, hi) = (
-            _mm256_and_si256(v, low),
-            _mm256_and_si256(_mm256_srli_epi16::<4>(v), low),
-        );
-        let d = dot!(init!(b), lo, b * BLOCK, Some(hi));
-        acc0 = _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(d),
-            _mm256_permutevar8x32_ps(sc, idx),
-            acc0,
-        );
-        b += 2;
-    }
-    if b < n {
-        // The unpaired last block, in element order (as `codes_q4` keeps it).
-        if b % 8 == 0 {
-            sc = _mm256_mul_ps(widen8(scales, b), load8(&act.scales, b));
-        }
-        let d = dot!(init!(b), nibbles(c, b), b * BLOCK, None::<__m256i>);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), lane(sc, b % 8), acc0);
-    }
-    let total = hsum(_mm256_add_ps(acc0, acc1));
-    if MINS {
-        total + mins_dot(&mins[..n], &act.block_sums)
-    } else {
-        total
-    }
-}
-
-/// `hsum(acc0[a] + acc1[a])` for each of the four: the one-row kernels' final sums, in
-/// their order.
-#[inline(always)]
-unsafe fn sums4(acc0: [__m256; 4], acc1: [__m256; 4]) -> [f32; 4] {
-    let mut out = [0f32; 4];
-    for a in 0..4 {
-        out[a] = hsum(_mm256_add_ps(acc0[a], acc1[a]));
-    }
-    out
-}
-
-/// One q8_0 row against four activations at once, bit for bit [`q8_int8_row`] for each (the
-/// same terms into the same two accumulators, even and odd blocks, and the same final sum):
-/// the weight block is loaded, and its magnitude formed, once for the four.
-#[inline(always)]
-unsafe fn q8_int8_row_acts4<const VNNI: u8>(
-    codes: &[u8],
-    scales: &[f16],
-    acts: &[Activation; 4],
-) -> [f32; 4] {
+    acts: [&Activation; A],
+) -> [f32; A] {
     let n = scales.len();
     debug_assert!(codes.len() >= n * BLOCK);
     let c = codes.as_ptr();
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(-128);
-    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
-    let mut sc = [_mm256_setzero_ps(); 4];
-    for b in 0..n {
-        if b % 8 == 0 {
-            let ws = widen8(scales, b);
-            for a in 0..4 {
-                sc[a] = _mm256_mul_ps(ws, load8(&acts[a].scales, b));
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); A], [_mm256_setzero_ps(); A]);
+    let mut sc = [_mm256_setzero_ps(); A];
+    let mut b = 0;
+    // Block `b` into `acc`; `b % 8 == 0` starts a group of scales.
+    macro_rules! block {
+        ($acc:ident) => {{
+            if b % 8 == 0 {
+                let ws = widen8(scales, b);
+                for a in 0..A {
+                    sc[a] = _mm256_mul_ps(ws, load8(&acts[a].scales, b));
+                }
             }
-        }
-        let w = _mm256_loadu_si256(c.add(b * BLOCK).cast());
-        let (u, wf) = if VNNI != NO_VNNI {
-            (_mm256_xor_si256(w, flip), w)
-        } else {
-            (_mm256_sign_epi8(w, w), w)
-        };
-        for a in 0..4 {
-            let x = _mm256_loadu_si256(acts[a].codes.as_ptr().add(b * BLOCK).cast());
-            let dot = if VNNI != NO_VNNI {
-                let init = _mm256_loadu_si256(acts[a].offset_q8.as_ptr().add(b * 8).cast());
-                dpbusd::<VNNI>(init, u, x)
+            let w = _mm256_loadu_si256(c.add(b * BLOCK).cast());
+            let u = if VNNI != NO_VNNI {
+                _mm256_xor_si256(w, flip)
             } else {
-                _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, wf)), ones)
+                _mm256_sign_epi8(w, w)
             };
-            let term = _mm256_cvtepi32_ps(dot);
-            if b % 2 == 0 {
-                acc0[a] = _mm256_fmadd_ps(term, lane(sc[a], b % 8), acc0[a]);
-            } else {
-                acc1[a] = _mm256_fmadd_ps(term, lane(sc[a], b % 8), acc1[a]);
+            for a in 0..A {
+                let act = acts[a];
+                debug_assert!(act.codes.len() >= n * BLOCK && act.offset_q8.len() >= n * 8);
+                let x = _mm256_loadu_si256(act.codes.as_ptr().add(b * BLOCK).cast());
+                let dot = if VNNI != NO_VNNI {
+                    let init = _mm256_loadu_si256(act.offset_q8.as_ptr().add(b * 8).cast());
+                    dpbusd::<VNNI>(init, u, x)
+                } else {
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, w)), ones)
+                };
+                $acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), lane(sc[a], b % 8), $acc[a]);
             }
-        }
+            b += 1;
+        }};
     }
-    sums4(acc0, acc1)
+    while b < n {
+        block!(acc0);
+        if b == n {
+            break;
+        }
+        block!(acc1);
+    }
+    sums(acc0, acc1)
 }
 
-/// One q4_0 row (`MINS` false) or q4_1 row (`MINS` true) against four activations at once,
-/// bit for bit [`q4_int8_row`] for each (pairs alternating between its two accumulators, the
-/// last block into the first, the same final sums): a pair's nibbles are split once for the
-/// four.
+/// `hsum(acc0[a] + acc1[a])` for each activation: the kernels' final sums.
 #[inline(always)]
-unsafe fn q4_int8_row_acts4<const MINS: bool, const VNNI: u8>(
+unsafe fn sums<const A: usize>(acc0: [__m256; A], acc1: [__m256; A]) -> [f32; A] {
+    let mut out = [0f32; A];
+    for a in 0..A {
+        out[a] = hsum(_mm256_add_ps(acc0[a], acc1[a]));
+    }
+    out
+}
+
+/// One q4_0 row (`MINS` false) or q4_1 row (`MINS` true) against `A` activations (one, or four
+/// in batched decode), two blocks per 256-bit step: the pair's 32 code bytes split (once for
+/// all `A`) into low nibbles (elements 0–15 of both blocks) and high ones (16–31), each the
+/// unsigned side of `vpmaddubsw` against the activation's pair layout (`codes_q4`), the two
+/// i16 results added (a lane is at most 4 · 15 · 127, far from saturating) and widened by
+/// `vpmaddwd`: lanes 0–3 hold the first block's sum, 4–7 the second's. With `VNNI`, two
+/// AVX-VNNI `vpdpbusd` into one i32 accumulator instead. q4_0 starts from the offset
+/// `−8 · Σx` per lane (`offset_q4y`), q4_1 adds `Σ_b m_b · Σx_b` once per row. Pairs
+/// alternate between two accumulators per activation and an unpaired last block, taken in
+/// element order, goes into the first: the same sums whatever `A`. Needs `codes.len() ≥
+/// 16·n` (and `mins.len() ≥ n` with `MINS`), every activation quantized from `32·n` values,
+/// `n = scales.len()`.
+#[inline(always)]
+unsafe fn q4_int8_rows<const MINS: bool, const VNNI: u8, const A: usize>(
     codes: &[u8],
     scales: &[f16],
     mins: &[f16],
-    acts: &[Activation; 4],
-) -> [f32; 4] {
+    acts: [&Activation; A],
+) -> [f32; A] {
     let n = scales.len();
     debug_assert!(codes.len() >= n * BLOCK / 2);
     let c = codes.as_ptr();
     let ones = _mm256_set1_epi16(1);
     let low = _mm256_set1_epi8(0x0F);
-    let pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    let two = _mm256_set1_epi32(2);
-    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
-    let mut sc = [_mm256_setzero_ps(); 4];
-    let mut idx = pick;
-    // The integer sums of `w` (and `w2` against the next 32 bytes) against activation `a`'s
-    // pair layout at element `e`, from its offset, in 8 i32 lanes.
+    // The integer sums of `w` (and `w2` against the next 32 bytes) against activation `act`'s
+    // pair layout at block `b`, from its offset, in 8 i32 lanes.
     macro_rules! dot {
-        ($a:expr, $b:expr, $w:expr, $w2:expr) => {{
-            let (act, e) = (&acts[$a], $b * BLOCK);
+        ($act:expr, $b:expr, $w:expr, $w2:expr) => {{
+            let (act, e): (&Activation, usize) = ($act, $b * BLOCK);
+            debug_assert!(act.codes_q4.len() >= n * BLOCK);
+            debug_assert!(act.offset_q4y.len() >= n.div_ceil(2) * 8);
             let xq = act.codes_q4.as_ptr();
             let init = if MINS {
                 _mm256_setzero_si256()
@@ -537,48 +385,63 @@ unsafe fn q4_int8_row_acts4<const MINS: bool, const VNNI: u8>(
             }
         }};
     }
+    // Lanes 0–3 take the pair's first combined scale, 4–7 its second: `pick` plus `b % 8`,
+    // stepped by 2 in a register.
+    let pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    let two = _mm256_set1_epi32(2);
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); A], [_mm256_setzero_ps(); A]);
+    let mut sc = [_mm256_setzero_ps(); A];
+    let mut idx = pick;
     let mut b = 0;
+    macro_rules! scales_at {
+        ($b:expr) => {{
+            let ws = widen8(scales, $b);
+            for a in 0..A {
+                sc[a] = _mm256_mul_ps(ws, load8(&acts[a].scales, $b));
+            }
+        }};
+    }
+    // The pair at `b` (even, so it never straddles two groups of 8 scales) into `acc`.
+    macro_rules! pair {
+        ($acc:ident) => {{
+            if b % 8 == 0 {
+                scales_at!(b);
+                idx = pick;
+            }
+            let v = _mm256_loadu_si256(c.add(b * BLOCK / 2).cast());
+            let lo = _mm256_and_si256(v, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+            let s_idx = idx;
+            for a in 0..A {
+                let d = dot!(acts[a], b, lo, Some(hi));
+                let s = _mm256_permutevar8x32_ps(sc[a], s_idx);
+                $acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, $acc[a]);
+            }
+            idx = _mm256_add_epi32(idx, two);
+            b += 2;
+        }};
+    }
     while b + 2 <= n {
-        if b % 8 == 0 {
-            let ws = widen8(scales, b);
-            for a in 0..4 {
-                sc[a] = _mm256_mul_ps(ws, load8(&acts[a].scales, b));
-            }
-            idx = pick;
+        pair!(acc0);
+        if b + 2 > n {
+            break;
         }
-        let v = _mm256_loadu_si256(c.add(b * BLOCK / 2).cast());
-        let lo = _mm256_and_si256(v, low);
-        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-        for a in 0..4 {
-            let d = dot!(a, b, lo, Some(hi));
-            let s = _mm256_permutevar8x32_ps(sc[a], idx);
-            // Pair `b / 2`: even pairs into the first accumulator, odd into the second.
-            if b % 4 == 0 {
-                acc0[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc0[a]);
-            } else {
-                acc1[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc1[a]);
-            }
-        }
-        idx = _mm256_add_epi32(idx, two);
-        b += 2;
+        pair!(acc1);
     }
     if b < n {
         // The unpaired last block, in element order (as `codes_q4` keeps it).
         if b % 8 == 0 {
-            let ws = widen8(scales, b);
-            for a in 0..4 {
-                sc[a] = _mm256_mul_ps(ws, load8(&acts[a].scales, b));
-            }
+            scales_at!(b);
         }
         let w = nibbles(c, b);
-        for a in 0..4 {
-            let d = dot!(a, b, w, None::<__m256i>);
+        for a in 0..A {
+            let d = dot!(acts[a], b, w, None::<__m256i>);
             acc0[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), lane(sc[a], b % 8), acc0[a]);
         }
     }
-    let mut total = sums4(acc0, acc1);
+    let mut total = sums(acc0, acc1);
     if MINS {
-        for a in 0..4 {
+        for a in 0..A {
             total[a] += mins_dot(&mins[..n], &acts[a].block_sums);
         }
     }
@@ -600,14 +463,17 @@ pub(super) unsafe fn int8_rows<const VNNI: u8>(m: QMatrix<'_>, acts: &[Activatio
         // Four activations at a time share each weight block's load and unpacking (batched
         // decode); the rest one at a time.
         for g in 0..groups {
-            let four: &[Activation; 4] = acts[4 * g..4 * g + 4]
-                .try_into()
-                .expect("a group of four activations");
+            let four = [
+                &acts[4 * g],
+                &acts[4 * g + 1],
+                &acts[4 * g + 2],
+                &acts[4 * g + 3],
+            ];
             for (k, &(codes, scales, mins)) in tile.iter().enumerate() {
                 let v = match m.format {
-                    QuantFormat::Q8_0 => q8_int8_row_acts4::<VNNI>(codes, scales, four),
-                    QuantFormat::Q4_0 => q4_int8_row_acts4::<false, VNNI>(codes, scales, &[], four),
-                    QuantFormat::Q4_1 => q4_int8_row_acts4::<true, VNNI>(codes, scales, mins, four),
+                    QuantFormat::Q8_0 => q8_int8_rows::<VNNI, 4>(codes, scales, four),
+                    QuantFormat::Q4_0 => q4_int8_rows::<false, VNNI, 4>(codes, scales, &[], four),
+                    QuantFormat::Q4_1 => q4_int8_rows::<true, VNNI, 4>(codes, scales, mins, four),
                 };
                 for (a, o) in v.into_iter().enumerate() {
                     y[(4 * g + a) * rows_n + r0 + k] = o;
@@ -616,10 +482,10 @@ pub(super) unsafe fn int8_rows<const VNNI: u8>(m: QMatrix<'_>, acts: &[Activatio
         }
         for (i, act) in acts.iter().enumerate().skip(4 * groups) {
             for (k, &(codes, scales, mins)) in tile.iter().enumerate() {
-                let v = match m.format {
-                    QuantFormat::Q8_0 => q8_int8_row::<VNNI>(codes, scales, act),
-                    QuantFormat::Q4_0 => q4_int8_row::<false, VNNI>(codes, scales, &[], act),
-                    QuantFormat::Q4_1 => q4_int8_row::<true, VNNI>(codes, scales, mins, act),
+                let [v] = match m.format {
+                    QuantFormat::Q8_0 => q8_int8_rows::<VNNI, 1>(codes, scales, [act]),
+                    QuantFormat::Q4_0 => q4_int8_rows::<false, VNNI, 1>(codes, scales, &[], [act]),
+                    QuantFormat::Q4_1 => q4_int8_rows::<true, VNNI, 1>(codes, scales, mins, [act]),
                 };
                 y[i * rows_n + r0 + k] = v;
             }
