@@ -8,7 +8,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use half::{bf16, f16};
 use performer::attention::favor::{self, HeadState, Token};
-use performer::attention::{FeatureKind, FeatureMap};
+use performer::attention::{transposed_tiles, FeatureKind, FeatureMap};
 use performer::kernels::{self, Elem};
 use performer::synthetic::Rng;
 use performer::weights::View;
@@ -174,9 +174,11 @@ fn favor_head(c: &mut Criterion) {
     let d = 64;
     for m in [128usize, 256] {
         let projection = randn(m * d, 8);
+        let projection_t = transposed_tiles(&View::F32(&projection), m, d);
         let map = FeatureMap {
             kind: FeatureKind::Softmax { eps: 1e-4 },
             projection: View::F32(&projection),
+            projection_t: &projection_t,
             m,
             d,
         };

@@ -25,6 +25,31 @@ pub enum FeatureKind {
     NoProjection,
 }
 
+/// Features per tile of [`FeatureMap::projection_t`]: two 16-lane vectors of outputs, with
+/// their even and odd partial sums, are eight ymm registers at AVX2 and four zmm at AVX-512.
+pub const PROJECTION_TILE: usize = 32;
+
+/// The projection `W` (`m × d`) transposed into tiles: tile `t` holds `Wᵀ` for features
+/// `t·T .. min((t+1)·T, m)` (`T` = [`PROJECTION_TILE`]) as a row-major `d × width` block, at
+/// offset `t·T·d`. One token's features are then `d` scaled rows added per tile, kept in
+/// registers ([`kernels::vecmat`]), instead of a horizontal sum per feature; the tiles are a
+/// few KiB, so batched decode takes every vector through one tile while it sits in L1.
+pub fn transposed_tiles(projection: &View<'_>, m: usize, d: usize) -> Vec<f32> {
+    let w = projection.to_vec();
+    assert!(w.len() >= m * d, "projection: fewer than m·d values");
+    let mut out = vec![0f32; m * d];
+    for t0 in (0..m).step_by(PROJECTION_TILE) {
+        let width = PROJECTION_TILE.min(m - t0);
+        let tile = &mut out[t0 * d..(t0 + width) * d];
+        for j in 0..d {
+            for f in 0..width {
+                tile[j * width + f] = w[(t0 + f) * d + j];
+            }
+        }
+    }
+    out
+}
+
 /// The feature map of one layer: a kind plus the layer's projection matrix.
 #[derive(Debug, Clone, Copy)]
 pub struct FeatureMap<'w> {
@@ -32,6 +57,9 @@ pub struct FeatureMap<'w> {
     pub kind: FeatureKind,
     /// The m×d projection matrix.
     pub projection: View<'w>,
+    /// The same matrix transposed, in f32, in tiles of [`PROJECTION_TILE`] features
+    /// ([`transposed_tiles`]): what stepping and batched decode project with.
+    pub projection_t: &'w [f32],
     /// Features `m`.
     pub m: usize,
     /// Head width `d`.
@@ -61,22 +89,17 @@ impl FeatureMap<'_> {
         }
     }
 
-    /// `u = c · W x` into `u[..m]` (a plain copy of `x` without a projection).
+    /// `u = c · W x` into `u[..m]` (a plain copy of `x` without a projection): per tile of
+    /// [`PROJECTION_TILE`] features, `Σ_j x_j · Wᵀ_j` in registers ([`transposed_tiles`]).
     pub fn project(&self, x: &[f32], u: &mut [f32]) {
-        let u = &mut u[..self.m];
-        if self.kind == FeatureKind::NoProjection {
-            u.copy_from_slice(&x[..self.m]);
-            return;
-        }
-        with_view!(self.projection, |w| kernels::matvec(w, &x[..self.d], u));
-        kernels::scale(self.c(), u);
+        self.project_batch(&x[..self.d], 1, u);
     }
 
     /// [`FeatureMap::project`] of `count` vectors at once: `x` holds `count × d` values (row
-    /// major), `u` receives `count × m`. Each row is bit for bit what `project` gives it
-    /// ([`kernels::matvec_batch`] keeps the single-row dot product's order), while the
-    /// projection matrix is read once for all rows in register tiles: batched decode projects
-    /// every row's and head's query and key in one call.
+    /// major), `u` receives `count × m`. Each row is bit for bit what `project` gives it (the
+    /// same [`kernels::vecmat`] per vector and tile), while each tile of the projection is
+    /// read once for all rows: batched decode projects every row's and head's query and key
+    /// in one call.
     pub fn project_batch(&self, x: &[f32], count: usize, u: &mut [f32]) {
         let (m, d) = (self.m, self.d);
         let (x, u) = (&x[..count * d], &mut u[..count * m]);
@@ -86,7 +109,17 @@ impl FeatureMap<'_> {
             }
             return;
         }
-        with_view!(self.projection, |w| kernels::matvec_batch(w, x, count, u));
+        assert!(
+            self.projection_t.len() >= m * d,
+            "feature map: transposed projection of fewer than m·d values"
+        );
+        for t0 in (0..m).step_by(PROJECTION_TILE) {
+            let width = PROJECTION_TILE.min(m - t0);
+            let tile = &self.projection_t[t0 * d..(t0 + width) * d];
+            for (u, x) in u.chunks_exact_mut(m).zip(x.chunks_exact(d)) {
+                kernels::vecmat(x, tile, &mut u[t0..t0 + width]);
+            }
+        }
         kernels::scale(self.c(), u);
     }
 

@@ -5,5 +5,5 @@ pub mod features;
 pub mod local;
 pub mod rotary;
 
-pub use features::{FeatureKind, FeatureMap};
+pub use features::{transposed_tiles, FeatureKind, FeatureMap, PROJECTION_TILE};
 pub use rotary::Sinusoid;

@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use crate::attention::features::transposed_tiles;
 use crate::attention::rotary::Sinusoid;
 use crate::config::{Config, PositionKind};
 use crate::error::{Error, Result};
@@ -518,6 +519,8 @@ pub(crate) struct Layer {
     pub(crate) to_v: Linear,
     pub(crate) attn_out: Linear,
     pub(crate) projection: Tensor,
+    /// `projection` transposed into f32 tiles ([`crate::attention::features::transposed_tiles`]).
+    pub(crate) projection_t: Vec<f32>,
     /// Number of local (windowed softmax) heads: the last heads of the layer.
     pub(crate) local_heads: usize,
     /// The local heads' rotary frequencies (`d/2` floats of the checkpoint's `inv_freq`
@@ -535,6 +538,11 @@ impl Layer {
         let local_heads = c.local_attn_heads[layer];
         let ff_in = c.ff_hidden() * if c.ff_glu { 2 } else { 1 };
         let q = c.weight_format;
+        let projection = load_tensor(
+            file,
+            &format!("{}.fast_attention.projection_matrix", n.attn),
+            &[c.nb_features, c.dim_head],
+        )?;
         Ok(Layer {
             attn_norm: BlockNorm::load(file, c, &n.attn_branch, dim)?,
             to_q: Linear::load(file, &format!("{}.to_q", n.attn), inner, dim, c.qkv_bias, q)?,
@@ -548,11 +556,8 @@ impl Layer {
                 c.attn_out_bias,
                 q,
             )?,
-            projection: load_tensor(
-                file,
-                &format!("{}.fast_attention.projection_matrix", n.attn),
-                &[c.nb_features, c.dim_head],
-            )?,
+            projection_t: transposed_tiles(&projection.view(), c.nb_features, c.dim_head),
+            projection,
             local_heads,
             local_inv_freq: if local_heads > 0 {
                 Some(

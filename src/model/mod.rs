@@ -357,6 +357,7 @@ impl Model {
                 FeatureKind::Softmax { eps: c.kernel_eps }
             },
             projection: self.layers[layer].projection.view(),
+            projection_t: &self.layers[layer].projection_t,
             m: c.feature_count(),
             d: c.dim_head,
         }
