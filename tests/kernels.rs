@@ -958,3 +958,72 @@ fn levels_follow_the_cpu_features() {
         );
     }
 }
+
+/// The feature maps' projection through the transposed tiles against an f64 twin: feature
+/// counts around the 32-feature tile and the 16-lane vector (a partial last tile, widths the
+/// kernel takes by its scalar fallback), head widths odd and even, and zero, huge and tiny
+/// inputs; a batch of vectors gives each one bit for bit what projecting it alone gives.
+#[test]
+fn feature_projection_matches_its_f64_twin_and_batches_bit_for_bit() {
+    use performer::attention::{transposed_tiles, FeatureKind, FeatureMap};
+    use performer::weights::View;
+    let mut rng = TestRng(41);
+    for (m, d) in [
+        (1, 8),
+        (5, 3),
+        (31, 16),
+        (32, 64),
+        (33, 64),
+        (37, 17),
+        (64, 63),
+        (266, 64),
+    ] {
+        let w = rng.vec(m * d, 1.0);
+        let w_t = transposed_tiles(&View::F32(&w), m, d);
+        let map = FeatureMap {
+            kind: FeatureKind::Softmax { eps: 1e-4 },
+            projection: View::F32(&w),
+            projection_t: &w_t,
+            m,
+            d,
+        };
+        let c = (d as f64).powf(-0.25);
+        for scale in [0.0f32, 1.0, 1e-30, 1e15] {
+            let count = 3;
+            let x = rng.vec(count * d, scale);
+            let mut batch = vec![f32::NAN; count * m];
+            map.project_batch(&x, count, &mut batch);
+            for (i, xi) in x.chunks_exact(d).enumerate() {
+                let mut one = vec![f32::NAN; m];
+                map.project(xi, &mut one);
+                assert!(
+                    one.iter()
+                        .zip(&batch[i * m..(i + 1) * m])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "m {m} d {d} scale {scale}: batched differs from single"
+                );
+                for f in 0..m {
+                    let row = &w[f * d..(f + 1) * d];
+                    let want: f64 = c * row
+                        .iter()
+                        .zip(xi)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>();
+                    let mag: f64 = c * row
+                        .iter()
+                        .zip(xi)
+                        .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                        .sum::<f64>();
+                    // f32 sums of d products (two partial sums, then the scale by c): within
+                    // d·ε of Σ|c·w·x|, 1e-5 for d ≤ 64 with room; a subnormal floor for the
+                    // tiny inputs, whose products round to zero or subnormals in f32.
+                    assert!(
+                        (one[f] as f64 - want).abs() <= 1e-5 * mag + 1e-37,
+                        "m {m} d {d} scale {scale} feature {f}: {} vs {want}",
+                        one[f]
+                    );
+                }
+            }
+        }
+    }
+}
