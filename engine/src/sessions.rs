@@ -201,6 +201,21 @@ impl Sessions {
         }
     }
 
+    /// Writes `state` under `meta` to the shared store if the stored version is still
+    /// `expected` (compare and set). On an error the caller forgets its entry: the local copy
+    /// may no longer be what the store holds.
+    fn write_through(&self, state: &State, meta: &SessionMeta, expected: u64) -> Result<()> {
+        let snapshot = state.to_bytes(&self.model)?;
+        let store = self.store.as_ref().expect("a shared table has a store");
+        store.put(
+            &StoredSession {
+                meta: meta.clone(),
+                snapshot,
+            },
+            Some(expected),
+        )
+    }
+
     /// Drops an entry (and its state) from the table.
     fn forget(&mut self, k: &Key) {
         if let Some(e) = self.map.remove(k) {
@@ -413,24 +428,8 @@ impl Sessions {
         if self.shared {
             meta.version += 1;
             meta.last_used = now_unix();
-            let expected = e.meta.version;
-            let written = e
-                .state
-                .as_ref()
-                .expect("loaded")
-                .to_bytes(&self.model)
-                .map_err(Error::from)
-                .and_then(|snapshot| {
-                    let store = self.store.as_ref().expect("a shared table has a store");
-                    store.put(
-                        &StoredSession {
-                            meta: meta.clone(),
-                            snapshot,
-                        },
-                        Some(expected),
-                    )
-                });
-            if let Err(err) = written {
+            let state = e.state.as_ref().expect("loaded");
+            if let Err(err) = self.write_through(state, &meta, e.meta.version) {
                 self.forget(&k);
                 return Err(err);
             }
@@ -502,12 +501,7 @@ impl Sessions {
             note: None,
         };
         if self.shared {
-            let session = StoredSession {
-                meta: meta.clone(),
-                snapshot: state.to_bytes(&self.model)?,
-            };
-            let store = self.store.as_ref().expect("a shared table has a store");
-            if let Err(e) = store.put(&session, Some(version)) {
+            if let Err(e) = self.write_through(&state, &meta, version) {
                 self.forget(&k);
                 return Err(e);
             }
@@ -658,20 +652,7 @@ impl Sessions {
             meta.last_used = now_unix();
             if self.shared {
                 let expected = e.meta.version;
-                let written = st
-                    .to_bytes(&self.model)
-                    .map_err(Error::from)
-                    .and_then(|snapshot| {
-                        let store = self.store.as_ref().expect("a shared table has a store");
-                        store.put(
-                            &StoredSession {
-                                meta: meta.clone(),
-                                snapshot,
-                            },
-                            Some(expected),
-                        )
-                    });
-                if let Err(err) = written {
+                if let Err(err) = self.write_through(&st, &meta, expected) {
                     self.forget(&k);
                     return Err(err);
                 }
