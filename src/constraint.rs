@@ -266,7 +266,9 @@ impl GrammarMatcher {
 mod imp {
     //! The llguidance side: token tries per tokenizer, grammar compilation, masks.
 
-    use std::sync::{Arc, Mutex, OnceLock, Weak};
+    #[cfg(feature = "hf-tokenizer")]
+    use std::sync::Weak;
+    use std::sync::{Arc, Mutex, OnceLock};
 
     use llguidance::api::TopLevelGrammar;
     use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
