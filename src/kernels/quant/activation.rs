@@ -113,6 +113,47 @@ impl<'a, I: Iterator<Item = RowParts<'a>>> RowTiles<'a, I> {
     }
 }
 
+/// The body of a level's `int8_rows`: every row of `$m` against every activation of `$acts`,
+/// `$y[i · rows + r]` row `r` times `acts[i]`, by [`RowTiles`]: four activations at a time
+/// share each weight block's load and unpacking (batched decode), the rest one at a time.
+/// `$row!(format, codes, scales, mins, acts, A)` is the level's row kernel for `A` (4 or 1)
+/// activations, `acts` a `[&Activation; A]`, returning `[f32; A]`, each sum the same whatever
+/// `A`. A macro, not a function taking the kernel: the kernels must inline into the level's
+/// `#[target_feature]` entry point. `$y.len()` and the activations' lengths are checked.
+macro_rules! int8_rows_by_tiles {
+    ($m:expr, $acts:expr, $y:expr, $row:ident) => {{
+        let (m, acts, y): (QMatrix<'_>, &[Activation], &mut [f32]) = ($m, $acts, $y);
+        let rows_n = m.rows;
+        if let Some(rows) = check_rows_batch(m, acts, y) {
+            let groups = acts.len() / 4;
+            let mut tiles = RowTiles::new(rows, m, acts.len());
+            while let Some((r0, tile)) = tiles.next_tile() {
+                for g in 0..groups {
+                    let four = [
+                        &acts[4 * g],
+                        &acts[4 * g + 1],
+                        &acts[4 * g + 2],
+                        &acts[4 * g + 3],
+                    ];
+                    for (k, &(codes, scales, mins)) in tile.iter().enumerate() {
+                        let v = $row!(m.format, codes, scales, mins, four, 4);
+                        for (a, o) in v.into_iter().enumerate() {
+                            y[(4 * g + a) * rows_n + r0 + k] = o;
+                        }
+                    }
+                }
+                for (i, act) in acts.iter().enumerate().skip(4 * groups) {
+                    for (k, &(codes, scales, mins)) in tile.iter().enumerate() {
+                        let [v] = $row!(m.format, codes, scales, mins, [act], 1);
+                        y[i * rows_n + r0 + k] = v;
+                    }
+                }
+            }
+        }
+    }};
+}
+pub(super) use int8_rows_by_tiles;
+
 /// [`check_rows`] for `acts.len()` inputs: `y` holds `acts.len() × m.rows` outputs and every
 /// activation was quantized from `m.cols` values (asserted).
 #[inline(always)]

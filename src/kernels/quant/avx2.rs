@@ -10,7 +10,7 @@
 //! `avx512vnni` where it is `AVX512VL_VNNI`) and the slices are as long as
 //! each function says.
 
-use super::activation::{check_rows, check_rows_batch, Activation, RowTiles};
+use super::activation::{check_rows, check_rows_batch, int8_rows_by_tiles, Activation, RowTiles};
 use crate::quant::{QMatrix, QuantFormat, BLOCK};
 use half::f16;
 use std::arch::x86_64::*;
@@ -453,44 +453,16 @@ unsafe fn q4_int8_rows<const MINS: bool, const VNNI: u8, const A: usize>(
 /// activations' lengths are checked.
 #[inline(always)]
 pub(super) unsafe fn int8_rows<const VNNI: u8>(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32]) {
-    let rows_n = m.rows;
-    let Some(rows) = check_rows_batch(m, acts, y) else {
-        return;
-    };
-    let groups = acts.len() / 4;
-    let mut tiles = RowTiles::new(rows, m, acts.len());
-    while let Some((r0, tile)) = tiles.next_tile() {
-        // Four activations at a time share each weight block's load and unpacking (batched
-        // decode); the rest one at a time.
-        for g in 0..groups {
-            let four = [
-                &acts[4 * g],
-                &acts[4 * g + 1],
-                &acts[4 * g + 2],
-                &acts[4 * g + 3],
-            ];
-            for (k, &(codes, scales, mins)) in tile.iter().enumerate() {
-                let v = match m.format {
-                    QuantFormat::Q8_0 => q8_int8_rows::<VNNI, 4>(codes, scales, four),
-                    QuantFormat::Q4_0 => q4_int8_rows::<false, VNNI, 4>(codes, scales, &[], four),
-                    QuantFormat::Q4_1 => q4_int8_rows::<true, VNNI, 4>(codes, scales, mins, four),
-                };
-                for (a, o) in v.into_iter().enumerate() {
-                    y[(4 * g + a) * rows_n + r0 + k] = o;
-                }
+    macro_rules! row {
+        ($format:expr, $codes:expr, $scales:expr, $mins:expr, $acts:expr, $a:literal) => {
+            match $format {
+                QuantFormat::Q8_0 => q8_int8_rows::<VNNI, $a>($codes, $scales, $acts),
+                QuantFormat::Q4_0 => q4_int8_rows::<false, VNNI, $a>($codes, $scales, &[], $acts),
+                QuantFormat::Q4_1 => q4_int8_rows::<true, VNNI, $a>($codes, $scales, $mins, $acts),
             }
-        }
-        for (i, act) in acts.iter().enumerate().skip(4 * groups) {
-            for (k, &(codes, scales, mins)) in tile.iter().enumerate() {
-                let [v] = match m.format {
-                    QuantFormat::Q8_0 => q8_int8_rows::<VNNI, 1>(codes, scales, [act]),
-                    QuantFormat::Q4_0 => q4_int8_rows::<false, VNNI, 1>(codes, scales, &[], [act]),
-                    QuantFormat::Q4_1 => q4_int8_rows::<true, VNNI, 1>(codes, scales, mins, [act]),
-                };
-                y[i * rows_n + r0 + k] = v;
-            }
-        }
+        };
     }
+    int8_rows_by_tiles!(m, acts, y, row)
 }
 
 /// Rows of `m` widened to f32 into `out` (`m.rows × m.cols`), exactly as

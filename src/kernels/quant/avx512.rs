@@ -2,7 +2,7 @@
 //! int8 rows by AVX-512 VNNI `vpdpbusd`. Called only from the level's `#[target_feature]`
 //! entry points (`super::entry`), whose features are a superset of each function's.
 
-use super::activation::{check_rows, check_rows_batch, Activation, RowTiles};
+use super::activation::{check_rows, check_rows_batch, int8_rows_by_tiles, Activation, RowTiles};
 use crate::quant::{QMatrix, QuantFormat, BLOCK};
 use half::f16;
 use std::arch::x86_64::*;
@@ -48,46 +48,18 @@ pub(super) unsafe fn dequant_rows(m: QMatrix<'_>, x: &[f32], xsum: &[f32], y: &m
 /// values; `y.len() == acts.len() · m.rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn int8_rows(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32]) {
-    let rows_n = m.rows;
-    let Some(rows) = check_rows_batch(m, acts, y) else {
-        return;
-    };
-    let groups = acts.len() / 4;
-    let mut tiles = RowTiles::new(rows, m, acts.len());
-    while let Some((r0, tile)) = tiles.next_tile() {
-        // Four activations at a time share each weight block's load and unpacking (batched
-        // decode), bit for bit the one-activation sums; the rest one at a time.
-        // SAFETY (each call): the features above; the row holds `cols / 32` blocks
-        // (`check_rows_batch`) and every activation was quantized from `cols` values.
-        for g in 0..groups {
-            let four = [
-                &acts[4 * g],
-                &acts[4 * g + 1],
-                &acts[4 * g + 2],
-                &acts[4 * g + 3],
-            ];
-            for (k, &(codes, scales, mins)) in tile.iter().enumerate() {
-                let v = match m.format {
-                    QuantFormat::Q8_0 => q8_int8_rows(codes, scales, four),
-                    QuantFormat::Q4_0 => q4_int8_rows::<false, 4>(codes, scales, &[], four),
-                    QuantFormat::Q4_1 => q4_int8_rows::<true, 4>(codes, scales, mins, four),
-                };
-                for (a, o) in v.into_iter().enumerate() {
-                    y[(4 * g + a) * rows_n + r0 + k] = o;
-                }
+    // SAFETY (each call): the features above; the row holds `cols / 32` blocks
+    // (`check_rows_batch`) and every activation was quantized from `cols` values.
+    macro_rules! row {
+        ($format:expr, $codes:expr, $scales:expr, $mins:expr, $acts:expr, $a:literal) => {
+            match $format {
+                QuantFormat::Q8_0 => q8_int8_rows::<$a>($codes, $scales, $acts),
+                QuantFormat::Q4_0 => q4_int8_rows::<false, $a>($codes, $scales, &[], $acts),
+                QuantFormat::Q4_1 => q4_int8_rows::<true, $a>($codes, $scales, $mins, $acts),
             }
-        }
-        for (i, act) in acts.iter().enumerate().skip(4 * groups) {
-            for (k, &(codes, scales, mins)) in tile.iter().enumerate() {
-                let [v] = match m.format {
-                    QuantFormat::Q8_0 => q8_int8_rows(codes, scales, [act]),
-                    QuantFormat::Q4_0 => q4_int8_rows::<false, 1>(codes, scales, &[], [act]),
-                    QuantFormat::Q4_1 => q4_int8_rows::<true, 1>(codes, scales, mins, [act]),
-                };
-                y[i * rows_n + r0 + k] = v;
-            }
-        }
+        };
     }
+    int8_rows_by_tiles!(m, acts, y, row)
 }
 
 /// The scales of blocks `b0..b0 + 16` (fewer at the end, the rest 0) widened to f32 with
