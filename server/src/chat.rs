@@ -2,13 +2,11 @@
 //! ([`performer::chat`]), then a stateless completion, as JSON or `chat.completion.chunk`
 //! server-sent events.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use performer::chat::Message;
@@ -350,8 +348,6 @@ struct StreamState {
     _guard: CancelOnDrop,
     include_usage: bool,
     started: Vec<bool>,
-    out: VecDeque<String>,
-    ended: bool,
 }
 
 fn stream_response(
@@ -366,46 +362,26 @@ fn stream_response(
         _guard: guard,
         include_usage,
         started: vec![false; n],
-        out: VecDeque::new(),
-        ended: false,
     };
-    sse::response(st, rx)
-}
-
-impl sse::EventStream for StreamState {
-    async fn push(&mut self, event: Option<Event>) {
-        match event {
-            Some(e) => self.take(e),
-            None => self.ended = true,
-        }
-    }
-
-    fn pop(&mut self) -> Option<SseEvent> {
-        self.out
-            .pop_front()
-            .map(|data| SseEvent::default().data(data))
-    }
-
-    fn ended(&self) -> bool {
-        self.ended
-    }
+    sse::data_response(st, rx)
 }
 
 impl StreamState {
-    fn chunk(&mut self, choice: usize, mut delta: Value, logprobs: Value, reason: Value) {
+    fn chunk(&mut self, choice: usize, mut delta: Value, logprobs: Value, reason: Value) -> Value {
         if !self.started[choice] {
             self.started[choice] = true;
             delta["role"] = json!("assistant");
         }
-        let c = self.head.object(
+        self.head.object(
             "chat.completion.chunk",
             json!([{"index": choice, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]),
             None,
-        );
-        self.out.push_back(c.to_string());
+        )
     }
+}
 
-    fn take(&mut self, e: Event) {
+impl sse::DataStream for StreamState {
+    fn take(&mut self, e: Event, out: &mut sse::DataEvents) {
         match e {
             Event::Text {
                 choice,
@@ -417,26 +393,22 @@ impl StreamState {
                 } else {
                     chat_logprobs(&logprobs, &self.head.tokenizer)
                 };
-                self.chunk(choice, json!({"content": text}), lp, Value::Null);
+                out.send(&self.chunk(choice, json!({"content": text}), lp, Value::Null));
             }
             Event::Finished { choice, reason } => {
-                self.chunk(choice, json!({}), Value::Null, json!(reason.as_str()));
+                out.send(&self.chunk(choice, json!({}), Value::Null, json!(reason.as_str())));
             }
             Event::Done { usage, .. } => {
                 if self.include_usage {
-                    let c = self
-                        .head
-                        .object("chat.completion.chunk", json!([]), Some(&usage));
-                    self.out.push_back(c.to_string());
+                    out.send(
+                        &self
+                            .head
+                            .object("chat.completion.chunk", json!([]), Some(&usage)),
+                    );
                 }
-                self.out.push_back("[DONE]".into());
-                self.ended = true;
+                out.finish();
             }
-            Event::Failed(e) => {
-                self.out.push_back(ApiError::from(e).body().to_string());
-                self.out.push_back("[DONE]".into());
-                self.ended = true;
-            }
+            Event::Failed(e) => out.fail(e),
         }
     }
 }

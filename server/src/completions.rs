@@ -1,6 +1,5 @@
 //! `POST /v1/completions` and its session twin: JSON or server-sent events.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -8,7 +7,6 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use performer_engine::{CancelHandle, CompletionRequest, Event, Target, TokenLogprob};
@@ -208,8 +206,6 @@ struct StreamState {
     _guard: CancelOnDrop,
     include_usage: bool,
     offsets: Vec<usize>,
-    out: VecDeque<String>,
-    ended: bool,
 }
 
 fn stream_response(
@@ -224,33 +220,12 @@ fn stream_response(
         _guard: guard,
         include_usage,
         offsets: vec![0; n],
-        out: VecDeque::new(),
-        ended: false,
     };
-    sse::response(st, rx)
+    sse::data_response(st, rx)
 }
 
-impl sse::EventStream for StreamState {
-    async fn push(&mut self, event: Option<Event>) {
-        match event {
-            Some(e) => self.take(e),
-            None => self.ended = true,
-        }
-    }
-
-    fn pop(&mut self) -> Option<SseEvent> {
-        self.out
-            .pop_front()
-            .map(|data| SseEvent::default().data(data))
-    }
-
-    fn ended(&self) -> bool {
-        self.ended
-    }
-}
-
-impl StreamState {
-    fn take(&mut self, e: Event) {
+impl sse::DataStream for StreamState {
+    fn take(&mut self, e: Event, out: &mut sse::DataEvents) {
         let chunk = match e {
             Event::Text {
                 choice,
@@ -275,20 +250,16 @@ impl StreamState {
             ),
             Event::Done { usage, .. } => {
                 if self.include_usage {
-                    let c = self.head.chunk(json!([]), Some(usage_json(&usage)));
-                    self.out.push_back(c.to_string());
+                    out.send(&self.head.chunk(json!([]), Some(usage_json(&usage))));
                 }
-                self.out.push_back("[DONE]".into());
-                self.ended = true;
+                out.finish();
                 return;
             }
             Event::Failed(e) => {
-                self.out.push_back(ApiError::from(e).body().to_string());
-                self.out.push_back("[DONE]".into());
-                self.ended = true;
+                out.fail(e);
                 return;
             }
         };
-        self.out.push_back(chunk.to_string());
+        out.send(&chunk);
     }
 }

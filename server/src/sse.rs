@@ -3,6 +3,7 @@
 //! become its SSE events ([`EventStream`]); [`response`] drains them in order and ends the
 //! stream when the endpoint says it is over or the engine hangs up.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 
@@ -10,7 +11,10 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
 use performer_engine::Event;
+use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::error::ApiError;
 
 /// An endpoint's translation of a generation's events into SSE events.
 pub(crate) trait EventStream: Send + 'static {
@@ -38,4 +42,74 @@ pub(crate) fn response<S: EventStream>(state: S, rx: UnboundedReceiver<Event>) -
         }
     });
     Sse::new(s).into_response()
+}
+
+/// The queue of an OpenAI-style stream of data-only events (completions, chat completions):
+/// JSON chunks, then `[DONE]`, which ends it.
+#[derive(Default)]
+pub(crate) struct DataEvents {
+    out: VecDeque<String>,
+    ended: bool,
+}
+
+impl DataEvents {
+    /// Queues one chunk.
+    pub(crate) fn send(&mut self, chunk: &Value) {
+        self.out.push_back(chunk.to_string());
+    }
+
+    /// Queues `[DONE]` and ends the stream.
+    pub(crate) fn finish(&mut self) {
+        self.out.push_back("[DONE]".into());
+        self.ended = true;
+    }
+
+    /// Queues the error's body, then `[DONE]`.
+    pub(crate) fn fail(&mut self, e: performer_engine::Error) {
+        self.out.push_back(ApiError::from(e).body().to_string());
+        self.finish();
+    }
+}
+
+/// An endpoint's translation of the engine's events into [`DataEvents`].
+pub(crate) trait DataStream: Send + 'static {
+    /// Queues what `event` means to the client.
+    fn take(&mut self, event: Event, out: &mut DataEvents);
+}
+
+/// The SSE response of a [`DataStream`] fed by `rx`.
+pub(crate) fn data_response<T: DataStream>(stream: T, rx: UnboundedReceiver<Event>) -> Response {
+    response(
+        Data {
+            stream,
+            out: DataEvents::default(),
+        },
+        rx,
+    )
+}
+
+/// A [`DataStream`] with its queue: an [`EventStream`] whose engine hang-up ends the stream.
+struct Data<T> {
+    stream: T,
+    out: DataEvents,
+}
+
+impl<T: DataStream> EventStream for Data<T> {
+    async fn push(&mut self, event: Option<Event>) {
+        match event {
+            Some(e) => self.stream.take(e, &mut self.out),
+            None => self.out.ended = true,
+        }
+    }
+
+    fn pop(&mut self) -> Option<SseEvent> {
+        self.out
+            .out
+            .pop_front()
+            .map(|data| SseEvent::default().data(data))
+    }
+
+    fn ended(&self) -> bool {
+        self.out.ended
+    }
 }
