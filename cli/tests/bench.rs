@@ -3,7 +3,7 @@
 
 use performer::synthetic::{self, SyntheticShape, WeightDtype};
 use performer::weights::PageReport;
-use performer::Model;
+use performer::{Model, State};
 use performer_cli::bench::{
     self, Attention, BenchOptions, Fill, ModelInfo, Report, Row, Stats, TestKind,
 };
@@ -63,7 +63,7 @@ fn statistics() {
 }
 
 fn sample_report() -> Report {
-    let row = |test, tokens, depth, mean, roofline| Row {
+    let row = |test, tokens, depth, mean, roofline: Option<f64>| Row {
         attention: Attention::Favor,
         test,
         tokens,
@@ -78,6 +78,8 @@ fn sample_report() -> Report {
         peak_rss_bytes: Some(30 << 20),
         state_bytes: 540 << 10,
         roofline,
+        state_traffic_bytes: if test == TestKind::Tg { 1 << 20 } else { 0 },
+        roofline_with_state: roofline.map(|f| f * 7.0 / 6.0),
     };
     Report {
         model: ModelInfo {
@@ -149,17 +151,17 @@ fn markdown_table() {
         "{md}"
     );
     assert!(md.contains(
-        "| model | dtype | attention | test | depth | threads | t/s | peak RSS | state/seq | roofline | kernels |"
+        "| model | dtype | attention | test | depth | threads | t/s | peak RSS | state/seq | roofline | +state | kernels |"
     ));
     assert!(
-        md.contains("| synthetic tiny | bf16 | favor | pp512 | 0 | 2 | 2500.00 ± 1.50 | 30.0 MiB | 540.0 KiB | - | avx2, q: int8 (maddubs) |"),
+        md.contains("| synthetic tiny | bf16 | favor | pp512 | 0 | 2 | 2500.00 ± 1.50 | 30.0 MiB | 540.0 KiB | - | - | avx2, q: int8 (maddubs) |"),
         "{md}"
     );
     assert!(
         md.contains("| favor | tg128 | 4k | 2 | 1990.00 ± 1.50 |"),
         "{md}"
     );
-    assert!(md.contains("| 41% |"), "{md}");
+    assert!(md.contains("| 41% | 48% |"), "{md}");
     assert!(
         md.contains("favor to depth 4k: 4096 tokens in 2.00 s (2048.0 tokens/s"),
         "{md}"
@@ -167,7 +169,7 @@ fn markdown_table() {
     // Header, separator and one line per row, all with the same number of cells.
     let table: Vec<&str> = md.lines().filter(|l| l.starts_with('|')).collect();
     assert_eq!(table.len(), 2 + 3);
-    assert!(table.iter().all(|l| l.matches('|').count() == 12));
+    assert!(table.iter().all(|l| l.matches('|').count() == 13));
 }
 
 #[test]
@@ -197,6 +199,8 @@ fn json_report() {
     assert_eq!(v["rows"][2]["depth"], 4096);
     assert_eq!(v["rows"][0]["tokens_per_s"]["mean"], 2500.0);
     assert_eq!(v["rows"][0]["roofline"], serde_json::Value::Null);
+    assert_eq!(v["rows"][1]["state_traffic_bytes"], 1 << 20);
+    assert!(v["rows"][1]["roofline_with_state"].as_f64().unwrap() > 0.42);
     assert_eq!(v["fills"][0]["seconds"], 2.0);
     assert_eq!(v["weight_pages"]["huge_page_bytes"], 3 << 20);
 }
@@ -266,6 +270,18 @@ fn favor_and_softmax_side_by_side() {
     );
     assert!(s40 >= s0 + 40 * 2 * 2 * 16 * 4, "{s0} -> {s40}");
     assert!(tg(Attention::Softmax, 40).roofline.is_none());
+    assert!(tg(Attention::Softmax, 40).roofline_with_state.is_none());
+    // A FAVOR+ token reads and rewrites the whole state at every depth. A softmax token reads
+    // its cache, its own entry included: at depth 40, after 2 warm-up tokens, the first
+    // repetition's tokens read 43 to 45 entries (mean 44), the second's 46 to 48 (mean 47).
+    let favor_traffic = 2 * State::new(&model).attention_bytes();
+    assert_eq!(tg(Attention::Favor, 0).state_traffic_bytes, favor_traffic);
+    assert_eq!(tg(Attention::Favor, 40).state_traffic_bytes, favor_traffic);
+    let per_token = performer::baseline::SoftmaxSession::new(&model).cache_bytes_per_token();
+    assert_eq!(
+        tg(Attention::Softmax, 40).state_traffic_bytes,
+        (45.5 * per_token as f64).round() as usize
+    );
     // FAVOR+ interleaves its depths repetition by repetition; the rows still come per
     // attention as pp, then tg by ascending depth, each with every repetition.
     let order: Vec<_> = report
@@ -414,6 +430,17 @@ fn tiny_run_with_plot() {
         assert!(r.tokens_per_s.mean > 0.0);
         assert!(r.state_bytes > 0);
         assert_eq!(r.roofline.is_some(), r.test == TestKind::Tg);
+        assert_eq!(r.roofline_with_state.is_some(), r.test == TestKind::Tg);
+        if let (Some(w), Some(ws)) = (r.roofline, r.roofline_with_state) {
+            // The state's traffic adds to the weights' bytes in the same proportion (both in
+            // f64, the same operations in another order: rounding far below 1e-9).
+            let bytes = report.model.weight_bytes_per_token as f64;
+            let want = w * (bytes + r.state_traffic_bytes as f64) / bytes;
+            assert!(
+                ws > w && (ws - want).abs() <= 1e-9 * want,
+                "{w} {ws} {want}"
+            );
+        }
     }
     // The FAVOR+ state does not grow with the depth (up to scratch capacity).
     assert!(tg[3].state_bytes <= tg[0].state_bytes + tg[0].state_bytes / 16);

@@ -243,6 +243,8 @@ impl<'m> Runner<'m> {
                 peak_rss_bytes: peak_rss_bytes(),
                 state_bytes,
                 roofline: None,
+                state_traffic_bytes: 0,
+                roofline_with_state: None,
             })
         })
     }
@@ -345,6 +347,9 @@ impl<'m> Runner<'m> {
             let mut samples = vec![Vec::with_capacity(reps); depths.len()];
             let mut peaks: Vec<Option<u64>> = vec![None; depths.len()];
             let mut state_bytes = vec![0; depths.len()];
+            // A forkable session's state does not grow: its traffic at the start is every
+            // token's.
+            let traffic: Vec<usize> = at_depth.iter().map(|s| s.state_traffic_bytes()).collect();
             for rep in 0..reps {
                 let tokens = rng.tokens(n, vocab);
                 for i in depth_visit_order(rep, at_depth.len()) {
@@ -375,6 +380,8 @@ impl<'m> Runner<'m> {
                     peak_rss_bytes: peaks[i],
                     state_bytes: state_bytes[i],
                     roofline: None,
+                    state_traffic_bytes: traffic[i],
+                    roofline_with_state: None,
                 })
                 .collect())
         })
@@ -460,14 +467,21 @@ impl<'m> Runner<'m> {
             reset_peak_rss();
             let mut samples = Vec::with_capacity(reps);
             let mut state_bytes = base.state_bytes();
+            // A growing cache moves more bytes with every token: each repetition counts the
+            // mean of its first and last token's traffic.
+            let mut traffic = 0f64;
             for _ in 0..reps {
                 let tokens = rng.tokens(n, vocab);
+                // The first token reads the cache with its own entry, the last the whole.
+                let first = base.state_traffic_bytes() + base.bytes_per_token();
                 let start = Instant::now();
                 for &t in &tokens {
                     base.step(t)?;
                 }
                 let secs = start.elapsed().as_secs_f64();
                 *at += n;
+                let last = base.state_traffic_bytes();
+                traffic += (first + last) as f64 / 2.0 / reps as f64;
                 samples.push(n as f64 / secs.max(1e-12));
                 state_bytes = state_bytes.max(base.state_bytes());
                 progress.bar.inc(1);
@@ -483,6 +497,8 @@ impl<'m> Runner<'m> {
                 peak_rss_bytes: peak_rss_bytes(),
                 state_bytes,
                 roofline: None,
+                state_traffic_bytes: traffic.round() as usize,
+                roofline_with_state: None,
             })
         })
     }

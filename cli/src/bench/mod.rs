@@ -264,8 +264,11 @@ pub fn run(model: &Model, name: &str, opts: &BenchOptions) -> Result<Report> {
     bandwidth_passes.extend(probe(opts.bandwidth_passes / 2));
     let read_bandwidth = (!bandwidth_passes.is_empty()).then(|| median(&bandwidth_passes));
     for row in rows.iter_mut().filter(|r| r.test == TestKind::Tg) {
-        row.roofline = read_bandwidth
-            .map(|bw| info.weight_bytes_per_token as f64 * row.tokens_per_s.mean / bw);
+        let weights = info.weight_bytes_per_token as f64;
+        let t_s = row.tokens_per_s.mean;
+        row.roofline = read_bandwidth.map(|bw| weights * t_s / bw);
+        row.roofline_with_state =
+            read_bandwidth.map(|bw| (weights + row.state_traffic_bytes as f64) * t_s / bw);
     }
     Ok(Report {
         model: info,

@@ -57,6 +57,10 @@ pub trait Session<'m>: Send + Sync {
     fn state_bytes(&self) -> usize;
     /// Bytes the state grows by per token consumed (0 for FAVOR+'s constant-size state).
     fn bytes_per_token(&self) -> usize;
+    /// Bytes of attention state the next decode token moves through memory: FAVOR+ reads
+    /// and rewrites its whole state (twice [`State::attention_bytes`]), the softmax baseline
+    /// reads its key/value cache once. With the weights, what a token's decode must move.
+    fn state_traffic_bytes(&self) -> usize;
     /// An independent copy at the same depth, so that every `tg` repetition starts from the
     /// same state. `None` where copying is not supported: then the repetitions run back to back
     /// on the session itself, the r-th starting at depth `K + r·N` (plus two warm-up tokens).
@@ -90,6 +94,10 @@ impl<'m> Session<'m> for FavorSession<'m> {
         0
     }
 
+    fn state_traffic_bytes(&self) -> usize {
+        2 * self.state.attention_bytes()
+    }
+
     fn fork(&self) -> Option<Box<dyn Session<'m> + 'm>> {
         Some(Box::new(FavorSession {
             model: self.model,
@@ -119,6 +127,10 @@ impl<'m> Session<'m> for SoftmaxBench<'m> {
 
     fn bytes_per_token(&self) -> usize {
         self.0.cache_bytes_per_token()
+    }
+
+    fn state_traffic_bytes(&self) -> usize {
+        self.0.cache_bytes_per_token() * self.0.position()
     }
 
     fn fork(&self) -> Option<Box<dyn Session<'m> + 'm>> {

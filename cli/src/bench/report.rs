@@ -141,8 +141,14 @@ pub struct Row {
     pub peak_rss_bytes: Option<u64>,
     /// Per-sequence state bytes at the test's depth.
     pub state_bytes: usize,
-    /// Fraction of the memory roofline (`tg` only).
+    /// Fraction of the memory roofline, weight bytes only (`tg` only).
     pub roofline: Option<f64>,
+    /// Bytes of attention state a decode token reads plus writes, averaged over the test's
+    /// tokens (`tg` only, else 0; see `Session::state_traffic_bytes`).
+    pub state_traffic_bytes: usize,
+    /// Fraction of the memory roofline counting the weight bytes and the state traffic
+    /// (`tg` only).
+    pub roofline_with_state: Option<f64>,
 }
 
 impl Row {
@@ -256,13 +262,13 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "| model | dtype | attention | test | depth | threads | t/s | peak RSS | state/seq | roofline | kernels |"
+        "| model | dtype | attention | test | depth | threads | t/s | peak RSS | state/seq | roofline | +state | kernels |"
     );
-    let _ = writeln!(s, "|---|---|---|---|--:|--:|--:|--:|--:|--:|---|");
+    let _ = writeln!(s, "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|");
     for row in &r.rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} | {} | {} | {} | {} |",
             m.name,
             m.dtype,
             row.attention,
@@ -274,8 +280,8 @@ pub fn markdown(r: &Report) -> String {
             row.peak_rss_bytes
                 .map_or_else(|| "-".to_string(), format_bytes),
             format_bytes(row.state_bytes as u64),
-            row.roofline
-                .map_or_else(|| "-".to_string(), |f| format!("{:.0}%", f * 100.0)),
+            percent(row.roofline),
+            percent(row.roofline_with_state),
             m.kernels_label(),
         );
     }
@@ -473,4 +479,9 @@ fn plot_inner(r: &Report, svg: &mut String) -> std::result::Result<(), Box<dyn s
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// `51%`, or `-` for none.
+fn percent(fraction: Option<f64>) -> String {
+    fraction.map_or_else(|| "-".to_string(), |f| format!("{:.0}%", f * 100.0))
 }
