@@ -379,6 +379,76 @@ fn every_method_matches_its_scalar_twin() {
     }
 }
 
+/// `a` and `b` equal element by element, floats by their bits (NaN included).
+fn same_activation(a: &qk::Activation, b: &qk::Activation) -> bool {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    a.codes == b.codes
+        && bits(&a.scales) == bits(&b.scales)
+        && a.sums4 == b.sums4
+        && a.codes_q4 == b.codes_q4
+        && a.sums4_q4 == b.sums4_q4
+        && a.offset_q8 == b.offset_q8
+        && a.offset_q4 == b.offset_q4
+        && a.offset_q4y == b.offset_q4y
+        && bits(&a.block_sums) == bits(&b.block_sums)
+}
+
+#[test]
+fn every_level_quantizes_the_activation_as_the_portable_level() {
+    // The levels' codes loops are SIMD twins of the portable one: the same codes, scales,
+    // layouts and sums, bit for bit, or the int8 products of one level would differ from
+    // another's (and batched decode from stepping across a level change).
+    let portable = QuantKernels::new(Kernels::new(Isa::Portable).unwrap(), QuantMethod::Int8);
+    let mut rng = TestRng(29);
+    let mut inputs: Vec<(String, Vec<f32>)> = Vec::new();
+    for blocks in [1usize, 2, 3, 24, 97] {
+        for scale in [1.0f32, 1e-30, 1e30, 3e-39] {
+            inputs.push((
+                format!("{blocks} blocks x{scale}"),
+                rng.vec(blocks * BLOCK, scale),
+            ));
+        }
+    }
+    // Ties: with max |x| = 127 the step is 1, so k + 0.5 rounds to the even neighbour.
+    let mut ties: Vec<f32> = (0..BLOCK).map(|i| i as f32 - 15.5).collect();
+    ties[0] = 127.0;
+    ties[1] = -126.5;
+    inputs.push(("ties".into(), ties));
+    // Zeros (scale 0), a single non-zero, negative zero, a subnormal maximum (whose inverse
+    // step overflows to infinity), NaN and infinities.
+    let mut edge = vec![0f32; 6 * BLOCK];
+    edge[BLOCK + 7] = -3.0;
+    edge[2 * BLOCK] = -0.0;
+    edge[2 * BLOCK + 1] = f32::from_bits(1);
+    edge[3 * BLOCK + 2] = f32::NAN;
+    edge[3 * BLOCK + 3] = 2.0;
+    edge[4 * BLOCK] = f32::INFINITY;
+    edge[4 * BLOCK + 5] = 1.0;
+    edge[5 * BLOCK + 9] = f32::NEG_INFINITY;
+    edge[5 * BLOCK + 10] = f32::NAN;
+    inputs.push(("edge blocks".into(), edge));
+    for (what, x) in &inputs {
+        let mut want = qk::Activation::default();
+        portable.quantize(x, &mut want);
+        for k in Kernels::all_supported() {
+            let level = QuantKernels::new(k, QuantMethod::Int8);
+            // A used activation, not a fresh one: each level overwrites every field.
+            let mut got = qk::Activation::default();
+            level.quantize(&rng.vec(x.len() + BLOCK, 1.0), &mut got);
+            level.quantize(x, &mut got);
+            assert!(
+                same_activation(&got, &want),
+                "{} {what}: codes {:?}\nvs {:?}\nscales {:?}\nvs {:?}",
+                k.isa(),
+                &got.codes[..BLOCK.min(got.codes.len())],
+                &want.codes[..BLOCK.min(want.codes.len())],
+                got.scales,
+                want.scales
+            );
+        }
+    }
+}
+
 #[test]
 fn the_matrix_product_path_matches_the_dequantized_product() {
     let mut rng = TestRng(5);

@@ -545,9 +545,9 @@ mod entry {
             => avx2::int8_rows::<{ avx2::NO_VNNI }>(m, acts, y);
         /// Rows widened to f32 at the AVX-512 level (the AVX2 code).
         fn avx512_widen_rows(m: QMatrix<'_>, out: &mut [f32]) => avx2::widen_rows(m, out);
-        /// The activation quantized at the AVX-512 level, where its loops vectorize 16 wide
-        /// (the baseline x86-64 build gave 7% of a q4_0 decode to it).
-        fn avx512_quantize(act: &mut Activation, x: &[f32]) => act.quantize_body(x);
+        /// The activation quantized at the AVX-512 level: the codes loop in 512-bit registers
+        /// (`avx512::quantize`), the layouts and sums vectorized 16 wide by the compiler.
+        fn avx512_quantize(act: &mut Activation, x: &[f32]) => avx512::quantize(act, x);
     }
 
     at_level! {
@@ -567,8 +567,9 @@ mod entry {
             => avx2::int8_rows::<{ avx2::NO_VNNI }>(m, acts, y);
         /// Rows widened to f32 at the AVX2 level.
         fn avx2_widen_rows(m: QMatrix<'_>, out: &mut [f32]) => avx2::widen_rows(m, out);
-        /// The activation quantized at the AVX2 level (8 wide).
-        fn avx2_quantize(act: &mut Activation, x: &[f32]) => act.quantize_body(x);
+        /// The activation quantized at the AVX2 level: the codes loop in 256-bit registers
+        /// (`avx2::quantize`), the layouts and sums vectorized 8 wide by the compiler.
+        fn avx2_quantize(act: &mut Activation, x: &[f32]) => avx2::quantize(act, x);
     }
 
     at_level! {

@@ -5,6 +5,10 @@ use half::f16;
 
 use crate::quant::{QMatrix, QuantFormat, BLOCK};
 
+/// 1.5·2²³: `(v + ROUNDING) − ROUNDING` rounds an f32 of magnitude below 2²² to the nearest
+/// integer, ties to even (the activation's codes at every level).
+pub(super) const ROUNDING: f32 = 12_582_912.0;
+
 /// One row's codes, scales and (q4_1) minimums.
 pub(super) type RowParts<'a> = (&'a [u8], &'a [f16], &'a [f16]);
 
@@ -228,14 +232,12 @@ pub struct Activation {
 
 impl Activation {
     /// The quantization, compiled into each level's entry point: the same IEEE operations at
-    /// every level (no contraction), so the same codes.
+    /// every level (no contraction), so the same codes. The portable level's, and the twin of
+    /// the levels' own codes loops (`avx2::quantize`, `avx512::quantize`), which then finish
+    /// with [`Activation::derive`].
     #[inline(always)]
     pub(super) fn quantize_body(&mut self, x: &[f32]) {
-        let (n, blocks) = (x.len(), x.len() / BLOCK);
-        // Every buffer is resized and written in place (no per-element pushes): this runs once
-        // per product of a decode step.
-        self.codes.resize(n, 0);
-        self.scales.resize(blocks, 0.0);
+        self.resize_for(x.len());
         for ((block, codes), scale) in x
             .chunks_exact(BLOCK)
             .zip(self.codes.chunks_exact_mut(BLOCK))
@@ -255,11 +257,27 @@ impl Activation {
             *scale = d;
             // Round to nearest, ties to even, by the 1.5·2²³ trick: plain adds that vectorize
             // on any x86-64 (`f32::round` is a libm call there, 5% of a q4_0 decode).
-            const MAGIC: f32 = 12_582_912.0;
             for (c, &v) in codes.iter_mut().zip(block) {
-                *c = ((v * inv + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8;
+                *c = ((v * inv + ROUNDING) - ROUNDING).clamp(-127.0, 127.0) as i8;
             }
         }
+        self.derive();
+    }
+
+    /// `codes` and `scales` sized for an `x` of `n` values (`n / 32` blocks; every buffer is
+    /// resized and written in place, no per-element pushes: this runs once per product of a
+    /// decode step).
+    #[inline(always)]
+    pub(super) fn resize_for(&mut self, n: usize) {
+        self.codes.resize(n, 0);
+        self.scales.resize(n / BLOCK, 0.0);
+    }
+
+    /// Everything else from `codes` and `scales`: the q4_0 layout, the sums per 4, the
+    /// offsets and the block sums.
+    #[inline(always)]
+    pub(super) fn derive(&mut self) {
+        let (n, blocks) = (self.codes.len(), self.scales.len());
         // The q4_0 layout: per pair of blocks, the halves interleaved; a last unpaired block
         // keeps its natural order (the kernel takes it 256 bits wide).
         self.codes_q4.resize(n, 0);

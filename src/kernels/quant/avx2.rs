@@ -512,3 +512,62 @@ pub(super) unsafe fn widen_rows(m: QMatrix<'_>, out: &mut [f32]) {
         }
     }
 }
+
+/// [`Activation::quantize_body`] with its codes loop in 256-bit registers, as
+/// `avx512::quantize` does it in 512-bit ones: the same IEEE operations per element as the
+/// portable loop, so the same codes and scales; NaN skipped by the maximum and coded 0.
+///
+/// # Safety
+/// AVX2 is available (the module's contract).
+#[inline(always)]
+pub(super) unsafe fn quantize(act: &mut Activation, x: &[f32]) {
+    act.resize_for(x.len());
+    let rounding = _mm256_set1_ps(super::activation::ROUNDING);
+    let (hi, lo) = (_mm256_set1_ps(127.0), _mm256_set1_ps(-127.0));
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    // Lane order after packing four vectors of 8 to bytes within 128-bit halves.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for ((block, codes), scale) in x
+        .chunks_exact(BLOCK)
+        .zip(act.codes.chunks_exact_mut(BLOCK))
+        .zip(&mut act.scales)
+    {
+        // No closures (`array::from_fn`) around the intrinsics: they would compile outside
+        // the entry point's features and be called out of line.
+        let mut v = [_mm256_setzero_ps(); 4];
+        for (i, vi) in v.iter_mut().enumerate() {
+            // SAFETY: a block is 32 floats (`chunks_exact`); unaligned loads.
+            *vi = unsafe { _mm256_loadu_ps(block.as_ptr().add(8 * i)) };
+        }
+        // `vmaxps` returns its second operand where the first is NaN: `max(|v|, m)` skips a
+        // NaN as `f32::max` does. The maximum of the lanes is exact in any order.
+        let mut m = _mm256_setzero_ps();
+        for vi in v {
+            m = _mm256_max_ps(_mm256_and_ps(vi, magnitude), m);
+        }
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        *scale = d;
+        let inv = _mm256_set1_ps(inv);
+        let mut q = [_mm256_setzero_si256(); 4];
+        for (qi, &vi) in q.iter_mut().zip(&v) {
+            let t = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(vi, inv), rounding), rounding);
+            // `min(127, t)` and `max(−127, ·)` keep a NaN `t` (their second operand), which
+            // `as i8` makes 0; every other `t` is an integer in ±127, converted exactly.
+            let t = _mm256_max_ps(lo, _mm256_min_ps(hi, t));
+            let number = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(t, t));
+            *qi = _mm256_and_si256(_mm256_cvttps_epi32(t), number);
+        }
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+        // SAFETY: 32 codes, the block's.
+        unsafe { _mm256_storeu_si256(codes.as_mut_ptr().cast(), bytes) };
+    }
+    act.derive();
+}

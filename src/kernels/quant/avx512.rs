@@ -413,3 +413,53 @@ unsafe fn q4_int8_rows<const MINS: bool, const A: usize>(
     }
     total
 }
+
+/// [`Activation::quantize_body`] with its codes loop in 512-bit registers: per block, `max|x|`
+/// of its two halves and across the lanes, then `((v·inv + R) − R)` clamped to ±127, the same
+/// IEEE operations per element as the portable loop (no contraction), so the same codes and
+/// scales (`tests/quant.rs` holds every level to the portable quantization, field by field).
+/// NaN follows `f32::max`, `f32::clamp` and `as i8`: skipped by the maximum, code 0.
+///
+/// # Safety
+/// avx512f/bw/vl are available.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+pub(super) unsafe fn quantize(act: &mut Activation, x: &[f32]) {
+    act.resize_for(x.len());
+    let rounding = _mm512_set1_ps(super::activation::ROUNDING);
+    let (hi, lo) = (_mm512_set1_ps(127.0), _mm512_set1_ps(-127.0));
+    for ((block, codes), scale) in x
+        .chunks_exact(BLOCK)
+        .zip(act.codes.chunks_exact_mut(BLOCK))
+        .zip(&mut act.scales)
+    {
+        // SAFETY: a block is 32 floats and 32 codes (`chunks_exact`); unaligned loads and
+        // stores.
+        let (v0, v1) = unsafe {
+            (
+                _mm512_loadu_ps(block.as_ptr()),
+                _mm512_loadu_ps(block.as_ptr().add(16)),
+            )
+        };
+        // `vmaxps` returns its second operand where the first is NaN: `max(|v|, m)` skips a
+        // NaN as `f32::max` does. The maximum of the lanes is exact in any order.
+        let m = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_setzero_ps());
+        let m = _mm512_max_ps(_mm512_abs_ps(v1), m);
+        let amax = _mm512_reduce_max_ps(m);
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        *scale = d;
+        let inv = _mm512_set1_ps(inv);
+        for (half, v) in [v0, v1].into_iter().enumerate() {
+            let t = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(v, inv), rounding), rounding);
+            // `min(127, t)` and `max(−127, ·)` keep a NaN `t` (their second operand), which
+            // `as i8` makes 0; every other `t` is an integer in ±127, converted exactly.
+            let t = _mm512_max_ps(lo, _mm512_min_ps(hi, t));
+            let number = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(t, t);
+            let q = _mm512_cvtsepi32_epi8(_mm512_maskz_cvttps_epi32(number, t));
+            // SAFETY: 16 codes at `16·half` of the block's 32.
+            unsafe { _mm_storeu_si128(codes.as_mut_ptr().add(16 * half).cast(), q) };
+        }
+    }
+    act.derive();
+}
