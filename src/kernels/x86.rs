@@ -160,7 +160,7 @@ impl Lanes for Avx2 {
     const BF16_MATVEC: bool = true;
     #[inline(always)]
     fn bf16_matvec_rows(self, w: &[bf16], cols: usize, x: &[f32], y: &mut [f32]) -> bool {
-        bf16_pairs_avx2::matvec_rows(self, w, cols, x, y);
+        bf16_pairs::matvec_rows(self, w, cols, x, y);
         true
     }
     #[inline(always)]
@@ -554,202 +554,226 @@ impl Lanes for Avx512 {
     }
 }
 
-/// bf16 rows at the AVX2 level, the same technique as [`bf16_pairs`] with 256-bit registers:
-/// one load of 16 bf16 gives the 8 even weights (`<< 16`) and the 8 odd ones (`& 0xFFFF0000`)
-/// as f32, multiplied with `x` deinterleaved once per product (8 even then 8 odd elements per
-/// 16-column block). Three instructions widen 16 weights instead of six (two zero-extending
-/// loads and two shifts), and each weight byte is loaded once.
-mod bf16_pairs_avx2 {
-    use super::Avx2;
+/// bf16 rows without the widening shuffle, at both x86 levels: a bf16 is the high half of an
+/// f32, so one load of `2L` weights (`L` lanes of 32 bits) yields the even-indexed ones as f32
+/// by a 16-bit left shift of each lane and the odd-indexed ones by masking the low half off.
+/// Paired with `x`'s even and odd elements (deinterleaved once per call, per block of `2L`
+/// columns), that is a load, two integer ops and two FMAs per `2L` weights instead of two
+/// zero-extending shuffles, two shifts and two FMAs, and each weight byte is loaded once.
+/// Products are exact either way; only the order of the sum changes. The level supplies its
+/// registers ([`PairLanes`]); the row loop and its order of additions are the same for both.
+mod bf16_pairs {
+    use super::{Avx2, Avx512};
     use half::bf16;
-    use std::arch::x86_64::__m256;
+    use std::arch::x86_64::{__m256, __m512};
     use std::cell::RefCell;
 
     thread_local! {
-        /// `x` deinterleaved per 16-column block: 8 even then 8 odd elements.
+        /// `x` deinterleaved per block of `2L` columns: `L` even then `L` odd elements.
         static SPLIT_X: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
 
+    /// One level's registers for the pair kernel: `L` f32 lanes.
+    pub(super) trait PairLanes: Copy {
+        /// A register of `L` f32.
+        type V: Copy;
+        /// f32 lanes per register.
+        const L: usize;
+        /// Blocks of `2L` weights per iteration of the row loop, each into its own (even, odd)
+        /// pair of accumulators: enough FMAs in flight that none waits on the previous one.
+        const UNROLL: usize;
+        fn zero(self) -> Self::V;
+        fn add(self, a: Self::V, b: Self::V) -> Self::V;
+        fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+        /// The even- and odd-indexed weights of the `2L` bf16 at `w`, as f32.
+        ///
+        /// # Safety
+        /// `2L` bf16 lie behind `w`.
+        unsafe fn widen_pair(self, w: *const bf16) -> (Self::V, Self::V);
+        /// `L` f32 from `x`.
+        ///
+        /// # Safety
+        /// `L` f32 lie behind `x`.
+        unsafe fn load(self, x: *const f32) -> Self::V;
+        /// The sum of the lanes.
+        fn reduce(self, v: Self::V) -> f32;
+    }
+
+    impl PairLanes for Avx2 {
+        type V = __m256;
+        const L: usize = 8;
+        const UNROLL: usize = 4;
+        #[inline(always)]
+        fn zero(self) -> __m256 {
+            self.avx._mm256_setzero_ps()
+        }
+        #[inline(always)]
+        fn add(self, a: __m256, b: __m256) -> __m256 {
+            self.avx._mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        fn mul_add(self, a: __m256, b: __m256, c: __m256) -> __m256 {
+            self.fma._mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn widen_pair(self, w: *const bf16) -> (__m256, __m256) {
+            let (avx, avx2) = (self.avx, self.avx2);
+            // SAFETY: 16 bf16 (32 bytes) lie behind `w` (the caller's contract); an unaligned
+            // load, the token proves AVX.
+            let v = unsafe { avx._mm256_loadu_si256(w.cast()) };
+            let high = avx._mm256_set1_epi32(0xFFFF_0000_u32 as i32);
+            (
+                avx._mm256_castsi256_ps(avx2._mm256_slli_epi32::<16>(v)),
+                avx._mm256_castsi256_ps(avx2._mm256_and_si256(v, high)),
+            )
+        }
+        #[inline(always)]
+        unsafe fn load(self, x: *const f32) -> __m256 {
+            // SAFETY: 8 f32 lie behind `x` (the caller's contract).
+            unsafe { self.avx._mm256_loadu_ps(x) }
+        }
+        #[inline(always)]
+        fn reduce(self, v: __m256) -> f32 {
+            let (avx, sse) = (self.avx, self.sse);
+            let h = sse._mm_add_ps(
+                avx._mm256_castps256_ps128(v),
+                avx._mm256_extractf128_ps::<1>(v),
+            );
+            let h = sse._mm_add_ps(h, sse._mm_movehl_ps(h, h));
+            let h = sse._mm_add_ss(h, sse._mm_shuffle_ps::<1>(h, h));
+            sse._mm_cvtss_f32(h)
+        }
+    }
+
+    impl PairLanes for Avx512 {
+        type V = __m512;
+        const L: usize = 16;
+        const UNROLL: usize = 2;
+        #[inline(always)]
+        fn zero(self) -> __m512 {
+            self.avx512f._mm512_setzero_ps()
+        }
+        #[inline(always)]
+        fn add(self, a: __m512, b: __m512) -> __m512 {
+            self.avx512f._mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        fn mul_add(self, a: __m512, b: __m512, c: __m512) -> __m512 {
+            self.avx512f._mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn widen_pair(self, w: *const bf16) -> (__m512, __m512) {
+            let f = self.avx512f;
+            // SAFETY: 32 bf16 (64 bytes) lie behind `w` (the caller's contract); an unaligned
+            // load, the token proves AVX-512F.
+            let v = unsafe { f._mm512_loadu_si512(w.cast()) };
+            let high = f._mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+            (
+                f._mm512_castsi512_ps(f._mm512_slli_epi32::<16>(v)),
+                f._mm512_castsi512_ps(f._mm512_and_si512(v, high)),
+            )
+        }
+        #[inline(always)]
+        unsafe fn load(self, x: *const f32) -> __m512 {
+            // SAFETY: 16 f32 lie behind `x` (the caller's contract).
+            unsafe { self.avx512f._mm512_loadu_ps(x) }
+        }
+        #[inline(always)]
+        fn reduce(self, v: __m512) -> f32 {
+            self.avx512f._mm512_reduce_add_ps(v)
+        }
+    }
+
+    /// `y = W x` for bf16 rows of `cols` weights.
     #[inline(always)]
-    pub(crate) fn matvec_rows(t: Avx2, w: &[bf16], cols: usize, x: &[f32], y: &mut [f32]) {
+    pub(crate) fn matvec_rows<T: PairLanes>(
+        t: T,
+        w: &[bf16],
+        cols: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
         assert!(w.len() >= y.len() * cols && x.len() >= cols);
-        let blocks = cols / 16;
+        let block = 2 * T::L;
         // Taken out of the thread-local and put back, not borrowed in a closure: the row loop
         // must stay in this function, which is inlined into the target-feature entry point.
         let mut split = SPLIT_X.take();
         split.clear();
-        for b in 0..blocks {
-            let xb = &x[16 * b..16 * b + 16];
+        for xb in x[..cols].chunks_exact(block) {
             split.extend(xb.iter().step_by(2));
             split.extend(xb.iter().skip(1).step_by(2));
         }
         for (r, out) in y.iter_mut().enumerate() {
-            *out = dot_row(t, &w[r * cols..(r + 1) * cols], &split, x);
+            let row = &w[r * cols..(r + 1) * cols];
+            *out = match T::UNROLL {
+                2 => dot_row::<T, 2>(t, row, &split, x),
+                _ => dot_row::<T, 4>(t, row, &split, x),
+            };
         }
         SPLIT_X.set(split);
     }
 
-    /// One 16-weight block `b` into the (even, odd) accumulator pair `acc`.
+    /// Block `b` (`2L` weights) into the (even, odd) accumulator pair `pair`.
     ///
     /// # Safety
-    /// Weights `16b..16b + 16` must lie behind `w` and floats `16b..16b + 16` behind `xs`.
+    /// Weights `2Lb..2L(b + 1)` must lie behind `w` and floats `2Lb..2L(b + 1)` behind `xs`.
     #[inline(always)]
-    unsafe fn block(t: Avx2, w: *const bf16, xs: *const f32, b: usize, acc: &mut [__m256; 2]) {
-        let (avx, avx2, fma) = (t.avx, t.avx2, t.fma);
-        // SAFETY: the caller guarantees that weights 16b..16b+16 (32 bytes) lie behind `w` and
-        // floats 16b..16b+16 behind `xs` (this function's contract); unaligned loads, the
-        // token proves AVX.
-        let (v, xe, xo) = unsafe {
+    unsafe fn block<T: PairLanes>(
+        t: T,
+        w: *const bf16,
+        xs: *const f32,
+        b: usize,
+        pair: &mut [T::V; 2],
+    ) {
+        let o = 2 * T::L * b;
+        // SAFETY: the caller's contract covers the block's weights and its even and odd floats.
+        let ((even, odd), xe, xo) = unsafe {
             (
-                avx._mm256_loadu_si256(w.add(16 * b).cast()),
-                avx._mm256_loadu_ps(xs.add(16 * b)),
-                avx._mm256_loadu_ps(xs.add(16 * b + 8)),
+                t.widen_pair(w.add(o)),
+                t.load(xs.add(o)),
+                t.load(xs.add(o + T::L)),
             )
         };
-        let even = avx._mm256_castsi256_ps(avx2._mm256_slli_epi32::<16>(v));
-        let high = avx._mm256_set1_epi32(0xFFFF_0000_u32 as i32);
-        let odd = avx._mm256_castsi256_ps(avx2._mm256_and_si256(v, high));
-        acc[0] = fma._mm256_fmadd_ps(even, xe, acc[0]);
-        acc[1] = fma._mm256_fmadd_ps(odd, xo, acc[1]);
+        pair[0] = t.mul_add(even, xe, pair[0]);
+        pair[1] = t.mul_add(odd, xo, pair[1]);
     }
 
     /// Dot product of one row (`cols = w.len()`) with `x`, `split` the deinterleaved `x` of
-    /// `cols / 16` blocks.
+    /// `cols / 2L` blocks; `U` (= `T::UNROLL`, 2 or 4) blocks per iteration.
     #[inline(always)]
-    fn dot_row(t: Avx2, w: &[bf16], split: &[f32], x: &[f32]) -> f32 {
-        let (avx, sse) = (t.avx, t.sse);
+    fn dot_row<T: PairLanes, const U: usize>(t: T, w: &[bf16], split: &[f32], x: &[f32]) -> f32 {
         let cols = w.len();
-        let blocks = cols / 16;
-        assert!(split.len() >= blocks * 16 && x.len() >= cols);
+        let blocks = cols / (2 * T::L);
+        assert!(split.len() >= blocks * 2 * T::L && x.len() >= cols);
         let (base, xs) = (w.as_ptr(), split.as_ptr());
-        // Four blocks per iteration into eight accumulators: FMA latency times the two FMA
-        // ports is about ten in flight, and no FMA waits on the previous one's result.
-        let zero = avx._mm256_setzero_ps();
-        let mut acc = [[zero; 2]; 4];
+        let mut acc = [[t.zero(); 2]; U];
         let mut b = 0;
-        // SAFETY (each `block` call): b + j < blocks, so weights 16(b+j).. lie in `w` and
-        // floats 16(b+j).. in `split` (asserted above).
-        while b + 4 <= blocks {
+        // SAFETY (each `block` call): b + j < blocks, so the block's weights lie in `w` and its
+        // floats in `split` (asserted above).
+        while b + U <= blocks {
             for (j, pair) in acc.iter_mut().enumerate() {
                 unsafe { block(t, base, xs, b + j, pair) };
             }
-            b += 4;
+            b += U;
         }
         while b < blocks {
             unsafe { block(t, base, xs, b, &mut acc[0]) };
             b += 1;
         }
-        let p0 = avx._mm256_add_ps(acc[0][0], acc[0][1]);
-        let p1 = avx._mm256_add_ps(acc[1][0], acc[1][1]);
-        let p2 = avx._mm256_add_ps(acc[2][0], acc[2][1]);
-        let p3 = avx._mm256_add_ps(acc[3][0], acc[3][1]);
-        let sum = avx._mm256_add_ps(avx._mm256_add_ps(p0, p1), avx._mm256_add_ps(p2, p3));
-        let h = sse._mm_add_ps(
-            avx._mm256_castps256_ps128(sum),
-            avx._mm256_extractf128_ps::<1>(sum),
-        );
-        let h = sse._mm_add_ps(h, sse._mm_movehl_ps(h, h));
-        let h = sse._mm_add_ss(h, sse._mm_shuffle_ps::<1>(h, h));
-        let mut s = sse._mm_cvtss_f32(h);
-        for k in blocks * 16..cols {
-            s += w[k].to_f32() * x[k];
+        // Each pair's sum, then the pairs in a tree: ((p0 + p1) + (p2 + p3)) for four.
+        let mut p = [t.zero(); U];
+        for (pj, pair) in p.iter_mut().zip(&acc) {
+            *pj = t.add(pair[0], pair[1]);
         }
-        s
-    }
-}
-
-/// bf16 rows without the widening shuffle, the AVX-512 level's specialisation of
-/// `matvec_rows`: a bf16 is the high half of an f32, so one 512-bit load of 32 weights yields
-/// the even-indexed ones as f32 by a 16-bit left shift of each 32-bit lane and the odd-indexed
-/// ones by masking the low half off. Paired with `x`'s even and odd elements (deinterleaved
-/// once per call), that is a load, two integer ops and two FMAs per 32 weights instead of two
-/// zero-extending shuffles, two shifts and two FMAs. Products are exact either way; only the
-/// order of the sum changes.
-mod bf16_pairs {
-    use super::Avx512;
-    use half::bf16;
-    use std::arch::x86_64::__m512;
-    use std::cell::RefCell;
-
-    thread_local! {
-        /// `x` deinterleaved per 32-column block: 16 even then 16 odd elements.
-        static SPLIT_X: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    }
-
-    #[inline(always)]
-    pub(crate) fn matvec_rows(t: Avx512, w: &[bf16], cols: usize, x: &[f32], y: &mut [f32]) {
-        assert!(w.len() >= y.len() * cols && x.len() >= cols);
-        let blocks = cols / 32;
-        // Taken out of the thread-local and put back, not borrowed in a closure: the row loop
-        // must stay in this function, which is inlined into the target-feature entry point.
-        let mut split = SPLIT_X.take();
-        split.clear();
-        for b in 0..blocks {
-            let xb = &x[32 * b..32 * b + 32];
-            split.extend(xb.iter().step_by(2));
-            split.extend(xb.iter().skip(1).step_by(2));
-        }
-        for (r, out) in y.iter_mut().enumerate() {
-            *out = dot_row(t, &w[r * cols..(r + 1) * cols], &split, x);
-        }
-        SPLIT_X.set(split);
-    }
-
-    /// Block `b` (32 weights) into the (even, odd) accumulator pair `pair`.
-    ///
-    /// # Safety
-    /// Weights `32b..32b + 32` must lie behind `w` and floats `32b..32b + 32` behind `xs`.
-    #[inline(always)]
-    unsafe fn block(t: Avx512, w: *const bf16, xs: *const f32, b: usize, pair: &mut [__m512]) {
-        let f = t.avx512f;
-        let high = f._mm512_set1_epi32(0xFFFF_0000_u32 as i32);
-        // SAFETY: the caller guarantees that weights 32b..32b+32 (64 bytes) lie behind `w` and
-        // floats 32b..32b+32 behind `xs` (this function's contract); unaligned loads, the
-        // token proves AVX-512F.
-        let (v, xe, xo) = unsafe {
-            (
-                f._mm512_loadu_si512(w.add(32 * b).cast()),
-                f._mm512_loadu_ps(xs.add(32 * b)),
-                f._mm512_loadu_ps(xs.add(32 * b + 16)),
-            )
-        };
-        let even = f._mm512_castsi512_ps(f._mm512_slli_epi32::<16>(v));
-        let odd = f._mm512_castsi512_ps(f._mm512_and_si512(v, high));
-        pair[0] = f._mm512_fmadd_ps(even, xe, pair[0]);
-        pair[1] = f._mm512_fmadd_ps(odd, xo, pair[1]);
-    }
-
-    /// Dot product of one row (`cols = w.len()`) with `x`, `split` the deinterleaved `x` of
-    /// `cols / 32` blocks.
-    #[inline(always)]
-    fn dot_row(t: Avx512, w: &[bf16], split: &[f32], x: &[f32]) -> f32 {
-        let f = t.avx512f;
-        let cols = w.len();
-        let blocks = cols / 32;
-        assert!(split.len() >= blocks * 32 && x.len() >= cols);
-        let (base, xs) = (w.as_ptr(), split.as_ptr());
-        // Two blocks per iteration into four accumulators: no FMA waits on the previous one.
-        let mut acc: [__m512; 4] = [f._mm512_setzero_ps(); 4];
-        let mut b = 0;
-        // SAFETY (each `block` call): b < blocks, so weights 32b..32b+32 lie in `w` and
-        // floats 32b..32b+32 in `split` (asserted above).
-        while b + 2 <= blocks {
-            let (first, second) = acc.split_at_mut(2);
-            unsafe {
-                block(t, base, xs, b, first);
-                block(t, base, xs, b + 1, second);
+        let mut width = U;
+        while width > 1 {
+            width /= 2;
+            for j in 0..width {
+                p[j] = t.add(p[2 * j], p[2 * j + 1]);
             }
-            b += 2;
         }
-        if b < blocks {
-            unsafe { block(t, base, xs, b, &mut acc[..2]) };
-        }
-        let sum = f._mm512_add_ps(
-            f._mm512_add_ps(acc[0], acc[1]),
-            f._mm512_add_ps(acc[2], acc[3]),
-        );
-        let mut s = f._mm512_reduce_add_ps(sum);
-        for k in blocks * 32..cols {
+        let mut s = t.reduce(p[0]);
+        for k in blocks * 2 * T::L..cols {
             s += w[k].to_f32() * x[k];
         }
         s
