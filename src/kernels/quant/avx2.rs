@@ -64,6 +64,24 @@ unsafe fn load8(v: &[f32], b0: usize) -> __m256 {
     }
 }
 
+/// Per activation, the combined scales of blocks `b..b + 8` of a row (fewer at its end, the
+/// rest 0): the row's weight scales, widened, times the activation's, in f32 as the twin
+/// multiplies them. Needs `b < scales.len()` and a scale per block of the row in every
+/// activation.
+#[inline(always)]
+unsafe fn combined_scales<const A: usize>(
+    scales: &[f16],
+    acts: [&Activation; A],
+    b: usize,
+) -> [__m256; A] {
+    let ws = widen8(scales, b);
+    let mut sc = [_mm256_setzero_ps(); A];
+    for (s, act) in sc.iter_mut().zip(acts) {
+        *s = _mm256_mul_ps(ws, load8(&act.scales, b));
+    }
+    sc
+}
+
 /// Lane `i` (< 8) of `v` in every lane: a block's scale, kept in a register.
 #[inline(always)]
 unsafe fn lane(v: __m256, i: usize) -> __m256 {
@@ -277,10 +295,7 @@ unsafe fn q8_int8_rows<const VNNI: u8, const A: usize>(
     macro_rules! block {
         ($acc:ident) => {{
             if b % 8 == 0 {
-                let ws = widen8(scales, b);
-                for a in 0..A {
-                    sc[a] = _mm256_mul_ps(ws, load8(&acts[a].scales, b));
-                }
+                sc = combined_scales(scales, acts, b);
             }
             let w = _mm256_loadu_si256(c.add(b * BLOCK).cast());
             let u = if VNNI != NO_VNNI {
@@ -393,19 +408,11 @@ unsafe fn q4_int8_rows<const MINS: bool, const VNNI: u8, const A: usize>(
     let mut sc = [_mm256_setzero_ps(); A];
     let mut idx = pick;
     let mut b = 0;
-    macro_rules! scales_at {
-        ($b:expr) => {{
-            let ws = widen8(scales, $b);
-            for a in 0..A {
-                sc[a] = _mm256_mul_ps(ws, load8(&acts[a].scales, $b));
-            }
-        }};
-    }
     // The pair at `b` (even, so it never straddles two groups of 8 scales) into `acc`.
     macro_rules! pair {
         ($acc:ident) => {{
             if b % 8 == 0 {
-                scales_at!(b);
+                sc = combined_scales(scales, acts, b);
                 idx = pick;
             }
             let v = _mm256_loadu_si256(c.add(b * BLOCK / 2).cast());
@@ -431,7 +438,7 @@ unsafe fn q4_int8_rows<const MINS: bool, const VNNI: u8, const A: usize>(
     if b < n {
         // The unpaired last block, in element order (as `codes_q4` keeps it).
         if b % 8 == 0 {
-            scales_at!(b);
+            sc = combined_scales(scales, acts, b);
         }
         let w = nibbles(c, b);
         for a in 0..A {

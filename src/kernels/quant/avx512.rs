@@ -88,6 +88,29 @@ fn lanes16(n: usize) -> __mmask16 {
     }
 }
 
+/// Per activation, the combined scales of blocks `b..b + 16` of a row (fewer at its end, the
+/// rest 0): the row's weight scales, widened, times the activation's, in f32 as the twin
+/// multiplies them.
+///
+/// # Safety
+/// avx512f/bw/vl are available; `b < scales.len()` and every activation has a scale per block
+/// of the row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn combined_scales<const A: usize>(
+    scales: &[f16],
+    acts: [&Activation; A],
+    b: usize,
+) -> [__m512; A] {
+    let ws = widen16(scales, b);
+    let mut sc = [_mm512_setzero_ps(); A];
+    for (s, act) in sc.iter_mut().zip(acts) {
+        let xs = _mm512_maskz_loadu_ps(lanes16(scales.len() - b), act.scales.as_ptr().add(b));
+        *s = _mm512_mul_ps(ws, xs);
+    }
+    sc
+}
+
 /// Lane `i` of `v` in every lane (the scale of one block, kept in a register: reading it
 /// back from a stored array stalled on store forwarding).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -269,11 +292,7 @@ unsafe fn q8_int8_rows<const A: usize>(
     macro_rules! pair {
         ($acc:ident) => {{
             if b % 16 == 0 {
-                let ws = widen16(scales, b);
-                for a in 0..A {
-                    let xs = _mm512_maskz_loadu_ps(lanes16(n - b), acts[a].scales.as_ptr().add(b));
-                    sc[a] = _mm512_mul_ps(ws, xs);
-                }
+                sc = combined_scales(scales, acts, b);
                 idx = pick;
             }
             let w = _mm512_xor_si512(_mm512_loadu_si512(c.add(b * BLOCK).cast()), flip);
@@ -352,11 +371,7 @@ unsafe fn q4_int8_rows<const MINS: bool, const A: usize>(
     while b + 2 <= n {
         // `b` is even, so a pair never straddles two groups of 16.
         if b % 16 == 0 {
-            let ws = widen16(scales, b);
-            for a in 0..A {
-                let xs = _mm512_maskz_loadu_ps(lanes16(n - b), acts[a].scales.as_ptr().add(b));
-                sc[a] = _mm512_mul_ps(ws, xs);
-            }
+            sc = combined_scales(scales, acts, b);
             idx = pick;
         }
         let v = _mm256_loadu_si256(c.add(b * BLOCK / 2).cast());
