@@ -15,6 +15,11 @@ use half::{bf16, f16};
 /// Lanes in one SIMD vector of f32, at every level.
 pub const LANES: usize = 16;
 
+/// 1.5·2²³: `(v + ROUNDING) − ROUNDING` rounds an f32 of magnitude below 2²² to the nearest
+/// integer, ties to even (the default rounding mode): the portable level's `round` and the
+/// int8 method's activation codes at every level.
+pub(crate) const ROUNDING: f32 = 12_582_912.0;
+
 pub(crate) mod sealed {
     pub trait Sealed {}
 }
@@ -308,10 +313,8 @@ impl Lanes for Portable {
     }
     #[inline(always)]
     fn round(self, a: Self::V) -> Self::V {
-        // Adding and subtracting 1.5·2^23 rounds to an integer (ties to even, the default
-        // rounding mode) for |a| < 2^22; the sum is not reassociated (no fast-math in Rust).
-        const MAGIC: f32 = 12_582_912.0;
-        lanes(|i| (a[i] + MAGIC) - MAGIC)
+        // The sum is not reassociated (no fast-math in Rust).
+        lanes(|i| (a[i] + ROUNDING) - ROUNDING)
     }
     #[inline(always)]
     fn ldexp(self, e: Self::V, n: Self::V) -> Self::V {

@@ -5,9 +5,7 @@ use half::f16;
 
 use crate::quant::{QMatrix, QuantFormat, BLOCK};
 
-/// 1.5·2²³: `(v + ROUNDING) − ROUNDING` rounds an f32 of magnitude below 2²² to the nearest
-/// integer, ties to even (the activation's codes at every level).
-pub(super) const ROUNDING: f32 = 12_582_912.0;
+pub(super) use crate::kernels::simd::ROUNDING;
 
 /// One row's codes, scales and (q4_1) minimums.
 pub(super) type RowParts<'a> = (&'a [u8], &'a [f16], &'a [f16]);
