@@ -1027,3 +1027,139 @@ fn feature_projection_matches_its_f64_twin_and_batches_bit_for_bit() {
         }
     }
 }
+
+/// The many-rows product `y = x · Wᵀ` ([`sgemm::linear`]) against its scalar twin
+/// ([`scalar::linear`], f64 sums) at every level, every weight dtype, on shapes around the
+/// register tiles (12 × 32, 6 × 16, 4 × 16), across the packing depth (256) and large enough
+/// to split across threads.
+///
+/// Tolerance: a sum of `k` products in f32, in any order and with or without fused
+/// multiply-adds, is within `γ_k · Σ|x·w|` of the exact one (`γ_k = k·u / (1 − k·u)`,
+/// `u = 2⁻²⁴`); the twin's f64 sum adds at most one rounding to f32. Products below f32's
+/// normal range lose their relative precision, so `k` subnormal steps (2⁻¹⁴⁹ each) are allowed
+/// on top.
+#[test]
+fn sgemm_matches_scalar_at_every_level() {
+    use performer::kernels::sgemm;
+    let shapes: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (2, 32, 3),
+        (13, 37, 33),
+        (12, 256, 32),
+        (7, 257, 17),
+        (37, 300, 65),
+        (25, 520, 70),
+        (66, 64, 97),
+        (64, 512, 64),
+        (130, 96, 200),
+    ];
+    let mut rng = TestRng(61);
+    for k in levels() {
+        for &(rows, depth, out) in shapes {
+            for (xs, ws) in [
+                (1.0, 1.0),
+                (0.0, 1.0),
+                (1e15, 1e15),
+                (1e-20, 1e-18),
+                (1.0, 3e4),
+            ] {
+                let x = rng.vec(rows * depth, xs);
+                let w = rng.vec(out * depth, ws);
+                let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+                let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+                check_sgemm(k, &x, rows, &w, out);
+                check_sgemm(k, &x, rows, &wb, out);
+                // f16 tops out at 65504 (1e15 would be infinite; tiny values flush towards
+                // its subnormals, which the twin sees widened the same way).
+                if ws <= 3e4 {
+                    check_sgemm(k, &x, rows, &wh, out);
+                }
+            }
+        }
+        // An empty product leaves its outputs zero; no rows or no outputs touch nothing.
+        let mut y = vec![f32::NAN; 6];
+        sgemm::linear::<f32>(k, &[], 3, &[], 2, &mut y);
+        assert_eq!(y, [0.0; 6], "{} k = 0", k.isa());
+        sgemm::linear::<f32>(k, &[], 0, &[], 2, &mut y[..0]);
+    }
+}
+
+fn check_sgemm<T: Elem>(k: Kernels, x: &[f32], rows: usize, w: &[T], out: usize) {
+    use performer::kernels::sgemm;
+    let depth = x.len() / rows;
+    let mut fast = vec![f32::NAN; rows * out];
+    sgemm::linear(k, x, rows, w, out, &mut fast);
+    let mut slow = vec![0f32; rows * out];
+    scalar::linear(x, rows, w, out, &mut slow);
+    let u = 2f64.powi(-24);
+    let gamma = depth as f64 * u / (1.0 - depth as f64 * u);
+    for i in 0..rows {
+        for j in 0..out {
+            let mag: f64 = (0..depth)
+                .map(|t| (x[i * depth + t] as f64 * w[j * depth + t].to_f32() as f64).abs())
+                .sum();
+            let (a, b) = (fast[i * out + j] as f64, slow[i * out + j] as f64);
+            let bound = gamma * mag + u * b.abs() + depth as f64 * 2f64.powi(-149);
+            assert!(
+                (a - b).abs() <= bound,
+                "{} {} {rows}x{depth}x{out} ({i}, {j}): {a} vs {b} (bound {bound})",
+                k.isa(),
+                T::NAME
+            );
+        }
+    }
+}
+
+/// Every output of the many-rows product is one sum in one order whatever task computes it:
+/// the same bits on 1, 2 and 3 threads, and from [`sgemm::linear_serial`].
+#[test]
+fn sgemm_split_across_threads_is_bit_identical() {
+    use performer::kernels::sgemm;
+    let mut rng = TestRng(62);
+    for k in levels() {
+        for &(rows, depth, out) in &[(64, 512, 64), (100, 300, 333), (257, 768, 96)] {
+            let x = rng.vec(rows * depth, 1.0);
+            let w: Vec<bf16> = rng
+                .vec(out * depth, 1.0)
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
+            let mut serial = vec![0f32; rows * out];
+            sgemm::linear_serial(k, &x, rows, &w, out, &mut serial);
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut y = vec![0f32; rows * out];
+                pool.install(|| sgemm::linear(k, &x, rows, &w, out, &mut y));
+                assert_eq!(y, serial, "{} {rows}x{depth}x{out} on {threads}", k.isa());
+            }
+        }
+    }
+}
+
+/// Quantized rows packed for the many-rows product are widened as `dequantize_rows` widens
+/// them: the product equals, bit for bit, the float product over the dequantized matrix.
+#[test]
+fn sgemm_of_quantized_rows_is_the_dequantized_product() {
+    use performer::kernels::sgemm;
+    use performer::quant::{OwnedQMatrix, QuantFormat};
+    let mut rng = TestRng(63);
+    for k in levels() {
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1] {
+            for &(rows, depth, out) in &[(5, 32, 3), (70, 288, 45), (65, 544, 130)] {
+                let w = rng.vec(out * depth, 1.0);
+                let q = OwnedQMatrix::quantize(format, "w", &w, out, depth).unwrap();
+                let m = q.matrix();
+                let mut wide = vec![0f32; out * depth];
+                m.dequantize_rows(0..out, &mut wide);
+                let x = rng.vec(rows * depth, 1.0);
+                let (mut yq, mut yf) = (vec![0f32; rows * out], vec![0f32; rows * out]);
+                sgemm::linear_rows(k, &x, rows, m, out, &mut yq);
+                sgemm::linear(k, &x, rows, &wide, out, &mut yf);
+                assert_eq!(yq, yf, "{} {format} {rows}x{depth}x{out}", k.isa());
+            }
+        }
+    }
+}

@@ -275,7 +275,9 @@ pub fn chunk(
     rows: Rows<'_>,
     out: &mut [f32],
 ) {
-    use crate::kernels::matmul::{gemm_f32, MatRef};
+    // The heads of a chunk run in parallel (`model::attend`), so each product here runs on
+    // its head's thread.
+    use crate::kernels::matmul::{gemm_f32_serial as gemm_f32, MatRef};
     let Rows { q, k, v, n0 } = rows;
     let (m, d) = (map.m, map.d);
     let t_len = q.len() / d;
@@ -291,7 +293,8 @@ pub fn chunk(
         if map.kind == FeatureKind::NoProjection {
             u.copy_from_slice(&x[..t_len * d]);
         } else {
-            crate::with_view!(map.projection, |w| crate::kernels::matmul::linear(
+            crate::with_view!(map.projection, |w| crate::kernels::sgemm::linear_serial(
+                crate::kernels::isa::active(),
                 &x[..t_len * d],
                 t_len,
                 w,

@@ -1,13 +1,14 @@
-//! Matrix products for the parallel paths (prefill chunks, batched decode), on the `gemm`
-//! crate. Half-precision weights are widened one block of rows at a time into a small scratch
-//! buffer, never as a whole-matrix copy.
+//! Matrix products for the parallel paths: the weight products `x · Wᵀ` of prefill chunks
+//! ([`linear`], on [`super::sgemm`] at the kernels' level), and general strided products
+//! ([`gemm_f32`], on the `gemm` crate: the FAVOR+ chunked attention's and the softmax
+//! baseline's).
 
 use super::Elem;
 
-/// The instruction-set level the `gemm` crate runs this CPU's matrix products at: its own
-/// run-time choice (`avx512` where the CPU has AVX-512F, else `avx2` with FMA, else
-/// `portable`), made as that crate makes it. [`super::isa::ISA_ENV`] does not reach it: on an
-/// AVX-512 CPU, prefill's matrix products stay at `avx512` when the kernels are forced lower.
+/// The instruction-set level the `gemm` crate runs [`gemm_f32`]'s products at (the chunked
+/// attention's, not the weights'): its own run-time choice (`avx512` where the CPU has
+/// AVX-512F, else `avx2` with FMA, else `portable`), made as that crate makes it.
+/// [`super::isa::ISA_ENV`] does not reach it; the weight products ([`linear`]) follow it.
 pub fn gemm_level() -> super::Isa {
     #[cfg(target_arch = "x86_64")]
     {
@@ -20,9 +21,6 @@ pub fn gemm_level() -> super::Isa {
     }
     super::Isa::Portable
 }
-
-/// Rows of a half-precision weight matrix widened per block.
-const WIDEN_ROWS: usize = 128;
 
 /// Work below which gemm runs on one thread (multiply-adds).
 const PAR_MIN_MACS: usize = 1 << 20;
@@ -83,8 +81,32 @@ impl<'a> MatRef<'a> {
 }
 
 /// `c = beta·c + a·b` (`beta` 0 or 1), `c` row-major `a.rows × b.cols` with row stride
-/// `c_stride`.
+/// `c_stride`; large products split across the rayon pool.
 pub fn gemm_f32(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], c_stride: usize, accumulate: bool) {
+    gemm_f32_with(a, b, c, c_stride, accumulate, true)
+}
+
+/// [`gemm_f32`] on the calling thread only: for products that are themselves one of many run
+/// in parallel (the FAVOR+ chunk's per-head products), where splitting each again would only
+/// add hand-offs.
+pub fn gemm_f32_serial(
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    c_stride: usize,
+    accumulate: bool,
+) {
+    gemm_f32_with(a, b, c, c_stride, accumulate, false)
+}
+
+fn gemm_f32_with(
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    c_stride: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
     assert_eq!(a.cols, b.rows, "gemm: inner dimensions differ");
     let (m, n, k) = (a.rows, b.cols, a.cols);
     if m == 0 || n == 0 {
@@ -124,39 +146,27 @@ pub fn gemm_f32(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], c_stride: usize, ac
             false,
             false,
             false,
-            parallelism(m * n * k),
+            if parallel {
+                parallelism(m * n * k)
+            } else {
+                gemm::Parallelism::None
+            },
         )
     }
 }
 
 /// `y = x · Wᵀ` for `x` of shape `[rows, in]` and a torch `Linear` weight `W` of shape
-/// `[out, in]`, any weight dtype; `y` is `[rows, out]`.
+/// `[out, in]`, any weight dtype; `y` is `[rows, out]`. One row is a matrix-vector product;
+/// more are [`super::sgemm::linear`] at the process's level (half-precision weights widened as
+/// they are packed, never as a whole-matrix copy).
 pub fn linear<T: Elem>(x: &[f32], rows: usize, w: &[T], out: usize, y: &mut [f32]) {
     let inp = x.len().checked_div(rows).unwrap_or(0);
     assert_eq!(w.len(), out * inp, "linear: weight is not [out, in]");
     if rows == 1 {
-        // gemm's single-row path runs on one thread; the matrix-vector kernel splits rows
-        // across the pool and reads half-precision weights without widening them first.
+        // The matrix-vector kernel splits rows across the pool and reads half-precision
+        // weights without widening them first.
         super::matvec(w, &x[..inp], &mut y[..out]);
         return;
     }
-    let xm = MatRef::row_major(&x[..rows * inp], rows, inp);
-    if let Some(w32) = T::as_f32(w) {
-        gemm_f32(xm, MatRef::row_major(w32, out, inp).t(), y, out, false);
-        return;
-    }
-    let mut block = vec![0f32; WIDEN_ROWS.min(out) * inp];
-    let mut o = 0;
-    while o < out {
-        let nb = WIDEN_ROWS.min(out - o);
-        for (dst, src) in block[..nb * inp]
-            .iter_mut()
-            .zip(&w[o * inp..(o + nb) * inp])
-        {
-            *dst = src.to_f32();
-        }
-        let bm = MatRef::row_major(&block[..nb * inp], nb, inp).t();
-        gemm_f32(xm, bm, &mut y[o..], out, false);
-        o += nb;
-    }
+    super::sgemm::linear(super::isa::active(), x, rows, w, out, y);
 }

@@ -13,6 +13,7 @@ pub mod isa;
 pub mod matmul;
 pub mod quant;
 pub mod scalar;
+pub mod sgemm;
 pub mod simd;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
@@ -35,6 +36,7 @@ use elementwise::{
 };
 use favor::{axpy_rows_k, kahan_scale_axpy_k, kahan_update_readout_k, vecmat_k};
 use matvec::{dot_k, matvec_batch_k, matvec_rows_k};
+use sgemm::{sgemm_task_k, OutColumns, WeightRows};
 
 /// Below this many weight elements (64 KiB of f32) a matrix-vector product runs on the calling
 /// thread. Above it the product is split into at least one row block per thread: during decode
@@ -212,6 +214,17 @@ kernels! {
     /// `y = X Wᵀ` for `inputs` input rows of `cols` columns and `y.len() / inputs` weight rows.
     fn matvec_batch_rows<T: Elem>(w: &[T], cols: usize, inputs: usize, x: &[f32], y: &mut [f32])
         => matvec_batch_k;
+
+    /// One task of [`sgemm::linear_rows`]: its columns of `y = x · wᵀ` from `x` packed, with
+    /// its panel buffer.
+    fn sgemm_task<R: WeightRows>(
+        xp: &[f32],
+        rows: usize,
+        k: usize,
+        w: R,
+        y: OutColumns,
+        wp: &mut [f32]
+    ) => sgemm_task_k;
 
     /// `y += a · x`.
     pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) => axpy_k;

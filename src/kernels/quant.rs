@@ -370,9 +370,9 @@ impl QuantKernels {
     ///   the float few-rows kernel ([`super::Kernels::matvec_batch`]), so the products are
     ///   those of the dequantized f32 model; the int8 method quantizes each input once and
     ///   takes each weight row against every input while the row sits in L1.
-    /// - More rows (prefill) widen `W` 128 rows at a time and multiply on the `gemm` path, by
-    ///   either method: compute-bound, the widening costs one pass over each weight per call,
-    ///   and the products are exactly those of the dequantized f32 model.
+    /// - More rows (prefill) are [`super::sgemm::linear_rows`], by either method: the weights
+    ///   widened as they are packed (compute-bound, the widening costs one pass over each
+    ///   weight per task and call), the products exactly those of the dequantized f32 model.
     pub fn linear(self, x: &[f32], rows: usize, m: QMatrix<'_>, y: &mut [f32]) {
         let (inp, out) = (m.cols, m.rows);
         assert!(x.len() >= rows * inp, "quantized linear: x too short");
@@ -393,28 +393,7 @@ impl QuantKernels {
             self.few_rows(&x[..rows * inp], rows, m, &mut y[..rows * out]);
             return;
         }
-        use super::matmul::{gemm_f32, MatRef};
-        let xm = MatRef::row_major(&x[..rows * inp], rows, inp);
-        let mut block = vec![0f32; WIDEN_ROWS.min(out) * inp];
-        let mut o = 0;
-        while o < out {
-            let nb = WIDEN_ROWS.min(out - o);
-            let dst = &mut block[..nb * inp];
-            // Widening in parallel: for a 128-row block of a 768-wide matrix it is ~100k
-            // weights.
-            let per = WIDEN_ROWS
-                .div_ceil(rayon::current_num_threads().max(1))
-                .max(8);
-            dst.par_chunks_mut(per * inp.max(1))
-                .enumerate()
-                .for_each(|(i, chunk)| {
-                    let r0 = o + i * per;
-                    self.widen_rows(m.row_range(r0..r0 + chunk.len() / inp.max(1)), chunk)
-                });
-            let bm = MatRef::row_major(dst, nb, inp).t();
-            gemm_f32(xm, bm, &mut y[o..], out, false);
-            o += nb;
-        }
+        super::sgemm::linear_rows(self.kernels, &x[..rows * inp], rows, m, out, y);
     }
 
     /// [`Self::linear`] for `2 ..= FEW_ROWS` rows: per parallel block of weight rows, the
@@ -494,9 +473,6 @@ impl QuantKernels {
 /// Input rows up to which [`QuantKernels::linear`] takes the few-rows product instead of
 /// widening into a general matrix product (the float model's threshold for the same choice).
 pub const FEW_ROWS: usize = 64;
-
-/// Rows of a quantized matrix widened per block for the matrix-product path.
-const WIDEN_ROWS: usize = 128;
 
 thread_local! {
     /// Per-thread scratch: the quantized activation of the product this thread started.

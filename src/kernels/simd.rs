@@ -152,6 +152,8 @@ pub trait Lanes: Copy + Send + Sync + 'static + sealed::Sealed {
     /// How the batched matrix-vector kernel ([`super::Kernels::matvec_batch`]) blocks its
     /// registers at this level, from the size of the register file in 16-lane vectors.
     const BATCH_TILE: BatchTile;
+    /// The register tile of the many-rows matrix product ([`super::sgemm`]) at this level.
+    const GEMM_TILE: super::sgemm::GemmTile;
     /// Whether [`Lanes::bf16_matvec_rows`] is specialised at this level (its order of
     /// summation then differs from the generic dot product's).
     const BF16_MATVEC: bool = false;
@@ -236,6 +238,11 @@ impl Lanes for Portable {
         rows: 1,
         inputs: 2,
         split: 1,
+    };
+    // Four 16-lane accumulators (16 SSE2 registers of 4 lanes) and one loaded vector.
+    const GEMM_TILE: super::sgemm::GemmTile = super::sgemm::GemmTile {
+        rows: 4,
+        vectors: 1,
     };
     type V = [f32; 16];
     type M = [bool; 16];

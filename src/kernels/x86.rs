@@ -4,6 +4,7 @@
 //! closure around an intrinsic: it compiles inside the level's `#[target_feature]` entry points
 //! of [`super`] (`scripts/check_inline_intrinsics.sh` checks the release binary).
 
+use super::sgemm::GemmTile;
 use super::simd::{sealed, BatchTile, Lanes, LANES};
 use half::{bf16, f16};
 use std::arch::x86_64::{__m128i, __m256, __m256i, __m512, __mmask16};
@@ -156,6 +157,12 @@ impl Lanes for Avx2 {
         rows: 2,
         inputs: 2,
         split: 1,
+    };
+    // 16 ymm registers: 6 × 16 outputs accumulating (12), one 16-lane vector of weights (2)
+    // and one broadcast.
+    const GEMM_TILE: GemmTile = GemmTile {
+        rows: 6,
+        vectors: 1,
     };
     const BF16_MATVEC: bool = true;
     #[inline(always)]
@@ -390,6 +397,12 @@ impl Lanes for Avx512 {
         rows: 3,
         inputs: 2,
         split: 4,
+    };
+    // 32 zmm registers: 12 × 32 outputs accumulating (24), two weight vectors and the
+    // broadcast (folded into the multiply-add as a memory operand).
+    const GEMM_TILE: GemmTile = GemmTile {
+        rows: 12,
+        vectors: 2,
     };
     const BF16_MATVEC: bool = true;
     #[inline(always)]

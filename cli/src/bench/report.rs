@@ -58,8 +58,9 @@ pub struct ModelInfo {
     /// How the products over quantized weights run (`dequant`, `int8 (maddubs)`, …; `None`
     /// for a float model).
     pub quant_kernel: Option<String>,
-    /// The level of the `gemm` crate's matrix products (prefill, wide batches): its own
-    /// choice, which `PERFORMER_ISA` does not lower.
+    /// The level of the `gemm` crate's matrix products (the FAVOR+ chunk's attention products
+    /// in prefill; the weight products run at `kernels`): its own choice, which
+    /// `PERFORMER_ISA` does not lower.
     pub gemm: String,
 }
 
@@ -96,7 +97,8 @@ impl ModelInfo {
     }
 
     /// The table's `kernels` cell: the level, the quantized method where there is one, and
-    /// gemm's level where it differs from the kernels' (`avx2`, `avx2, q: int8 (maddubs)`,
+    /// gemm's level (the FAVOR+ chunk's attention products; the weight products run at the
+    /// kernels' level) where it differs from the kernels' (`avx2`, `avx2, q: int8 (maddubs)`,
     /// `avx2, gemm: avx512`).
     pub fn kernels_label(&self) -> String {
         let mut label = self.kernels.clone();

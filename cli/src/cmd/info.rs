@@ -113,7 +113,7 @@ pub fn run(a: InfoArgs) -> CliResult {
     );
     let _ = writeln!(
         o,
-        "matrix products (prefill, wide batches): {} (the gemm crate's own choice; {} does not lower it)",
+        "attention's chunk products (prefill): {} (the gemm crate's own choice; {} does not lower it; the weight products follow the kernels)",
         performer::kernels::matmul::gemm_level(),
         performer::kernels::isa::ISA_ENV
     );
