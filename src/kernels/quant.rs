@@ -16,9 +16,10 @@
 //!   `max|x|/127`, ties rounded to even; decoding's stacked q/k/v products share one), then
 //!   take exact integer dot products per block, converted to f32 and multiplied by the product
 //!   of the two scales. AVX-512 with VNNI: `vpdpbusd` (unsigned × signed bytes, four products
-//!   summed per 32-bit lane), q8_0 codes made unsigned by adding 128 (an `xor`) against a
-//!   precomputed offset `−128 · Σx`; q4 nibbles are unsigned already (q4_0's offset
-//!   `−8 · Σx`). AVX2 (and AVX-512 without VNNI): `vpmaddubsw` + `vpmaddwd`, llama.cpp's
+//!   summed per 32-bit lane): for q8_0 the activation made unsigned (`x + 128`, once per
+//!   product) against the signed codes, from the offset `−128 · Σw` that one more `vpdpbusd`
+//!   takes per weight block for every activation sharing it; q4 nibbles are unsigned already
+//!   (q4_0's offset `−8 · Σx`, precomputed per activation). AVX2 (and AVX-512 without VNNI): `vpmaddubsw` + `vpmaddwd`, llama.cpp's
 //!   technique; its i16 pair sums saturate, so q8_0 takes the sign trick (the weight's
 //!   magnitude unsigned, the activation carrying the weight's sign: pairs ≤ 2 · 128 · 127)
 //!   instead of the offset. Where the CPU has AVX-VNNI (`avxvnni`), the AVX2 level uses

@@ -170,7 +170,7 @@ pub(super) fn check_rows_batch<'a>(
         assert!(
             act.scales.len() == blocks
                 && act.codes.len() == m.cols
-                && act.offset_q8.len() == 8 * blocks
+                && act.codes_u8.len() == m.cols
                 && act.offset_q4.len() == 8 * blocks
                 && act.offset_q4y.len() == 8 * blocks.div_ceil(2)
                 && act.codes_q4.len() == m.cols
@@ -213,9 +213,9 @@ pub struct Activation {
     pub codes_q4: Vec<i8>,
     /// Sums per 4 of `codes_q4`.
     pub sums4_q4: Vec<i32>,
-    /// `−128 · sums4`: the VNNI q8_0 kernels' accumulator start (the offset of their unsigned
-    /// codes).
-    pub offset_q8: Vec<i32>,
+    /// The codes plus 128 (their sign bit flipped), `1 ..= 255`: the unsigned side of the VNNI
+    /// q8_0 kernels' `vpdpbusd`, against the weights' signed codes.
+    pub codes_u8: Vec<u8>,
     /// `−8 · sums4_q4`: the AVX-512 q4_0 kernel's accumulator start.
     pub offset_q4: Vec<i32>,
     /// The AVX2 q4_0 kernels' offset, 8 lanes per pair of blocks: lane `k` of a pair sums
@@ -309,7 +309,10 @@ impl Activation {
                 *o = k * v;
             }
         };
-        scaled(&self.sums4, -128, &mut self.offset_q8);
+        self.codes_u8.resize(n, 0);
+        for (u, &c) in self.codes_u8.iter_mut().zip(&self.codes) {
+            *u = c as u8 ^ 0x80;
+        }
         scaled(&self.sums4_q4, -8, &mut self.offset_q4);
         self.offset_q4y.resize(8 * blocks.div_ceil(2), 0);
         for (dst, src) in self

@@ -274,8 +274,9 @@ pub(super) unsafe fn dequant_rows(m: QMatrix<'_>, x: &[f32], xsum: &[f32], y: &m
 /// takes the weight's sign, so a pair is at most 2 · 128 · 127 < 2¹⁵ and never saturates (a
 /// code of −128, which a file may hold, has magnitude 128 as an unsigned byte; the activation's
 /// codes are within ±127, so negating them cannot overflow). With `VNNI`, AVX-VNNI
-/// `vpdpbusd` on `w + 128` (an `xor`) and the activation, from the precomputed offset
-/// `−128 · Σx` per lane (32-bit sums, no saturation). Needs `codes.len() ≥ 32·n`, every
+/// `vpdpbusd` on the activation made unsigned (`x + 128`, [`Activation::codes_u8`]) and the
+/// weight's signed codes, from `−128 · Σw` per lane, which one more `vpdpbusd` takes once per
+/// block for all `A` (32-bit sums, no saturation). Needs `codes.len() ≥ 32·n`, every
 /// activation quantized from `32·n` values, `n = scales.len()`.
 #[inline(always)]
 unsafe fn q8_int8_rows<const VNNI: u8, const A: usize>(
@@ -287,7 +288,9 @@ unsafe fn q8_int8_rows<const VNNI: u8, const A: usize>(
     debug_assert!(codes.len() >= n * BLOCK);
     let c = codes.as_ptr();
     let ones = _mm256_set1_epi16(1);
-    let flip = _mm256_set1_epi8(-128);
+    // 128 as the unsigned operand: `vpdpbusd(0, 128, w)` is `128 · Σw` per lane.
+    let bias = _mm256_set1_epi8(-128);
+    let zero = _mm256_setzero_si256();
     let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); A], [_mm256_setzero_ps(); A]);
     let mut sc = [_mm256_setzero_ps(); A];
     let mut b = 0;
@@ -298,19 +301,20 @@ unsafe fn q8_int8_rows<const VNNI: u8, const A: usize>(
                 sc = combined_scales(scales, acts, b);
             }
             let w = _mm256_loadu_si256(c.add(b * BLOCK).cast());
+            // VNNI: the offset −128·Σw; without: the weight's magnitude.
             let u = if VNNI != NO_VNNI {
-                _mm256_xor_si256(w, flip)
+                _mm256_sub_epi32(zero, dpbusd::<VNNI>(zero, bias, w))
             } else {
                 _mm256_sign_epi8(w, w)
             };
             for a in 0..A {
                 let act = acts[a];
-                debug_assert!(act.codes.len() >= n * BLOCK && act.offset_q8.len() >= n * 8);
-                let x = _mm256_loadu_si256(act.codes.as_ptr().add(b * BLOCK).cast());
+                debug_assert!(act.codes.len() >= n * BLOCK && act.codes_u8.len() >= n * BLOCK);
                 let dot = if VNNI != NO_VNNI {
-                    let init = _mm256_loadu_si256(act.offset_q8.as_ptr().add(b * 8).cast());
-                    dpbusd::<VNNI>(init, u, x)
+                    let x = _mm256_loadu_si256(act.codes_u8.as_ptr().add(b * BLOCK).cast());
+                    dpbusd::<VNNI>(u, x, w)
                 } else {
+                    let x = _mm256_loadu_si256(act.codes.as_ptr().add(b * BLOCK).cast());
                     _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, w)), ones)
                 };
                 $acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), lane(sc[a], b % 8), $acc[a]);

@@ -259,12 +259,15 @@ unsafe fn mins_dot(mins: &[f16], sums: &[f32]) -> f32 {
     _mm512_reduce_add_ps(acc)
 }
 
-/// One q8_0 row by VNNI against `A` activations: `Σ_b s_b · Σ (q + 128)·x − 128·Σx` per
-/// block, two blocks per 512-bit register (lanes 0–7 the even block of the pair, 8–15 the
-/// odd one; an unpaired last block in 256 bits), `s_b` the weight scale `scales[b]` times the
-/// activation's (in f32, as the twin does). The weight pair is loaded and offset once for
-/// all `A`; each activation's pairs alternate between two accumulators and its sum is the
-/// same whatever `A`, so a batched product equals the one-activation one bit for bit.
+/// One q8_0 row by VNNI against `A` activations: per block `s_b · Σ x·w`, two blocks per
+/// 512-bit register (lanes 0–7 the even block of the pair, 8–15 the odd one; an unpaired last
+/// block in 256 bits), `s_b` the weight scale `scales[b]` times the activation's (in f32, as the
+/// twin does). `vpdpbusd` takes the activation unsigned (`x + 128`, [`Activation::codes_u8`])
+/// against the weight's signed codes, from `−128 · Σw` per lane, which one more `vpdpbusd`
+/// takes once per pair for all `A` (so per activation one `vpdpbusd` with its codes as the
+/// memory operand: no offset to load): the exact integer `Σ x·w`, as the twin's. Each
+/// activation's pairs alternate between two accumulators and its sum is the same whatever `A`,
+/// so a batched product equals the one-activation one bit for bit.
 ///
 /// # Safety
 /// avx512f/bw/vl/vnni are available; `codes.len() ≥ 32·n` for `n = scales.len()`, and every
@@ -279,7 +282,9 @@ unsafe fn q8_int8_rows<const A: usize>(
     let n = scales.len();
     debug_assert!(codes.len() >= n * BLOCK);
     let c = codes.as_ptr();
-    let flip = _mm512_set1_epi8(-128);
+    // 128 as the unsigned operand: `vpdpbusd(0, 128, w)` is `128 · Σw` per lane.
+    let bias = _mm512_set1_epi8(-128);
+    let zero = _mm512_setzero_si512();
     // The pair's two combined scales, lanes `b % 16` and the next, spread over the two
     // halves (`idx` = `pick` + b % 16, stepped by 2 in a register).
     let pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
@@ -295,12 +300,12 @@ unsafe fn q8_int8_rows<const A: usize>(
                 sc = combined_scales(scales, acts, b);
                 idx = pick;
             }
-            let w = _mm512_xor_si512(_mm512_loadu_si512(c.add(b * BLOCK).cast()), flip);
+            let w = _mm512_loadu_si512(c.add(b * BLOCK).cast());
+            let init = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, w));
             for a in 0..A {
-                debug_assert!(acts[a].codes.len() >= n * BLOCK && acts[a].offset_q8.len() >= n * 8);
-                let x = _mm512_loadu_si512(acts[a].codes.as_ptr().add(b * BLOCK).cast());
-                let init = _mm512_loadu_si512(acts[a].offset_q8.as_ptr().add(b * 8).cast());
-                let d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, w, x));
+                debug_assert!(acts[a].codes_u8.len() >= n * BLOCK);
+                let x = _mm512_loadu_si512(acts[a].codes_u8.as_ptr().add(b * BLOCK).cast());
+                let d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, x, w));
                 $acc[a] = _mm512_fmadd_ps(d, _mm512_permutexvar_ps(idx, sc[a]), $acc[a]);
             }
             idx = _mm512_add_epi32(idx, two);
@@ -320,14 +325,15 @@ unsafe fn q8_int8_rows<const A: usize>(
     }
     if b < n {
         // The last, unpaired block: 256 bits, its sum added to the pairs' total.
-        let w = _mm256_xor_si256(
-            _mm256_loadu_si256(c.add(b * BLOCK).cast()),
-            _mm512_castsi512_si256(flip),
+        let w = _mm256_loadu_si256(c.add(b * BLOCK).cast());
+        let zero = _mm256_setzero_si256();
+        let init = _mm256_sub_epi32(
+            zero,
+            _mm256_dpbusd_epi32(zero, _mm512_castsi512_si256(bias), w),
         );
         for a in 0..A {
-            let x = _mm256_loadu_si256(acts[a].codes.as_ptr().add(b * BLOCK).cast());
-            let init = _mm256_loadu_si256(acts[a].offset_q8.as_ptr().add(b * 8).cast());
-            let dot = _mm256_dpbusd_epi32(init, w, x);
+            let x = _mm256_loadu_si256(acts[a].codes_u8.as_ptr().add(b * BLOCK).cast());
+            let dot = _mm256_dpbusd_epi32(init, x, w);
             let mut lanes = [0i32; 8];
             _mm256_storeu_si256(lanes.as_mut_ptr().cast(), dot);
             let scale = scales[b].to_f32() * *acts[a].scales.get_unchecked(b);
