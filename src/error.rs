@@ -158,7 +158,7 @@ pub enum Error {
         message: String,
     },
 
-    /// A chat template ([`crate::chat`]) cannot be read or compiled, fails while rendering
+    /// A chat template (the `chat` module, with the `chat` feature) cannot be read or compiled, fails while rendering
     /// (its `raise_exception`, say), or cannot continue a conversation from a stored state.
     #[error("chat template: {0}")]
     ChatTemplate(String),

@@ -5,9 +5,9 @@
 //! consumed: that is the point of a Performer.
 //!
 //! A [`State`] is built from a [`StateShape`] (the dimensions of a model's config) and knows
-//! its own layout: [`Memory`] holds what a snapshot saves and gives per-head views of it
-//! ([`Memory::favor_heads`], [`Memory::local_ring`]), so the index arithmetic over layers and
-//! heads lives here alone; [`Scratch`] holds what every step overwrites.
+//! its own layout: `Memory` holds what a snapshot saves and gives per-head views of it
+//! (`Memory::favor_heads`, `Memory::local_ring`), so the index arithmetic over layers and
+//! heads lives here alone; `Scratch` holds what every step overwrites.
 
 use rayon::prelude::*;
 
@@ -495,9 +495,9 @@ impl Scratch {
     }
 }
 
-/// The state of one sequence: its [`Memory`] (the constant-size attention state, local
+/// The state of one sequence: its `Memory` (the constant-size attention state, local
 /// windows, token shifts and logits), the token count `n` (= [`State::position`]), and
-/// fixed-size [`Scratch`].
+/// fixed-size `Scratch`.
 ///
 /// ```
 /// # fn main() -> performer::Result<()> {

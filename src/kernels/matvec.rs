@@ -93,7 +93,7 @@ fn aligned_part(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 }
 
 /// A zeroed f32 buffer whose first element sits on a 64-byte boundary: rows of a width that
-/// is a multiple of 16 then each start on a cache line, and [`Kernels::matvec_batch`] reads
+/// is a multiple of 16 then each start on a cache line, and [`super::Kernels::matvec_batch`] reads
 /// them where they are instead of copying them to aligned rows. Derefs to the `len`
 /// elements.
 pub struct AlignedBuf {

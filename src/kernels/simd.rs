@@ -5,8 +5,8 @@
 //! level inside that level's `#[target_feature]` context (see [`super::isa`]). Each level keeps
 //! the same 16-lane shape, so the register blocking and the order of every sum are the same
 //! code at every level; only the instructions differ:
-//! - [`Avx512`]: one `__m512` per vector, mask registers for comparisons.
-//! - [`Avx2`]: two `__m256` halves (AVX2, FMA, F16C).
+//! - [`Avx512`](super::x86::Avx512): one `__m512` per vector, mask registers for comparisons.
+//! - [`Avx2`](super::x86::Avx2): two `__m256` halves (AVX2, FMA, F16C).
 //! - [`Portable`]: a `[f32; 16]` array the compiler vectorizes for the baseline (SSE2 on
 //!   x86-64); `mul_add` is a multiply then an add (a fused one would be a libm call there).
 

@@ -1,5 +1,5 @@
 //! Block-quantized weights: the `q8_0`, `q4_0` and `q4_1` formats and their validation at load
-//! ([`format`]), and the conversion of a float model directory ([`convert`]:
+//! ([`format`](mod@format)), and the conversion of a float model directory ([`convert`]:
 //! [`quantize_dir`]). The kernels that multiply by them are in [`crate::kernels::quant`].
 
 pub mod convert;

@@ -199,7 +199,8 @@ pub(super) fn block_sums(format: QuantFormat, x: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// An activation quantized per block of 32 to int8, as [`QuantMethod::Int8`] uses it.
+/// An activation quantized per block of 32 to int8, as [`QuantMethod::Int8`](super::QuantMethod::Int8) uses
+/// it.
 #[derive(Debug, Default, Clone)]
 pub struct Activation {
     /// The codes, `round(x / d)` (ties to even) in [-127, 127].
