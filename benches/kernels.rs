@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the hot kernels: matrix-vector products per weight dtype (throughput in
-//! weight bytes), dot, exp, GELU, LayerNorm, and one FAVOR+ head step (feature maps, state
-//! update and readout).
+//! weight bytes), dot, exp, GELU, LayerNorm, one FAVOR+ head step (feature maps, state update
+//! and readout), and prefill's many-rows product against the `gemm` crate.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -223,5 +223,51 @@ fn favor_head(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matvec, quant_matvec, elementwise, favor_head);
+/// The many-rows weight product of prefill (`kernels::sgemm`), every level this CPU runs,
+/// beside the `gemm` crate on the same operands: a 256-row chunk against gpt2-small's
+/// feed-forward matrices (in cache), throughput in multiply-adds:
+/// `cargo bench --bench kernels -- sgemm`.
+fn sgemm(c: &mut Criterion) {
+    use performer::kernels::matmul::{gemm_f32, MatRef};
+    use performer::kernels::{sgemm, Kernels};
+    let rows = 256;
+    for (out, k) in [(3072usize, 768usize), (768, 3072)] {
+        let x = randn(rows * k, 3);
+        let w = randn(out * k, 4);
+        let mut y = vec![0f32; rows * out];
+        let mut g = c.benchmark_group(format!("sgemm_{rows}x{k}x{out}"));
+        quick(&mut g);
+        g.throughput(Throughput::Elements((rows * k * out) as u64));
+        for level in Kernels::all_supported() {
+            g.bench_function(level.isa().name(), |b| {
+                b.iter(|| {
+                    sgemm::linear(level, black_box(&x), rows, black_box(&w), out, &mut y);
+                    black_box(y[0])
+                })
+            });
+        }
+        g.bench_function("gemm crate", |b| {
+            b.iter(|| {
+                gemm_f32(
+                    MatRef::row_major(black_box(&x), rows, k),
+                    MatRef::row_major(black_box(&w), out, k).t(),
+                    &mut y,
+                    out,
+                    false,
+                );
+                black_box(y[0])
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(
+    benches,
+    matvec,
+    quant_matvec,
+    elementwise,
+    favor_head,
+    sgemm
+);
 criterion_main!(benches);
