@@ -212,7 +212,7 @@ pub(super) fn matvec_batch_k<S: Lanes, T: Elem>(
         };
         match (tile.rows, tile.inputs, tile.split) {
             (3, 2, 4) => batch_tiles::<S, 3, 2, 4>(s, block, inputs, xs, y),
-            (2, 2, 1) => batch_tiles::<S, 2, 2, 1>(s, block, inputs, xs, y),
+            (3, 2, 1) => batch_tiles::<S, 3, 2, 1>(s, block, inputs, xs, y),
             (1, 2, 1) => batch_tiles::<S, 1, 2, 1>(s, block, inputs, xs, y),
             _ => batch_tiles::<S, 1, 1, 4>(s, block, inputs, xs, y),
         }

@@ -151,10 +151,11 @@ fn prefetch_l2(bytes: &[u8], at: usize) {
 }
 
 impl Lanes for Avx2 {
-    // 16 ymm registers, two per 16-lane vector: 2 × 2 outputs, one accumulator each per
-    // pass (8), two weight vectors (4) and one input vector (2).
+    // 16 ymm registers, two per 16-lane vector: 3 × 2 outputs, one accumulator each per
+    // pass (12), the rest for the loaded weights and inputs (the compiler reloads some): the
+    // fastest of the tiles measured against each other (docs/performance.md).
     const BATCH_TILE: BatchTile = BatchTile {
-        rows: 2,
+        rows: 3,
         inputs: 2,
         split: 1,
     };
