@@ -21,7 +21,9 @@
 //! (f64 sums), and `tests/kernels.rs` holds every level to it.
 
 use std::cell::Cell;
+use std::iter::StepBy;
 use std::ops::Range;
+use std::slice::IterMut;
 
 use rayon::prelude::*;
 
@@ -61,25 +63,23 @@ thread_local! {
 pub trait WeightRows: Copy + Send + Sync {
     /// Rows `range` as rows of their own.
     fn row_range(self, range: Range<usize>) -> Self;
-    /// Row `j`'s columns `k0 .. k0 + out.len()` widened into `out`. `k0` and `out.len()` are
-    /// whole blocks of 32 (the products' packing depth [`KC`] is; a quantized row's blocks).
-    fn widen_into(&self, j: usize, k0: usize, out: &mut [f32]);
+    /// Row `j`'s columns `k0 .. k0 + kc` widened, one into each element of `dst` in turn (a
+    /// column of a packed panel). `k0` and `kc` are whole blocks of 32 (the products' packing
+    /// depth [`KC`] is; a quantized row's blocks).
+    fn widen_into(&self, j: usize, k0: usize, kc: usize, dst: StepBy<IterMut<'_, f32>>);
+}
 
-    /// Rows `j0 .. j0 + n` (`n ≤ nr`), columns `k0 .. k0 + kc` packed as `[kc][nr]` into
-    /// `dst` (`kc · nr` long), the missing rows zero.
-    #[inline(always)]
-    fn pack(&self, j0: usize, n: usize, k0: usize, kc: usize, nr: usize, dst: &mut [f32]) {
-        let mut row = [0f32; KC];
-        for j in 0..nr {
-            let lanes = dst[j..].iter_mut().step_by(nr);
-            if j < n {
-                self.widen_into(j0 + j, k0, &mut row[..kc]);
-                for (d, &v) in lanes.zip(&row[..kc]) {
-                    *d = v;
-                }
-            } else {
-                lanes.for_each(|d| *d = 0.0);
-            }
+/// Rows `j0 .. j0 + n` (`n ≤ nr`) of `w`, columns `k0 .. k0 + kc`, packed as `[kc][nr]` into
+/// `dst` (`kc · nr` long), the missing rows zero.
+#[inline(always)]
+fn pack_w<R: WeightRows>(w: &R, j0: usize, n: usize, k0: usize, kc: usize, dst: &mut [f32]) {
+    let nr = dst.len() / kc;
+    for j in 0..nr {
+        let lanes = dst[j..].iter_mut().step_by(nr);
+        if j < n {
+            w.widen_into(j0 + j, k0, kc, lanes);
+        } else {
+            lanes.for_each(|d| *d = 0.0);
         }
     }
 }
@@ -107,25 +107,11 @@ impl<T: Elem> WeightRows for ElemRows<'_, T> {
         }
     }
     #[inline(always)]
-    fn widen_into(&self, j: usize, k0: usize, out: &mut [f32]) {
-        let src = &self.w[j * self.cols + k0..j * self.cols + k0 + out.len()];
-        for (o, &v) in out.iter_mut().zip(src) {
-            *o = v.to_f32();
-        }
-    }
-    #[inline(always)]
-    fn pack(&self, j0: usize, n: usize, k0: usize, kc: usize, nr: usize, dst: &mut [f32]) {
-        // Straight from the rows, no staging copy.
-        for j in 0..nr {
-            let lanes = dst[j..].iter_mut().step_by(nr);
-            if j < n {
-                let at = (j0 + j) * self.cols + k0;
-                for (d, &v) in lanes.zip(&self.w[at..at + kc]) {
-                    *d = v.to_f32();
-                }
-            } else {
-                lanes.for_each(|d| *d = 0.0);
-            }
+    fn widen_into(&self, j: usize, k0: usize, kc: usize, dst: StepBy<IterMut<'_, f32>>) {
+        // Straight from the row, no staging copy.
+        let at = j * self.cols + k0;
+        for (d, &v) in dst.zip(&self.w[at..at + kc]) {
+            *d = v.to_f32();
         }
     }
 }
@@ -136,10 +122,12 @@ impl WeightRows for QMatrix<'_> {
         QMatrix::row_range(&self, range)
     }
     #[inline(always)]
-    fn widen_into(&self, j: usize, k0: usize, out: &mut [f32]) {
+    fn widen_into(&self, j: usize, k0: usize, kc: usize, dst: StepBy<IterMut<'_, f32>>) {
         let row = self.row(j);
-        let (b0, blocks) = (k0 / BLOCK, out.len() / BLOCK);
+        let (b0, blocks) = (k0 / BLOCK, kc / BLOCK);
         let bb = self.format.block_bytes();
+        // Dequantized whole blocks first (`dequantize_row`'s own loop), then spread.
+        let mut out = [0f32; KC];
         let mins = if self.format.has_mins() {
             &row.mins[b0..b0 + blocks]
         } else {
@@ -150,8 +138,11 @@ impl WeightRows for QMatrix<'_> {
             &row.codes[b0 * bb..(b0 + blocks) * bb],
             &row.scales[b0..b0 + blocks],
             mins,
-            out,
+            &mut out[..kc],
         );
+        for (d, &v) in dst.zip(&out[..kc]) {
+            *d = v;
+        }
     }
 }
 
@@ -183,9 +174,17 @@ pub fn linear_serial<T: Elem>(
     out: usize,
     y: &mut [f32],
 ) {
+    product(kernels, x, rows, float_rows(x, rows, w, out), out, y, false)
+}
+
+/// `w` as the `out` rows of `k = x.len() / rows` columns the product over `x` reads.
+///
+/// # Panics
+/// When `w` holds fewer than `out × k` weights.
+fn float_rows<'a, T: Elem>(x: &[f32], rows: usize, w: &'a [T], out: usize) -> ElemRows<'a, T> {
     let k = x.len().checked_div(rows).unwrap_or(0);
     assert!(w.len() >= out * k, "sgemm: W is smaller than out × k");
-    product(kernels, x, rows, ElemRows::new(w, k), out, y, false)
+    ElemRows::new(w, k)
 }
 
 /// [`linear_rows`], split across the pool only when `parallel`.
@@ -207,8 +206,8 @@ fn product<R: WeightRows>(
         y.fill(0.0);
         return;
     }
-    let t = tile(kernels);
-    let nr = LANES * t.vectors;
+    let shape = tile(kernels);
+    let nr = LANES * shape.vectors;
     let threads = if parallel {
         rayon::current_num_threads()
     } else {
@@ -222,13 +221,13 @@ fn product<R: WeightRows>(
         1
     };
     let mut xp = PACKED_X.take();
-    pack_x(t.rows, x, rows, k, &mut xp, tasks > 1);
+    pack_x(shape.rows, x, rows, k, &mut xp, tasks > 1);
     let ptr = y.as_mut_ptr();
     if tasks <= 1 {
         // SAFETY: `y` (`rows × out`, sliced above) is borrowed mutably for this whole block
         // and reached only through this view.
         let y = unsafe { OutColumns::new(ptr, out, rows, 0, out) };
-        run_task(kernels, &xp, rows, k, w, y);
+        run_task(kernels, shape, &xp, rows, k, w, y);
     } else {
         let per = out.div_ceil(tasks).next_multiple_of(nr);
         let ptr = SendPtr(ptr);
@@ -239,7 +238,7 @@ fn product<R: WeightRows>(
             // reaches its columns `j0 .. j0 + cols` (disjoint from every other task's) of its
             // `rows` rows of `out`.
             let y = unsafe { OutColumns::new(ptr.get(), out, rows, j0, cols) };
-            run_task(kernels, xp, rows, k, w.row_range(j0..j0 + cols), y);
+            run_task(kernels, shape, xp, rows, k, w.row_range(j0..j0 + cols), y);
         });
     }
     PACKED_X.set(xp);
@@ -254,9 +253,7 @@ pub fn linear<T: Elem>(
     out: usize,
     y: &mut [f32],
 ) {
-    let k = x.len().checked_div(rows).unwrap_or(0);
-    assert!(w.len() >= out * k, "sgemm: W is smaller than out × k");
-    linear_rows(kernels, x, rows, ElemRows::new(w, k), out, y)
+    linear_rows(kernels, x, rows, float_rows(x, rows, w, out), out, y)
 }
 
 /// The output pointer, shared with the tasks (each reaches only its own columns).
@@ -364,18 +361,18 @@ fn tile(kernels: Kernels) -> GemmTile {
     }
 }
 
-/// One task on this thread, with its panel buffer.
+/// One task on this thread, with its panel buffer (sized by `shape`, the level's tile).
 fn run_task<R: WeightRows>(
     kernels: Kernels,
+    shape: GemmTile,
     xp: &[f32],
     rows: usize,
     k: usize,
     w: R,
     y: OutColumns,
 ) {
-    let t = tile(kernels);
     let mut wp = PACKED_W.take();
-    wp.resize(LANES * t.vectors * KC.min(k), 0.0);
+    wp.resize(LANES * shape.vectors * KC.min(k), 0.0);
     kernels.sgemm_task(xp, rows, k, w, y, &mut wp);
     PACKED_W.set(wp);
 }
@@ -424,7 +421,7 @@ fn blocks<S: Lanes, R: WeightRows, const MR: usize, const NV: usize>(
         while k0 < k {
             let kc = KC.min(k - k0);
             let wp = &mut wp[..kc * nr];
-            w.pack(j0, n, k0, kc, nr, wp);
+            pack_w(&w, j0, n, k0, kc, wp);
             for p in 0..panels {
                 let panel = &xp[p * MR * k + MR * k0..p * MR * k + MR * (k0 + kc)];
                 micro::<S, MR, NV>(s, panel, wp, &mut y, p * MR, rows, j0, n, k0 == 0);
