@@ -207,7 +207,7 @@ pub struct Activation {
     pub codes: Vec<i8>,
     /// Per block, `d = max|x| / 127` (0 for an all-zero block).
     pub scales: Vec<f32>,
-    /// Per group of 4 codes, their sum (the offsets' correction).
+    /// Per group of 4 codes, their sum ([`Activation::block_sums`] adds them up per block).
     pub sums4: Vec<i32>,
     /// The AVX-512 q4_0 layout: per pair of blocks, codes `[b₀ 0..16, b₁ 0..16, b₀ 16..32,
     /// b₁ 16..32]` (the order its nibble unpacking produces), and its sums per 4.
