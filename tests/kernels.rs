@@ -1110,6 +1110,43 @@ fn check_sgemm<T: Elem>(k: Kernels, x: &[f32], rows: usize, w: &[T], out: usize)
     }
 }
 
+/// Packing a panel of the many-rows product ([`Kernels::pack_panel`]: rows transposed into
+/// `[kc][n]`) writes exactly the bits of its twin [`scalar::pack_panel`] at every level: panel
+/// widths that are and are not a multiple of the x86 levels' 8 × 8 blocks, depths around the
+/// blocks, rows longer than `kc` (only `kc` read), and arbitrary bit patterns (NaN payloads,
+/// infinities, subnormals, negative zero) that a transposition must carry unchanged.
+#[test]
+fn pack_panel_matches_scalar_at_every_level() {
+    let mut rng = TestRng(64);
+    for k in levels() {
+        for n in [1, 3, 6, 8, 12, 16, 24, 32] {
+            for kc in [0, 1, 7, 8, 9, 15, 16, 17, 64, 255, 256] {
+                let rows: Vec<Vec<f32>> = (0..n)
+                    .map(|_| {
+                        (0..kc + 5)
+                            .map(|_| f32::from_bits(rng.next_u64() as u32))
+                            .collect()
+                    })
+                    .collect();
+                let rows: Vec<&[f32]> = rows.iter().map(|r| &r[..]).collect();
+                // A longer destination: what lies past `kc · n` is left alone.
+                let mut fast = vec![f32::from_bits(0x7fc0_dead); kc * n + 3];
+                let mut slow = fast.clone();
+                k.pack_panel(&rows, kc, &mut fast);
+                scalar::pack_panel(&rows, kc, &mut slow);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&slow), "{} n {n} kc {kc}", k.isa());
+                if n > 0 && kc > 0 {
+                    assert_eq!(
+                        slow[(kc - 1) * n + n - 1].to_bits(),
+                        rows[n - 1][kc - 1].to_bits()
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Every output of the many-rows product is one sum in one order whatever task computes it:
 /// the same bits on 1, 2 and 3 threads, and from [`sgemm::linear_serial`].
 #[test]

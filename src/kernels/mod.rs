@@ -36,7 +36,7 @@ use elementwise::{
 };
 use favor::{axpy_rows_k, kahan_scale_axpy_k, kahan_update_readout_k, vecmat_k};
 use matvec::{dot_k, matvec_batch_k, matvec_rows_k};
-use sgemm::{sgemm_task_k, OutColumns, WeightRows};
+use sgemm::{pack_panel_k, sgemm_task_k, OutColumns, WeightRows};
 
 /// Below this many weight elements (64 KiB of f32) a matrix-vector product runs on the calling
 /// thread. Above it the product is split into at least one row block per thread: during decode
@@ -225,6 +225,15 @@ kernels! {
         y: OutColumns,
         wp: &mut [f32]
     ) => sgemm_task_k;
+
+    /// Columns `0 .. kc` of `rows` transposed into `dst` as `[kc][rows.len()]`: the packing
+    /// of [`sgemm`]'s panels ([`simd::Lanes::pack_panel`]), exposed so that every level is
+    /// tested against [`scalar::pack_panel`].
+    ///
+    /// # Panics
+    /// When a row is shorter than `kc` or `dst` shorter than `kc · rows.len()`.
+    #[doc(hidden)]
+    pub fn pack_panel(rows: &[&[f32]], kc: usize, dst: &mut [f32]) => pack_panel_k;
 
     /// `y += a · x`.
     pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) => axpy_k;

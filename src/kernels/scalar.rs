@@ -123,6 +123,20 @@ pub fn linear<T: Elem>(x: &[f32], rows: usize, w: &[T], out: usize, y: &mut [f32
     }
 }
 
+/// `dst[k · n + j] = rows[j][k]` for `k < kc`, `n = rows.len()`: the rows transposed into a
+/// packed panel `[kc][n]` (the twin of [`super::Kernels::pack_panel`]).
+///
+/// # Panics
+/// When a row is shorter than `kc` or `dst` shorter than `kc · n`.
+pub fn pack_panel(rows: &[&[f32]], kc: usize, dst: &mut [f32]) {
+    let n = rows.len();
+    for (j, row) in rows.iter().enumerate() {
+        for (k, &v) in row[..kc].iter().enumerate() {
+            dst[k * n + j] = v;
+        }
+    }
+}
+
 /// `dst[i] = bf16(src[i])` by `half`'s conversion (round to nearest even).
 pub fn narrow_bf16(src: &[f32], dst: &mut [bf16]) {
     for (d, &x) in dst.iter_mut().zip(src) {

@@ -21,9 +21,7 @@
 //! (f64 sums), and `tests/kernels.rs` holds every level to it.
 
 use std::cell::Cell;
-use std::iter::StepBy;
 use std::ops::Range;
-use std::slice::IterMut;
 
 use rayon::prelude::*;
 
@@ -53,7 +51,7 @@ thread_local! {
     /// The packed `x` of the products this thread starts (a prefill chunk's is a few hundred
     /// KiB to a few MiB: allocated per call, it would be mapped and faulted in again).
     static PACKED_X: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-    /// A task's packed panel of `W`.
+    /// A task's packed panel of `W` and its staging rows.
     static PACKED_W: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
@@ -63,25 +61,55 @@ thread_local! {
 pub trait WeightRows: Copy + Send + Sync {
     /// Rows `range` as rows of their own.
     fn row_range(self, range: Range<usize>) -> Self;
-    /// Row `j`'s columns `k0 .. k0 + kc` widened, one into each element of `dst` in turn (a
-    /// column of a packed panel). `k0` and `kc` are whole blocks of 32 (the products' packing
-    /// depth [`KC`] is; a quantized row's blocks).
-    fn widen_into(&self, j: usize, k0: usize, kc: usize, dst: StepBy<IterMut<'_, f32>>);
+    /// Row `j`'s columns `k0 .. k0 + kc` as f32: the row itself when it is f32, otherwise
+    /// widened into `buf` (`kc` long). `k0` and `kc` are whole blocks of 32 for a quantized
+    /// matrix (the products' packing depth [`KC`] is; a quantized row's blocks).
+    fn row_f32<'s, S: Lanes>(
+        &'s self,
+        s: S,
+        j: usize,
+        k0: usize,
+        kc: usize,
+        buf: &'s mut [f32],
+    ) -> &'s [f32];
 }
 
+/// The most rows of `W` in one packed panel (`NR` of the widest tile, AVX-512's 2 × 16).
+const MAX_NR: usize = 32;
+
+/// The zero rows that pad a panel past the last row of `W`.
+static ZERO_ROW: [f32; KC] = [0.0; KC];
+
 /// Rows `j0 .. j0 + n` (`n ≤ nr`) of `w`, columns `k0 .. k0 + kc`, packed as `[kc][nr]` into
-/// `dst` (`kc · nr` long), the missing rows zero.
+/// `dst` (`kc · nr` long), the missing rows zero; rows that are not f32 are widened into
+/// `staging` (`nr · kc` long) first.
 #[inline(always)]
-fn pack_w<R: WeightRows>(w: &R, j0: usize, n: usize, k0: usize, kc: usize, dst: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn pack_w<S: Lanes, R: WeightRows>(
+    s: S,
+    w: &R,
+    j0: usize,
+    n: usize,
+    k0: usize,
+    kc: usize,
+    dst: &mut [f32],
+    staging: &mut [f32],
+) {
     let nr = dst.len() / kc;
-    for j in 0..nr {
-        let lanes = dst[j..].iter_mut().step_by(nr);
-        if j < n {
-            w.widen_into(j0 + j, k0, kc, lanes);
-        } else {
-            lanes.for_each(|d| *d = 0.0);
-        }
+    assert!(
+        nr <= MAX_NR && n <= nr && kc <= KC,
+        "sgemm: panel too large"
+    );
+    let mut rows: [&[f32]; MAX_NR] = [&ZERO_ROW[..kc]; MAX_NR];
+    for ((j, row), buf) in rows
+        .iter_mut()
+        .enumerate()
+        .take(n)
+        .zip(staging.chunks_mut(kc))
+    {
+        *row = w.row_f32(s, j0 + j, k0, kc, buf);
     }
+    s.pack_panel(&rows[..nr], kc, dst);
 }
 
 /// A row-major float matrix of any [`Elem`], `cols` wide, as [`WeightRows`].
@@ -107,12 +135,30 @@ impl<T: Elem> WeightRows for ElemRows<'_, T> {
         }
     }
     #[inline(always)]
-    fn widen_into(&self, j: usize, k0: usize, kc: usize, dst: StepBy<IterMut<'_, f32>>) {
-        // Straight from the row, no staging copy.
+    fn row_f32<'s, S: Lanes>(
+        &'s self,
+        s: S,
+        j: usize,
+        k0: usize,
+        kc: usize,
+        buf: &'s mut [f32],
+    ) -> &'s [f32] {
         let at = j * self.cols + k0;
-        for (d, &v) in dst.zip(&self.w[at..at + kc]) {
+        let src = &self.w[at..at + kc];
+        if let Some(row) = T::as_f32(src) {
+            return row;
+        }
+        // Widened exactly (bf16 and f16 are subsets of f32), 16 at a time.
+        let buf = &mut buf[..kc];
+        let mut chunks = buf.chunks_exact_mut(LANES);
+        for (d, w) in (&mut chunks).zip(src.chunks_exact(LANES)) {
+            s.store(d, s.load_elem(w));
+        }
+        let done = kc - chunks.into_remainder().len();
+        for (d, &v) in buf[done..].iter_mut().zip(&src[done..]) {
             *d = v.to_f32();
         }
+        buf
     }
 }
 
@@ -122,12 +168,17 @@ impl WeightRows for QMatrix<'_> {
         QMatrix::row_range(&self, range)
     }
     #[inline(always)]
-    fn widen_into(&self, j: usize, k0: usize, kc: usize, dst: StepBy<IterMut<'_, f32>>) {
+    fn row_f32<'s, S: Lanes>(
+        &'s self,
+        _s: S,
+        j: usize,
+        k0: usize,
+        kc: usize,
+        buf: &'s mut [f32],
+    ) -> &'s [f32] {
         let row = self.row(j);
         let (b0, blocks) = (k0 / BLOCK, kc / BLOCK);
         let bb = self.format.block_bytes();
-        // Dequantized whole blocks first (`dequantize_row`'s own loop), then spread.
-        let mut out = [0f32; KC];
         let mins = if self.format.has_mins() {
             &row.mins[b0..b0 + blocks]
         } else {
@@ -138,11 +189,9 @@ impl WeightRows for QMatrix<'_> {
             &row.codes[b0 * bb..(b0 + blocks) * bb],
             &row.scales[b0..b0 + blocks],
             mins,
-            &mut out[..kc],
+            &mut buf[..kc],
         );
-        for (d, &v) in dst.zip(&out[..kc]) {
-            *d = v;
-        }
+        &buf[..kc]
     }
 }
 
@@ -221,7 +270,7 @@ fn product<R: WeightRows>(
         1
     };
     let mut xp = PACKED_X.take();
-    pack_x(shape.rows, x, rows, k, &mut xp, tasks > 1);
+    pack_x(kernels, shape.rows, x, rows, k, &mut xp, tasks > 1);
     let ptr = y.as_mut_ptr();
     if tasks <= 1 {
         // SAFETY: `y` (`rows × out`, sliced above) is borrowed mutably for this whole block
@@ -321,22 +370,32 @@ impl OutColumns {
 /// `x`'s rows packed `mr` at a time, each panel `[k][mr]` (rows past the end zero), panel `p`
 /// at `p · mr · k`: block `k0 .. k0 + kc` of a panel is then `[kc][mr]` at `mr · k0`.
 /// Panels in parallel when `parallel`.
-fn pack_x(mr: usize, x: &[f32], rows: usize, k: usize, xp: &mut Vec<f32>, parallel: bool) {
+fn pack_x(
+    kernels: Kernels,
+    mr: usize,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    xp: &mut Vec<f32>,
+    parallel: bool,
+) {
     let panels = rows.div_ceil(mr);
     // Every element is written below: no need to zero what is already there.
     xp.resize(panels * mr * k, 0.0);
     xp.truncate(panels * mr * k);
     let pack = |p: usize, dst: &mut [f32]| {
         let r0 = p * mr;
-        for r in 0..mr {
-            let lanes = dst[r..].iter_mut().step_by(mr);
-            if r0 + r < rows {
-                for (d, &v) in lanes.zip(&x[(r0 + r) * k..(r0 + r + 1) * k]) {
-                    *d = v;
-                }
-            } else {
-                lanes.for_each(|d| *d = 0.0);
+        let mut k0 = 0;
+        while k0 < k {
+            // Depth blocks of `KC`, so that the missing rows can be `ZERO_ROW`s.
+            let kc = KC.min(k - k0);
+            let mut panel: [&[f32]; MAX_NR] = [&ZERO_ROW[..kc]; MAX_NR];
+            for (r, row) in panel.iter_mut().enumerate().take(mr.min(rows - r0)) {
+                let at = (r0 + r) * k + k0;
+                *row = &x[at..at + kc];
             }
+            kernels.pack_panel(&panel[..mr], kc, &mut dst[mr * k0..mr * (k0 + kc)]);
+            k0 += kc;
         }
     };
     if parallel {
@@ -348,6 +407,12 @@ fn pack_x(mr: usize, x: &[f32], rows: usize, k: usize, xp: &mut Vec<f32>, parall
             pack(p, dst);
         }
     }
+}
+
+/// The body of [`Kernels::pack_panel`].
+#[inline(always)]
+pub(super) fn pack_panel_k<S: Lanes>(s: S, rows: &[&[f32]], kc: usize, dst: &mut [f32]) {
+    s.pack_panel(rows, kc, dst);
 }
 
 /// The level's register tile.
@@ -372,7 +437,8 @@ fn run_task<R: WeightRows>(
     y: OutColumns,
 ) {
     let mut wp = PACKED_W.take();
-    wp.resize(LANES * shape.vectors * KC.min(k), 0.0);
+    // The panel, then the staging rows of a dtype that is widened before it is packed.
+    wp.resize(2 * LANES * shape.vectors * KC.min(k), 0.0);
     kernels.sgemm_task(xp, rows, k, w, y, &mut wp);
     PACKED_W.set(wp);
 }
@@ -408,6 +474,7 @@ fn blocks<S: Lanes, R: WeightRows, const MR: usize, const NV: usize>(
     wp: &mut [f32],
 ) {
     let nr = NV * LANES;
+    let (wp, staging) = wp.split_at_mut(wp.len() / 2);
     let cols = y.cols();
     let panels = rows.div_ceil(MR);
     assert!(xp.len() >= panels * MR * k, "sgemm: packed x too short");
@@ -421,7 +488,7 @@ fn blocks<S: Lanes, R: WeightRows, const MR: usize, const NV: usize>(
         while k0 < k {
             let kc = KC.min(k - k0);
             let wp = &mut wp[..kc * nr];
-            pack_w(&w, j0, n, k0, kc, wp);
+            pack_w(s, &w, j0, n, k0, kc, wp, &mut staging[..kc * nr]);
             for p in 0..panels {
                 let panel = &xp[p * MR * k + MR * k0..p * MR * k + MR * (k0 + kc)];
                 micro::<S, MR, NV>(s, panel, wp, &mut y, p * MR, rows, j0, n, k0 == 0);

@@ -203,6 +203,17 @@ pub trait Lanes: Copy + Send + Sync + 'static + sealed::Sealed {
         let n = out.len().min(LANES);
         out[..n].copy_from_slice(&self.to_array(v)[..n]);
     }
+    /// Columns `0 .. kc` of `rows` packed as `[kc][n]` into `dst`, `n = rows.len()`:
+    /// `dst[k · n + j] = rows[j][k]` (the panels of [`super::sgemm`]). It moves values and
+    /// computes nothing, so every level writes the same bits as its twin
+    /// [`super::scalar::pack_panel`]; the x86 levels transpose 8 × 8 blocks in registers.
+    ///
+    /// # Panics
+    /// When a row is shorter than `kc` or `dst` shorter than `kc · n`.
+    #[inline(always)]
+    fn pack_panel(self, rows: &[&[f32]], kc: usize, dst: &mut [f32]) {
+        super::scalar::pack_panel(rows, kc, dst)
+    }
 }
 
 /// A register tile of the batched matrix-vector kernel: `rows` weight rows times `inputs`

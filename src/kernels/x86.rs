@@ -150,6 +150,90 @@ fn prefetch_l2(bytes: &[u8], at: usize) {
     }
 }
 
+/// Eight set lanes then eight clear ones: 8 lanes from `8 − w` on set the first `w`.
+static FIRST_LANES: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// [`Lanes::pack_panel`] at both x86 levels: each 8 rows × 8 columns block is loaded as
+/// eight rows, transposed in registers (`vunpck*ps`, `vshufps`, `vperm2f128`) and stored as
+/// eight 8-wide pieces of `[k][n]`; 256-bit registers at AVX-512 too, since its 16 × 16
+/// transposition takes more shuffles per element. A last block of fewer than 8 rows is
+/// transposed with zero rows in place of the missing ones and stores only its own lanes;
+/// columns past the last whole 8 are packed one value at a time.
+#[inline(always)]
+fn pack_panel_8x8(avx: pulp::core_arch::x86::Avx, rows: &[&[f32]], kc: usize, dst: &mut [f32]) {
+    let n = rows.len();
+    let dst = &mut dst[..kc * n];
+    let whole = kc / 8 * 8;
+    for (jb, block) in rows.chunks(8).enumerate() {
+        let width = block.len();
+        // Lanes `0 .. width` set: the stores of a last block narrower than 8.
+        let mask = {
+            let first = &FIRST_LANES[8 - width.min(8)..][..8];
+            // SAFETY: 8 i32 inside `first` (sliced above), unaligned load; the token proves
+            // AVX.
+            unsafe { avx._mm256_loadu_si256(first.as_ptr().cast()) }
+        };
+        let block: [&[f32]; 8] =
+            std::array::from_fn(|i| block.get(i).map_or(&[][..], |r| &r[..whole]));
+        for kb in (0..whole).step_by(8) {
+            let mut r = [avx._mm256_setzero_ps(); 8];
+            for (r, row) in r.iter_mut().zip(&block).take(width) {
+                let row = &row[kb..kb + 8];
+                // SAFETY: 8 f32 inside `row` (sliced above), unaligned load; the token
+                // proves AVX.
+                *r = unsafe { avx._mm256_loadu_ps(row.as_ptr()) };
+            }
+            // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves.
+            let t0 = avx._mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = avx._mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = avx._mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = avx._mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = avx._mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = avx._mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = avx._mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = avx._mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = avx._mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = avx._mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = avx._mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = avx._mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = avx._mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = avx._mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = avx._mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = avx._mm256_shuffle_ps::<0xEE>(t5, t7);
+            let cols = [
+                avx._mm256_permute2f128_ps::<0x20>(u0, u4),
+                avx._mm256_permute2f128_ps::<0x20>(u1, u5),
+                avx._mm256_permute2f128_ps::<0x20>(u2, u6),
+                avx._mm256_permute2f128_ps::<0x20>(u3, u7),
+                avx._mm256_permute2f128_ps::<0x31>(u0, u4),
+                avx._mm256_permute2f128_ps::<0x31>(u1, u5),
+                avx._mm256_permute2f128_ps::<0x31>(u2, u6),
+                avx._mm256_permute2f128_ps::<0x31>(u3, u7),
+            ];
+            for (i, &col) in cols.iter().enumerate() {
+                let at = (kb + i) * n + jb * 8;
+                if width == 8 {
+                    let out = &mut dst[at..at + 8];
+                    // SAFETY: 8 f32 inside `out` (sliced above), unaligned store; the token
+                    // proves AVX.
+                    unsafe { avx._mm256_storeu_ps(out.as_mut_ptr(), col) };
+                } else {
+                    let out = &mut dst[at..at + width];
+                    // SAFETY: the mask's first `width` lanes are set (`width < 8`), so the
+                    // store writes `out`'s `width` f32 (sliced above) and touches nothing
+                    // past them; the token proves AVX.
+                    unsafe { avx._mm256_maskstore_ps(out.as_mut_ptr(), mask, col) };
+                }
+            }
+        }
+    }
+    for (j, row) in rows.iter().enumerate() {
+        for (k, &v) in row[whole..kc].iter().enumerate() {
+            dst[(whole + k) * n + j] = v;
+        }
+    }
+}
+
 impl Lanes for Avx2 {
     // 16 ymm registers, two per 16-lane vector: 3 × 2 outputs, one accumulator each per
     // pass (12), the rest for the loaded weights and inputs (the compiler reloads some): the
@@ -174,6 +258,10 @@ impl Lanes for Avx2 {
     #[inline(always)]
     fn prefetch(self, bytes: &[u8], at: usize) {
         prefetch_l2(bytes, at);
+    }
+    #[inline(always)]
+    fn pack_panel(self, rows: &[&[f32]], kc: usize, dst: &mut [f32]) {
+        pack_panel_8x8(self.avx, rows, kc, dst);
     }
     type V = [__m256; 2];
     type M = [__m256; 2];
@@ -409,6 +497,10 @@ impl Lanes for Avx512 {
     #[inline(always)]
     fn prefetch(self, bytes: &[u8], at: usize) {
         prefetch_l2(bytes, at);
+    }
+    #[inline(always)]
+    fn pack_panel(self, rows: &[&[f32]], kc: usize, dst: &mut [f32]) {
+        pack_panel_8x8(self.avx, rows, kc, dst);
     }
     type V = __m512;
     type M = __mmask16;
