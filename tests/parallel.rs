@@ -222,13 +222,15 @@ fn prefill_in_server_slices_is_bit_for_bit_one_prefill() {
             let mut whole = State::new(model);
             model.prefill(&mut whole, &prompt).unwrap();
             let want = logits_and_continuation(model, &mut whole, &after);
-            for max in [1usize, 256, 300, 1024, 5000] {
+            // 64 and 100: two chunks (a piece of one would take the few-rows product);
+            // 192: three chunks, whose last piece of a row block would end 64 short of it.
+            for max in [1usize, 64, 100, 192, 256, 300, 1024, 5000] {
                 let mut st = State::new(model);
                 let (mut done, mut pieces) = (0, 0);
                 while done < len {
                     let end = model.prefill_slice_end(done, len, max);
                     assert!(
-                        end > done && end - done <= max.max(256) + 64,
+                        end > done && end - done <= max.max(128) + 64,
                         "{name} {len} {max}"
                     );
                     model.prefill(&mut st, &prompt[done..end]).unwrap();

@@ -64,7 +64,7 @@ pub struct EngineConfig {
     /// Most choices per request.
     pub max_n: usize,
     /// Prompt tokens ingested per tick: whole attention chunks, about this many
-    /// ([`Model::prefill_slice_end`]; at least one chunk). Every other stream waits for them,
+    /// ([`Model::prefill_slice_end`]; more than 64 tokens). Every other stream waits for them,
     /// so this bounds the stall a long prompt causes.
     pub prefill_chunk: usize,
     /// Threads of the decode pool.

@@ -14,10 +14,12 @@ use crate::attention::local;
 use crate::kernels;
 use crate::state::{Memory, Scratch};
 
-/// Prompt tokens per FAVOR+ chunk of [`Model::prefill`]: large enough for the chunk's matrix
-/// products to reach good FLOP rates, small enough that its T×T intra-chunk matrix stays in
-/// cache.
-pub const DEFAULT_CHUNK: usize = 256;
+/// Prompt tokens per FAVOR+ chunk of [`Model::prefill`]. A chunk of `T` tokens costs each token
+/// `2·T·(m + d)` FLOPs in its masked `T × T` intra-chunk products besides the fixed `4·m·d` of
+/// the inter-chunk readout and state update, so a shorter chunk does less work, until its
+/// products get too small to run at a good FLOP rate. Of 32, 64, 128 and 256, 64 prefilled
+/// the small and tiny shapes fastest (docs/performance.md).
+pub const DEFAULT_CHUNK: usize = 64;
 
 /// The queries, keys and values of a block of rows, `rows × inner` each (all heads; the global
 /// heads' already rotated).
@@ -156,13 +158,11 @@ fn favor_chunk(
     let map = model.feature_map(l);
     // Head `hd`'s columns of every row, contiguous.
     let gather = |x: &[f32], hd: usize| -> Vec<f32> {
-        (0..rows)
-            .flat_map(|r| {
-                x[r * inner + hd * d..r * inner + (hd + 1) * d]
-                    .iter()
-                    .copied()
-            })
-            .collect()
+        let mut cols = Vec::with_capacity(rows * d);
+        for r in 0..rows {
+            cols.extend_from_slice(&x[r * inner + hd * d..r * inner + (hd + 1) * d]);
+        }
+        cols
     };
     let outs: Vec<Vec<f32>> = mem
         .favor_heads(l)

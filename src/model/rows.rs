@@ -424,12 +424,12 @@ impl Model {
     /// start, and in attention chunks of [`DEFAULT_CHUNK`] inside them; a row block of up to
     /// 64 rows takes the few-rows product instead of the general matrix product (whose
     /// per-row results do not depend on the row count: its inner blocking follows the
-    /// inner dimension only). So the pieces are whole chunks, at most `max` rounded down to
-    /// chunks (at least one), never crossing a row block's end; and a short remainder of up
-    /// to 64 tokens in the same row block joins the piece before it, so that no piece takes
-    /// the few-rows product where the whole prompt took the general one (a last row block
-    /// that is itself that short is one piece either way). The piece is then at most
-    /// `max + 64` tokens.
+    /// inner dimension only). So the pieces are whole chunks, `max` rounded down to chunks
+    /// but more than 64 tokens (two chunks of 64), never crossing a row block's end; and a
+    /// short remainder of up to 64 tokens before the row block's end or the prompt's joins
+    /// the piece before it, so that no piece takes the few-rows product where the whole
+    /// prompt took the general one (a row block that is itself that short is one piece
+    /// either way). The piece is then at most `max + 64` tokens, or 128.
     ///
     /// ```
     /// # let dir = std::env::temp_dir().join(format!("performer-doc-slice-{}", std::process::id()));
@@ -454,13 +454,18 @@ impl Model {
             return len;
         }
         let block = self.prefill_block_tokens();
-        let chunks = (max / DEFAULT_CHUNK).clamp(1, (block / DEFAULT_CHUNK).max(1));
-        let block_end = (done / block + 1) * block;
-        let mut end = (done + chunks * DEFAULT_CHUNK).min(block_end).min(len);
-        if end < len && len <= block_end && len - end <= FEW_ROWS {
-            end = len;
+        // A piece of more than `FEW_ROWS` rows takes the general product.
+        let fewest = FEW_ROWS / DEFAULT_CHUNK + 1;
+        let chunks = (max / DEFAULT_CHUNK)
+            .max(fewest)
+            .min((block / DEFAULT_CHUNK).max(1));
+        let stop = ((done / block + 1) * block).min(len);
+        let end = (done + chunks * DEFAULT_CHUNK).min(stop);
+        if stop - end <= FEW_ROWS {
+            stop
+        } else {
+            end
         }
-        end
     }
 
     /// Rows of a prefill's row block for attention chunks of `chunk`: whole chunks, about

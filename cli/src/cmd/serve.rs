@@ -30,8 +30,8 @@ pub struct ServeArgs {
     /// Longest prompt, in tokens.
     #[arg(long, default_value_t = 1 << 20)]
     max_prompt_tokens: usize,
-    /// Prompt tokens ingested between two decode ticks (whole attention chunks of 256, at
-    /// least one): the longest every other stream waits for a new prompt. Larger pieces
+    /// Prompt tokens ingested between two decode ticks (whole attention chunks of 64, at
+    /// least two): the longest every other stream waits for a new prompt. Larger pieces
     /// prefill faster (longer matrix products) and stall the other streams longer
     /// (docs/serving.md).
     #[arg(long, default_value_t = 256)]
