@@ -82,6 +82,54 @@ unsafe fn combined_scales<const A: usize>(
     sc
 }
 
+/// [`combined_scales`] of a whole group: blocks `b..b + 8`, all in the row (`b + 8 ≤
+/// scales.len()`, and as many scales in every activation). Nothing but loads and multiplies,
+/// so the kernels' loops call no `memcpy` (around which the accumulators were spilled to the
+/// stack); the row's last, partial group is [`combined_scales`]'s, taken before the loop.
+#[inline(always)]
+unsafe fn combined_scales_full<const A: usize>(
+    scales: &[f16],
+    acts: [&Activation; A],
+    b: usize,
+) -> [__m256; A] {
+    debug_assert!(b + 8 <= scales.len());
+    let ws = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(b).cast()));
+    let mut sc = [_mm256_setzero_ps(); A];
+    for (s, act) in sc.iter_mut().zip(acts) {
+        debug_assert!(b + 8 <= act.scales.len());
+        *s = _mm256_mul_ps(ws, _mm256_loadu_ps(act.scales.as_ptr().add(b)));
+    }
+    sc
+}
+
+/// The combined scales of the group starting at `b`: from [`combined_scales_full`] while the
+/// group is whole, else `last` (the row's partial last group, computed once before the loop).
+#[inline(always)]
+unsafe fn group_scales<const A: usize>(
+    scales: &[f16],
+    acts: [&Activation; A],
+    b: usize,
+    last: [__m256; A],
+) -> [__m256; A] {
+    if b + 8 <= scales.len() {
+        combined_scales_full(scales, acts, b)
+    } else {
+        last
+    }
+}
+
+/// The combined scales of a row's partial last group (blocks `n / 8 · 8 ..`), zero when the
+/// row has none: computed before a kernel's loop, where no accumulator is live yet.
+#[inline(always)]
+unsafe fn last_group_scales<const A: usize>(scales: &[f16], acts: [&Activation; A]) -> [__m256; A] {
+    let b = scales.len() / 8 * 8;
+    if b < scales.len() {
+        combined_scales(scales, acts, b)
+    } else {
+        [_mm256_setzero_ps(); A]
+    }
+}
+
 /// Lane `i` (< 8) of `v` in every lane: a block's scale, kept in a register.
 #[inline(always)]
 unsafe fn lane(v: __m256, i: usize) -> __m256 {
@@ -291,6 +339,7 @@ unsafe fn q8_int8_rows<const VNNI: u8, const A: usize>(
     // 128 as the unsigned operand: `vpdpbusd(0, 128, w)` is `128 · Σw` per lane.
     let bias = _mm256_set1_epi8(-128);
     let zero = _mm256_setzero_si256();
+    let last = last_group_scales(scales, acts);
     let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); A], [_mm256_setzero_ps(); A]);
     let mut sc = [_mm256_setzero_ps(); A];
     let mut b = 0;
@@ -298,7 +347,7 @@ unsafe fn q8_int8_rows<const VNNI: u8, const A: usize>(
     macro_rules! block {
         ($acc:ident) => {{
             if b % 8 == 0 {
-                sc = combined_scales(scales, acts, b);
+                sc = group_scales(scales, acts, b, last);
             }
             let w = _mm256_loadu_si256(c.add(b * BLOCK).cast());
             // VNNI: the offset −128·Σw; without: the weight's magnitude.
@@ -408,6 +457,7 @@ unsafe fn q4_int8_rows<const MINS: bool, const VNNI: u8, const A: usize>(
     // stepped by 2 in a register.
     let pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     let two = _mm256_set1_epi32(2);
+    let last = last_group_scales(scales, acts);
     let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); A], [_mm256_setzero_ps(); A]);
     let mut sc = [_mm256_setzero_ps(); A];
     let mut idx = pick;
@@ -416,7 +466,7 @@ unsafe fn q4_int8_rows<const MINS: bool, const VNNI: u8, const A: usize>(
     macro_rules! pair {
         ($acc:ident) => {{
             if b % 8 == 0 {
-                sc = combined_scales(scales, acts, b);
+                sc = group_scales(scales, acts, b, last);
                 idx = pick;
             }
             let v = _mm256_loadu_si256(c.add(b * BLOCK / 2).cast());
@@ -442,7 +492,7 @@ unsafe fn q4_int8_rows<const MINS: bool, const VNNI: u8, const A: usize>(
     if b < n {
         // The unpaired last block, in element order (as `codes_q4` keeps it).
         if b % 8 == 0 {
-            sc = combined_scales(scales, acts, b);
+            sc = group_scales(scales, acts, b, last);
         }
         let w = nibbles(c, b);
         for a in 0..A {
