@@ -404,7 +404,7 @@ unsafe fn sums<const A: usize>(acc0: [__m256; A], acc1: [__m256; A]) -> [f32; A]
 /// 16·n` (and `mins.len() ≥ n` with `MINS`), every activation quantized from `32·n` values,
 /// `n = scales.len()`.
 #[inline(always)]
-unsafe fn q4_int8_rows<const MINS: bool, const VNNI: u8, const A: usize>(
+pub(super) unsafe fn q4_int8_rows<const MINS: bool, const VNNI: u8, const A: usize>(
     codes: &[u8],
     scales: &[f16],
     mins: &[f16],
