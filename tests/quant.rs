@@ -386,9 +386,7 @@ fn same_activation(a: &qk::Activation, b: &qk::Activation) -> bool {
         && bits(&a.scales) == bits(&b.scales)
         && a.sums4 == b.sums4
         && a.codes_q4 == b.codes_q4
-        && a.sums4_q4 == b.sums4_q4
         && a.codes_u8 == b.codes_u8
-        && a.offset_q4 == b.offset_q4
         && a.offset_q4y == b.offset_q4y
         && bits(&a.block_sums) == bits(&b.block_sums)
 }

@@ -171,7 +171,6 @@ pub(super) fn check_rows_batch<'a>(
             act.scales.len() == blocks
                 && act.codes.len() == m.cols
                 && act.codes_u8.len() == m.cols
-                && act.offset_q4.len() == 8 * blocks
                 && act.offset_q4y.len() == 8 * blocks.div_ceil(2)
                 && act.codes_q4.len() == m.cols
                 && act.block_sums.len() == blocks,
@@ -209,20 +208,16 @@ pub struct Activation {
     pub scales: Vec<f32>,
     /// Per group of 4 codes, their sum ([`Activation::block_sums`] adds them up per block).
     pub sums4: Vec<i32>,
-    /// The AVX-512 q4_0 layout: per pair of blocks, codes `[b₀ 0..16, b₁ 0..16, b₀ 16..32,
-    /// b₁ 16..32]` (the order its nibble unpacking produces), and its sums per 4.
+    /// The q4 int8 kernels' layout: per pair of blocks, codes `[b₀ 0..16, b₁ 0..16, b₀ 16..32,
+    /// b₁ 16..32]` (the order their nibble unpacking produces).
     pub codes_q4: Vec<i8>,
-    /// Sums per 4 of `codes_q4`.
-    pub sums4_q4: Vec<i32>,
     /// The codes plus 128 (their sign bit flipped), `1 ..= 255`: the unsigned side of the VNNI
     /// q8_0 kernels' `vpdpbusd`, against the weights' signed codes.
     pub codes_u8: Vec<u8>,
-    /// `−8 · sums4_q4`: the AVX-512 q4_0 kernel's accumulator start.
-    pub offset_q4: Vec<i32>,
-    /// The AVX2 q4_0 kernels' offset, 8 lanes per pair of blocks: lane `k` of a pair sums
-    /// `offset_q4`'s lanes `k` and `8 + k` (a 256-bit accumulator takes the low and high
-    /// nibbles' products of both blocks); an unpaired last block keeps its 8 lanes. Pair
-    /// (or last block) `b` starts at `4 · b`.
+    /// The q4_0 kernels' offset `−8 · Σx`, 8 lanes per pair of blocks: lane `k` of a pair is
+    /// `−8` times the sums of `codes_q4`'s groups of 4 `k` and `8 + k` (a 256-bit accumulator
+    /// takes the low and high nibbles' products of both blocks); an unpaired last block has
+    /// its groups `0 .. 8`. Pair (or last block) `b` starts at `4 · b`.
     pub offset_q4y: Vec<i32>,
     /// Per block, `d · Σ codes` in f32: the block's `Σx` as the int8 kernels see it, which
     /// q4_1's minimums multiply.
@@ -303,30 +298,25 @@ impl Activation {
             }
         };
         sums(&self.codes, &mut self.sums4);
-        sums(&self.codes_q4, &mut self.sums4_q4);
-        let scaled = |sums: &[i32], k: i32, out: &mut Vec<i32>| {
-            out.resize(sums.len(), 0);
-            for (o, &v) in out.iter_mut().zip(sums) {
-                *o = k * v;
-            }
-        };
         self.codes_u8.resize(n, 0);
         for (u, &c) in self.codes_u8.iter_mut().zip(&self.codes) {
             *u = c as u8 ^ 0x80;
         }
-        scaled(&self.sums4_q4, -8, &mut self.offset_q4);
         self.offset_q4y.resize(8 * blocks.div_ceil(2), 0);
         for (dst, src) in self
             .offset_q4y
             .chunks_exact_mut(8)
-            .zip(self.offset_q4.chunks(16))
+            .zip(self.codes_q4.chunks(2 * BLOCK))
         {
-            if src.len() == 16 {
-                for (k, d) in dst.iter_mut().enumerate() {
-                    *d = src[k] + src[8 + k];
-                }
-            } else {
-                dst.copy_from_slice(src);
+            // `−8 ·` the sum of group of 4 `g`.
+            let group =
+                |g: usize| -8 * src[4 * g..4 * g + 4].iter().map(|&c| c as i32).sum::<i32>();
+            for (k, d) in dst.iter_mut().enumerate() {
+                *d = if src.len() == 2 * BLOCK {
+                    group(k) + group(8 + k)
+                } else {
+                    group(k)
+                };
             }
         }
         self.block_sums.resize(blocks, 0.0);
