@@ -18,7 +18,7 @@ tests=("$(newest kernels)" "$(newest golden)" "$(newest decoder)" "$(newest quan
 # and quantize_dir tests of that binary are slow under emulation and level-independent).
 quant=("$(newest quant)" every_method_matches the_matrix_product_path widening_matches
     q8_0_codes_at_the_extremes rows_of_no_weights the_default_method_is_int8
-    every_level_quantizes)
+    every_level_quantizes packed_rows_match_the_row_major)
 for pair in Nehalem:portable Haswell:avx2; do
     cpu=${pair%%:*} want=${pair##*:}
     line=$(PERFORMER_ISA= qemu -cpu "$cpu" target/release/performer info --model models/performer-byte | grep '^kernels:')

@@ -143,6 +143,7 @@ fn first_position_equals_favor_and_the_cache_grows() {
             denominator_eps: Some(0.0),
             huge_pages: false,
             quant_kernel: None,
+            no_packed_rows: false,
         },
     )
     .unwrap();

@@ -13,6 +13,7 @@ fn load(name: &str, eps0: bool) -> Model {
             denominator_eps: Some(0.0),
             huge_pages: false,
             quant_kernel: None,
+            no_packed_rows: false,
         }
     } else {
         LoadOptions::default()

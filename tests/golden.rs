@@ -11,6 +11,7 @@ const EPS0: LoadOptions = LoadOptions {
     denominator_eps: Some(0.0),
     huge_pages: false,
     quant_kernel: None,
+    no_packed_rows: false,
 };
 
 /// Streams `tokens` one step at a time and returns the logits after each.

@@ -925,3 +925,158 @@ fn a_matrix_built_field_by_field_too_short_is_refused_not_read_past() {
     let mut y = [0f32; 2];
     qk::matvec_serial(m, &[1.0; 32], &mut y);
 }
+
+/// Rows packed four at a time (`PackedRows`) give every packed row bit for bit the row-major
+/// product's value at every level and method that takes them (the kernels promise the same
+/// per-row order of sums), and gather back to the row-major codes and metadata. Widths with
+/// an odd block count, a partial last group of 8 scales, and both; row counts with and
+/// without a remainder past the last group of four; the magnitudes of the twin test.
+#[test]
+fn packed_rows_match_the_row_major_product_bit_for_bit() {
+    let mut rng = TestRng(29);
+    let mut checked = 0;
+    for format in FORMATS {
+        for cols in [32, 64, 96, 256, 288, 544, 768] {
+            for rows in [4, 7, 12] {
+                for (wscale, xscale) in [(1.0, 1.0), (1e-3, 1e15), (3e3, 1e-20), (1.0, 0.0)] {
+                    let w = weights(&mut rng, rows * cols, wscale);
+                    let q = quantize(format, &w, rows, cols);
+                    let m = q.matrix();
+                    let packed = quant::PackedRows::pack(m);
+                    assert_eq!(packed.rows(), rows / 4 * 4);
+                    for r in 0..packed.rows() {
+                        let back = packed.row(m, r);
+                        let row = m.row(r);
+                        assert_eq!(back.codes, row.codes, "{format} {rows}x{cols} row {r}");
+                        assert_eq!(back.scales, row.scales, "{format} {rows}x{cols} row {r}");
+                        assert_eq!(back.mins, row.mins, "{format} {rows}x{cols} row {r}");
+                    }
+                    let mut x = rng.vec(cols, xscale);
+                    if cols >= 2 * BLOCK {
+                        x[..BLOCK].fill(0.0);
+                    }
+                    for qk in variants() {
+                        if !qk.takes_packed(format) {
+                            continue;
+                        }
+                        let mut want = vec![f32::NAN; rows];
+                        qk.matvec_serial(m, &x, &mut want);
+                        let mut got = vec![f32::NAN; packed.rows()];
+                        qk::with_activation(&x, |act| {
+                            // `with_activation` quantizes at the process's level: every level
+                            // gives the same codes.
+                            qk.int8_packed(packed.view(), act, &mut got)
+                        });
+                        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                g.to_bits(),
+                                w.to_bits(),
+                                "{format} {} {rows}x{cols} w{wscale} x{xscale} row {r}: {g} vs {w}",
+                                label(qk)
+                            );
+                        }
+                        // A run of groups of its own (the view a parallel block takes).
+                        if packed.view().groups > 1 {
+                            let mut tail = vec![f32::NAN; 4];
+                            qk::with_activation(&x, |act| {
+                                qk.int8_packed(packed.view().group_range(1..2), act, &mut tail)
+                            });
+                            assert_eq!(tail, got[4..8]);
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    // Every format at the x86 levels (none where only the portable level runs).
+    let x86 = Kernels::all_supported()
+        .iter()
+        .any(|k| k.isa() != Isa::Portable);
+    assert!(
+        !x86 || checked >= FORMATS.len() * 7 * 3 * 4,
+        "{checked} checks"
+    );
+}
+
+/// A quantized model decodes to the same logits bit for bit with its rows packed (the
+/// default where the int8 method's kernels take packed rows) and without
+/// (`no_packed_rows`), on one thread and two (whose row blocks start at rows that are not
+/// multiples of 4); the product over any row range, one a parallel block takes, is the
+/// row-major product's; and the packed copies follow the method.
+#[test]
+fn packed_rows_leave_the_logits_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, quantized) = models(tmp.path());
+    let mut rng = TestRng(41);
+    let tokens = rng.tokens(20, 256);
+    for (format, dir) in quantized {
+        let takes = QuantKernels::active(QuantMethod::Int8).takes_packed(format);
+        let packed = Model::load(&dir).unwrap();
+        let plain = Model::load_with(
+            &dir,
+            LoadOptions {
+                no_packed_rows: true,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(packed.packed_bytes() > 0, takes, "{format}");
+        assert_eq!(plain.packed_bytes(), 0, "{format}");
+        if takes {
+            // Every quantized weight of the tiny shape has a multiple of 4 rows: all packed.
+            let total: usize = packed.quantized().map(|q| q.bytes()).sum();
+            assert_eq!(packed.packed_bytes(), total, "{format}");
+        }
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let (mut a, mut b) = (State::new(&packed), State::new(&plain));
+                for (t, &tok) in tokens.iter().enumerate() {
+                    let la = packed.step(&mut a, tok).unwrap().to_vec();
+                    let lb = plain.step(&mut b, tok).unwrap();
+                    assert!(
+                        la.iter().zip(lb).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{format} threads={threads} t={t}"
+                    );
+                }
+            });
+        }
+        // Row ranges starting and ending inside groups of 4, through the packed groups and
+        // around them, with the activation given and without.
+        let q = packed.quantized().next().unwrap();
+        let [rows, cols] = q.shape();
+        let x = rng.vec(cols, 1.0);
+        for r0 in [0, 1, 3, 4, 6] {
+            for len in [0, 1, 2, 3, 4, 5, 8, 11, rows - r0 - 1, rows - r0] {
+                let range = r0..r0 + len;
+                let mut want = vec![f32::NAN; len];
+                q.kernels().matvec_serial_prepared(
+                    q.matrix().row_range(range.clone()),
+                    &x,
+                    None,
+                    &mut want,
+                );
+                let mut got = vec![f32::NAN; len];
+                qk::with_activation(&x, |act| {
+                    q.matvec_rows_prepared(range.clone(), &x, Some(act), &mut got)
+                });
+                assert_eq!(got, want, "{format} rows {range:?}");
+                let mut got = vec![f32::NAN; len];
+                q.matvec_rows_prepared(range.clone(), &x, None, &mut got);
+                assert_eq!(got, want, "{format} rows {range:?}, no activation");
+            }
+        }
+        // The dequantizing method takes no packed rows; back to int8, they are made again.
+        let mut model = packed;
+        model.use_quant_method(QuantMethod::Dequant);
+        assert_eq!(model.packed_bytes(), 0, "{format}");
+        model.use_quant_method(QuantMethod::Int8);
+        assert_eq!(model.packed_bytes() > 0, takes, "{format}");
+        model.use_packed_rows(false);
+        assert_eq!(model.packed_bytes(), 0, "{format}");
+    }
+}

@@ -167,6 +167,7 @@ fn bad_snapshots_are_typed_errors() {
             denominator_eps: Some(0.0),
             huge_pages: false,
             quant_kernel: None,
+            no_packed_rows: false,
         },
     )
     .unwrap();

@@ -81,4 +81,10 @@ pub struct QuantKernelArgs {
     /// dequantized f32 model, more slowly). Ignored for a float model.
     #[arg(long, value_parser = quant_method, value_name = "dequant|int8")]
     pub quant_kernel: Option<performer::kernels::quant::QuantMethod>,
+    /// Keep q8_0/q4_0/q4_1 weights in the mapped file's row-major layout only. By default the
+    /// int8 method's one-row products (decoding) read a copy with the rows packed four at a
+    /// time, made at load: the quantized weights' size again in memory, the same logits bit
+    /// for bit, faster decoding. Ignored for a float model.
+    #[arg(long)]
+    pub no_packed_rows: bool,
 }

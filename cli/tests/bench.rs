@@ -90,6 +90,7 @@ fn sample_report() -> Report {
             file_bytes: 7 << 20,
             kernels: "avx2".into(),
             quant_kernel: Some("int8 (maddubs)".into()),
+            packed_rows: false,
             gemm: "avx2".into(),
         },
         read_bandwidth: Some(30e9),
@@ -182,7 +183,13 @@ fn the_kernels_cell_names_gemms_level_where_it_differs() {
         model.kernels_label(),
         "avx2, q: int8 (maddubs), gemm: avx512"
     );
+    model.packed_rows = true;
+    assert_eq!(
+        model.kernels_label(),
+        "avx2, q: int8 (maddubs) packed, gemm: avx512"
+    );
     model.quant_kernel = None;
+    model.packed_rows = false;
     assert_eq!(model.kernels_label(), "avx2, gemm: avx512");
 }
 
@@ -192,6 +199,7 @@ fn json_report() {
     assert_eq!(v["model"]["name"], "synthetic tiny");
     assert_eq!(v["model"]["kernels"], "avx2");
     assert_eq!(v["model"]["quant_kernel"], "int8 (maddubs)");
+    assert_eq!(v["model"]["packed_rows"], false);
     assert_eq!(v["model"]["gemm"], "avx2");
     assert_eq!(v["rows"].as_array().unwrap().len(), 3);
     assert_eq!(v["rows"][1]["test"], "tg");

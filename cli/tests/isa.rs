@@ -83,6 +83,31 @@ fn quant_kernel_is_a_per_command_choice_that_follows_the_level() {
                 s.contains(&format!("quantized kernel: {want} ")),
                 "{isa} {method}: {s}"
             );
+            // Rows packed at load where that level's method takes them, unless refused.
+            let packs =
+                QuantKernels::new(level, method).takes_packed(performer::quant::QuantFormat::Q8_0);
+            assert_eq!(
+                s.contains("packed rows: yes, "),
+                packs,
+                "{isa} {method}: {s}"
+            );
+            let out = run(
+                &[
+                    "info",
+                    "--model",
+                    &m,
+                    "--quant-kernel",
+                    method.name(),
+                    "--no-packed-rows",
+                ],
+                isa.name(),
+            );
+            assert!(out.status.success(), "{out:?}");
+            let s = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                s.contains("packed rows: no (--no-packed-rows)"),
+                "{isa} {method}: {s}"
+            );
         }
         // The flag reaches the products of a command that computes: both methods decode.
         let out = run(

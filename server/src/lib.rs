@@ -359,6 +359,8 @@ pub struct ServeConfig {
     pub model_dir: PathBuf,
     /// How the model's quantized products are computed (`None`: the default, int8).
     pub quant_kernel: Option<performer::kernels::quant::QuantMethod>,
+    /// Keep the quantized weights row-major only ([`performer::LoadOptions::no_packed_rows`]).
+    pub no_packed_rows: bool,
     /// Address to listen on.
     pub host: String,
     /// Port to listen on.
@@ -402,6 +404,7 @@ pub fn run(mut config: ServeConfig) -> Result<(), String> {
         &config.model_dir,
         performer::LoadOptions {
             quant_kernel: config.quant_kernel,
+            no_packed_rows: config.no_packed_rows,
             ..Default::default()
         },
     )

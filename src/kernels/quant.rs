@@ -41,7 +41,7 @@ use std::fmt;
 use rayon::prelude::*;
 
 use super::isa::{self, Isa, Kernels};
-use crate::quant::{QMatrix, QuantFormat, BLOCK};
+use crate::quant::{PackedView, QMatrix, QuantFormat, BLOCK};
 use crate::Error;
 
 use activation::block_sums;
@@ -273,6 +273,57 @@ impl QuantKernels {
         }
     }
 
+    /// Whether these kernels multiply by rows of `format` packed four at a time
+    /// ([`PackedRows`](crate::quant::PackedRows)): the int8 method at the AVX2 and AVX-512
+    /// levels, except q8_0 where AVX-512 VNNI takes it by a 512-bit kernel. Where they do,
+    /// [`Self::int8_packed`] gives every packed row bit for bit what the row-major product
+    /// gives it.
+    pub fn takes_packed(self, format: QuantFormat) -> bool {
+        self.method == QuantMethod::Int8
+            && match (self.kernels.isa(), self.vnni) {
+                (Isa::Avx512, true) => format != QuantFormat::Q8_0,
+                (Isa::Avx512 | Isa::Avx2, _) => true,
+                _ => false,
+            }
+    }
+
+    /// `y = W x` for the packed rows `p` of `W` against `act`, `x` quantized
+    /// ([`with_activation`]): one value per packed row, each bit for bit the row-major
+    /// product's.
+    ///
+    /// # Panics
+    /// Where [`Self::takes_packed`] is false for `p.format`, or on lengths that do not fit.
+    pub fn int8_packed(self, p: PackedView<'_>, act: &Activation, y: &mut [f32]) {
+        assert!(
+            self.takes_packed(p.format),
+            "packed {} rows at {}",
+            p.format,
+            self.describe()
+        );
+        match (self.kernels.isa(), self.vnni) {
+            // SAFETY: the level is supported and `vnni` only where its VNNI extension was
+            // detected (`Self::new`); the entry points check `y`'s, the codes' and the
+            // activation's lengths against `p`.
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512, true) => unsafe { entry::avx512_int8_packed_vnni(p, act, y) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512, false) => unsafe { entry::avx512_int8_packed(p, act, y) },
+            // SAFETY: as above; `evex` only where AVX-512 VL and VNNI were detected.
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, true) if self.evex => unsafe {
+                entry::avx2_int8_packed_vnni_evex(p, act, y)
+            },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, true) => unsafe { entry::avx2_int8_packed_vnni(p, act, y) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, false) => unsafe { entry::avx2_int8_packed(p, act, y) },
+            _ => unreachable!("takes_packed holds only at the x86 levels"),
+        }
+    }
+
     /// Rows of `m` widened to f32 into `out` (`m.rows × m.cols`), bit for bit as
     /// [`QMatrix::dequantize_rows`].
     pub fn widen_rows(self, m: QMatrix<'_>, out: &mut [f32]) {
@@ -492,7 +543,7 @@ thread_local! {
 #[cfg(target_arch = "x86_64")]
 mod entry {
     use super::{avx2, avx512, Activation};
-    use crate::quant::QMatrix;
+    use crate::quant::{PackedView, QMatrix};
 
     macro_rules! at_level {
         ($features:literal: $(
@@ -520,6 +571,9 @@ mod entry {
         /// Int8 rows at the AVX-512 level without VNNI: the AVX2 code.
         fn avx512_int8_rows(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32])
             => avx2::int8_rows::<{ avx2::NO_VNNI }>(m, acts, y);
+        /// Packed int8 rows at the AVX-512 level without VNNI: the AVX2 code.
+        fn avx512_int8_packed(p: PackedView<'_>, act: &Activation, y: &mut [f32])
+            => avx2::int8_packed::<{ avx2::NO_VNNI }>(p, act, y);
         /// Rows widened to f32 at the AVX-512 level (the AVX2 code).
         fn avx512_widen_rows(m: QMatrix<'_>, out: &mut [f32]) => avx2::widen_rows(m, out);
         /// The activation quantized at the AVX-512 level: the codes loop in 512-bit registers
@@ -532,6 +586,10 @@ mod entry {
         /// Int8 rows by AVX-512 VNNI.
         fn avx512_int8_rows_vnni(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32])
             => avx512::int8_rows(m, acts, y);
+        /// Packed q4 int8 rows by AVX-512 VNNI: the 256-bit code `avx512::int8_rows` runs
+        /// for q4 (q8_0 has a 512-bit kernel there and is not packed).
+        fn avx512_int8_packed_vnni(p: PackedView<'_>, act: &Activation, y: &mut [f32])
+            => avx2::int8_packed::<{ avx2::AVX512VL_VNNI }>(p, act, y);
     }
 
     at_level! {
@@ -542,6 +600,9 @@ mod entry {
         /// Int8 rows by `vpmaddubsw` + `vpmaddwd`.
         fn avx2_int8_rows(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32])
             => avx2::int8_rows::<{ avx2::NO_VNNI }>(m, acts, y);
+        /// Packed int8 rows by `vpmaddubsw` + `vpmaddwd`.
+        fn avx2_int8_packed(p: PackedView<'_>, act: &Activation, y: &mut [f32])
+            => avx2::int8_packed::<{ avx2::NO_VNNI }>(p, act, y);
         /// Rows widened to f32 at the AVX2 level.
         fn avx2_widen_rows(m: QMatrix<'_>, out: &mut [f32]) => avx2::widen_rows(m, out);
         /// The activation quantized at the AVX2 level: the codes loop in 256-bit registers
@@ -554,6 +615,9 @@ mod entry {
         /// Int8 rows by AVX-VNNI `vpdpbusd` on 256-bit registers.
         fn avx2_int8_rows_vnni(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32])
             => avx2::int8_rows::<{ avx2::AVX_VNNI }>(m, acts, y);
+        /// Packed int8 rows by AVX-VNNI.
+        fn avx2_int8_packed_vnni(p: PackedView<'_>, act: &Activation, y: &mut [f32])
+            => avx2::int8_packed::<{ avx2::AVX_VNNI }>(p, act, y);
     }
 
     at_level! {
@@ -562,6 +626,9 @@ mod entry {
         /// run that code on AVX-512 VNNI CPUs without AVX-VNNI.
         fn avx2_int8_rows_vnni_evex(m: QMatrix<'_>, acts: &[Activation], y: &mut [f32])
             => avx2::int8_rows::<{ avx2::AVX512VL_VNNI }>(m, acts, y);
+        /// Packed int8 rows by the AVX-VNNI code in the AVX-512 VL encoding.
+        fn avx2_int8_packed_vnni_evex(p: PackedView<'_>, act: &Activation, y: &mut [f32])
+            => avx2::int8_packed::<{ avx2::AVX512VL_VNNI }>(p, act, y);
     }
 }
 

@@ -195,12 +195,7 @@ impl Linear {
                             x,
                             ys
                         )),
-                        Weight::Quant(q) => q.kernels().matvec_serial_prepared(
-                            q.matrix().row_range(r0..r1),
-                            x,
-                            act,
-                            ys,
-                        ),
+                        Weight::Quant(q) => q.matvec_rows_prepared(r0..r1, x, act, ys),
                     }
                     if let Some(bias) = &lin.bias {
                         with_view!(bias.view(), |bv| kernels::add_bias(&bv[r0..r1], ys));

@@ -51,6 +51,10 @@ pub struct LoadOptions {
     /// dequantized f32 model instead, more slowly.
     /// Ignored for a float model.
     pub quant_kernel: Option<QuantMethod>,
+    /// Keep quantized weights in the mapped row-major layout only: no copy with their rows
+    /// packed four at a time ([`Model::use_packed_rows`]). Saves the quantized weights' size
+    /// in memory; decoding's one-row products run slower. Ignored for a float model.
+    pub no_packed_rows: bool,
 }
 
 /// Largest `config.json` read (a config is a few hundred bytes; the cap keeps a device or
@@ -159,10 +163,11 @@ impl Model {
         if let Some(e) = options.denominator_eps {
             config.denominator_eps = e;
         }
-        let mut model = Self::from_parts(config, file)?;
+        let mut model = Self::unpacked_from_parts(config, file)?;
         if let Some(method) = options.quant_kernel {
             model.use_quant_method(method);
         }
+        model.use_packed_rows(!options.no_packed_rows);
         Ok(model)
     }
 
@@ -170,6 +175,13 @@ impl Model {
     /// tensor's presence, dtype and shape. A tokenizer file the config names is read from the
     /// weights file's directory.
     pub fn from_parts(config: Config, file: WeightFile) -> Result<Self> {
+        let mut model = Self::unpacked_from_parts(config, file)?;
+        model.use_packed_rows(true);
+        Ok(model)
+    }
+
+    /// [`Model::from_parts`] before its quantized weights' rows are packed.
+    fn unpacked_from_parts(config: Config, file: WeightFile) -> Result<Self> {
         config.validate()?;
         // An invalid PERFORMER_ISA is reported here (the kernels cannot fail; they ignore it).
         crate::kernels::isa::check_env()?;
@@ -261,6 +273,32 @@ impl Model {
     /// Sets the method of every quantized product of this model (what
     /// [`LoadOptions::quant_kernel`] does at load; for a model built by [`Model::from_parts`]).
     pub fn use_quant_method(&mut self, method: QuantMethod) {
+        for q in self.quantized_mut() {
+            q.use_method(method);
+        }
+    }
+
+    /// Packs the rows of every quantized weight four at a time for decoding's one-row products
+    /// where the method's kernels take them (`on`), or drops the packed copies (`!on`): see
+    /// [`QuantTensor::use_packed_rows`]. [`Model::load`] packs unless
+    /// [`LoadOptions::no_packed_rows`]; the logits are the same bit for bit either way.
+    pub fn use_packed_rows(&mut self, on: bool) {
+        for q in self.quantized_mut() {
+            q.use_packed_rows(on);
+        }
+    }
+
+    /// Bytes of the packed copies of the quantized weights' rows ([`Model::use_packed_rows`]):
+    /// memory beside the mapping; 0 when there are none.
+    pub fn packed_bytes(&self) -> usize {
+        self.quantized()
+            .filter_map(QuantTensor::packed)
+            .map(|p| p.bytes())
+            .sum()
+    }
+
+    /// Every block-quantized weight, mutably.
+    fn quantized_mut(&mut self) -> impl Iterator<Item = &mut QuantTensor> {
         let layers = self.layers.iter_mut().flat_map(|l| {
             [
                 &mut l.to_q,
@@ -271,11 +309,12 @@ impl Model {
                 &mut l.w2,
             ]
         });
-        for lin in layers.chain(self.to_out.as_mut()) {
-            if let Weight::Quant(q) = &mut lin.weight {
-                q.use_method(method);
-            }
-        }
+        layers
+            .chain(self.to_out.as_mut())
+            .filter_map(|lin| match &mut lin.weight {
+                Weight::Quant(q) => Some(q),
+                Weight::Float(_) => None,
+            })
     }
 
     /// Every block-quantized weight (empty for a float model).

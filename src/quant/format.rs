@@ -42,6 +42,7 @@ use std::str::FromStr;
 
 use half::f16;
 
+use super::packed::{PackedRows, PACKED_ROWS};
 use crate::error::{Error, Result};
 use crate::weights::{Dtype, RawTensor, Tensor, WeightFile};
 
@@ -618,6 +619,12 @@ pub struct QuantTensor {
     mins: Option<Tensor>,
     /// How the model's products over this weight are computed ([`QuantTensor::method`]).
     method: crate::kernels::quant::QuantMethod,
+    /// The rows packed four at a time for the one-row products, where the method's kernels
+    /// take them ([`QuantTensor::packed`]); shared by the clones.
+    packed: Option<std::sync::Arc<PackedRows>>,
+    /// Whether [`Self::packed`] is wanted where the method's kernels take it
+    /// ([`QuantTensor::use_packed_rows`]).
+    packing: bool,
 }
 
 impl QuantTensor {
@@ -701,7 +708,73 @@ impl QuantTensor {
             scales,
             mins,
             method: Default::default(),
+            packed: None,
+            packing: false,
         })
+    }
+
+    /// Makes [`Self::packed`] where `on` and the method's kernels take packed rows of this
+    /// format at the process's level (the int8 method at the AVX2 and AVX-512 levels,
+    /// [`QuantKernels::takes_packed`](crate::kernels::quant::QuantKernels::takes_packed)),
+    /// else drops it. Packing copies the codes and scales once (the weight's size again in
+    /// memory, beside the mapping) and makes the one-row products of decoding faster; the
+    /// products' values are the same bit for bit either way. [`crate::Model`] packs at load
+    /// unless [`crate::LoadOptions::no_packed_rows`] says not to.
+    pub fn use_packed_rows(&mut self, on: bool) {
+        self.packing = on;
+        self.pack_for_method();
+    }
+
+    /// Makes or drops [`Self::packed`] for the method and [`Self::use_packed_rows`]' choice.
+    fn pack_for_method(&mut self) {
+        let wanted =
+            self.packing && self.kernels().takes_packed(self.format) && self.rows >= PACKED_ROWS;
+        self.packed = match (wanted, self.packed.take()) {
+            (true, Some(p)) => Some(p),
+            (true, None) => Some(std::sync::Arc::new(PackedRows::pack(self.matrix()))),
+            (false, _) => None,
+        };
+    }
+
+    /// The whole groups of four rows packed side by side ([`PackedRows`]), which the one-row
+    /// products of [`Self::matvec_rows_prepared`] read instead of the mapped rows; `None`
+    /// where the method's kernels take no packed rows.
+    pub fn packed(&self) -> Option<&PackedRows> {
+        self.packed.as_deref()
+    }
+
+    /// Rows `rows` of `W x` into `y`, `act` being `x` quantized for the int8 method (see
+    /// [`QuantKernels::matvec_serial_prepared`](crate::kernels::quant::QuantKernels::matvec_serial_prepared)):
+    /// the whole groups of four rows inside `rows` from [`Self::packed`] where it exists, the
+    /// others from the mapped rows, every value bit for bit the same either way.
+    pub fn matvec_rows_prepared(
+        &self,
+        rows: std::ops::Range<usize>,
+        x: &[f32],
+        act: Option<&crate::kernels::quant::Activation>,
+        y: &mut [f32],
+    ) {
+        let (k, m) = (self.kernels(), self.matrix());
+        assert_eq!(y.len(), rows.len(), "quantized matvec: y length");
+        if let (Some(p), Some(act)) = (self.packed.as_deref(), act) {
+            let (r0, r1) = (rows.start, rows.end);
+            let g0 = r0.div_ceil(PACKED_ROWS);
+            let g1 = (r1 / PACKED_ROWS).min(p.rows() / PACKED_ROWS);
+            if g1 > g0 {
+                let (a, b) = (g0 * PACKED_ROWS, g1 * PACKED_ROWS);
+                let (head, rest) = y.split_at_mut(a - r0);
+                let (mid, tail) = rest.split_at_mut(b - a);
+                if r0 < a {
+                    k.matvec_serial_prepared(m.row_range(r0..a), x, Some(act), head);
+                }
+                k.int8_packed(p.view().group_range(g0..g1), act, mid);
+                if b < r1 {
+                    k.matvec_serial_prepared(m.row_range(b..r1), x, Some(act), tail);
+                }
+                return;
+            }
+        }
+        k.matvec_serial_prepared(m.row_range(rows), x, act, y)
     }
 
     /// The checkpoint name of the codes.
@@ -726,6 +799,7 @@ impl QuantTensor {
     /// weight at load).
     pub fn use_method(&mut self, method: crate::kernels::quant::QuantMethod) {
         self.method = method;
+        self.pack_for_method();
     }
 
     /// The quantized kernels of this weight: its method at the process's level.

@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod format;
+pub mod packed;
 
 pub use crate::weights::OwnedTensor;
 pub use convert::{is_quantized_name, quantize_dir, quantize_file, COPIED_FILES};
@@ -11,3 +12,4 @@ pub use format::{
     dequantize_row, quantize_row, OwnedQMatrix, QMatrix, QRow, QuantFormat, QuantTensor, BLOCK,
     CONFIG_KEY, MINS_SUFFIX, SCALES_SUFFIX,
 };
+pub use packed::{PackedRows, PackedView, PACKED_ROWS};

@@ -58,6 +58,10 @@ pub struct ModelInfo {
     /// How the products over quantized weights run (`dequant`, `int8 (maddubs)`, …; `None`
     /// for a float model).
     pub quant_kernel: Option<String>,
+    /// Whether decoding's one-row quantized products read rows packed four at a time
+    /// (`performer::Model::use_packed_rows`; false for a float model and with
+    /// `--no-packed-rows`).
+    pub packed_rows: bool,
     /// The level of the `gemm` crate's matrix products (the FAVOR+ chunk's attention products
     /// in prefill; the weight products run at `kernels`): its own choice, which
     /// `PERFORMER_ISA` does not lower.
@@ -92,6 +96,7 @@ impl ModelInfo {
                     .describe()
                     .to_string()
             }),
+            packed_rows: model.packed_bytes() > 0,
             gemm: performer::kernels::matmul::gemm_level().name().to_string(),
         }
     }
@@ -99,11 +104,14 @@ impl ModelInfo {
     /// The table's `kernels` cell: the level, the quantized method where there is one, and
     /// gemm's level (the FAVOR+ chunk's attention products; the weight products run at the
     /// kernels' level) where it differs from the kernels' (`avx2`, `avx2, q: int8 (maddubs)`,
-    /// `avx2, gemm: avx512`).
+    /// `avx2, q: int8 (maddubs) packed`, `avx2, gemm: avx512`).
     pub fn kernels_label(&self) -> String {
         let mut label = self.kernels.clone();
         if let Some(q) = &self.quant_kernel {
             label.push_str(&format!(", q: {q}"));
+            if self.packed_rows {
+                label.push_str(" packed");
+            }
         }
         if self.gemm != self.kernels {
             label.push_str(&format!(", gemm: {}", self.gemm));

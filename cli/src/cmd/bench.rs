@@ -192,6 +192,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         performer::LoadOptions {
             huge_pages: a.huge_pages,
             quant_kernel: a.quant.quant_kernel,
+            no_packed_rows: a.quant.no_packed_rows,
             ..Default::default()
         },
     )

@@ -39,6 +39,7 @@ pub fn run(a: InfoArgs) -> CliResult {
     if let Some(method) = a.quant.quant_kernel {
         model.use_quant_method(method);
     }
+    model.use_packed_rows(!a.quant.no_packed_rows);
     let template = performer::chat::ChatTemplate::load(&dir)?;
     let isa = performer::kernels::isa::check_env()?;
     let mut o = String::new();
@@ -124,6 +125,24 @@ pub fn run(a: InfoArgs) -> CliResult {
             "quantized kernel: {} (--quant-kernel dequant|int8)",
             k.describe()
         );
+        let packed = model.packed_bytes();
+        let _ = if packed > 0 {
+            writeln!(
+                o,
+                "packed rows: yes, {:.1} MiB beside the mapping (decoding's one-row products read the rows four at a time; --no-packed-rows keeps only the mapping)",
+                packed as f64 / (1u64 << 20) as f64
+            )
+        } else {
+            writeln!(
+                o,
+                "packed rows: no ({})",
+                if a.quant.no_packed_rows {
+                    "--no-packed-rows"
+                } else {
+                    "this method and level read the mapped rows"
+                }
+            )
+        };
     }
     let mut out = std::io::stdout().lock();
     out.write_all(o.as_bytes())

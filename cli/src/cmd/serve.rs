@@ -126,6 +126,7 @@ pub fn run(a: ServeArgs, threads: Option<usize>, model_dir: PathBuf) -> Result<(
     performer_server::run(ServeConfig {
         model_dir: a.model.unwrap_or(model_dir),
         quant_kernel: a.quant.quant_kernel,
+        no_packed_rows: a.quant.no_packed_rows,
         host: a.host,
         port: a.port,
         engine,

@@ -52,6 +52,7 @@ impl ModelArgs {
                 denominator_eps: self.denominator_eps,
                 huge_pages: self.huge_pages,
                 quant_kernel: self.quant.quant_kernel,
+                no_packed_rows: self.quant.no_packed_rows,
             },
         )
         .map_err(|e| name_config(e, &dir))

@@ -3,6 +3,7 @@
 
 use half::f16;
 
+use crate::quant::packed::{PackedView, PACKED_ROWS};
 use crate::quant::{QMatrix, QuantFormat, BLOCK};
 
 pub(super) use crate::kernels::simd::ROUNDING;
@@ -185,6 +186,38 @@ pub(super) fn check_rows_batch<'a>(
         return None;
     }
     check_rows(m, &mut [])
+}
+
+/// Holds a product over the packed groups `p` (`PackedRows`) to the lengths the kernels read
+/// by pointer: `y` has a value per packed row, the codes, scales and minimums cover every
+/// group, and `act` was quantized from `p.cols` values.
+#[inline(always)]
+pub(super) fn check_packed(p: PackedView<'_>, act: &Activation, y: &[f32]) {
+    let blocks = p.cols / BLOCK;
+    assert_eq!(y.len(), p.groups * PACKED_ROWS, "packed matvec: y length");
+    let rows = p.groups * PACKED_ROWS;
+    assert!(
+        p.codes.len() >= rows * p.format.row_bytes(p.cols)
+            && p.scales.len() >= rows * blocks
+            && p.mins.len()
+                >= if p.format.has_mins() {
+                    rows * blocks
+                } else {
+                    0
+                },
+        "packed matvec: {} groups of {} columns need more codes or scales",
+        p.groups,
+        p.cols
+    );
+    assert!(
+        act.scales.len() == blocks
+            && act.codes.len() == p.cols
+            && act.codes_u8.len() == p.cols
+            && act.offset_q4y.len() == 8 * blocks.div_ceil(2)
+            && act.codes_q4.len() == p.cols
+            && act.block_sums.len() == blocks,
+        "packed matvec: activation length"
+    );
 }
 
 /// The sums of `x` per block of 32 (in order, f32): what q4_1's minimums multiply; empty for

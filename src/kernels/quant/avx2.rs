@@ -10,7 +10,10 @@
 //! `avx512vnni` where it is `AVX512VL_VNNI`) and the slices are as long as
 //! each function says.
 
-use super::activation::{check_rows, check_rows_batch, int8_rows_by_tiles, Activation, RowTiles};
+use super::activation::{
+    check_packed, check_rows, check_rows_batch, int8_rows_by_tiles, Activation, RowTiles,
+};
+use crate::quant::packed::{PackedView, PACKED_ROWS};
 use crate::quant::{QMatrix, QuantFormat, BLOCK};
 use half::f16;
 use std::arch::x86_64::*;
@@ -391,6 +394,40 @@ unsafe fn sums<const A: usize>(acc0: [__m256; A], acc1: [__m256; A]) -> [f32; A]
     out
 }
 
+/// [`sums`] of four rows' accumulators at once: the same additions, lane for lane and in the
+/// same grouping as [`hsum`] (the halves added, then lanes 0 + 2 and 1 + 3, then those two),
+/// so the same bits, in 16 shuffles and adds where four rows by [`sums`] take 28.
+#[inline(always)]
+unsafe fn sums4(acc0: [__m256; 4], acc1: [__m256; 4]) -> [f32; 4] {
+    let v = [
+        _mm256_add_ps(acc0[0], acc1[0]),
+        _mm256_add_ps(acc0[1], acc1[1]),
+        _mm256_add_ps(acc0[2], acc1[2]),
+        _mm256_add_ps(acc0[3], acc1[3]),
+    ];
+    // Row r's halves added: rows 0 and 1 (low, high 128 bits), rows 2 and 3.
+    let s01 = _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
+        _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
+    );
+    let s23 = _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
+        _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
+    );
+    // Per 128 bits, [s₀ + s₂, s₁ + s₃] of row 0 (1) then of row 2 (3).
+    let c = _mm256_add_ps(
+        _mm256_shuffle_ps::<0b01_00_01_00>(s01, s23),
+        _mm256_shuffle_ps::<0b11_10_11_10>(s01, s23),
+    );
+    let f = _mm256_add_ps(
+        _mm256_shuffle_ps::<0b10_00_10_00>(c, c),
+        _mm256_shuffle_ps::<0b11_01_11_01>(c, c),
+    );
+    let mut out = [0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), f);
+    [out[0], out[4], out[1], out[5]]
+}
+
 /// One q4_0 row (`MINS` false) or q4_1 row (`MINS` true) against `A` activations (one, or four
 /// in batched decode), two blocks per 256-bit step: the pair's 32 code bytes split (once for
 /// all `A`) into low nibbles (elements 0–15 of both blocks) and high ones (16–31), each the
@@ -631,4 +668,268 @@ pub(super) unsafe fn quantize(act: &mut Activation, x: &[f32]) {
         unsafe { _mm256_storeu_si256(codes.as_mut_ptr().cast(), bytes) };
     }
     act.derive();
+}
+
+/// Row `r`'s combined scales of the group of 8 blocks at `b` in a packed group's scales
+/// (`PackedRows`' layout: 8 per row per whole group, the rest of each row after them) against
+/// `act`'s, computed as [`combined_scales_full`] and [`combined_scales`] compute a row-major
+/// row's, so the same bits. `last` holds every row's partial last group, made once before
+/// the loop by [`packed_last_scales`].
+#[inline(always)]
+unsafe fn packed_scales(
+    scales: &[f16],
+    act: &Activation,
+    n: usize,
+    b: usize,
+    last: [__m256; PACKED_ROWS],
+) -> [__m256; PACKED_ROWS] {
+    if b + 8 > n {
+        return last;
+    }
+    debug_assert!(PACKED_ROWS * (b + 8) <= scales.len() && b + 8 <= act.scales.len());
+    let a = _mm256_loadu_ps(act.scales.as_ptr().add(b));
+    let mut sc = [_mm256_setzero_ps(); PACKED_ROWS];
+    for (r, s) in sc.iter_mut().enumerate() {
+        let p = scales.as_ptr().add(PACKED_ROWS * b + 8 * r);
+        *s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(p.cast())), a);
+    }
+    sc
+}
+
+/// Every row's combined scales of a packed group's partial last group of 8 blocks (zero
+/// when `n` is a multiple of 8): [`last_group_scales`] per row.
+#[inline(always)]
+unsafe fn packed_last_scales(scales: &[f16], act: &Activation, n: usize) -> [__m256; PACKED_ROWS] {
+    let (full, rem) = (n / 8 * 8, n % 8);
+    let mut last = [_mm256_setzero_ps(); PACKED_ROWS];
+    if rem > 0 {
+        let a = load8(&act.scales[..n], full);
+        for (r, l) in last.iter_mut().enumerate() {
+            let at = PACKED_ROWS * full + r * rem;
+            *l = _mm256_mul_ps(widen8(&scales[at..at + rem], 0), a);
+        }
+    }
+    last
+}
+
+/// [`mins_dot`] of row `r` of a packed group's minimums: the same multiply-adds in the same
+/// order.
+#[inline(always)]
+unsafe fn packed_mins_dot(mins: &[f16], r: usize, n: usize, sums: &[f32]) -> f32 {
+    let sums = &sums[..n];
+    let (full, rem) = (n / 8 * 8, n % 8);
+    let mut acc = _mm256_setzero_ps();
+    let mut b0 = 0;
+    while b0 < full {
+        debug_assert!(PACKED_ROWS * (b0 + 8) <= mins.len());
+        let p = mins.as_ptr().add(PACKED_ROWS * b0 + 8 * r);
+        let m = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+        acc = _mm256_fmadd_ps(m, load8(sums, b0), acc);
+        b0 += 8;
+    }
+    if rem > 0 {
+        let at = PACKED_ROWS * full + r * rem;
+        acc = _mm256_fmadd_ps(widen8(&mins[at..at + rem], 0), load8(sums, b0), acc);
+    }
+    hsum(acc)
+}
+
+/// [`q4_int8_rows`] for one activation over a group of four rows packed side by side
+/// (`PackedRows`): the activation's codes, its offsets and the combined scales' bookkeeping
+/// loaded once for the four rows, the codes read as one sequential stream. Each row's terms go
+/// into its own two accumulators in [`q4_int8_rows`]' order (pairs alternating, an unpaired
+/// last block into the first) and the same final sums, so every row's result is bit for bit
+/// the row-major kernel's. Needs `codes.len() ≥ 4 · 16 · n`, `scales.len() ≥ 4 · n` (and
+/// `mins` alike with `MINS`), `act` quantized from `32 · n` values.
+#[inline(always)]
+unsafe fn q4_int8_group<const MINS: bool, const VNNI: u8>(
+    codes: &[u8],
+    scales: &[f16],
+    mins: &[f16],
+    n: usize,
+    act: &Activation,
+) -> [f32; PACKED_ROWS] {
+    const R: usize = PACKED_ROWS;
+    debug_assert!(codes.len() >= R * n * BLOCK / 2 && scales.len() >= R * n);
+    debug_assert!(act.codes_q4.len() >= n * BLOCK && act.offset_q4y.len() >= n.div_ceil(2) * 8);
+    let (c, xq) = (codes.as_ptr(), act.codes_q4.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(0x0F);
+    let pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    let two = _mm256_set1_epi32(2);
+    let last = packed_last_scales(scales, act, n);
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+    let mut sc = [_mm256_setzero_ps(); R];
+    let mut idx = pick;
+    let mut b = 0;
+    // The integer sums of the codes `w` (and `w2` against the next 32 activation bytes) from
+    // the offset `init`, as `q4_int8_rows`' `dot!`.
+    macro_rules! dot {
+        ($init:expr, $w:expr, $x:expr, $w2x2:expr) => {{
+            let init = $init;
+            if VNNI != NO_VNNI {
+                let d = dpbusd::<VNNI>(init, $w, $x);
+                match $w2x2 {
+                    Some((w2, x2)) => dpbusd::<VNNI>(d, w2, x2),
+                    None => d,
+                }
+            } else {
+                let p = _mm256_maddubs_epi16($w, $x);
+                let p = match $w2x2 {
+                    Some((w2, x2)) => _mm256_add_epi16(p, _mm256_maddubs_epi16(w2, x2)),
+                    None => p,
+                };
+                let d = _mm256_madd_epi16(p, ones);
+                if MINS {
+                    d
+                } else {
+                    _mm256_add_epi32(d, init)
+                }
+            }
+        }};
+    }
+    macro_rules! offset {
+        () => {
+            if MINS {
+                _mm256_setzero_si256()
+            } else {
+                _mm256_loadu_si256(act.offset_q4y.as_ptr().add(b * 4).cast())
+            }
+        };
+    }
+    // The pair at `b` (even) of the four rows into `acc`.
+    macro_rules! pair {
+        ($acc:ident) => {{
+            if b % 8 == 0 {
+                sc = packed_scales(scales, act, n, b, last);
+                idx = pick;
+            }
+            let e = b * BLOCK;
+            let x0 = _mm256_loadu_si256(xq.add(e).cast());
+            let x1 = _mm256_loadu_si256(xq.add(e + 32).cast());
+            let init = offset!();
+            let p = c.add(b / 2 * R * 32);
+            for r in 0..R {
+                let v = _mm256_loadu_si256(p.add(32 * r).cast());
+                let lo = _mm256_and_si256(v, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                let d = dot!(init, lo, x0, Some((hi, x1)));
+                let s = _mm256_permutevar8x32_ps(sc[r], idx);
+                $acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, $acc[r]);
+            }
+            idx = _mm256_add_epi32(idx, two);
+            b += 2;
+        }};
+    }
+    while b + 2 <= n {
+        pair!(acc0);
+        if b + 2 > n {
+            break;
+        }
+        pair!(acc1);
+    }
+    if b < n {
+        // The unpaired last block, each row's 16 bytes after the pairs, in element order.
+        if b % 8 == 0 {
+            sc = packed_scales(scales, act, n, b, last);
+        }
+        let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
+        let init = offset!();
+        let p = c.add(b / 2 * R * 32);
+        for r in 0..R {
+            let w = nibbles(p.add(16 * r), 0);
+            let d = dot!(init, w, x, None::<(__m256i, __m256i)>);
+            acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), lane(sc[r], b % 8), acc0[r]);
+        }
+    }
+    let mut total = sums4(acc0, acc1);
+    if MINS {
+        for (r, t) in total.iter_mut().enumerate() {
+            *t += packed_mins_dot(mins, r, n, &act.block_sums);
+        }
+    }
+    total
+}
+
+/// [`q8_int8_rows`] for one activation over a group of four rows packed side by side
+/// (`PackedRows`), each row's sums in that kernel's order (blocks alternating between two
+/// accumulators), so the same bits. Needs `codes.len() ≥ 4 · 32 · n`, `scales.len() ≥ 4 · n`,
+/// `act` quantized from `32 · n` values.
+#[inline(always)]
+unsafe fn q8_int8_group<const VNNI: u8>(
+    codes: &[u8],
+    scales: &[f16],
+    n: usize,
+    act: &Activation,
+) -> [f32; PACKED_ROWS] {
+    const R: usize = PACKED_ROWS;
+    debug_assert!(codes.len() >= R * n * BLOCK && scales.len() >= R * n);
+    debug_assert!(act.codes.len() >= n * BLOCK && act.codes_u8.len() >= n * BLOCK);
+    let c = codes.as_ptr();
+    let ones = _mm256_set1_epi16(1);
+    let bias = _mm256_set1_epi8(-128);
+    let zero = _mm256_setzero_si256();
+    let last = packed_last_scales(scales, act, n);
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+    let mut sc = [_mm256_setzero_ps(); R];
+    let mut b = 0;
+    macro_rules! block {
+        ($acc:ident) => {{
+            if b % 8 == 0 {
+                sc = packed_scales(scales, act, n, b, last);
+            }
+            let x = if VNNI != NO_VNNI {
+                _mm256_loadu_si256(act.codes_u8.as_ptr().add(b * BLOCK).cast())
+            } else {
+                _mm256_loadu_si256(act.codes.as_ptr().add(b * BLOCK).cast())
+            };
+            let p = c.add(b * R * BLOCK);
+            for r in 0..R {
+                let w = _mm256_loadu_si256(p.add(BLOCK * r).cast());
+                let dot = if VNNI != NO_VNNI {
+                    let u = _mm256_sub_epi32(zero, dpbusd::<VNNI>(zero, bias, w));
+                    dpbusd::<VNNI>(u, x, w)
+                } else {
+                    let u = _mm256_sign_epi8(w, w);
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, w)), ones)
+                };
+                $acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), lane(sc[r], b % 8), $acc[r]);
+            }
+            b += 1;
+        }};
+    }
+    while b < n {
+        block!(acc0);
+        if b == n {
+            break;
+        }
+        block!(acc1);
+    }
+    sums4(acc0, acc1)
+}
+
+/// Every row of the packed groups `p` against one activation into `y` (`4 ·` the groups).
+/// `y.len()` and the activation's lengths are checked.
+#[inline(always)]
+pub(super) unsafe fn int8_packed<const VNNI: u8>(
+    p: PackedView<'_>,
+    act: &Activation,
+    y: &mut [f32],
+) {
+    let n = p.cols / BLOCK;
+    check_packed(p, act, y);
+    let (gc, gs) = (PACKED_ROWS * p.format.row_bytes(p.cols), PACKED_ROWS * n);
+    for (g, out) in y.chunks_exact_mut(PACKED_ROWS).enumerate() {
+        let codes = &p.codes[g * gc..(g + 1) * gc];
+        let scales = &p.scales[g * gs..(g + 1) * gs];
+        let v = match p.format {
+            QuantFormat::Q8_0 => q8_int8_group::<VNNI>(codes, scales, n, act),
+            QuantFormat::Q4_0 => q4_int8_group::<false, VNNI>(codes, scales, &[], n, act),
+            QuantFormat::Q4_1 => {
+                let mins = &p.mins[g * gs..(g + 1) * gs];
+                q4_int8_group::<true, VNNI>(codes, scales, mins, n, act)
+            }
+        };
+        out.copy_from_slice(&v);
+    }
 }
