@@ -342,7 +342,25 @@ unsafe fn q8_int8_rows<const VNNI: u8, const A: usize>(
     // 128 as the unsigned operand: `vpdpbusd(0, 128, w)` is `128 · Σw` per lane.
     let bias = _mm256_set1_epi8(-128);
     let zero = _mm256_setzero_si256();
-    let last = last_group_scales(scales, acts);
+    // Several activations: each block's combined scale made as it is used, the weight's
+    // scale spread once for all and times the activation's (`A` more multiplies), so that
+    // the `A` vectors of combined scales are not held across the group: with them, the
+    // accumulators and the operands, 4 activations overflowed the 16 registers and spilled
+    // in every block. The same f32 products either way: lane `i` of a group's combined
+    // scales is `w_{b+i} · x_{b+i}`.
+    let spread = A > 1;
+    let last = if spread {
+        [_mm256_setzero_ps(); A]
+    } else {
+        last_group_scales(scales, acts)
+    };
+    let full = n / 8 * 8;
+    let last_ws = if spread && full < n {
+        widen8(scales, full)
+    } else {
+        _mm256_setzero_ps()
+    };
+    let mut ws = _mm256_setzero_ps();
     let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); A], [_mm256_setzero_ps(); A]);
     let mut sc = [_mm256_setzero_ps(); A];
     let mut b = 0;
@@ -350,7 +368,15 @@ unsafe fn q8_int8_rows<const VNNI: u8, const A: usize>(
     macro_rules! block {
         ($acc:ident) => {{
             if b % 8 == 0 {
-                sc = group_scales(scales, acts, b, last);
+                if spread {
+                    ws = if b + 8 <= n {
+                        _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(b).cast()))
+                    } else {
+                        last_ws
+                    };
+                } else {
+                    sc = group_scales(scales, acts, b, last);
+                }
             }
             let w = _mm256_loadu_si256(c.add(b * BLOCK).cast());
             // VNNI: the offset −128·Σw; without: the weight's magnitude.
@@ -359,9 +385,15 @@ unsafe fn q8_int8_rows<const VNNI: u8, const A: usize>(
             } else {
                 _mm256_sign_epi8(w, w)
             };
+            let wsb = if spread {
+                lane(ws, b % 8)
+            } else {
+                _mm256_setzero_ps()
+            };
             for a in 0..A {
                 let act = acts[a];
                 debug_assert!(act.codes.len() >= n * BLOCK && act.codes_u8.len() >= n * BLOCK);
+                debug_assert!(act.scales.len() >= n);
                 let dot = if VNNI != NO_VNNI {
                     let x = _mm256_loadu_si256(act.codes_u8.as_ptr().add(b * BLOCK).cast());
                     dpbusd::<VNNI>(u, x, w)
@@ -369,7 +401,12 @@ unsafe fn q8_int8_rows<const VNNI: u8, const A: usize>(
                     let x = _mm256_loadu_si256(act.codes.as_ptr().add(b * BLOCK).cast());
                     _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, w)), ones)
                 };
-                $acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), lane(sc[a], b % 8), $acc[a]);
+                let s = if spread {
+                    _mm256_mul_ps(wsb, _mm256_set1_ps(*act.scales.get_unchecked(b)))
+                } else {
+                    lane(sc[a], b % 8)
+                };
+                $acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, $acc[a]);
             }
             b += 1;
         }};
