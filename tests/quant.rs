@@ -945,7 +945,7 @@ fn packed_rows_match_the_row_major_product_bit_for_bit() {
                     let packed = quant::PackedRows::pack(m);
                     assert_eq!(packed.rows(), rows / 4 * 4);
                     for r in 0..packed.rows() {
-                        let back = packed.row(m, r);
+                        let back = packed.row(r);
                         let row = m.row(r);
                         assert_eq!(back.codes, row.codes, "{format} {rows}x{cols} row {r}");
                         assert_eq!(back.scales, row.scales, "{format} {rows}x{cols} row {r}");
