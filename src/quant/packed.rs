@@ -83,7 +83,6 @@ impl PackedRows {
         let groups = m.rows / PACKED_ROWS;
         let n = m.cols / BLOCK;
         let rb = m.format.row_bytes(m.cols);
-        let unit = UNIT;
         let mut codes = Vec::with_capacity(groups * PACKED_ROWS * rb);
         let mut scales = Vec::with_capacity(groups * PACKED_ROWS * n);
         let mut mins = Vec::with_capacity(if m.format.has_mins() {
@@ -95,21 +94,10 @@ impl PackedRows {
             let rows: Vec<_> = (0..PACKED_ROWS)
                 .map(|r| m.row(g * PACKED_ROWS + r))
                 .collect();
-            let whole = rb / unit * unit;
-            for o in (0..whole).step_by(unit) {
-                for row in &rows {
-                    codes.extend_from_slice(&row.codes[o..o + unit]);
-                }
-            }
-            for row in &rows {
-                codes.extend_from_slice(&row.codes[whole..]);
-            }
-            interleave_meta(
-                &rows.iter().map(|r| r.scales).collect::<Vec<_>>(),
-                &mut scales,
-            );
+            interleave(rows.iter().map(|r| r.codes), UNIT, &mut codes);
+            interleave(rows.iter().map(|r| r.scales), SCALE_GROUP, &mut scales);
             if m.format.has_mins() {
-                interleave_meta(&rows.iter().map(|r| r.mins).collect::<Vec<_>>(), &mut mins);
+                interleave(rows.iter().map(|r| r.mins), SCALE_GROUP, &mut mins);
             }
         }
         PackedRows {
@@ -148,39 +136,15 @@ impl PackedRows {
     /// it with the matrix's row): the codes, scales and minimums as owned vectors.
     #[doc(hidden)]
     pub fn row(&self, r: usize) -> OwnedRow {
-        let v = self.view();
         let (g, k) = (r / PACKED_ROWS, r % PACKED_ROWS);
-        let n = self.cols / BLOCK;
-        let rb = self.format.row_bytes(self.cols);
-        let unit = UNIT;
-        let group = &v.codes[g * PACKED_ROWS * rb..(g + 1) * PACKED_ROWS * rb];
-        let whole = rb / unit * unit;
-        let mut codes = Vec::with_capacity(rb);
-        for o in (0..whole).step_by(unit) {
-            let at = o * PACKED_ROWS + k * unit;
-            codes.extend_from_slice(&group[at..at + unit]);
-        }
-        let tail = rb - whole;
-        let at = whole * PACKED_ROWS + k * tail;
-        codes.extend_from_slice(&group[at..at + tail]);
-        let meta = |all: &[f16]| -> Vec<f16> {
-            if all.is_empty() {
-                return Vec::new();
-            }
-            let group = &all[g * PACKED_ROWS * n..(g + 1) * PACKED_ROWS * n];
-            let full = n / SCALE_GROUP * SCALE_GROUP;
-            let mut out = Vec::with_capacity(n);
-            for b0 in (0..full).step_by(SCALE_GROUP) {
-                let at = b0 * PACKED_ROWS + k * SCALE_GROUP;
-                out.extend_from_slice(&group[at..at + SCALE_GROUP]);
-            }
-            let rem = n - full;
-            let at = full * PACKED_ROWS + k * rem;
-            out.extend_from_slice(&group[at..at + rem]);
-            out
+        let rb = self.format.row_bytes(self.cols) * PACKED_ROWS;
+        let n = self.cols / BLOCK * PACKED_ROWS;
+        let meta = |all: &[f16]| match all {
+            [] => Vec::new(),
+            all => gather(&all[g * n..(g + 1) * n], k, SCALE_GROUP),
         };
         OwnedRow {
-            codes,
+            codes: gather(&self.codes[g * rb..(g + 1) * rb], k, UNIT),
             scales: meta(&self.scales),
             mins: meta(&self.mins),
         }
@@ -199,19 +163,39 @@ pub struct OwnedRow {
     pub mins: Vec<f16>,
 }
 
-/// Four rows' per-block values (scales or minimums) appended to `out` as the module docs lay
-/// them out: 8 of each row per whole group of 8 blocks, then the rest of each row.
-fn interleave_meta(rows: &[&[f16]], out: &mut Vec<f16>) {
-    let n = rows[0].len();
-    let full = n / SCALE_GROUP * SCALE_GROUP;
-    for b0 in (0..full).step_by(SCALE_GROUP) {
-        for row in rows {
-            out.extend_from_slice(&row[b0..b0 + SCALE_GROUP]);
+/// Four rows of equal length (codes, scales or minimums) appended to `out` as the module docs
+/// lay them out: `unit` values of each row in turn for every whole `unit`, then the rest of
+/// each row.
+fn interleave<'a, T: Copy + 'a>(
+    rows: impl Iterator<Item = &'a [T]> + Clone,
+    unit: usize,
+    out: &mut Vec<T>,
+) {
+    let len = rows.clone().next().map_or(0, <[T]>::len);
+    let whole = len / unit * unit;
+    for o in (0..whole).step_by(unit) {
+        for row in rows.clone() {
+            out.extend_from_slice(&row[o..o + unit]);
         }
     }
     for row in rows {
-        out.extend_from_slice(&row[full..]);
+        out.extend_from_slice(&row[whole..]);
     }
+}
+
+/// Row `k` of a group [`interleave`] laid out with `unit`: the inverse, for the tests.
+fn gather<T: Copy>(group: &[T], k: usize, unit: usize) -> Vec<T> {
+    let len = group.len() / PACKED_ROWS;
+    let whole = len / unit * unit;
+    let mut out = Vec::with_capacity(len);
+    for o in (0..whole).step_by(unit) {
+        let at = o * PACKED_ROWS + k * unit;
+        out.extend_from_slice(&group[at..at + unit]);
+    }
+    let tail = len - whole;
+    let at = whole * PACKED_ROWS + k * tail;
+    out.extend_from_slice(&group[at..at + tail]);
+    out
 }
 
 impl<'a> PackedView<'a> {

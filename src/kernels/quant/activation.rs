@@ -167,16 +167,7 @@ pub(super) fn check_rows_batch<'a>(
 ) -> Option<impl Iterator<Item = RowParts<'a>> + 'a> {
     assert_eq!(y.len(), acts.len() * m.rows, "quantized matvec: y length");
     for act in acts {
-        let blocks = m.cols / BLOCK;
-        assert!(
-            act.scales.len() == blocks
-                && act.codes.len() == m.cols
-                && act.codes_u8.len() == m.cols
-                && act.offset_q4y.len() == 8 * blocks.div_ceil(2)
-                && act.codes_q4.len() == m.cols
-                && act.block_sums.len() == blocks,
-            "quantized matvec: activation length"
-        );
+        check_activation(act, m.cols);
     }
     if acts.is_empty() {
         return None;
@@ -209,14 +200,22 @@ pub(super) fn check_packed(p: PackedView<'_>, act: &Activation, y: &[f32]) {
         p.groups,
         p.cols
     );
+    check_activation(act, p.cols);
+}
+
+/// Asserts that `act` was quantized from `cols` values: every buffer the int8 kernels read by
+/// pointer has that activation's length.
+#[inline(always)]
+fn check_activation(act: &Activation, cols: usize) {
+    let blocks = cols / BLOCK;
     assert!(
         act.scales.len() == blocks
-            && act.codes.len() == p.cols
-            && act.codes_u8.len() == p.cols
+            && act.codes.len() == cols
+            && act.codes_u8.len() == cols
             && act.offset_q4y.len() == 8 * blocks.div_ceil(2)
-            && act.codes_q4.len() == p.cols
+            && act.codes_q4.len() == cols
             && act.block_sums.len() == blocks,
-        "packed matvec: activation length"
+        "quantized matvec: activation length"
     );
 }
 

@@ -465,6 +465,39 @@ unsafe fn sums4(acc0: [__m256; 4], acc1: [__m256; 4]) -> [f32; 4] {
     [out[0], out[4], out[1], out[5]]
 }
 
+/// A q4 block's integer sums in 8 i32 lanes, from `init` (q4_0's offset `−8 · Σx`, zero for
+/// q4_1): the unsigned codes `w` against the activation bytes `x`, and `w2` against `x2`
+/// where given (a pair's high nibbles). `vpmaddubsw` pairs (added as i16: a lane is at most
+/// 4 · 15 · 127, far from saturating), widened by `vpmaddwd`; with `VNNI`, `vpdpbusd` into the
+/// offset. The row-major and the packed kernels both take their sums here.
+#[inline(always)]
+unsafe fn q4_dot<const MINS: bool, const VNNI: u8>(
+    init: __m256i,
+    w: __m256i,
+    x: __m256i,
+    w2x2: Option<(__m256i, __m256i)>,
+) -> __m256i {
+    if VNNI != NO_VNNI {
+        let d = dpbusd::<VNNI>(init, w, x);
+        match w2x2 {
+            Some((w2, x2)) => dpbusd::<VNNI>(d, w2, x2),
+            None => d,
+        }
+    } else {
+        let p = _mm256_maddubs_epi16(w, x);
+        let p = match w2x2 {
+            Some((w2, x2)) => _mm256_add_epi16(p, _mm256_maddubs_epi16(w2, x2)),
+            None => p,
+        };
+        let d = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+        if MINS {
+            d
+        } else {
+            _mm256_add_epi32(d, init)
+        }
+    }
+}
+
 /// One q4_0 row (`MINS` false) or q4_1 row (`MINS` true) against `A` activations (one, or four
 /// in batched decode), two blocks per 256-bit step: the pair's 32 code bytes split (once for
 /// all `A`) into low nibbles (elements 0–15 of both blocks) and high ones (16–31), each the
@@ -487,7 +520,6 @@ pub(super) unsafe fn q4_int8_rows<const MINS: bool, const VNNI: u8, const A: usi
     let n = scales.len();
     debug_assert!(codes.len() >= n * BLOCK / 2);
     let c = codes.as_ptr();
-    let ones = _mm256_set1_epi16(1);
     let low = _mm256_set1_epi8(0x0F);
     // The integer sums of `w` (and `w2` against the next 32 bytes) against activation `act`'s
     // pair layout at block `b`, from its offset, in 8 i32 lanes.
@@ -503,28 +535,11 @@ pub(super) unsafe fn q4_int8_rows<const MINS: bool, const VNNI: u8, const A: usi
                 _mm256_loadu_si256(act.offset_q4y.as_ptr().add($b * 4).cast())
             };
             let x = _mm256_loadu_si256(xq.add(e).cast());
-            if VNNI != NO_VNNI {
-                let d = dpbusd::<VNNI>(init, $w, x);
-                match $w2 {
-                    Some(w2) => dpbusd::<VNNI>(d, w2, _mm256_loadu_si256(xq.add(e + 32).cast())),
-                    None => d,
-                }
-            } else {
-                let p = _mm256_maddubs_epi16($w, x);
-                let p = match $w2 {
-                    Some(w2) => _mm256_add_epi16(
-                        p,
-                        _mm256_maddubs_epi16(w2, _mm256_loadu_si256(xq.add(e + 32).cast())),
-                    ),
-                    None => p,
-                };
-                let d = _mm256_madd_epi16(p, ones);
-                if MINS {
-                    d
-                } else {
-                    _mm256_add_epi32(d, init)
-                }
-            }
+            let w2x2 = match $w2 {
+                Some(w2) => Some((w2, _mm256_loadu_si256(xq.add(e + 32).cast()))),
+                None => None,
+            };
+            q4_dot::<MINS, VNNI>(init, $w, x, w2x2)
         }};
     }
     // Lanes 0–3 take the pair's first combined scale, 4–7 its second: `pick` plus `b % 8`,
@@ -790,7 +805,6 @@ unsafe fn q4_int8_group<const MINS: bool, const VNNI: u8>(
     debug_assert!(codes.len() >= R * n * BLOCK / 2 && scales.len() >= R * n);
     debug_assert!(act.codes_q4.len() >= n * BLOCK && act.offset_q4y.len() >= n.div_ceil(2) * 8);
     let (c, xq) = (codes.as_ptr(), act.codes_q4.as_ptr());
-    let ones = _mm256_set1_epi16(1);
     let low = _mm256_set1_epi8(0x0F);
     let pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     let two = _mm256_set1_epi32(2);
@@ -799,32 +813,6 @@ unsafe fn q4_int8_group<const MINS: bool, const VNNI: u8>(
     let mut sc = [_mm256_setzero_ps(); R];
     let mut idx = pick;
     let mut b = 0;
-    // The integer sums of the codes `w` (and `w2` against the next 32 activation bytes) from
-    // the offset `init`, as `q4_int8_rows`' `dot!`.
-    macro_rules! dot {
-        ($init:expr, $w:expr, $x:expr, $w2x2:expr) => {{
-            let init = $init;
-            if VNNI != NO_VNNI {
-                let d = dpbusd::<VNNI>(init, $w, $x);
-                match $w2x2 {
-                    Some((w2, x2)) => dpbusd::<VNNI>(d, w2, x2),
-                    None => d,
-                }
-            } else {
-                let p = _mm256_maddubs_epi16($w, $x);
-                let p = match $w2x2 {
-                    Some((w2, x2)) => _mm256_add_epi16(p, _mm256_maddubs_epi16(w2, x2)),
-                    None => p,
-                };
-                let d = _mm256_madd_epi16(p, ones);
-                if MINS {
-                    d
-                } else {
-                    _mm256_add_epi32(d, init)
-                }
-            }
-        }};
-    }
     macro_rules! offset {
         () => {
             if MINS {
@@ -850,7 +838,7 @@ unsafe fn q4_int8_group<const MINS: bool, const VNNI: u8>(
                 let v = _mm256_loadu_si256(p.add(32 * r).cast());
                 let lo = _mm256_and_si256(v, low);
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-                let d = dot!(init, lo, x0, Some((hi, x1)));
+                let d = q4_dot::<MINS, VNNI>(init, lo, x0, Some((hi, x1)));
                 let s = _mm256_permutevar8x32_ps(sc[r], idx);
                 $acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, $acc[r]);
             }
@@ -875,7 +863,7 @@ unsafe fn q4_int8_group<const MINS: bool, const VNNI: u8>(
         let p = c.add(b / 2 * R * 32);
         for r in 0..R {
             let w = nibbles(p.add(16 * r), 0);
-            let d = dot!(init, w, x, None::<(__m256i, __m256i)>);
+            let d = q4_dot::<MINS, VNNI>(init, w, x, None);
             acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), lane(sc[r], b % 8), acc0[r]);
         }
     }
